@@ -1,0 +1,12 @@
+"""lowcost: cheaper fine-tuning for PyTorch — fused LoRA kernels, warm starts, our own checkpointing.
+
+``import lowcost`` never fails because the compiled extension is missing: it warns once and the
+pure-torch / Triton paths are used.
+"""
+from lowcost import _extension  # noqa: F401  (loads lowcost._C when built)
+from lowcost import ops
+from lowcost.nn import LoRALinear
+from lowcost.ops import lora_linear
+
+__version__ = "0.1.0"
+__all__ = ["ops", "lora_linear", "LoRALinear", "__version__"]

@@ -1,0 +1,5 @@
+"""Dispatcher-registered ops with autograd. The only layer that picks a backend (``lowcost.ops.backend``)."""
+from lowcost.ops.backend import BACKENDS, resolve_backend
+from lowcost.ops.lora_linear import lora_linear
+
+__all__ = ["lora_linear", "resolve_backend", "BACKENDS"]

@@ -1,0 +1,69 @@
+"""The one place that picks a backend: explicit argument > ``LOWCOST_BACKEND`` > best available.
+
+Backends (each a module with ``forward`` and ``backward`` over 2-D operands, docs/lora_linear_spec.md):
+- ``torch``:  ``lowcost.reference`` (pure torch; dropout regenerated with the C++ kernel when built).
+- ``triton``: ``lowcost.kernels`` (fused Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``).
+- ``cuda``:   the CUDA C++ kernels of ``lowcost._C`` composed with cuBLAS GEMMs (CUDA tensors only).
+Best available: on a GPU ``triton`` (the fullest fusion), then ``cuda``, then ``torch``; on CPU ``torch``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from lowcost._extension import has_kernel
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "LOWCOST_BACKEND"
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_usable(device: torch.device) -> bool:
+    if not triton_importable():
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cuda_kernels_usable(device: torch.device) -> bool:
+    return device.type == "cuda" and has_kernel("lora_down", "CUDA")
+
+
+def _unavailable_reason(name: str, device: torch.device) -> str | None:
+    if name == "triton" and not triton_usable(device):
+        if not triton_importable():
+            return "triton is not installed"
+        return f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 (tensors are on {device})"
+    if name == "cuda" and not cuda_kernels_usable(device):
+        if device.type != "cuda":
+            return f"the CUDA kernels need CUDA tensors (tensors are on {device})"
+        return "lowcost._C was built without CUDA kernels (rebuild with a CUDA toolkit and a CUDA torch)"
+    return None
+
+
+def resolve_backend(requested: str | None, device: torch.device) -> str:
+    """Name of the backend to run on ``device``; raises ValueError naming the source of a bad choice."""
+    source, name = "backend", requested
+    if name is None and os.environ.get(ENV_VAR):
+        source, name = ENV_VAR, os.environ[ENV_VAR]
+    if name is None:
+        for candidate in (("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)):
+            if _unavailable_reason(candidate, device) is None:
+                return candidate
+        return "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    reason = _unavailable_reason(name, device)
+    if reason is not None:
+        raise ValueError(f"{source}={name!r} is not available: {reason}")
+    return name
+
+
+def backend_module(name: str) -> ModuleType:
+    """The implementation module of a resolved backend name (imported on first use)."""
+    return importlib.import_module(f"lowcost.ops._{name}_backend")

@@ -1,0 +1,91 @@
+"""Pure-torch Philox4x32-10 and the dropout mask every backend must reproduce.
+
+The mask is a pure function of ``(seed, element index)`` (docs/lora_linear_spec.md):
+
+    i        = m * K + k                      (logical row-major index of x viewed as (M, K), int64)
+    counter  = (lo32(i >> 2), hi32(i >> 2), 0, 0)
+    key      = (lo32(seed), hi32(seed))
+    word     = philox4x32_10(counter, key)[i & 3]
+    keep     = word >= floor(p * 2**32)
+
+uint32 arithmetic is emulated on int64 tensors. ``mulhilo32`` splits the constant into 16-bit halves so
+that no product exceeds 2**49, which keeps every intermediate exact in int64.
+"""
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+
+def _mulhilo32(constant: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of ``constant * value`` for uint32 values held in int64."""
+    c_lo, c_hi = constant & 0xFFFF, constant >> 16
+    p_lo = value * c_lo                      # < 2**48
+    p_hi = value * c_hi                      # < 2**48
+    t = p_hi + (p_lo >> 16)                  # product = t * 2**16 + (p_lo & 0xFFFF)
+    hi = t >> 16
+    lo = ((t & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+    return hi, lo
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int) -> tuple[torch.Tensor, ...]:
+    """Philox4x32 with 10 rounds (Random123). Counters: int64 tensors of uint32 values; key: two ints."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & MASK32 for c in (c0, c1, c2, c3))
+    for round_index in range(PHILOX_ROUNDS):
+        if round_index:
+            k0 = (k0 + PHILOX_W0) & MASK32
+            k1 = (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """The integer drop threshold: an element is dropped iff its Philox word is below it."""
+    return int(p * 4294967296.0)
+
+
+def keep_scale(p: float) -> float:
+    """1 / (1 - p) rounded to float32, the factor applied to kept elements in every backend."""
+    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+
+
+def philox_words(indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """The uint32 (held in int64) Philox word of each int64 element index for ``seed``."""
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    counter = indices >> 2
+    words = philox4x32_10(counter & MASK32, counter >> 32, 0, 0, seed & MASK32, (seed >> 32) & MASK32)
+    lane = indices & 3
+    out = torch.where(lane == 0, words[0], words[1])
+    out = torch.where(lane == 2, words[2], out)
+    return torch.where(lane == 3, words[3], out)
+
+
+def dropout_keep_mask(M: int, K: int, seed: int, p: float, device=None, row_offset: int = 0) -> torch.Tensor:
+    """Bool (M, K): True where the element of x (viewed as (M, K)) is kept.
+
+    ``row_offset`` starts the rows at ``row_offset`` (to check indices past 2**31 without allocating them).
+    """
+    rows = torch.arange(row_offset, row_offset + M, dtype=torch.int64, device=device)
+    cols = torch.arange(K, dtype=torch.int64, device=device)
+    if p == 0.0:
+        return torch.ones(M, K, dtype=torch.bool, device=device)
+    return philox_words(rows[:, None] * K + cols[None, :], seed) >= dropout_threshold(p)
+
+
+def apply_dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """x̃ = D ⊙ x for x: (M, K): kept elements times keep_scale(p) (in fp32, or fp64 for fp64 x), rest 0."""
+    if p == 0.0:
+        return x
+    keep = dropout_keep_mask(x.shape[0], x.shape[1], seed, p, x.device)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scaled = x.to(compute) * keep_scale(p)
+    return torch.where(keep, scaled, torch.zeros((), dtype=compute, device=x.device)).to(x.dtype)

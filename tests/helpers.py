@@ -1,0 +1,70 @@
+"""Shared test utilities: LoRA inputs and the per-dtype tolerance table.
+
+Tolerance rule. The float64 ground truth is computed from the *same* (already rounded) inputs, so a
+kernel's error comes only from (a) float32 accumulation, ~K·2⁻²⁴ relative in the worst case and far less
+in practice, and (b) the roundings the contract allows: the output rounded once to its dtype, and tiles
+(x̃, the low-rank product) cast to the input dtype before a tensor-core dot. Each rounding costs at most
+one unit roundoff u (fp16 2⁻¹¹ ≈ 4.9e-4, bf16 2⁻⁸ ≈ 3.9e-3 for round-to-nearest of the 8-bit
+mantissa's half-ulp 2⁻⁹ doubled for the worst element). Allowing four roundings relative to the largest
+magnitude of the result gives fp16 2e-3 and bf16 1e-2 (≈ 4·2⁻⁹·1.3); fp32 gets 2e-5, which covers
+K ≤ a few thousand of fp32 accumulation with margin while still failing on any indexing or mask error
+(those produce O(1) relative errors).
+"""
+from __future__ import annotations
+
+import torch
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def make_lora_inputs(M, K, N, r, dtype=torch.float32, adapter_dtype=None, bias=True, noncontiguous=False,
+                     seed=0, device="cpu"):
+    """Random LoRA operands of realistic scale; B is non-zero so that every gradient path is exercised.
+
+    With ``noncontiguous`` x is a transposed view and grad_y a strided slice (stride tests).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+
+    def rand(*shape, std=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(dt).to(device)
+
+    if noncontiguous:
+        x = rand(K, M).t()
+        grad_y = rand(M, 2 * N)[:, ::2]
+    else:
+        x = rand(M, K)
+        grad_y = rand(M, N)
+    return {
+        "x": x,
+        "weight": rand(N, K, std=K ** -0.5),
+        "lora_a": rand(r, K, std=K ** -0.5, dt=adapter_dtype),
+        "lora_b": rand(N, r, std=r ** -0.5, dt=adapter_dtype),
+        "bias": rand(N) if bias else None,
+        "grad_y": grad_y,
+    }
+
+
+def to_float64(inputs: dict) -> dict:
+    return {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def max_normalized_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, tuple]:
+    """(max |a - e| / max |e|, index of the worst element)."""
+    diff = (actual.double() - expected.double()).abs()
+    denom = max(expected.double().abs().max().item(), 1e-30)
+    flat = int(diff.argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    return diff.max().item() / denom, index
+
+
+def assert_close_to_reference(name: str, actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype):
+    """Fails with where and how much when ``actual`` is farther from the float64 truth than ``dtype`` allows."""
+    assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    if actual.numel() == 0:
+        return
+    err, index = max_normalized_error(actual, expected64)
+    tol = TOLERANCE[dtype]
+    assert err <= tol, (f"{name} ({dtype}): max normalised error {err:.3e} > {tol:.1e} at {index}: "
+                        f"got {actual[index].item():.6g}, expected {expected64[index].item():.6g}")

@@ -72,13 +72,18 @@ def philox_words(indices: torch.Tensor, seed: int) -> torch.Tensor:
 def dropout_keep_mask(M: int, K: int, seed: int, p: float, device=None, row_offset: int = 0) -> torch.Tensor:
     """Bool (M, K): True where the element of x (viewed as (M, K)) is kept.
 
-    ``row_offset`` starts the rows at ``row_offset`` (to check indices past 2**31 without allocating them).
+    The indices of a row-major block are contiguous, so each Philox call serves four consecutive
+    elements. ``row_offset`` starts the rows there (to check indices past 2**31 without allocating them).
     """
-    rows = torch.arange(row_offset, row_offset + M, dtype=torch.int64, device=device)
-    cols = torch.arange(K, dtype=torch.int64, device=device)
     if p == 0.0:
         return torch.ones(M, K, dtype=torch.bool, device=device)
-    return philox_words(rows[:, None] * K + cols[None, :], seed) >= dropout_threshold(p)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    start, count = row_offset * K, M * K
+    counter = torch.arange(start >> 2, ((start + count + 3) >> 2), dtype=torch.int64, device=device)
+    words = philox4x32_10(counter & MASK32, counter >> 32, 0, 0, seed & MASK32, (seed >> 32) & MASK32)
+    flat = torch.stack(words, dim=1).flatten()[start & 3: (start & 3) + count]
+    return (flat >= dropout_threshold(p)).reshape(M, K)
 
 
 def apply_dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""One benchmark harness: timing with spread, exact saved-activation bytes, and results rows.
+
+Each benchmark script supplies providers (name → a setup function returning a zero-argument step) and
+calls ``measure``/``append_rows``. Rows carry hardware, versions and the git sha so that results from
+different machines can sit in one file.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 10,
+              min_seconds: float = 0.0) -> dict:
+    """Median and 20th/80th percentiles of the step's wall time in milliseconds (device-synchronised)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    samples: list[float] = []
+    start_all = time.perf_counter()
+    while len(samples) < repeats or time.perf_counter() - start_all < min_seconds:
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]  # noqa: E731
+    return {"median_ms": statistics.median(samples), "p20_ms": pick(0.2), "p80_ms": pick(0.8),
+            "repeats": len(samples)}
+
+
+def saved_activation_bytes(forward: Callable[[], torch.Tensor], parameters: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps for backward, parameters excluded.
+
+    Counts what ``saved_tensors_hooks`` sees (each storage once, whatever views of it are saved). Custom
+    autograd code that keeps tensors elsewhere (ctx attributes, closures) must be added by the caller; the
+    lowcost ops keep none there (only Python floats and strings on ctx).
+    """
+    param_storages = {p.untyped_storage().data_ptr() for p in parameters}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(storages.values())
+
+
+def append_rows(filename: str, rows: list[dict]) -> Path:
+    """Appends rows (same keys) to benchmarks/results/<filename>, writing the header on first use."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / filename
+    stamp = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "git": git_sha(),
+             "hardware": hardware(), "torch": torch.__version__}
+    rows = [{**stamp, **row} for row in rows]
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -4,7 +4,8 @@
 
 x: (..., in_features) → y: (..., out_features); A = ``lora_A``: (r, in_features), B = ``lora_B``:
 (out_features, r). The base ``weight`` and ``bias`` are the *same Parameter objects* as the wrapped
-``nn.Linear``'s, frozen. Init follows PEFT: A Kaiming-uniform (a = √5, i.e. U(±1/√in_features)), B zero,
+``nn.Linear``'s, frozen. A transformers ``Conv1D`` (GPT-2) is accepted too: its weight is stored
+(in_features, out_features), so the op receives the ``weight.t()`` view (strides, no copy). Init follows PEFT: A Kaiming-uniform (a = √5, i.e. U(±1/√in_features)), B zero,
 so a fresh adapter leaves the layer's output unchanged.
 """
 from __future__ import annotations
@@ -19,21 +20,31 @@ import torch.nn.functional as F
 from lowcost.ops.lora_linear import lora_linear
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (weight (nx, nf) = (in, out)), recognised without importing it."""
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
 class LoRALinear(nn.Module):
     """A LoRA-adapted linear layer. Build it with ``LoRALinear.from_linear(linear, r=…, alpha=…)``."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  adapter_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        conv1d = is_conv1d(base)
+        if not isinstance(base, nn.Linear) and not conv1d:
+            raise TypeError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be an int >= 1, got {r!r}")
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.fan_in_fan_out = conv1d          # weight stored (in, out): the op gets weight.t()
+        self._base_cls = type(base)
+        self.in_features, self.out_features = (base.nx, base.nf) if conv1d else (base.in_features,
+                                                                                  base.out_features)
         self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), use_rslora
         self.backend = backend
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
@@ -54,23 +65,36 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def to_linear(self) -> nn.Linear:
-        """The wrapped ``nn.Linear`` back, holding the same weight and bias Parameter objects."""
+    def to_linear(self) -> nn.Module:
+        """The wrapped layer back (``nn.Linear``, or a ``Conv1D`` for one), holding the same weight and bias
+        Parameter objects."""
+        if self.fan_in_fan_out:
+            conv = self._base_cls.__new__(self._base_cls)
+            nn.Module.__init__(conv)
+            conv.nf, conv.nx = self.out_features, self.in_features
+            conv.weight, conv.bias = self.weight, self.bias
+            return conv
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta")
         linear.weight, linear.bias = self.weight, self.bias
         return linear
 
+    def base_weight(self) -> torch.Tensor:
+        """W as (out_features, in_features): the weight itself, or the ``.t()`` view of a Conv1D's."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) → (..., out_features); one ``lowcost.ops.lora_linear`` call."""
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, bias=self.bias,
+            return F.linear(x, self.base_weight(), self.bias)
+        return lora_linear(x, self.base_weight(), self.lora_A, self.lora_B, self.scaling, bias=self.bias,
                            dropout=self.dropout if self.training else 0.0, backend=self.backend)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """s · B A in float32: (out_features, in_features)."""
-        return (self.lora_B.float() @ self.lora_A.float()).mul_(self.scaling)
+        """s · B A in float32, in the stored weight's layout: (out, in), or (in, out) for a Conv1D."""
+        delta = (self.lora_B.float() @ self.lora_A.float()).mul_(self.scaling)
+        return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -1,0 +1,1 @@
+"""Loading open weights and model-family tables (``lowcost.models.families``)."""

@@ -1,0 +1,69 @@
+"""What a patch call did: every adapted module and the path it took, what was skipped and why."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+PATHS = ("fused", "fused-conv1d", "fallback")
+
+
+@dataclass(frozen=True)
+class AdaptedModule:
+    """One adapted layer.
+
+    path: ``"fused"`` (``lowcost.ops.lora_linear``), ``"fused-conv1d"`` (the same op on a transformers
+    ``Conv1D``, weight passed as a ``.t()`` view, no copy) or ``"fallback"`` (base module's own forward
+    plus a plain-torch adapter; ``reason`` says why).
+    """
+    name: str
+    kind: str                   # class name of the original module
+    path: str
+    in_features: int
+    out_features: int
+    r: int
+    alpha: float
+    scaling: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SkippedModule:
+    name: str
+    reason: str
+
+
+@dataclass
+class PatchReport:
+    """Returned by ``lowcost.apply`` / ``lowcost.accelerate_peft``; ``str(report)`` is a readable table."""
+    family: str
+    adapted: list[AdaptedModule] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    excluded_head: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+    trainable_params: int = 0
+    total_params: int = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.adapted]
+
+    def paths(self) -> dict[str, int]:
+        """How many modules took each path."""
+        return dict(Counter(m.path for m in self.adapted))
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable_params / max(self.total_params, 1)
+        lines = [f"lowcost patch ({self.family}): {len(self.adapted)} adapted {self.paths()}, "
+                 f"trainable {self.trainable_params:,} / {self.total_params:,} ({share:.3f}%)"]
+        for m in self.adapted:
+            why = f"  ({m.reason})" if m.reason else ""
+            lines.append(f"  {m.path:<13} {m.name}  {m.kind} {m.in_features}->{m.out_features} "
+                         f"r={m.r} alpha={m.alpha:g}{why}")
+        lines += [f"  skipped       {s.name}  ({s.reason})" for s in self.skipped]
+        lines += [f"  trainable     {name}  (modules_to_save)" for name in self.modules_to_save]
+        if self.excluded_head:
+            lines.append(f"  head left out {self.excluded_head}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)

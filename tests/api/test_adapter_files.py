@@ -1,0 +1,170 @@
+"""save_adapter / load_adapter: PEFT layout both ways, logits within 1e-5; every bad directory is a clear
+error naming the file or key, and leaves the model unchanged."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import lowcost
+from lowcost.patch import lora_layers
+from tiny_models import CASES, assert_unchanged, gpt2, llama, output, randomize_adapters, snapshot
+
+TOL = 1e-5
+
+
+def close(a, b):
+    assert float((a - b).abs().max() / b.abs().max()) <= TOL
+
+
+def saved(tmp_path, build=llama, **config):
+    model = build()
+    original = copy.deepcopy(model)
+    lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, **config))
+    randomize_adapters(lora_layers(model))
+    lowcost.save_adapter(model, tmp_path / "adapter")
+    return model, original, tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("case", ["llama", "gpt2", "bert"])
+def test_lowcost_to_peft(tmp_path, case):
+    build, batch_of, _ = CASES[case]
+    model, original, path = saved(tmp_path, build, rank_pattern={"layers.0.*": 2}, alpha_pattern={".*dense": 3})
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    peft_model = PeftModel.from_pretrained(original, str(path))
+    batch = batch_of(model)
+    model.eval()
+    close(output(peft_model, batch), output(model, batch))
+
+
+def test_peft_to_lowcost_fresh_and_patched(tmp_path):
+    torch.manual_seed(0)
+    peft_model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                                                    rank_pattern={"down_proj": 2}, use_rslora=True,
+                                                    modules_to_save=["model.norm"]))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name or "modules_to_save" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    peft_model.save_pretrained(tmp_path / "peft")
+    batch = CASES["llama"][1](None)
+    expected = output(peft_model.eval(), batch)
+    fresh = llama()
+    lowcost.load_adapter(fresh, tmp_path / "peft")          # patched from the file's config
+    close(output(fresh.eval(), batch), expected)
+    patched = llama()
+    lowcost.apply(patched, lora=lowcost.LoRAConfig(r=4, alpha=16, targets=["q_proj", "down_proj"],
+                                                    rank_pattern={"down_proj": 2}, use_rslora=True,
+                                                    modules_to_save=["model.norm"]))
+    lowcost.load_adapter(patched, tmp_path / "peft")
+    close(output(patched.eval(), batch), expected)
+
+
+def test_round_trip_lowcost_to_lowcost(tmp_path):
+    model, _, path = saved(tmp_path, gpt2, modules_to_save=["ln_f"])
+    other = gpt2()
+    lowcost.load_adapter(other, path)
+    batch = CASES["gpt2"][1](None)
+    close(output(other.eval(), batch), output(model.eval(), batch))
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    model, _, path = saved(tmp_path)
+    lowcost.save_adapter(model, path)                            # overwrite in place
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["lora_alpha"] == 8 and len(config["target_modules"]) == 14
+
+
+# ------------------------------------------------------------------------------------------ bad directories
+def _expect_failure(model, path, exc, match):
+    before = snapshot(model)
+    with pytest.raises(exc, match=match):
+        lowcost.load_adapter(model, path)
+    assert_unchanged(model, before)
+
+
+def test_missing_directory_and_files(tmp_path):
+    _, _, path = saved(tmp_path)
+    _expect_failure(llama(), tmp_path / "nope", FileNotFoundError, "does not exist")
+    (path / "adapter_config.json").unlink()
+    _expect_failure(llama(), path, FileNotFoundError, "has no adapter_config.json")
+    (path / "adapter_model.safetensors").unlink()
+    _expect_failure(llama(), path, FileNotFoundError, "has no adapter_model.safetensors")
+
+
+def test_pickle_file_is_refused(tmp_path):
+    _, _, path = saved(tmp_path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    (path / "adapter_model.safetensors").unlink()
+    torch.save(tensors, path / "adapter_model.bin")
+    _expect_failure(llama(), path, ValueError, "adapter_model.bin is a pickle file; lowcost loads safetensors only")
+
+
+def test_truncated_safetensors(tmp_path):
+    _, _, path = saved(tmp_path)
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    _expect_failure(llama(), path, ValueError, "adapter_model.safetensors is truncated or not a valid safetensors")
+
+
+def test_missing_unexpected_and_misshapen_keys_are_named(tmp_path):
+    _, _, path = saved(tmp_path)
+    tensors = load_file(path / "adapter_model.safetensors")
+    gone = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    del tensors[gone]
+    tensors["base_model.model.model.layers.9.extra.lora_A.weight"] = torch.zeros(4, 32)
+    bad = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[bad] = torch.zeros(4, 31)
+    save_file(tensors, path / "adapter_model.safetensors")
+    for model in (llama(), _patched()):
+        before = snapshot(model)
+        with pytest.raises(ValueError) as info:
+            lowcost.load_adapter(model, path)
+        message = str(info.value)
+        assert gone in message and "layers.9.extra.lora_A.weight" in message
+        assert f"{bad}: file (4, 31) vs model (4, 32)" in message
+        assert_unchanged_patched(model, before)
+
+
+def _patched():
+    model = llama()
+    lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8))
+    return model
+
+
+def assert_unchanged_patched(model, before):
+    if "_lowcost_patch" in model.__dict__:
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in before["state"].items())
+        assert [(n, type(m)) for n, m in model.named_modules()] == before["types"]
+    else:
+        assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("patch_config,match", [
+    (dict(r=8, alpha=8), r"module 'model.layers.0.self_attn.q_proj': model r=8 alpha=8 rslora=False, config r=4"),
+    (dict(r=4, alpha=8, targets=["q_proj"]), r"config targets \[.*down_proj.*\] which the model does not adapt"),
+    (dict(r=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                 "lm_head"]), r"the model adapts \['lm_head'\] which the config does not target"),
+])
+def test_config_that_disagrees_with_the_patched_model(tmp_path, patch_config, match):
+    _, _, path = saved(tmp_path)
+    model = llama()
+    lowcost.apply(model, lora=lowcost.LoRAConfig(**patch_config))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        lowcost.load_adapter(model, path)
+    assert_unchanged_patched(model, before)
+
+
+def test_unsupported_peft_config(tmp_path):
+    _, _, path = saved(tmp_path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    _expect_failure(llama(), path, ValueError, "use_dora=True is not supported")
+    (path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["nonexistent_proj"]}))
+    _expect_failure(llama(), path, ValueError, "target 'nonexistent_proj' matches no module")

@@ -18,6 +18,7 @@ from lowcost._extension import has_kernel
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "LOWCOST_BACKEND"
+TRITON_MAX_RANK = 128  # kernels/lora_linear.py MAX_RANK: the u and g-pass kernels keep r in registers
 
 
 def triton_importable() -> bool:
@@ -34,11 +35,13 @@ def cuda_kernels_usable(device: torch.device) -> bool:
     return device.type == "cuda" and has_kernel("lora_down", "CUDA")
 
 
-def _unavailable_reason(name: str, device: torch.device) -> str | None:
+def _unavailable_reason(name: str, device: torch.device, rank: int) -> str | None:
     if name == "triton" and not triton_usable(device):
         if not triton_importable():
             return "triton is not installed"
         return f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 (tensors are on {device})"
+    if name == "triton" and rank > TRITON_MAX_RANK:
+        return f"the Triton kernels support r <= {TRITON_MAX_RANK}, got r={rank}"
     if name == "cuda" and not cuda_kernels_usable(device):
         if device.type != "cuda":
             return f"the CUDA kernels need CUDA tensors (tensors are on {device})"
@@ -46,19 +49,20 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
     return None
 
 
-def resolve_backend(requested: str | None, device: torch.device) -> str:
-    """Name of the backend to run on ``device``; raises ValueError naming the source of a bad choice."""
+def resolve_backend(requested: str | None, device: torch.device, rank: int = 1) -> str:
+    """Name of the backend to run on ``device`` for LoRA rank ``rank``; raises ValueError naming the
+    source (argument or environment variable) of a choice that cannot run."""
     source, name = "backend", requested
     if name is None and os.environ.get(ENV_VAR):
         source, name = ENV_VAR, os.environ[ENV_VAR]
     if name is None:
         for candidate in (("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)):
-            if _unavailable_reason(candidate, device) is None:
+            if _unavailable_reason(candidate, device, rank) is None:
                 return candidate
         return "torch"
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    reason = _unavailable_reason(name, device)
+    reason = _unavailable_reason(name, device, rank)
     if reason is not None:
         raise ValueError(f"{source}={name!r} is not available: {reason}")
     return name

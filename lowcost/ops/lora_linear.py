@@ -185,7 +185,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
     _check_shapes(x, weight, lora_a, lora_b, bias)
     _check_dtypes_devices(x, weight, lora_a, lora_b, bias)
     _check_scalars(scale, dropout)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, lora_a.shape[0])
     if x.dtype == torch.float64 and name != "torch":
         raise TypeError(f"x of dtype float64 runs only on backend='torch' (got backend={name!r})")
     y, _ = _lora_linear_op(x, weight, lora_a, lora_b, bias, float(scale), float(dropout),

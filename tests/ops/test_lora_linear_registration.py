@@ -115,3 +115,10 @@ def test_env_var_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match="LOWCOST_BACKEND='cuda' is not available"):
         lowcost.lora_linear(*args)
     lowcost.lora_linear(*args, backend="torch")  # the explicit argument wins over the variable
+
+
+def test_triton_rank_limit_is_a_clear_error():
+    inputs = make_lora_inputs(3, 20, 12, 129, seed=4)
+    with pytest.raises(ValueError, match="backend='triton' is not available: the Triton kernels support r <= 128"):
+        lowcost.lora_linear(inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"], 1.0,
+                            backend="triton")

@@ -7,8 +7,11 @@ from lowcost import _extension  # noqa: F401  (loads lowcost._C when built)
 from lowcost import ops
 from lowcost.nn import LoRALinear
 from lowcost.ops import lora_linear
+from lowcost import checkpoint
+from lowcost.checkpoint import CheckpointConfig
 from lowcost.api import LoRAConfig, accelerate_peft, apply, load_adapter, merge, save_adapter, unapply
 
 __version__ = "0.1.0"
 __all__ = ["ops", "lora_linear", "LoRALinear", "__version__", "LoRAConfig", "apply", "unapply", "save_adapter",
-           "load_adapter", "merge", "accelerate_peft"]
+           "load_adapter", "merge", "accelerate_peft", "checkpoint",
+           "CheckpointConfig"]

@@ -12,6 +12,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from lowcost.checkpoint import CheckpointConfig, apply_checkpointing, checkpointing_of, remove_checkpointing
 from lowcost.patch import adapter_io
 from lowcost.patch.merge import DriftReport, merge_model
 from lowcost.patch.peft_accel import accelerate_peft
@@ -104,23 +105,54 @@ def _dtype(value) -> Optional[torch.dtype]:
 
 
 # ------------------------------------------------------------------------------------------ apply / unapply
-def apply(model: nn.Module, lora: Optional[LoRAConfig] = None, checkpoint=None) -> PatchReport:
-    """Freeze ``model`` and swap fused LoRA layers into it per ``lora``; returns the patch report.
+def apply(model: nn.Module, lora: Optional[LoRAConfig] = None, checkpoint: Optional[CheckpointConfig] = None,
+          *, profile_step=None):
+    """Freeze ``model`` and swap fused LoRA layers into it per ``lora``, and/or install activation
+    checkpointing on its blocks per ``checkpoint``.
 
-    Nothing changes when it raises (unknown target, already patched, …)."""
-    if checkpoint is not None:
-        raise NotImplementedError("lowcost.apply(checkpoint=...) arrives with activation checkpointing (issue #4)")
-    if not isinstance(lora, LoRAConfig):
+    Returns the LoRA ``PatchReport`` (its ``checkpoint`` field holds the ``CheckpointReport``), or the
+    ``CheckpointReport`` alone when only ``checkpoint`` is given. ``profile_step`` (a zero-argument callable
+    returning the loss) is needed for ``CheckpointConfig(budget=...)``. Nothing changes when it raises."""
+    if lora is None and checkpoint is None:
+        raise ValueError("lowcost.apply needs lora=lowcost.LoRAConfig(...) and/or "
+                         "checkpoint=lowcost.CheckpointConfig(...)")
+    if lora is not None and not isinstance(lora, LoRAConfig):
         raise TypeError(f"lora must be a lowcost.LoRAConfig, got {type(lora).__name__}")
+    if checkpoint is not None and not isinstance(checkpoint, CheckpointConfig):
+        raise TypeError(f"checkpoint must be a lowcost.CheckpointConfig, got {type(checkpoint).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return apply_lora(model, lora)
+    report = apply_lora(model, lora) if lora is not None else None
+    if checkpoint is None:
+        return report
+    try:
+        checkpoint_report = apply_checkpointing(model, checkpoint, profile_step=profile_step)
+    except Exception:
+        if report is not None:
+            remove_lora(model)
+        raise
+    if report is None:
+        return checkpoint_report
+    report.checkpoint = checkpoint_report
+    return report
 
 
 def unapply(model: nn.Module) -> nn.Module:
-    """The original modules back (same objects and parameters; merged adapters are taken out first)."""
-    remove_lora(model)
+    """The original modules back (same objects and parameters; merged adapters are taken out first) and
+    any checkpointing installed by ``apply`` removed."""
+    checkpointed = _has_checkpointing(model)
+    if not checkpointed or patch_state(model) is not None:
+        remove_lora(model)          # raises a clear error when there is nothing to undo at all
+    if checkpointed:
+        remove_checkpointing(model)
     return model
+
+
+def _has_checkpointing(model: nn.Module) -> bool:
+    try:
+        return any(decision.mode != "none" for decision in checkpointing_of(model))
+    except (TypeError, ValueError):  # no block list in this model: nothing can be checkpointed
+        return False
 
 
 def merge(model: nn.Module, probe=None, inplace: bool = True) -> tuple[nn.Module, DriftReport]:

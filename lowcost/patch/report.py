@@ -44,6 +44,7 @@ class PatchReport:
     notes: list[str] = field(default_factory=list)
     trainable_params: int = 0
     total_params: int = 0
+    checkpoint: Optional[object] = None          # CheckpointReport when apply(checkpoint=...) ran too
 
     @property
     def names(self) -> list[str]:

@@ -91,8 +91,10 @@ def test_failure_during_swap_rolls_back(monkeypatch):
 
 def test_other_misuse():
     model = llama()
-    with pytest.raises(NotImplementedError, match="issue #4"):
+    with pytest.raises(TypeError, match="checkpoint must be a lowcost.CheckpointConfig"):
         lowcost.apply(model, lora=lowcost.LoRAConfig(), checkpoint=object())
+    with pytest.raises(ValueError, match="needs lora=lowcost.LoRAConfig"):
+        lowcost.apply(model)
     with pytest.raises(TypeError, match="lora must be a lowcost.LoRAConfig"):
         lowcost.apply(model, lora={"r": 4})
     for call in (lowcost.unapply, lowcost.merge, lambda m: lowcost.save_adapter(m, "/tmp/x")):

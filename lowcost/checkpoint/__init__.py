@@ -1,0 +1,30 @@
+"""``lowcost.checkpoint``: our own recompute function, per-block policies, offload and a budget planner.
+
+    lowcost.checkpoint.checkpoint(fn, *args, **kwargs)          # drop-in for torch's use_reentrant=False
+    report = apply_checkpointing(model, CheckpointConfig(policy="selective"))
+    report = apply_checkpointing(model, CheckpointConfig(budget="6GiB"), profile_step=lambda: loss_of(model))
+    remove_checkpointing(model)
+
+See ``function.py`` for how recompute and RNG replay work, ``policies.py`` for the policies,
+``selective.py``, ``offload.py`` and ``planner.py`` for the selective, offload and budget mechanisms.
+"""
+from lowcost.checkpoint.apply import CheckpointReport, apply_checkpointing, checkpointing_of, remove_checkpointing
+from lowcost.checkpoint.config import CheckpointConfig, parse_budget
+from lowcost.checkpoint.function import CheckpointMismatchError, checkpoint, checkpoint_with, recomputing
+from lowcost.checkpoint.planner import BudgetError
+from lowcost.checkpoint.policies import POLICIES, Decision, decide
+from lowcost.checkpoint.tracking import track
+
+__all__ = ["checkpoint", "checkpoint_with", "recomputing", "CheckpointMismatchError", "CheckpointConfig",
+           "parse_budget", "apply_checkpointing", "remove_checkpointing", "checkpointing_of", "CheckpointReport",
+           "BudgetError", "POLICIES", "Decision", "decide", "track"]
+
+
+class _CallableModule(type(__import__("sys"))):
+    """Makes ``lowcost.checkpoint(fn, *args, **kwargs)`` work while ``lowcost.checkpoint`` stays a package."""
+
+    def __call__(self, fn, *args, **kwargs):
+        return checkpoint(fn, *args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,70 @@
+"""``CheckpointConfig``: which policy, its parameters, the byte budget and the offload options."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """How to checkpoint a model's blocks.
+
+    Attributes:
+        policy: "full", "every_k", "sqrt", "selective", "offload", "none" or "budget" (implied by ``budget``).
+        k: for "every_k", checkpoint blocks 0, k, 2k, ….
+        budget: bytes the saved activations may take: "6GiB", "512MB", an int of bytes, or a float in
+            (0, 1] meaning that fraction of the no-checkpoint bytes. Needs a profiling step.
+        candidates: the modes the budget planner chooses from ("offload" is added on a GPU when
+            ``offload_in_budget``; on a CPU host memory is the device memory, so it never helps there).
+        offload_pin: pinned host buffers for offload (skipped when no GPU is present).
+        offload_prefetch: how many blocks ahead backward prefetches offloaded inputs.
+        offload_min_bytes: inputs smaller than this are not offloaded.
+        offload_in_budget: let the planner pick "offload" on a GPU.
+        disable_use_cache: set ``model.config.use_cache = False`` on HF models (a KV cache written
+            during the forward would be written again by the recompute).
+    """
+    policy: str = "full"
+    k: int = 2
+    budget: Optional[Union[str, int, float]] = None
+    candidates: tuple[str, ...] = ("none", "selective", "full")
+    offload_pin: bool = True
+    offload_prefetch: int = 1
+    offload_min_bytes: int = 0
+    offload_in_budget: bool = True
+    disable_use_cache: bool = True
+
+    def __post_init__(self):
+        if self.budget is not None and self.policy not in ("full", "budget"):
+            raise ValueError(f"budget= picks the policy itself; got policy={self.policy!r} as well")
+        if self.budget is not None:
+            object.__setattr__(self, "policy", "budget")
+        if self.policy == "budget" and self.budget is None:
+            raise ValueError("policy='budget' needs budget= (e.g. '6GiB' or 0.3)")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+
+
+def parse_budget(budget, no_checkpoint_bytes: int) -> int:
+    """Budget in bytes: "6GiB" / "1.5 GB" / int bytes / float fraction in (0, 1] of the no-checkpoint bytes."""
+    if isinstance(budget, bool):
+        raise ValueError(f"budget must be a size or a fraction, got {budget!r}")
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"a float budget is a fraction of the no-checkpoint bytes in (0, 1], got {budget}")
+        return int(budget * no_checkpoint_bytes)
+    if isinstance(budget, int):
+        if budget <= 0:
+            raise ValueError(f"budget must be positive, got {budget}")
+        return budget
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(budget))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read budget {budget!r}; use e.g. '6GiB', '512MB', 10**9 or 0.3")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB ({n} bytes)"

@@ -1,0 +1,142 @@
+"""Installing per-block decisions: each block's ``forward`` is wrapped in place (an instance attribute).
+
+Modules are never re-parented, so ``state_dict()`` keys, parameter identity, hooks and ``named_modules``
+stay exactly as they were; ``uninstall`` deletes the instance attribute (or restores a previous one).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import nn
+
+from lowcost.checkpoint import tracking
+from lowcost.checkpoint.function import checkpoint_with
+from lowcost.checkpoint.offload import Offloader
+from lowcost.checkpoint.policies import Decision
+from lowcost.checkpoint.selective import save_matmuls
+
+_ATTR = "_lowcost_checkpoint"
+_MISSING = object()
+
+
+@dataclass
+class _Segment:
+    """Consecutive blocks checkpointed as one frame; ``frame`` is open between its first and last block."""
+    size: int
+    frame: Optional[object] = None
+    next_position: int = 0
+
+
+@dataclass
+class _Installed:
+    decision: Decision
+    previous_forward: object
+    label: str
+    segment: Optional[_Segment] = None
+    position: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_blocks(target) -> list[tuple[str, nn.Module]]:
+    """(label, block) pairs from an ``nn.ModuleList``, a list of modules, or a model.
+
+    For a model the block list comes from ``lowcost.models.families.find_blocks`` (Llama ``model.layers``,
+    GPT-2 ``transformer.h``, BERT ``encoder.layer``, else the largest list of same-type modules).
+    """
+    if isinstance(target, (nn.ModuleList, list, tuple)):
+        blocks = list(target)
+        if not all(isinstance(b, nn.Module) for b in blocks):
+            raise TypeError("every block must be an nn.Module")
+        return [(f"blocks.{i}", b) for i, b in enumerate(blocks)]
+    if not isinstance(target, nn.Module):
+        raise TypeError(f"expected a model, an nn.ModuleList or a list of modules, got {type(target).__name__}")
+    # Imported lazily: the model-family table sits above checkpoint in the layer order.
+    from lowcost.models.families import find_blocks
+    blocks = find_blocks(target)
+    if not blocks:
+        raise ValueError(f"found no block list (nn.ModuleList of layers) in {type(target).__name__}; "
+                         f"pass the blocks explicitly")
+    names = {id(m): name for name, m in target.named_modules()}
+    return [(names.get(id(b), f"blocks.{i}"), b) for i, b in enumerate(blocks)]
+
+
+def _segments(decisions: list[Decision]) -> list[Optional[tuple[_Segment, int]]]:
+    """For each block: (its segment, its position in it) when it belongs to a multi-block segment."""
+    out: list = [None] * len(decisions)
+    i = 0
+    while i < len(decisions):
+        seg_id = decisions[i].segment
+        j = i
+        while j + 1 < len(decisions) and seg_id is not None and decisions[j + 1].segment == seg_id:
+            j += 1
+        if j > i:
+            segment = _Segment(size=j - i + 1)
+            for pos in range(i, j + 1):
+                out[pos] = (segment, pos - i)
+        i = j + 1
+    return out
+
+
+def _make_forward(original, state: _Installed, offloader: Optional[Offloader]):
+    """The wrapped forward: sets the block label, then runs the block under its decision."""
+    mode = state.decision.mode
+    selective = save_matmuls if mode == "selective" else None
+    offl = offloader if mode == "offload" else None
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        with tracking.block_scope(state.label):
+            if mode == "none":
+                return original(*args, **kwargs)
+            segment = state.segment
+            frame = None
+            if segment is not None and state.position > 0 and segment.next_position == state.position:
+                frame = segment.frame
+            out, frame = checkpoint_with(original, args, kwargs, frame=frame, selective=selective,
+                                         offloader=offl, label=state.label)
+            if segment is not None:
+                last = state.position == segment.size - 1
+                segment.frame = None if last or frame is None else frame
+                segment.next_position = 0 if last or frame is None else state.position + 1
+            return out
+
+    return forward
+
+
+def install(blocks: list[tuple[str, nn.Module]], decisions: list[Decision], offloader: Optional[Offloader] = None,
+            wrap_none: bool = False) -> None:
+    """Wraps each block's forward under its decision (``none`` blocks only when ``wrap_none``)."""
+    if len(blocks) != len(decisions):
+        raise ValueError(f"{len(decisions)} decisions for {len(blocks)} blocks")
+    for (label, block), decision, seg in zip(blocks, decisions, _segments(decisions)):
+        if _ATTR in block.__dict__:
+            raise RuntimeError(f"checkpointing is already installed on {label}; call remove_checkpointing first")
+        if decision.mode == "none" and not wrap_none:
+            continue
+        state = _Installed(decision, block.__dict__.get("forward", _MISSING), label)
+        if seg is not None:
+            state.segment, state.position = seg
+        original = block.forward
+        block.__dict__[_ATTR] = state
+        block.forward = _make_forward(original, state, offloader)
+
+
+def uninstall(blocks: list[tuple[str, nn.Module]]) -> int:
+    """Restores every block's forward; returns how many were wrapped."""
+    count = 0
+    for _, block in blocks:
+        state = block.__dict__.pop(_ATTR, None)
+        if state is None:
+            continue
+        count += 1
+        if state.previous_forward is _MISSING:
+            del block.forward
+        else:
+            block.forward = state.previous_forward
+    return count
+
+
+def installed_decisions(blocks: list[tuple[str, nn.Module]]) -> list[Decision]:
+    return [block.__dict__[_ATTR].decision if _ATTR in block.__dict__ else Decision("none") for _, block in blocks]

@@ -1,0 +1,182 @@
+"""Selective recompute: keep the outputs of matmul/attention ops, recompute everything cheap.
+
+A ``SelectiveCache`` belongs to one frame. During the frame's forward a ``TorchDispatchMode`` (below
+autograd, so it sees ``aten.mm``/``aten.addmm``/``aten.bmm``/the SDPA kernels and the fused
+``lowcost::lora_linear``) records, in call order, the (detached) outputs of every op the policy says to
+save. During recompute the same mode *replays*: the n-th saved op returns the n-th recorded output instead
+of running, so no matmul is done twice; norms, activations, RoPE, adds and dropout (RNG replayed) run
+again. A recorded output modified in place after the forward (version counter changed) is recomputed
+instead of replayed, so in-place code stays correct.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+from lowcost.checkpoint import tracking
+
+aten = torch.ops.aten
+
+
+def _packets(names: Iterable[str]) -> set:
+    out = set()
+    for name in names:
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            out.add(packet)
+    return out
+
+
+MATMUL_OPS = _packets(["mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "addbmm", "_int_mm",
+                       "convolution", "_scaled_mm"])
+ATTENTION_OPS = _packets(["_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                          "_flash_attention_forward", "_efficient_attention_forward"])
+
+
+def _lowcost_ops() -> set:
+    import lowcost.ops.lora_linear  # noqa: F401  (registers torch.ops.lowcost.lora_linear)
+    return {torch.ops.lowcost.lora_linear}
+
+
+def default_save_ops() -> set:
+    """Op packets whose outputs the selective policy keeps: matmuls, attention, ``lowcost::lora_linear``."""
+    return MATMUL_OPS | ATTENTION_OPS | _lowcost_ops()
+
+
+def save_matmuls(func) -> bool:
+    """The default selective policy: save the outputs of matmul and attention ops."""
+    return func.overloadpacket in _SAVE_OPS
+
+
+_SAVE_OPS = default_save_ops()
+
+
+_NEVER = 2**62
+_ALIASING = _packets(["_unsafe_view", "_reshape_alias", "detach", "alias"])
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, cache: "SelectiveCache", replay: bool):
+        super().__init__()
+        self.cache, self.replay, self.position = cache, replay, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.replay and not (func.is_view or func.overloadpacket in _ALIASING):
+            self.cache.note_uses(args, kwargs)  # views share the storage: their readers are what counts
+        if not self.cache.should_save(func):
+            return func(*args, **kwargs)
+        if self.replay:
+            return self._replay(func, args, kwargs)
+        out = func(*args, **kwargs)
+        self.cache.record(func, out)
+        return out
+
+    def _replay(self, func, args, kwargs):
+        entries = self.cache.entries
+        if self.position >= len(entries) or entries[self.position][0] is not func:
+            seen = entries[self.position][0] if self.position < len(entries) else "nothing"
+            raise RuntimeError(f"lowcost.checkpoint(selective): recompute called {func} as saved op "
+                               f"#{self.position}, the forward called {seen}")
+        _, out, versions = entries[self.position]
+        self.position += 1
+        now = _versions(out)
+        if any(v is not None and v != old for v, old in zip(now, versions)):
+            return func(*args, **kwargs)  # modified in place since the forward: cannot replay
+        return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else _materialize(t), out)
+
+
+def _versions(out) -> list:
+    return [t._version if isinstance(t, torch.Tensor) else None for t in _leaves(out, True)]
+
+
+class _Dropped:
+    """A recorded output leaf that no recompute can reach (consumed only after the last saved tensor)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.dtype, self.device = t.shape, t.dtype, t.device
+
+
+def _materialize(x):
+    """A dropped leaf comes back as NaN (never read: the recompute stops before anything consumes it)."""
+    if isinstance(x, _Dropped):
+        fill = float("nan") if x.dtype.is_floating_point else 0
+        return torch.full(x.shape, fill, dtype=x.dtype, device=x.device)
+    return x
+
+
+def _leaves(out, dropped: bool = False) -> list:
+    if isinstance(out, torch.Tensor) or (dropped and isinstance(out, _Dropped)):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _leaves(item, dropped)]
+    return []
+
+
+class SelectiveCache:
+    """Outputs of the saved ops of one frame's forward, in call order.
+
+    Args:
+        should_save: ``func -> bool`` (an ``OpOverload``); default ``save_matmuls``.
+        label: the block, for measurements.
+    """
+
+    def __init__(self, should_save: Callable = save_matmuls, label=None, pack_count: Callable = lambda: 0):
+        self.should_save, self.label, self.pack_count = should_save, label, pack_count
+        self.entries: list[tuple] = []  # (func, detached output tree, version counters)
+        self._first_use: dict[int, int] = {}  # storage ptr of a recorded leaf -> pack count at its first use
+
+    def record(self, func, out) -> None:
+        kept = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+        for t in _leaves(kept):
+            self._first_use.setdefault(t.untyped_storage().data_ptr(), _NEVER)
+        self.entries.append((func, kept, _versions(kept)))
+
+    def note_uses(self, args, kwargs) -> None:
+        """Forward: a recorded leaf read by an op (or saved) at the current pack count."""
+        if not self._first_use:
+            return
+        count = None
+        for t in _leaves(list(args) + list(kwargs.values())):
+            ptr = t.untyped_storage().data_ptr()
+            if self._first_use.get(ptr, -1) == _NEVER:
+                count = self.pack_count() if count is None else count
+                self._first_use[ptr] = count
+
+    def note_saved(self, tensor: torch.Tensor, index: int) -> None:
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in self._first_use:
+            self._first_use[ptr] = min(self._first_use[ptr], index)
+
+    def finalize(self, n_saved: int) -> None:
+        """End of forward: drop leaves first read after the last saved tensor (no recompute reaches them).
+
+        A recompute stops right after rebuilding saved tensor #n_saved-1 at the latest, so an op that ran
+        when n_saved tensors had already been packed is never run again; a leaf whose first reader (or
+        first save) came that late, or that nobody read, is never needed (e.g. the last matmul's output).
+        """
+        def keep(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            return t if self._first_use.get(t.untyped_storage().data_ptr(), _NEVER) < n_saved else _Dropped(t)
+
+        self.entries = [(func, tree_map(keep, out), versions) for func, out, versions in self.entries]
+        for _, out, _ in self.entries:
+            for t in _leaves(out):
+                tracking.note_kept(t, self.label, "cache")
+        self._first_use.clear()
+
+    @contextmanager
+    def recording(self):
+        with _Mode(self, replay=False):
+            yield
+
+    @contextmanager
+    def replaying(self):
+        with _Mode(self, replay=True):
+            yield

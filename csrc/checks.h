@@ -1,0 +1,41 @@
+// Argument validation shared by the CPU and CUDA implementations of the lowcost ops.
+// Every failure is a TORCH_CHECK whose message names the op, the argument and the expectation.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace lowcost {
+
+// Problem sizes read from validated arguments.
+struct LoraDims {
+  int64_t M = 0;  // rows of x / grad_y / u
+  int64_t K = 0;  // columns of x (in_features)
+  int64_t N = 0;  // columns of grad_y / rows of lora_b (out_features)
+  int64_t r = 0;  // LoRA rank
+};
+
+// True for float32, float16 and bfloat16: the activation dtypes every op accepts.
+bool is_supported_float(c10::ScalarType t);
+
+LoraDims check_philox_dropout_args(const at::Tensor& x, int64_t seed, double p,
+                                   c10::DeviceType device);
+
+LoraDims check_lora_down_args(const at::Tensor& x, const at::Tensor& lora_a, int64_t seed,
+                              double p, c10::DeviceType device);
+
+LoraDims check_lora_up_args(const at::Tensor& u, const at::Tensor& lora_b,
+                            const std::optional<at::Tensor>& bias, c10::ScalarType dtype,
+                            c10::DeviceType device);
+
+LoraDims check_lora_grad_pass_args(const at::Tensor& grad_y, const at::Tensor& u,
+                                   const at::Tensor& lora_b, c10::DeviceType device);
+
+LoraDims check_lora_dx_da_args(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_a,
+                               int64_t seed, double p, c10::DeviceType device);
+
+}  // namespace lowcost

@@ -1,0 +1,13 @@
+// The CUDA backend of the lowcost ops: one TORCH_LIBRARY_IMPL block. Registration is static and
+// touches no device, so the library loads on a host without a GPU.
+#include "ops_cuda.h"
+
+#include <torch/library.h>
+
+TORCH_LIBRARY_IMPL(lowcost, CUDA, m) {
+  m.impl("philox_dropout", &lowcost::cuda::philox_dropout);
+  m.impl("lora_down", &lowcost::cuda::lora_down);
+  m.impl("lora_up", &lowcost::cuda::lora_up);
+  m.impl("lora_grad_pass", &lowcost::cuda::lora_grad_pass);
+  m.impl("lora_dx_da", &lowcost::cuda::lora_dx_da);
+}

@@ -1,0 +1,61 @@
+// The lowcost operator schemas (defined once, here) and the Python module init of lowcost._C.
+//
+// Importing lowcost._C loads this library; the static registrars below and the per-backend
+// TORCH_LIBRARY_IMPL blocks (csrc/cpu/, csrc/cuda/) make the ops available as torch.ops.lowcost.*.
+// Nothing here touches CUDA, so the CUDA build imports on a host without a GPU.
+#ifndef LOWCOST_NO_PYTHON_MODULE
+#include <Python.h>
+#endif
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(lowcost, m) {
+  // x (M, K), any strides -> contiguous (M, K) in x.dtype: the dropped-out x~ = D (.) x.
+  m.def("philox_dropout(Tensor x, int seed, float p) -> Tensor");
+  // u = (D (.) x) lora_a^T, float32 (M, r).
+  m.def("lora_down(Tensor x, Tensor lora_a, int seed, float p) -> Tensor");
+  // c = scale * u lora_b^T + bias, (M, N) in dtype.
+  m.def("lora_up(Tensor u, Tensor lora_b, Tensor? bias, float scale, ScalarType dtype) -> Tensor");
+  // One read of grad_y: du = scale * g B (M, r), dB = scale * g^T u (N, r), dbias = sum_m g (N,)
+  // (all float32; dbias is an empty (0,) tensor when need_dbias is false).
+  m.def(
+      "lora_grad_pass(Tensor grad_y, Tensor u, Tensor lora_b, float scale, bool need_dbias) "
+      "-> (Tensor, Tensor, Tensor)");
+  // dx_lora = D (.) (du A) in x.dtype (M, K) (an empty (0,) tensor when need_dx is false) and
+  // dA = du^T (D (.) x), float32 (r, K); the mask is generated once per element.
+  m.def(
+      "lora_dx_da(Tensor x, Tensor du, Tensor lora_a, int seed, float p, bool need_dx) "
+      "-> (Tensor, Tensor)");
+}
+
+#ifndef LOWCOST_NO_PYTHON_MODULE
+extern "C" {
+// A module without Python functions: the ops are reached through torch.ops.lowcost.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",                                                  // m_name
+      "lowcost compiled ops, registered as torch.ops.lowcost",  // m_doc
+      -1,                                                    // m_size
+      nullptr,                                               // m_methods
+      nullptr,                                               // m_slots
+      nullptr,                                               // m_traverse
+      nullptr,                                               // m_clear
+      nullptr,                                               // m_free
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef LOWCOST_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  // lowcost._C.WITH_CUDA: 1 when this build also registered the CUDA kernels.
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+}
+#endif

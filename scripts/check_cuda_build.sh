@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Compile-and-link check of the CUDA build of lowcost._C on a host without a GPU.
+#
+# Creates (if missing) .venv-cu with a CUDA build of torch, builds lowcost with LOWCOST_BUILD_CUDA=1
+# (a normal, non-editable install into .venv-cu; objects under build/cuda, apart from the CPU build),
+# imports lowcost._C outside the source tree and checks that every op has a CUDA kernel registered,
+# without running any. Fails loudly (non-zero exit, compiler errors printed) if anything does not
+# compile, link or register.
+#
+#   bash scripts/check_cuda_build.sh        # CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+PYTHON=${PYTHON:-python3.11}
+VENV=.venv-cu
+step() { printf '[check_cuda_build] %s\n' "$*"; }
+fail() { printf '[check_cuda_build] FAILED: %s\n' "$*" >&2; exit 1; }
+
+PINS=(torch==2.14.1 ninja==1.13.2 pybind11==3.1.0 setuptools==84.2.1 wheel==0.48.0 numpy==2.4.6)
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating $VENV with $PYTHON"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.lowcost-pins"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${PINS[*]}" ]; then
+  step "pinned packages already installed"
+else
+  step "installing ${PINS[*]} (CUDA torch, several GB on first run)"
+  pip_log=$(mktemp)
+  if ! "$VENV/bin/python" -m pip install "${PINS[@]}" >"$pip_log" 2>&1; then
+    tail -40 "$pip_log"
+    fail "pip install of the pinned packages (full log: $pip_log)"
+  fi
+  rm -f "$pip_log"
+  printf '%s' "${PINS[*]}" > "$stamp"
+fi
+cuda_version=$("$VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')
+[ -n "$cuda_version" ] || fail "torch in $VENV is not a CUDA build"
+
+if [ -z "${CUDA_HOME:-}" ]; then
+  command -v nvcc >/dev/null || fail "nvcc not found and CUDA_HOME not set"
+  # nvcc on PATH may be a wrapper script: ask nvcc for its real toolkit root.
+  top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+  [ -n "$top" ] || fail "could not derive CUDA_HOME from nvcc --dryrun"
+  CUDA_HOME=$(readlink -f "$top")
+fi
+[ -x "$CUDA_HOME/bin/nvcc" ] || fail "CUDA_HOME=$CUDA_HOME has no bin/nvcc"
+export CUDA_HOME
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-2}
+export LOWCOST_BUILD_CUDA=1
+export LOWCOST_BUILD_BASE=build/cuda
+step "torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') (CUDA $cuda_version), CUDA_HOME=$CUDA_HOME, arch $TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS"
+
+step "building lowcost with the CUDA kernels"
+log=$ROOT/build/check_cuda_build.log
+mkdir -p "$ROOT/build"
+if ! "$VENV/bin/python" -m pip install -v --no-build-isolation --no-deps . >"$log" 2>&1; then
+  grep -nE "error|Error|FAILED" "$log" | grep -v "^.*-Werror" | head -60 || true
+  tail -30 "$log"
+  fail "the CUDA build did not compile or link (full log: $log)"
+fi
+grep -q "building lowcost._C with CUDA" "$log" || fail "setup.py did not take the CUDA path (see $log)"
+
+step "importing lowcost._C (outside the source tree) and checking the CUDA kernels are registered"
+cd "$(mktemp -d)"
+"$ROOT/$VENV/bin/python" - <<'PY'
+import torch
+import lowcost._C as ext
+
+print(f"  lowcost._C: {ext.__file__}")
+assert ext.WITH_CUDA == 1, "lowcost._C was built without the CUDA kernels"
+ops = ["philox_dropout", "lora_down", "lora_up", "lora_grad_pass", "lora_dx_da"]
+missing = [(op, key) for op in ops for key in ("CPU", "CUDA")
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lowcost::{op}", key)]
+assert not missing, f"kernels not registered: {missing}"
+print(f"  {len(ops)} ops with CPU and CUDA kernels; torch.cuda.is_available() = {torch.cuda.is_available()}")
+try:
+    import lowcost.kernels  # noqa: F401  top-level kernels/ installed as lowcost.kernels
+    print("  lowcost.kernels imports from the installed package")
+except ImportError as error:
+    raise SystemExit(f"lowcost.kernels is not importable from the installed package: {error}")
+PY
+step "OK"

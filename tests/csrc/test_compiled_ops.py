@@ -1,0 +1,366 @@
+"""The compiled ops of ``lowcost._C`` (torch.ops.lowcost.*) against float64 formulas.
+
+Every CPU op is compared with the spec (docs/lora_linear_spec.md) computed in float64 from the same
+inputs, with the dropout mask taken from the pure-torch reference ``lowcost.reference.philox``; masks
+must be identical, values within the per-dtype tolerance of ``tests/helpers.py``. CUDA variants of the
+same checks carry the ``gpu`` marker.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from helpers import assert_close_to_reference, make_lora_inputs
+
+try:
+    importlib.import_module("lowcost._C")
+    _IMPORT_ERROR = None
+except ImportError as error:  # not built
+    _IMPORT_ERROR = str(error)
+
+pytestmark = pytest.mark.skipif(_IMPORT_ERROR is not None,
+                                reason=f"lowcost._C is not built ({_IMPORT_ERROR})")
+
+ref = pytest.importorskip("lowcost.reference.philox")
+ops = torch.ops.lowcost if _IMPORT_ERROR is None else None
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SEEDS = [0, 1234, 2**32 + 17, 2**63 - 1]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 formulas of the spec
+def keep_mask(M, K, seed, p, device="cpu"):
+    return ref.dropout_keep_mask(M, K, seed, p, device=device)
+
+
+def x_tilde64(x, seed, p):
+    """D (.) x in float64: kept elements times keep_scale (a float32 factor), dropped 0."""
+    M, K = x.shape
+    if p == 0.0:
+        return x.double()
+    keep = keep_mask(M, K, seed, p, x.device)
+    return torch.where(keep, x.float().double() * ref.keep_scale(p), torch.zeros((), dtype=torch.float64,
+                                                                                   device=x.device))
+
+
+def dropout_exact(x, seed, p):
+    """philox_dropout's exact result: round(float32(x) * keep_scale) where kept, else 0."""
+    M, K = x.shape
+    if p == 0.0:
+        return x.contiguous()
+    keep = keep_mask(M, K, seed, p, x.device)
+    scaled = x.float() * torch.tensor(ref.keep_scale(p), dtype=torch.float32)
+    return torch.where(keep, scaled, torch.zeros((), device=x.device)).to(x.dtype)
+
+
+def _inputs(M, K, N, r, dtype, adapter_dtype=None, noncontiguous=False, seed=0, device="cpu"):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return make_lora_inputs(M, K, N, r, dtype=dtype, adapter_dtype=adapter_dtype, bias=True,
+                            noncontiguous=noncontiguous, seed=seed, device=device)
+
+
+def _check_registered(device):
+    key = "CUDA" if device == "cuda" else "CPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("lowcost::lora_down", key):
+        pytest.skip(f"lowcost._C was built without {key} kernels")
+
+
+# ------------------------------------------------------------------------------------------------
+# registration
+def test_schemas_registered():
+    for name in ("philox_dropout", "lora_down", "lora_up", "lora_grad_pass", "lora_dx_da"):
+        assert hasattr(ops, name), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lowcost::{name}", "CPU"), name
+
+
+def test_schema_text():
+    schemas = {s.name: str(s) for s in torch._C._jit_get_all_schemas() if s.name.startswith("lowcost::")}
+    assert schemas["lowcost::lora_up"] == (
+        "lowcost::lora_up(Tensor u, Tensor lora_b, Tensor? bias, float scale, ScalarType dtype) -> Tensor")
+    assert schemas["lowcost::lora_grad_pass"] == (
+        "lowcost::lora_grad_pass(Tensor grad_y, Tensor u, Tensor lora_b, float scale, bool need_dbias)"
+        " -> (Tensor, Tensor, Tensor)")
+    assert schemas["lowcost::lora_dx_da"] == (
+        "lowcost::lora_dx_da(Tensor x, Tensor du, Tensor lora_a, int seed, float p, bool need_dx)"
+        " -> (Tensor, Tensor)")
+
+
+def test_opcheck_schema():
+    """No op mutates or aliases its inputs (torch.library.opcheck's schema test)."""
+    x, a, b, g, u = torch.randn(7, 13), torch.randn(5, 13), torch.randn(11, 5), torch.randn(7, 11), torch.randn(7, 5)
+    cases = [(ops.philox_dropout, (x, 3, 0.2)), (ops.philox_dropout, (x, 3, 0.0)), (ops.lora_down, (x, a, 3, 0.2)),
+             (ops.lora_up, (u, b, torch.randn(11), 0.5, torch.float32)), (ops.lora_grad_pass, (g, u, b, 0.5, True)),
+             (ops.lora_dx_da, (x, u, a, 3, 0.2, True)), (ops.lora_dx_da, (x, u, a, 3, 0.2, False))]
+    for op, args in cases:
+        result = torch.library.opcheck(op.default, args, test_utils=("test_schema",))
+        assert result["test_schema"] == "SUCCESS", (op, result)
+
+
+# ------------------------------------------------------------------------------------------------
+# philox_dropout
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (129, 33), (3, 1000)])
+def test_philox_dropout_mask_identical(device, seed, shape):
+    _check_registered(device)
+    M, K = shape
+    x = torch.ones(M, K, device=device)
+    p = 0.3
+    out = ops.philox_dropout(x, seed, p)
+    keep = keep_mask(M, K, seed, p, device)
+    assert torch.equal(out != 0, keep), f"mask differs from the reference at seed {seed}, shape {shape}"
+    assert torch.all(out[keep] == torch.tensor(ref.keep_scale(p)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("noncontiguous", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
+def test_philox_dropout_values_exact(device, dtype, noncontiguous, p):
+    _check_registered(device)
+    x = _inputs(37, 45, 8, 4, dtype, noncontiguous=noncontiguous, device=device)["x"]
+    assert x.is_contiguous() != noncontiguous
+    out = ops.philox_dropout(x, 99, p)
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    assert torch.equal(out, dropout_exact(x, 99, p))
+
+
+def test_philox_dropout_threshold_edges():
+    x = torch.ones(64, 64)
+    # p just above 0 gives threshold 0: everything kept, scale rounds to 1.
+    assert torch.equal(ops.philox_dropout(x, 3, 1e-12), dropout_exact(x, 3, 1e-12))
+    out = ops.philox_dropout(x, 3, 0.999)
+    assert torch.equal(out != 0, keep_mask(64, 64, 3, 0.999))
+
+
+def test_philox_dropout_empty():
+    for shape in [(0, 5), (5, 0), (0, 0)]:
+        out = ops.philox_dropout(torch.ones(shape), 1, 0.5)
+        assert out.shape == shape
+
+
+# ------------------------------------------------------------------------------------------------
+# lora_down
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.float16, None), (torch.bfloat16, torch.float32),
+                                                 (torch.float16, torch.float32)])
+@pytest.mark.parametrize("M,K,r", [(0, 13, 4), (1, 13, 1), (7, 45, 7), (129, 33, 16), (64, 100, 64),
+                                   (5, 24, 70)])
+@pytest.mark.parametrize("noncontiguous", [False, True])
+def test_lora_down(device, dtype, adapter_dtype, M, K, r, noncontiguous):
+    _check_registered(device)
+    t = _inputs(M, K, 8, r, dtype, adapter_dtype, noncontiguous, device=device)
+    seed, p = 2**33 + 5, 0.25
+    u = ops.lora_down(t["x"], t["lora_a"], seed, p)
+    assert u.dtype == torch.float32 and u.shape == (M, r)
+    expected = x_tilde64(t["x"], seed, p) @ t["lora_a"].double().t()
+    assert_close_to_reference("u", u, expected, torch.float32)  # exact inputs, fp32 accumulation
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_down_p0_matches_matmul(device):
+    _check_registered(device)
+    t = _inputs(33, 70, 8, 16, torch.float32, device=device)
+    u = ops.lora_down(t["x"], t["lora_a"], 5, 0.0)
+    assert_close_to_reference("u", u, t["x"].double() @ t["lora_a"].double().t(), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# lora_up
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.float16, None), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("M,N,r", [(0, 9, 4), (1, 9, 1), (7, 33, 7), (129, 50, 16), (3, 64, 70)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_lora_up(device, dtype, adapter_dtype, M, N, r, with_bias):
+    _check_registered(device)
+    t = _inputs(M, 8, N, r, dtype, adapter_dtype, device=device)
+    u = torch.randn(r, M, dtype=torch.float32, device=device).t()  # non-contiguous (M, r)
+    bias = t["bias"] if with_bias else None
+    scale = 0.75
+    c = ops.lora_up(u, t["lora_b"], bias, scale, dtype)
+    assert c.dtype == dtype and c.shape == (M, N)
+    expected = scale * (u.double() @ t["lora_b"].double().t())
+    if with_bias:
+        expected = expected + bias.double()
+    assert_close_to_reference("c", c, expected, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# lora_grad_pass
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.float16, None), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("M,N,r", [(0, 9, 4), (1, 9, 1), (7, 33, 7), (129, 50, 16), (65, 20, 64),
+                                   (9, 11, 70)])
+@pytest.mark.parametrize("noncontiguous", [False, True])
+def test_lora_grad_pass(device, dtype, adapter_dtype, M, N, r, noncontiguous):
+    _check_registered(device)
+    t = _inputs(M, 8, N, r, dtype, adapter_dtype, noncontiguous, device=device)
+    g = t["grad_y"]
+    assert g.is_contiguous() != noncontiguous or M <= 1
+    u = torch.randn(M, r, dtype=torch.float32, device=device)
+    scale = 1.5
+    du, dB, dbias = ops.lora_grad_pass(g, u, t["lora_b"], scale, True)
+    g64, b64, u64 = g.double(), t["lora_b"].double(), u.double()
+    tol = torch.float32  # exact inputs, fp32 accumulation, fp32 outputs
+    assert_close_to_reference("du", du, scale * g64 @ b64, tol)
+    assert_close_to_reference("dB", dB, scale * g64.t() @ u64, tol)
+    assert_close_to_reference("dbias", dbias, g64.sum(0), tol)
+    assert du.dtype == dB.dtype == dbias.dtype == torch.float32
+    _, _, no_bias = ops.lora_grad_pass(g, u, t["lora_b"], scale, False)
+    assert no_bias.numel() == 0 and no_bias.dtype == torch.float32
+
+
+def test_lora_grad_pass_deterministic_on_cpu():
+    t = _inputs(300, 8, 70, 8, torch.float32)
+    u = torch.randn(300, 8)
+    first = ops.lora_grad_pass(t["grad_y"], u, t["lora_b"], 1.0, True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        second = ops.lora_grad_pass(t["grad_y"], u, t["lora_b"], 1.0, True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# lora_dx_da
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.float16, None), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("M,K,r", [(0, 13, 4), (1, 13, 1), (7, 45, 7), (129, 33, 16), (64, 100, 64),
+                                   (5, 24, 70)])
+@pytest.mark.parametrize("noncontiguous", [False, True])
+@pytest.mark.parametrize("seed,p", [(7, 0.0), (2**32 + 3, 0.3)])
+def test_lora_dx_da(device, dtype, adapter_dtype, M, K, r, noncontiguous, seed, p):
+    _check_registered(device)
+    t = _inputs(M, K, 8, r, dtype, adapter_dtype, noncontiguous, device=device)
+    du = torch.randn(r, M, dtype=torch.float32, device=device).t()  # non-contiguous (M, r)
+    dx, dA = ops.lora_dx_da(t["x"], du, t["lora_a"], seed, p, True)
+    assert dx.dtype == dtype and dx.shape == (M, K) and dA.dtype == torch.float32 and dA.shape == (r, K)
+    keep = keep_mask(M, K, seed, p, device)
+    da_prod = du.double() @ t["lora_a"].double()
+    dx_expected = torch.where(keep, da_prod * ref.keep_scale(p), torch.zeros((), dtype=torch.float64,
+                                                                             device=device))
+    assert_close_to_reference("dx_lora", dx, dx_expected, dtype)
+    assert torch.equal(dx[~keep], torch.zeros_like(dx[~keep])), "dropped elements of dx_lora must be 0"
+    tol = torch.float32  # exact inputs, fp32 accumulation, fp32 output
+    assert_close_to_reference("dA", dA, du.double().t() @ x_tilde64(t["x"], seed, p), tol)
+    dx_none, dA_only = ops.lora_dx_da(t["x"], du, t["lora_a"], seed, p, False)
+    assert dx_none.numel() == 0 and dx_none.dtype == dtype
+    assert torch.equal(dA_only, dA)
+
+
+def test_dx_da_consistent_with_dropout_op():
+    """D (.) (du A) equals philox_dropout applied to du A (same index space, same mask)."""
+    x = torch.randn(19, 23)
+    du = torch.randn(19, 5)
+    a = torch.randn(5, 23)
+    dx, _ = ops.lora_dx_da(x, du, a, 11, 0.4, True)
+    via_dropout = ops.philox_dropout(du @ a, 11, 0.4)
+    torch.testing.assert_close(dx, via_dropout, rtol=1e-5, atol=1e-5)
+    assert torch.equal(dx == 0, via_dropout == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the decomposition: the five ops reproduce y and every LoRA gradient of the spec
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decomposition_matches_spec(dtype):
+    M, K, N, r, seed, p, scale = 33, 40, 24, 8, 2**40 + 9, 0.2, 2.0
+    t = _inputs(M, K, N, r, dtype)
+    x, w, a, b, bias, g = (t[k] for k in ("x", "weight", "lora_a", "lora_b", "bias", "grad_y"))
+    u = ops.lora_down(x, a, seed, p)
+    c = ops.lora_up(u, b, bias, scale, dtype)
+    y = torch.addmm(c, x, w.t())
+    du, dB, dbias = ops.lora_grad_pass(g, u, b, scale, True)
+    dx_lora, dA = ops.lora_dx_da(x, du, a, seed, p, True)
+    dx = torch.addmm(dx_lora, g, w)
+
+    x64, w64, a64, b64, g64 = (v.double() for v in (x, w, a, b, g))
+    xt = x_tilde64(x, seed, p)
+    u64 = xt @ a64.t()
+    du64 = scale * g64 @ b64
+    keep = keep_mask(M, K, seed, p)
+    assert_close_to_reference("y", y, x64 @ w64.t() + scale * u64 @ b64.t() + bias.double(), dtype)
+    assert_close_to_reference("dB", dB, scale * g64.t() @ u64, dtype)
+    assert_close_to_reference("dA", dA, du64.t() @ xt, dtype)
+    assert_close_to_reference("dbias", dbias, g64.sum(0), dtype)
+    dx64 = g64 @ w64 + torch.where(keep, (du64 @ a64) * ref.keep_scale(p), torch.zeros((), dtype=torch.float64))
+    assert_close_to_reference("dx", dx, dx64, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# errors
+def test_errors_name_the_argument():
+    x = torch.randn(4, 8)
+    a = torch.randn(3, 8)
+    b = torch.randn(6, 3)
+    u = torch.randn(4, 3)
+    g = torch.randn(4, 6)
+    cases = [
+        (lambda: ops.lora_down(x[0], a, 0, 0.1), "x must be a 2-D"),
+        (lambda: ops.lora_down(x, torch.randn(3, 9), 0, 0.1), "lora_a must be (r, K)"),
+        (lambda: ops.lora_down(x.double(), a.double(), 0, 0.1), "x must be float32, float16 or bfloat16"),
+        (lambda: ops.lora_down(x.bfloat16(), a.half(), 0, 0.1), "lora_a must be float32 or the dtype of x"),
+        (lambda: ops.lora_down(x, a, 0, 1.0), "p must lie in [0, 1)"),
+        (lambda: ops.lora_down(x, a, 0, -0.1), "p must lie in [0, 1)"),
+        (lambda: ops.lora_down(x, a, -1, 0.1), "seed must lie in [0, 2^63)"),
+        (lambda: ops.philox_dropout(x, 0, float("nan")), "p must lie in [0, 1)"),
+        (lambda: ops.lora_up(u.half(), b, None, 1.0, torch.float32), "u must be float32"),
+        (lambda: ops.lora_up(u, torch.randn(6, 2), None, 1.0, torch.float32), "rank mismatch"),
+        (lambda: ops.lora_up(u, b, torch.randn(5), 1.0, torch.float32), "bias must be a 1-D (N,)"),
+        (lambda: ops.lora_up(u, b, torch.randn(6).half(), 1.0, torch.float32), "bias must have the output dtype"),
+        (lambda: ops.lora_up(u, b, None, 1.0, torch.int32), "dtype must be float32, float16 or bfloat16"),
+        (lambda: ops.lora_up(u, b.half(), None, 1.0, torch.bfloat16), "lora_b must be float32 or the dtype"),
+        (lambda: ops.lora_grad_pass(g, u[:3], b, 1.0, True), "u must be (M, r) with M = grad_y.size(0)"),
+        (lambda: ops.lora_grad_pass(g, u, torch.randn(5, 3), 1.0, True), "lora_b must be (N, r)"),
+        (lambda: ops.lora_grad_pass(g, torch.randn(4, 2), b, 1.0, True), "rank mismatch"),
+        (lambda: ops.lora_dx_da(x, u, torch.randn(2, 8), 0, 0.1, True), "rank mismatch"),
+        (lambda: ops.lora_dx_da(x, u[:2], a, 0, 0.1, True), "du must be (M, r) with M = x.size(0)"),
+        (lambda: ops.lora_dx_da(x, u.double(), a, 0, 0.1, True), "du must be float32"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert message in str(info.value), f"expected {message!r} in {info.value}"
+
+
+@pytest.mark.gpu
+def test_error_device_mismatch_cuda():
+    _check_registered("cuda")
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="lora_a must be a CUDA tensor"):
+        ops.lora_down(x, torch.randn(3, 8), 0, 0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# int64 offsets
+@pytest.mark.slow
+def test_indices_past_2_pow_31():
+    """philox_dropout over M*K > 2^31 elements: the mask of the last rows matches the reference."""
+    K = 4099
+    M = (2**31 + 3 * K) // K + 1
+    base = torch.randn(1, K).to(torch.bfloat16)
+    x = base.expand(M, K)  # stride (0, 1): no 4 GiB input
+    try:
+        out = ops.philox_dropout(x, 2**32 + 1, 0.5)
+    except RuntimeError as error:  # not enough memory for the 4 GiB output
+        pytest.skip(f"could not allocate the output: {error}")
+    rows = torch.tensor([M - 3, M - 2, M - 1])
+    cols = torch.arange(K)
+    idx = (rows[:, None] * K + cols[None, :]).flatten()
+    assert idx.min() >= 2**31
+    words = ref.philox_words(idx, 2**32 + 1)
+    keep = (words >= ref.dropout_threshold(0.5)).reshape(3, K)
+    tail = out[M - 3:]
+    assert torch.equal(tail != 0, keep & (base != 0).expand(3, K))
+    del out

@@ -10,8 +10,9 @@ from lowcost.ops import lora_linear
 from lowcost import checkpoint
 from lowcost.checkpoint import CheckpointConfig
 from lowcost.api import LoRAConfig, accelerate_peft, apply, load_adapter, merge, save_adapter, unapply
+from lowcost.warmstart import load_pretrained, load_tokenizer  # also binds lowcost.warmstart
 
 __version__ = "0.1.0"
 __all__ = ["ops", "lora_linear", "LoRALinear", "__version__", "LoRAConfig", "apply", "unapply", "save_adapter",
-           "load_adapter", "merge", "accelerate_peft", "checkpoint",
+           "load_adapter", "merge", "accelerate_peft", "warmstart", "load_pretrained", "load_tokenizer", "checkpoint",
            "CheckpointConfig"]

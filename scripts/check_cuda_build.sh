@@ -29,6 +29,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${PINS[*]}" ]; then
 else
   step "installing ${PINS[*]} (CUDA torch, several GB on first run)"
   pip_log=$(mktemp)
+  # The venv's bundled pip (23.x) turns an editable install without pyproject.toml into
+  # `setup.py develop`, which setuptools >= 80 re-runs *with* build isolation (no torch there): pin pip.
+  if ! "$VENV/bin/python" -m pip install pip==26.3 >"$pip_log" 2>&1; then
+    tail -20 "$pip_log"
+    fail "upgrading pip (full log: $pip_log)"
+  fi
   if ! "$VENV/bin/python" -m pip install "${PINS[@]}" >"$pip_log" 2>&1; then
     tail -40 "$pip_log"
     fail "pip install of the pinned packages (full log: $pip_log)"

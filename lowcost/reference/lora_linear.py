@@ -32,37 +32,13 @@ def accumulation_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def lora_down(x: Tensor, lora_a: Tensor, dropout: float, seed: int,
-              dropout_fn: DropoutFn = apply_dropout) -> Tensor:
-    """u = (D ⊙ x) Aᵀ: (M, r) in the accumulation dtype."""
+def lora_linear_forward(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
+                        scale: float, dropout: float, seed: int,
+                        dropout_fn: DropoutFn = apply_dropout) -> tuple[Tensor, Tensor]:
+    """Returns (y (M, N) in x.dtype, u (M, r) in the accumulation dtype). ``dropout_fn(x, seed, p)`` → x̃."""
     acc = accumulation_dtype(x)
     x_tilde = dropout_fn(x, seed, dropout) if dropout > 0 else x
-    return x_tilde.to(acc) @ lora_a.to(acc).t()
-
-
-def dropout_terms(x: Tensor, du: Tensor, lora_a: Tensor, seed: int, dropout: float, need_dx: bool,
-                  need_da: bool, dropout_fn: DropoutFn = apply_dropout) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """The two backward terms that touch the mask: (D ⊙ (du A) (M, K), duᵀ (D ⊙ x) (r, K)), each in the
-    accumulation dtype or None when not needed. du: (M, r)."""
-    acc = accumulation_dtype(x)
-    dx_low_rank = da = None
-    if need_da:
-        x_tilde = dropout_fn(x, seed, dropout) if dropout > 0 else x
-        da = du.t() @ x_tilde.to(acc)
-    if need_dx:
-        dx_low_rank = du @ lora_a.to(acc)
-        if dropout > 0:
-            dx_low_rank = dropout_fn(dx_low_rank, seed, dropout)
-    return dx_low_rank, da
-
-
-def lora_linear_forward(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
-                        scale: float, dropout: float, seed: int, dropout_fn: DropoutFn = apply_dropout,
-                        down_fn: Optional[Callable[..., Tensor]] = None) -> tuple[Tensor, Tensor]:
-    """Returns (y (M, N) in x.dtype, u (M, r) in the accumulation dtype). ``dropout_fn(x, seed, p)`` → x̃;
-    ``down_fn(x, lora_a, dropout, seed)`` → u replaces ``lora_down`` (a fused kernel)."""
-    acc = accumulation_dtype(x)
-    u = down_fn(x, lora_a, dropout, seed) if down_fn else lora_down(x, lora_a, dropout, seed, dropout_fn)
+    u = x_tilde.to(acc) @ lora_a.to(acc).t()
     if x.dtype == acc:
         y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
         return y.addmm_(u, lora_b.to(acc).t(), alpha=scale), u
@@ -75,12 +51,8 @@ def lora_linear_forward(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tenso
 def lora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, u: Tensor,
                          scale: float, dropout: float, seed: int,
                          needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
-                         dropout_fn: DropoutFn = apply_dropout,
-                         dropout_terms_fn: Optional[Callable[..., tuple]] = None) -> tuple[Optional[Tensor], ...]:
-    """Returns (dx, dA, dB, dbias), each None where ``needs`` (dx, dA, dB, dbias) says it is not wanted.
-
-    ``dropout_terms_fn(x, du, lora_a, seed, dropout, need_dx, need_da)`` replaces ``dropout_terms``
-    (a fused kernel that regenerates the mask once for both terms)."""
+                         dropout_fn: DropoutFn = apply_dropout) -> tuple[Optional[Tensor], ...]:
+    """Returns (dx, dA, dB, dbias), each None where ``needs`` (dx, dA, dB, dbias) says it is not wanted."""
     need_dx, need_da, need_db, need_dbias = needs
     acc = accumulation_dtype(x)
     g = grad_y.to(acc)
@@ -89,12 +61,13 @@ def lora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tens
         db = (g.t() @ u).mul_(scale).to(lora_b.dtype)
     if need_dx or need_da:
         du = (g @ lora_b.to(acc)).mul_(scale)
-        if dropout_terms_fn is not None:
-            dx_low_rank, da = dropout_terms_fn(x, du, lora_a, seed, dropout, need_dx, need_da)
-        else:
-            dx_low_rank, da = dropout_terms(x, du, lora_a, seed, dropout, need_dx, need_da, dropout_fn)
-        da = da.to(lora_a.dtype) if need_da else None
+        if need_da:
+            x_tilde = dropout_fn(x, seed, dropout) if dropout > 0 else x
+            da = (du.t() @ x_tilde.to(acc)).to(lora_a.dtype)
         if need_dx:
+            dx_low_rank = du @ lora_a.to(acc)
+            if dropout > 0:
+                dx_low_rank = dropout_fn(dx_low_rank, seed, dropout)
             if x.dtype == acc:
                 dx = torch.addmm(dx_low_rank, grad_y, weight)
             else:

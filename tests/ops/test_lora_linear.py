@@ -169,12 +169,3 @@ def test_dropout_fraction_and_scaling():
     kept = apply_dropout(x, 123, 0.3)
     assert torch.equal(kept != 0, mask)
     assert torch.allclose(kept[mask], torch.tensor(1 / 0.7))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_backend_without_the_compiled_mask_kernels(monkeypatch, dtype):
-    """The pure-torch fallback (no lowcost._C): same results through the reference's own Philox."""
-    from lowcost.ops import _torch_backend
-    monkeypatch.setattr(_torch_backend, "_fused_mask_kernels", lambda x, p: False)
-    inputs = make_lora_inputs(33, 72, 40, 7, dtype, seed=12)
-    check_against_reference(inputs, 1.3, 0.15, seed=99, backend="torch", dtype=dtype)

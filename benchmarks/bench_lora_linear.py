@@ -5,8 +5,8 @@
     python benchmarks/bench_lora_linear.py --device cuda --dtype bfloat16 \
         --shapes 8192x4096x4096 8192x4096x14336 --rank 16
 
-Every step is y = layer(x); y.backward(g) with x requiring grad (a layer inside a network). Reports the
-median time with its 20th-80th percentile spread, the ratio to PEFT and to the floor, and the
+Every step is y = layer(x); y.backward(g) with x requiring grad (a layer inside a network). Providers are timed
+round-robin (one sample each per round). Reports the median time with its 20th-80th percentile spread, the ratio to PEFT and to the floor, and the
 saved-activation bytes (distinct non-parameter storages seen by saved_tensors_hooks). Appends rows to
 benchmarks/results/lora_linear.csv and draws benchmarks/results/lora_linear_<device>.png.
 """
@@ -77,12 +77,17 @@ def bench_shape(M, K, N, r, dropout, dtype, device, repeats) -> list[dict]:
     layers, params = make_layers(K, N, r, 2.0 * r, dropout, dtype, device)
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(M, N, device=device, dtype=dtype)
-    rows = []
-    for name, layer in layers.items():
+    def step_of(layer):
         def step():
             x.grad = None
             layer(x).backward(grad)
-        timing = harness.time_step(step, device, repeats=repeats)
+        return step
+
+    timings = harness.time_interleaved({name: step_of(layer) for name, layer in layers.items()}, device,
+                                       repeats=repeats)
+    rows = []
+    for name, layer in layers.items():
+        timing = timings[name]
         saved = harness.saved_activation_bytes(lambda: layer(x), params + list(_parameters(layer)))
         rows.append({"provider": name, "M": M, "K": K, "N": N, "r": r, "dtype": str(dtype).split(".")[-1],
                      "dropout": dropout, **{k: round(v, 4) if isinstance(v, float) else v

@@ -64,7 +64,30 @@ def time_step(step: Callable[[], object], device: torch.device, warmup: int = 3,
         step()
         _sync(device)
         samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
+    return _summary(samples)
+
+
+def time_interleaved(steps: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
+                     repeats: int = 10) -> dict[str, dict]:
+    """Like ``time_step`` for several providers at once, run round-robin (one sample of each per round),
+    so that drift in the machine's speed (frequency, other load) hits every provider alike and the
+    ratios between them stay fair."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _summary(values) for name, values in samples.items()}
+
+
+def _summary(samples: list[float]) -> dict:
+    samples = sorted(samples)
     pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]  # noqa: E731
     return {"median_ms": statistics.median(samples), "p20_ms": pick(0.2), "p80_ms": pick(0.8),
             "repeats": len(samples)}

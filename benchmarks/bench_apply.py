@@ -61,12 +61,19 @@ def make_providers(args, dropout: float) -> dict:
 
 def bench(args, dropout: float) -> list[dict]:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    rows = []
-    for name, model in make_providers(args, dropout).items():
+    models = make_providers(args, dropout)
+
+    def step_of(model):
         def step():
             model.zero_grad(set_to_none=True)
             model(input_ids=ids, labels=ids).loss.backward()
-        timing = harness.time_step(step, torch.device("cpu"), warmup=args.warmup, repeats=args.repeats)
+        return step
+
+    timings = harness.time_interleaved({name: step_of(m) for name, m in models.items()}, torch.device("cpu"),
+                                       warmup=args.warmup, repeats=args.repeats)
+    rows = []
+    for name, model in models.items():
+        timing = timings[name]
         saved = harness.saved_activation_bytes(lambda: model(input_ids=ids, labels=ids).loss,
                                                list(model.parameters()))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -169,3 +169,16 @@ def test_dropout_fraction_and_scaling():
     kept = apply_dropout(x, 123, 0.3)
     assert torch.equal(kept != 0, mask)
     assert torch.allclose(kept[mask], torch.tensor(1 / 0.7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_without_the_compiled_extension(monkeypatch, dtype):
+    """Without lowcost._C the torch backend regenerates the mask with the pure-torch Philox: same results."""
+    from lowcost.ops import _torch_backend
+    calls = []
+    pure = _torch_backend.apply_dropout
+    monkeypatch.setattr(_torch_backend, "has_kernel", lambda op, key: False)
+    monkeypatch.setattr(_torch_backend, "apply_dropout", lambda *a: calls.append(1) or pure(*a))
+    inputs = make_lora_inputs(33, 72, 40, 7, dtype, seed=12)
+    check_against_reference(inputs, 1.3, 0.15, seed=99, backend="torch", dtype=dtype)
+    assert len(calls) == 3          # x̃ in forward; x̃ and D⊙(duA) in backward

@@ -6,8 +6,8 @@
    (the source of the standard library's ``json`` package), then freeze it: the open-weights stand-in.
 2. Swap every linear of its blocks for ``lowcost.LoRALinear`` (r=8, dropout 0.05) and fine-tune only the
    adapters on a different real text (the source of ``textwrap``).
-3. Print the held-out loss before/after, the trainable-parameter fraction, the saved-activation bytes
-   per step against a PEFT-style layer (x̃ and the mask stored), and draw the loss curve (PNG).
+3. Print the held-out loss on the new text before/after and the trainable-parameter fraction, and draw
+   the loss curve (``<out>/loss.png``).
 Until the SmolLM2 demo lands (CLI issue) this is the end-to-end check that the fused op trains a model.
 """
 from __future__ import annotations

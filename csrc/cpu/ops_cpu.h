@@ -12,21 +12,7 @@
 namespace lowcost {
 namespace cpu {
 
-at::Tensor philox_dropout(const at::Tensor& x, int64_t seed, double p);
-
-at::Tensor lora_down(const at::Tensor& x, const at::Tensor& lora_a, int64_t seed, double p);
-
-at::Tensor lora_up(const at::Tensor& u, const at::Tensor& lora_b,
-                   const std::optional<at::Tensor>& bias, double scale, c10::ScalarType dtype);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_grad_pass(const at::Tensor& grad_y,
-                                                              const at::Tensor& u,
-                                                              const at::Tensor& lora_b,
-                                                              double scale, bool need_dbias);
-
-std::tuple<at::Tensor, at::Tensor> lora_dx_da(const at::Tensor& x, const at::Tensor& du,
-                                              const at::Tensor& lora_a, int64_t seed, double p,
-                                              bool need_dx);
+#include "../op_declarations.inc"  // NOLINT(build/include): declarations only
 
 }  // namespace cpu
 }  // namespace lowcost

@@ -10,7 +10,8 @@ from lowcost.ops import lora_linear
 from lowcost import checkpoint
 from lowcost.checkpoint import CheckpointConfig
 from lowcost.api import LoRAConfig, accelerate_peft, apply, load_adapter, merge, save_adapter, unapply
-from lowcost.warmstart import load_pretrained, load_tokenizer  # also binds lowcost.warmstart
+from lowcost import warmstart
+from lowcost.models import load_pretrained, load_tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["ops", "lora_linear", "LoRALinear", "__version__", "LoRAConfig", "apply", "unapply", "save_adapter",

@@ -11,6 +11,7 @@ from typing import Optional
 
 from torch import nn
 
+from lowcost._families import find_blocks
 from lowcost.checkpoint import tracking
 from lowcost.checkpoint.function import checkpoint_with
 from lowcost.checkpoint.offload import Offloader
@@ -42,7 +43,7 @@ class _Installed:
 def resolve_blocks(target) -> list[tuple[str, nn.Module]]:
     """(label, block) pairs from an ``nn.ModuleList``, a list of modules, or a model.
 
-    For a model the block list comes from ``lowcost.models.families.find_blocks`` (Llama ``model.layers``,
+    For a model the block list comes from ``lowcost._families.find_blocks`` (Llama ``model.layers``,
     GPT-2 ``transformer.h``, BERT ``encoder.layer``, else the largest list of same-type modules).
     """
     if isinstance(target, (nn.ModuleList, list, tuple)):
@@ -52,8 +53,6 @@ def resolve_blocks(target) -> list[tuple[str, nn.Module]]:
         return [(f"blocks.{i}", b) for i, b in enumerate(blocks)]
     if not isinstance(target, nn.Module):
         raise TypeError(f"expected a model, an nn.ModuleList or a list of modules, got {type(target).__name__}")
-    # Imported lazily: the model-family table sits above checkpoint in the layer order.
-    from lowcost.models.families import find_blocks
     blocks = find_blocks(target)
     if not blocks:
         raise ValueError(f"found no block list (nn.ModuleList of layers) in {type(target).__name__}; "

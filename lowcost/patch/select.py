@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from lowcost.models.families import detect_family, output_head
+from lowcost._families import detect_family, output_head
 from lowcost.nn.lora_linear import is_conv1d
 
 ALL_LINEAR = "all-linear"

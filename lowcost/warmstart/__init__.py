@@ -1,6 +1,6 @@
 """Warm starts: initialise what is new in a model from what is already trained.
 
-    model = lowcost.load_pretrained(path)               # frozen; HF directory or .gguf
+    model = lowcost.load_pretrained(path)               # frozen; HF directory or .gguf (lowcost.models)
     tokenizer = lowcost.load_tokenizer(path)
     report = lowcost.warmstart.add_tokens(model, tokenizer, words)          # new tokens = mean of old pieces
     report = lowcost.warmstart.import_vectors(model, tokenizer, "vec.txt")  # word2vec/GloVe/fastText/model
@@ -8,10 +8,9 @@
     model = lowcost.warmstart.grow(model, width=..., depth=...)             # function-preserving
     schedule = lowcost.warmstart.FreezeThenUnfreeze(model, report.new, warm_steps=100)
 
-Every call returns (or attaches) a ``WarmstartReport``. ``load_pretrained``/``load_tokenizer`` live in
-``lowcost.models.loading`` and are re-exported here because every warm start begins with them.
+Every call returns (or attaches) a ``WarmstartReport``. ``load_pretrained``/``load_tokenizer`` are
+``lowcost.load_pretrained``/``lowcost.load_tokenizer`` (``lowcost.models``, a layer above this one).
 """
-from lowcost.models.loading import load_pretrained, load_tokenizer
 from lowcost.warmstart.embeddings import import_vectors
 from lowcost.warmstart.grow import grow
 from lowcost.warmstart.report import NewSlice, WarmstartReport
@@ -21,5 +20,4 @@ from lowcost.warmstart.transplant import transplant
 from lowcost.warmstart.vectors import VectorFormatError, detect_format, iter_vectors, read_vectors
 
 __all__ = ["add_tokens", "import_vectors", "transplant", "grow", "FreezeThenUnfreeze", "WarmstartReport",
-           "NewSlice", "VectorFormatError", "detect_format", "iter_vectors", "read_vectors", "load_pretrained",
-           "load_tokenizer"]
+           "NewSlice", "VectorFormatError", "detect_format", "iter_vectors", "read_vectors"]

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lowcost.models.families import block_list_path, detect_family, find_blocks
+from lowcost._families import block_list_path, detect_family, find_blocks
 from lowcost.warmstart.report import NewSlice, WarmstartReport
 
 _POST_NORM = {"bert"}

@@ -19,6 +19,7 @@ from lowcost.patch.peft_accel import accelerate_peft
 from lowcost.patch.report import PatchReport
 from lowcost.patch.select import name_matches, plan_lora
 from lowcost.patch.swap import apply_lora, lora_layers, patch_state, remove_lora, require_state
+from lowcost.warmstart.schedule import register_lora_switch
 
 __all__ = ["LoRAConfig", "apply", "unapply", "save_adapter", "load_adapter", "merge", "accelerate_peft"]
 _BACKENDS = (None, "torch", "triton", "cuda")
@@ -276,3 +277,5 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         raise
     return model
 
+
+register_lora_switch(lambda model, config: apply(model, lora=config))  # FreezeThenUnfreeze(then="lora")

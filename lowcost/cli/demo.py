@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import lowcost
+from lowcost.nn import LoRALinear
+from lowcost.ops import resolve_backend
 
 CONTEXT = 64
 
@@ -112,8 +113,7 @@ def adapt(model: TinyLM, r: int, dropout: float) -> int:
     count = 0
     for block in model.blocks:
         for name in ("qkv", "out", "up", "down"):
-            setattr(block, name, lowcost.LoRALinear.from_linear(getattr(block, name), r=r, alpha=2 * r,
-                                                                 dropout=dropout))
+            setattr(block, name, LoRALinear.from_linear(getattr(block, name), r=r, alpha=2 * r, dropout=dropout))
             count += 1
     return count
 
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     print(f"2. fine-tuning {swapped} fused LoRA layers: {n_train:,} trainable of {n_all:,} parameters "
-          f"({100 * n_train / n_all:.1f}%), backend {lowcost.ops.resolve_backend(None, torch.device('cpu'))}")
+          f"({100 * n_train / n_all:.1f}%), backend {resolve_backend(None, torch.device('cpu'))}")
     losses = train(model, trainable, batches(target_ids[:split], 32, gen), args.steps, 3e-3, "lora")
     after = held_out_loss(model, target_ids[split:])
     print(f"3. held-out loss on the new text: {before:.3f} → {after:.3f} "

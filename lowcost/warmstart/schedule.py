@@ -10,7 +10,8 @@ stays tied.
 After ``warm_steps`` optimizer steps the schedule switches:
 - ``then="unfreeze"``: the new slices are written back into their parameters, the splices removed (the
   original ``nn.Parameter`` objects return, ties intact), everything trains with a fresh optimizer;
-- ``then="lora"``: ``lowcost.apply(model, lora=…)`` adds LoRA adapters; new embedding/head rows stay spliced
+- ``then="lora"``: ``lowcost.apply(model, lora=…)`` adds LoRA adapters (``lowcost.api`` registers that
+  switch with ``register_lora_switch`` when it loads, so this layer never imports the api above it); new embedding/head rows stay spliced
   (the optimizer trains the adapters, the new blocks and those rows only), new units inside a linear that
   LoRA wraps are folded back and trained through its adapter. ``finish()`` writes the remaining slices back
   (call it before saving).
@@ -57,6 +58,15 @@ def _resolve(model: nn.Module, new: Iterable[NewSlice]) -> tuple[list, dict]:
         else:
             slices.setdefault(id(p), (p, item.dim, item.start))
     return list(whole.values()), {k: v for k, v in slices.items() if k not in whole}
+
+
+_LORA_SWITCH: Optional[Callable] = None
+
+
+def register_lora_switch(switch: Callable) -> None:
+    """``switch(model, lora_config)`` adds LoRA adapters to ``model``; set by ``lowcost.api`` on import."""
+    global _LORA_SWITCH
+    _LORA_SWITCH = switch
 
 
 class FreezeThenUnfreeze:
@@ -121,11 +131,12 @@ class FreezeThenUnfreeze:
     def _to_lora(self) -> None:
         """Folds the splices back, adds LoRA, then re-splices the slices whose modules LoRA left alone
         (embeddings, the output head); slices inside LoRA-wrapped linears are trained through LoRA."""
-        import lowcost
+        if _LORA_SWITCH is None:
+            raise RuntimeError("then='lora' needs lowcost.api loaded (import lowcost) to add the adapters")
         slices = [(param, s.dim, s.start) for s, param, _ in self.splices]
         whole = [p for p in self.trainable() if all(p is not s.values for s, _, _ in self.splices)]
         self.finish()
-        lowcost.apply(self.model, lora=self.lora)
+        _LORA_SWITCH(self.model, self.lora)
         for p in whole:
             p.requires_grad_(True)
         for param, dim, start in slices:

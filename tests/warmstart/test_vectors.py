@@ -70,9 +70,10 @@ def test_truncated_binary(tmp_path):
         read_vectors(_binary(tmp_path / "a.bin", truncate=6))
 
 
-def test_fasttext_model_binary_refused(gensim_data):
-    with pytest.raises(VectorFormatError, match="fastText binary model"):
-        detect_format(gensim_data("crime-and-punishment.bin"))
+def test_fasttext_model_binary_detected(gensim_data):
+    # fastText .bin models are read (tests/warmstart/test_fasttext_bin.py); word2vec binary stays word2vec
+    assert detect_format(gensim_data("crime-and-punishment.bin")) == "fasttext-binary"
+    assert detect_format(gensim_data("euclidean_vectors.bin")) == "word2vec-binary"
 
 
 @pytest.mark.parametrize("name,fmt,n,dim", [

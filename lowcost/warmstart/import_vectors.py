@@ -178,8 +178,8 @@ def _targets(tokenizer, rows: int, token_ids: Optional[Iterable[int]]) -> list:
         token = tokenizer.convert_ids_to_tokens(tid)
         if token is None:
             continue
-        if marker is None and not token.startswith("##") and token.startswith(" "):
-            token = token[1:]
+        if not token.startswith("##") and token.startswith(" "):    # an added token kept with its space
+            token = (marker + token[1:]) if marker else token[1:]  # (" Arafat" → "ĠArafat": starts a word)
         text, starts = token_surface(token, marker)
         out.append((tid, text, starts, token))
     return out
@@ -203,14 +203,19 @@ def _map(vecs: torch.Tensor, table: torch.Tensor, fit_ids: list, fit_vecs, proje
 
 
 def import_vectors(model: nn.Module, tokenizer, source, *, token_ids: Optional[Iterable[int]] = None,
-                   project: str = "lstsq", seed: int = 0) -> WarmstartReport:
+                   project: str = "lstsq", seed: int = 0, new_ids: Optional[Iterable[int]] = None,
+                   fill_new: bool = True) -> WarmstartReport:
     """Writes source vectors into ``model``'s input embedding rows (tied output follows).
 
     Args:
-        source: a vector file path, ``(tokens, matrix (n, d))``, ``(model, tokenizer)``, or a list of these
-            (applied in order, earlier sources win).
+        source: a vector file path (any format ``lowcost.warmstart.vectors`` reads, fastText ``.bin``
+            included), ``(tokens, matrix (n, d))``, ``(model, tokenizer)``, or a list of these (applied in
+            order, earlier sources win).
         token_ids: rows to fill (default: all non-special rows); others only serve to fit the projection.
         project: "lstsq", "orthogonal" or "none" (see the module docstring).
+        new_ids: rows just initialised (e.g. by ``add_tokens``): never used to fit the projection, as they
+            hold no evidence of their own; filled like the others unless ``fill_new`` is False.
+        fill_new: with False, ``new_ids`` rows are left as they are, whatever ``token_ids`` says.
     Returns:
         ``WarmstartReport`` (kind "import_vectors"): per source matched / case_folded / sub_token /
         projected, and ``random`` for rows in scope that no source filled (left as they were).
@@ -219,10 +224,11 @@ def import_vectors(model: nn.Module, tokenizer, source, *, token_ids: Optional[I
         raise ValueError(f"project must be 'lstsq', 'orthogonal' or 'none', not {project!r}")
     sources = source if isinstance(source, list) else [source]
     table = tables(model).input
-    scope = _targets(tokenizer, table.shape[0], token_ids)
+    new = set() if new_ids is None else {int(i) for i in new_ids}
+    scope = [t for t in _targets(tokenizer, table.shape[0], token_ids) if fill_new or t[0] not in new]
     scope_ids = {t[0] for t in scope}
     fit_pool = _targets(tokenizer, table.shape[0], None) if token_ids is not None else scope
-    fit_pool = [t for t in fit_pool if token_ids is None or t[0] not in scope_ids]
+    fit_pool = [t for t in fit_pool if (token_ids is None or t[0] not in scope_ids) and t[0] not in new]
     report, filled = WarmstartReport("import_vectors"), set()
     for item in sources:
         src = _make_source(item)

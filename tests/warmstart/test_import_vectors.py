@@ -103,3 +103,35 @@ def test_errors(tmp_path, minilm_tokenizer, bert_factory):
         lowcost.warmstart.import_vectors(model, minilm_tokenizer, str(empty))
     with pytest.raises(TypeError, match="needs its tokenizer"):
         lowcost.warmstart.import_vectors(model, minilm_tokenizer, bert_factory())
+
+
+def test_added_token_with_its_space_is_a_word_start(smol_tokenizer, llama_factory):
+    """add_tokens keeps " Arafat" with a literal space; it must be looked up as the word "Arafat"."""
+    from tokenizers import AddedToken
+    tok = smol_tokenizer.__class__.from_pretrained(smol_tokenizer.name_or_path)
+    tok.add_tokens([AddedToken(" Arafat", normalized=False)])
+    model = llama_factory(len(tok), hidden=4)
+    tid = len(tok) - 1
+    report = lowcost.warmstart.import_vectors(model, tok, (["Arafat"], np.ones((1, 4), np.float32)),
+                                              token_ids=[tid], project="none")
+    assert report.counts["(tokens, matrix)"]["matched"] == 1
+    torch.testing.assert_close(model.get_input_embeddings().weight[tid], torch.ones(4))
+
+
+def test_new_ids_stay_out_of_the_fit(smol_tokenizer, llama_factory):
+    model = llama_factory(len(smol_tokenizer), hidden=16)
+    words = _vocab_words(smol_tokenizer, 200)
+    g = torch.Generator().manual_seed(0)
+    src, truth = torch.randn(len(words), 8, generator=g), torch.randn(9, 16, generator=g)
+    ids = [smol_tokenizer.convert_tokens_to_ids("Ġ" + w) for w in words]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[ids] = torch.cat([src, torch.ones(len(words), 1)], 1) @ truth
+        model.get_input_embeddings().weight[ids[:20]] = 0          # "just initialised": no evidence
+    emb = model.get_input_embeddings().weight
+    kept = lowcost.warmstart.import_vectors(model, smol_tokenizer, (words, src.numpy()), new_ids=ids[:20],
+                                            fill_new=False)
+    assert kept.extra["fit_r2[(tokens, matrix)]"] > 0.999 and float(emb[ids[:20]].detach().abs().max()) == 0
+    filled = lowcost.warmstart.import_vectors(model, smol_tokenizer, (words, src.numpy()), new_ids=ids[:20])
+    assert filled.counts["(tokens, matrix)"]["matched"] == kept.counts["(tokens, matrix)"]["matched"] + 20
+    want = torch.cat([src[:20], torch.ones(20, 1)], 1) @ truth
+    torch.testing.assert_close(emb[ids[:20]], want, atol=1e-2, rtol=1e-2)

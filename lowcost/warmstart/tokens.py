@@ -2,7 +2,10 @@
 split it into.
 
 ``init="subword-mean"`` (default): row = weighted mean of the piece rows, on the input side and, when the
-output head is not tied, on the output side (bias: the same weighted mean). Tied tables stay tied: the
+output head is not tied, on the output side (bias: the same weighted mean). ``init="distill"``: the
+sub-token mean, then refined against the original model on domain text the caller passes as ``texts``
+(``token_distill``: the new rows only, so that the new tokenizer's model gives each span of text the
+probability the old one gave it; causal LMs). Tied tables stay tied: the
 resize re-ties them and one write fills both. ``init="random"`` (normal, ``config.initializer_range``) and
 ``init="mean-resize"`` (transformers' default: a draw from the old rows' mean and covariance) are there for
 comparison.
@@ -19,8 +22,11 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from lowcost.warmstart import token_distill
 from lowcost.warmstart.report import NewSlice, WarmstartReport
 from lowcost.warmstart.tables import tables, word_start_marker
+
+_INITS = ("subword-mean", "distill", "random", "mean-resize")
 
 
 def _piece_weights(k: int, tilt: float) -> torch.Tensor:
@@ -57,6 +63,10 @@ def _split(tokenizer, words: Iterable[str], marker, leading_space) -> tuple[list
             texts.append(text)
             pieces.append(ids)
     return texts, pieces, existing
+
+
+def _encode(tokenizer, text: str):
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
 
 
 def _added_token(text: str):
@@ -110,14 +120,37 @@ def _resize(model: nn.Module, size: int, init: str) -> None:
         param.requires_grad_(flags.get(name, False))
 
 
+def _start_id(tokenizer) -> int:
+    for name in ("bos_token_id", "cls_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return value
+    raise ValueError("init='distill' needs a tokenizer with a bos, cls or eos token to start each chunk")
+
+
+def _check_distill(model: nn.Module, texts) -> list[str]:
+    if texts is None or isinstance(texts, str):
+        raise ValueError("init='distill' needs texts=[...]: a list of domain text strings (training text, "
+                         "not evaluation text)" + ("; got one string, wrap it in a list" if texts else ""))
+    texts = list(texts)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a non-empty list of strings")
+    can_generate = getattr(model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        raise ValueError(f"init='distill' needs a causal LM (next-token logits); {type(model).__name__} is not "
+                         f"one — use init='subword-mean'")
+    return texts
+
+
 def add_tokens(model: nn.Module, tokenizer, words: Iterable[str], init: str = "subword-mean", *,
                leading_space: Optional[bool] = None, tilt: float = 0.1, rescale: bool = False,
-               seed: int = 0) -> WarmstartReport:
+               seed: int = 0, texts: Optional[Iterable[str]] = None, epochs: int = 1,
+               lr: Optional[float] = None, max_chars: int = 1200, progress: bool = True) -> WarmstartReport:
     """Adds ``words`` as single tokens to ``tokenizer`` and grows ``model``'s token tables to match.
 
     Args:
         words: domain words; ones the tokenizer already keeps as one token are reported ``existing``.
-        init: "subword-mean", "random" or "mean-resize" (see the module docstring).
+        init: "subword-mean", "distill", "random" or "mean-resize" (see the module docstring).
         leading_space: add the word with its leading space (" word", as it appears mid-sentence); default
             when the tokenizer marks word starts ("Ġ", "▁").
         tilt: first-piece emphasis of the sub-token mean (0 = plain mean; the small default only breaks
@@ -125,13 +158,20 @@ def add_tokens(model: nn.Module, tokenizer, words: Iterable[str], init: str = "s
         rescale: scale each row to the weighted mean norm of its pieces (measured worse on SmolLM2: the
             mean's smaller norm steals less probability mass; off by default).
         seed: for random init and the anti-collision jitter.
+        texts: domain text for ``init="distill"`` (cut into chunks of ≤ ``max_chars`` characters; chunks
+            without a new token are skipped); ``epochs``, ``lr`` (default 0.05 × the table's RMS) and
+            ``progress`` (a line on stderr) set the distillation.
     Returns:
         ``WarmstartReport`` (kind "add_tokens") with ``extra["new_ids"]`` and ``new`` (rows to train first).
     """
-    if init not in ("subword-mean", "random", "mean-resize"):
-        raise ValueError(f"init must be 'subword-mean', 'random' or 'mean-resize', not {init!r}")
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {', '.join(map(repr, _INITS))}, not {init!r}")
+    corpus = _check_distill(model, texts) if init == "distill" else None
     marker = word_start_marker(tokenizer)
     texts, pieces, existing = _split(tokenizer, words, marker, leading_space)
+    if corpus is not None:  # the old tokenisation, taken before the tokenizer learns the new words
+        chunks = [c for text in corpus for c in token_distill.split_text(text, max_chars)]
+        old_encodings = [_encode(tokenizer, c) for c in chunks]
     report = WarmstartReport("add_tokens")
     report.count("tokenizer", "existing", len(existing))
     start = tables(model).input.shape[0]
@@ -149,7 +189,7 @@ def add_tokens(model: nn.Module, tokenizer, words: Iterable[str], init: str = "s
     std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
     sides = [(tab.input, None)] + ([] if tab.tied or tab.output is None else [(tab.output, tab.output_bias)])
     for table, bias in sides:
-        if init == "subword-mean":
+        if init in ("subword-mean", "distill"):
             _fill_mean(table.data, None if bias is None else bias.data, first_id, pieces, tilt, rescale)
         elif init == "random":
             _fill_random(table.data, first_id, added, std, generator)
@@ -157,7 +197,17 @@ def add_tokens(model: nn.Module, tokenizer, words: Iterable[str], init: str = "s
         jittered = _dejitter(table.data, first_id, added, scale, generator)
         report.count("tokenizer", "jittered", jittered)
     report.count("tokenizer", "added", added)
-    report.count("tokenizer", "sub_token", added if init == "subword-mean" else 0)
+    report.count("tokenizer", "sub_token", added if init in ("subword-mean", "distill") else 0)
+    if corpus is not None and added:
+        aligned = token_distill.prepare(chunks, old_encodings, lambda text: _encode(tokenizer, text),
+                                        _start_id(tokenizer), set(range(first_id, first_id + added)))
+        fitted = [p for p, _ in sides]
+        stats = token_distill.distill_rows(model, fitted, first_id, aligned, epochs=epochs, lr=lr,
+                                           progress=progress)
+        report.count("tokenizer", "distilled", added if stats["chunks"] else 0)
+        if not stats["chunks"]:
+            report.notes.append("distill: no chunk of texts contains a new token; rows stay sub-token means")
+        report.extra["distill"] = stats
     report.entries = [{"token": repr(t), "pieces": len(p), "id": first_id + i}
                       for i, (t, p) in enumerate(zip(texts, pieces))]
     report.extra.update(new_ids=list(range(first_id, first_id + added)), tied=tab.tied, init=init)

@@ -1,0 +1,98 @@
+"""add_tokens(init="distill"): only the new rows move, the distillation loss falls, alignment is exact,
+bad input is refused before anything changes."""
+import pytest
+import torch
+
+import lowcost
+from lowcost.warmstart import token_distill
+
+TEXTS = ["Yasser Arafat met the envoy in Ramallah. Arafat said the envoy was welcome.",
+         "Militants near Kandahar fired on the envoy; Arafat condemned the militants.",
+         "The envoy flew from Kandahar to Ramallah to see Arafat again."]
+WORDS = ["Arafat", "Kandahar", "Ramallah"]
+
+
+def _fresh(tokenizer):
+    return tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+
+
+def _loss(model, chunks, first):
+    with torch.no_grad():
+        return sum(float(token_distill.chunk_loss(model, c, first)) for c in chunks) / len(chunks)
+
+
+def test_align_spans_cover_each_new_token(smol_tokenizer):
+    old_tok, new_tok = _fresh(smol_tokenizer), _fresh(smol_tokenizer)
+    new_tok.add_tokens([" Arafat"])
+    text = "Yasser Arafat said"
+    old = old_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    new = new_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    chunk = token_distill.align(old, new, start_id=0)
+    arafat = len(new_tok) - 1
+    j = new["input_ids"].index(arafat)    # its index without the start token = the position that predicts it
+    k = list(chunk.student_pos).index(j)
+    pieces = old_tok.encode(" Arafat", add_special_tokens=False)
+    assert len(pieces) >= 2 and len(chunk.spans[k]) == len(pieces)
+    assert [int(chunk.old_ids[0, t + 1]) for t in chunk.spans[k]] == pieces
+    assert all(len(s) == 1 for i, s in enumerate(chunk.spans) if i != k)   # every other token maps 1:1
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_only_new_rows_move_and_loss_falls(smol_tokenizer, llama_factory, tied):
+    tok = _fresh(smol_tokenizer)
+    model = llama_factory(len(tok), tied=tied)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    # the subword-mean start, measured on the same chunks the distillation uses
+    ref_model, ref_tok = llama_factory(len(tok), tied=tied), _fresh(smol_tokenizer)
+    old_tok = _fresh(smol_tokenizer)
+    pieces = [p for t in TEXTS for p in token_distill.split_text(t, 1200)]
+    old_enc = [old_tok(p, add_special_tokens=False, return_offsets_mapping=True) for p in pieces]
+    mean_report = lowcost.warmstart.add_tokens(ref_model, ref_tok, WORDS)
+    first = mean_report.extra["new_ids"][0]
+    chunks = token_distill.prepare(pieces, old_enc, lambda t: ref_tok(t, add_special_tokens=False,
+                                   return_offsets_mapping=True), ref_tok.bos_token_id or ref_tok.eos_token_id,
+                                   set(mean_report.extra["new_ids"]))
+    start_loss = _loss(ref_model, chunks, first)
+
+    report = lowcost.warmstart.add_tokens(model, tok, WORDS, init="distill", texts=TEXTS, epochs=20, lr=0.05,
+                                          progress=False)
+    stats = report.extra["distill"]
+    assert stats["chunks"] == len(chunks) == 3 and report.counts["tokenizer"]["distilled"] == 3
+    assert _loss(model, chunks, first) < 0.9 * start_loss
+    for name, param in model.named_parameters():
+        assert param.requires_grad == flags[name]
+        if param.shape[0] == len(tok) and param.dim() == 2:           # a token table: old rows bitwise
+            torch.testing.assert_close(param[:first], before[name][:first], rtol=0, atol=0)
+            mean_rows = dict(ref_model.named_parameters())[name][first:]
+            assert not torch.equal(param[first:], mean_rows)           # the new rows did move
+        else:
+            torch.testing.assert_close(param, before[name], rtol=0, atol=0)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr() or not tied
+
+
+def test_chunks_without_new_tokens_leave_the_mean(smol_tokenizer, llama_factory):
+    tok = _fresh(smol_tokenizer)
+    model = llama_factory(len(tok))
+    report = lowcost.warmstart.add_tokens(model, tok, WORDS, init="distill", texts=["nothing relevant here"],
+                                          progress=False)
+    assert report.extra["distill"]["chunks"] == 0 and "no chunk" in report.notes[-1]
+
+
+@pytest.mark.parametrize("texts, match", [(None, "needs texts"), ("Arafat said", "one string"),
+                                          ([], "non-empty list"), ([3], "non-empty list of strings")])
+def test_distill_bad_texts(smol_tokenizer, llama_factory, texts, match):
+    tok = _fresh(smol_tokenizer)
+    model = llama_factory(len(tok))
+    with pytest.raises(ValueError, match=match):
+        lowcost.warmstart.add_tokens(model, tok, WORDS, init="distill", texts=texts)
+    assert len(tok) == model.get_input_embeddings().weight.shape[0]   # nothing changed
+
+
+def test_distill_needs_a_causal_lm(minilm_tokenizer, bert_factory):
+    tok = _fresh(minilm_tokenizer)
+    model = bert_factory(len(tok))
+    size = len(tok)
+    with pytest.raises(ValueError, match="causal LM"):
+        lowcost.warmstart.add_tokens(model, tok, ["peacekeepers"], init="distill", texts=TEXTS)
+    assert len(tok) == size

@@ -2,8 +2,9 @@
 # The GPU check, in one go: build the CUDA extension, run the GPU tests, run the LoRA benchmark.
 # For a GPU machine with no internet (Python 3.12, torch 2.11 + CUDA 13, triton 3.6 preinstalled).
 # Usage (from the repository root):  OUT=/some/dir bash benchmarks/device/run.sh
-# Everything it produces lands in $OUT: build.log, tests.log, junit.xml, bench.log, lora_linear.csv, *.png.
-# Budget: under 8 minutes (the build is ~1-2 min on 16 cores; the tests ~2 min; the benchmark ~2 min).
+# Everything it produces lands in $OUT: build.log, tests.log, junit.xml, bench.log, lora_linear.csv, *.png,
+# offload.log, offload.csv.
+# Budget: under 9 minutes (build ~1-2 min on 16 cores; tests ~2 min; LoRA benchmark ~2 min; offload ~1 min).
 set -uo pipefail
 OUT=${OUT:-$(pwd)/device-out}
 mkdir -p "$OUT"
@@ -39,4 +40,10 @@ timeout 200 python benchmarks/bench_lora_linear.py --device cuda --dtype bfloat1
 stamp "bench exit $?"
 cp benchmarks/results/lora_linear.csv "$OUT/" 2>/dev/null
 cp benchmarks/results/lora_linear_cuda.png "$OUT/" 2>/dev/null
+
+stamp "offload benchmark (issue #4: offload within +2% of full at <= 0.05x the no-checkpoint bytes, 4k tokens)"
+timeout 150 python benchmarks/bench_offload.py --device cuda --dtype bfloat16 --batch 2 --seq 2048 \
+  --repeats 10 >"$OUT/offload.log" 2>&1
+stamp "offload exit $? : $(grep '^target' "$OUT/offload.log")"
+cp benchmarks/results/offload.csv "$OUT/" 2>/dev/null
 stamp "done"

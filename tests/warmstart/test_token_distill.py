@@ -96,3 +96,12 @@ def test_distill_needs_a_causal_lm(minilm_tokenizer, bert_factory):
     with pytest.raises(ValueError, match="causal LM"):
         lowcost.warmstart.add_tokens(model, tok, ["peacekeepers"], init="distill", texts=TEXTS)
     assert len(tok) == size
+
+
+def test_embeddings_entry_passes_distill_through(smol_tokenizer, llama_factory):
+    tok = _fresh(smol_tokenizer)
+    model = llama_factory(len(tok))
+    report = lowcost.warmstart.embeddings(model, tok, new_tokens=WORDS, init="distill", texts=TEXTS,
+                                          progress=False)
+    assert report.kind == "embeddings" and report.counts["tokenizer"]["distilled"] == 3
+    assert report.extra["distill"]["chunks"] == 3

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from lowcost.checkpoint.config import CheckpointConfig, format_bytes
-from lowcost.checkpoint.install import install, installed_decisions, resolve_blocks, uninstall
+from lowcost.checkpoint.install import install, installed_decisions, recompute_modules, resolve_blocks, uninstall
 from lowcost.checkpoint.offload import Offloader
 from lowcost.checkpoint.planner import plan
 from lowcost.checkpoint.policies import Decision, decide
@@ -26,12 +26,14 @@ class CheckpointReport:
     profile: Optional[object] = None
     offloader: Optional[Offloader] = None
     notes: list[str] = field(default_factory=list)
+    recompute: tuple[str, ...] = ()
 
     def modes(self) -> list[str]:
         return [d.mode for d in self.decisions]
 
     def __str__(self) -> str:
-        lines = [f"lowcost checkpointing: policy={self.policy}, {len(self.blocks)} blocks"]
+        recompute = f", recompute={','.join(self.recompute)}" if self.recompute else ""
+        lines = [f"lowcost checkpointing: policy={self.policy}{recompute}, {len(self.blocks)} blocks"]
         for i, (name, decision) in enumerate(zip(self.blocks, self.decisions)):
             extra = ""
             if self.profile is not None:
@@ -66,8 +68,12 @@ def apply_checkpointing(target, config: Optional[CheckpointConfig] = None, *,
     """
     config = config or CheckpointConfig()
     blocks = resolve_blocks(target)
+    decisions = None
+    if config.policy != "budget":
+        decisions = decide(config.policy, len(blocks), config)
+        recompute_modules(blocks, decisions)  # a recompute path matching nothing raises before the model changes
     uninstall(blocks)
-    report = CheckpointReport(config.policy, [label for label, _ in blocks], [])
+    report = CheckpointReport(config.policy, [label for label, _ in blocks], [], recompute=config.recompute)
     hf_config = getattr(target, "config", None)
     if config.disable_use_cache and getattr(hf_config, "use_cache", False):
         hf_config.use_cache = False
@@ -77,8 +83,6 @@ def apply_checkpointing(target, config: Optional[CheckpointConfig] = None, *,
         for key, value in summary.items():
             if hasattr(report, key):
                 setattr(report, key, value)
-    else:
-        decisions = decide(config.policy, len(blocks), config)
     offloader = None
     if any(d.mode == "offload" for d in decisions):
         offloader = Offloader(config.offload_pin, config.offload_prefetch, config.offload_min_bytes)

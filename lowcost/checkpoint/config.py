@@ -26,6 +26,12 @@ class CheckpointConfig:
         offload_in_budget: let the planner pick "offload" on a GPU.
         disable_use_cache: set ``model.config.use_cache = False`` on HF models (a KV cache written
             during the forward would be written again by the recompute).
+        recompute: for "selective" only: module paths relative to a block (e.g. ``("self_attn.o_proj",)``)
+            whose matmuls are recomputed instead of kept. A path matches a block submodule whose name
+            equals it or ends with "." + it ("o_proj" matches "self_attn.o_proj", a PEFT ``lora.Linear``
+            wrapper included); inside a matching module the selective cache neither records nor replays,
+            so its outputs are rebuilt from the kept inputs in backward. A path matching no submodule of
+            any checkpointed block is a ValueError when checkpointing is installed.
     """
     policy: str = "full"
     k: int = 2
@@ -36,6 +42,7 @@ class CheckpointConfig:
     offload_min_bytes: int = 0
     offload_in_budget: bool = True
     disable_use_cache: bool = True
+    recompute: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.budget is not None and self.policy not in ("full", "budget"):
@@ -46,6 +53,25 @@ class CheckpointConfig:
             raise ValueError("policy='budget' needs budget= (e.g. '6GiB' or 0.3)")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        object.__setattr__(self, "recompute", module_paths("recompute", self.recompute))
+        if self.recompute and self.policy != "selective":
+            raise ValueError(f"recompute={self.recompute!r} applies to policy='selective' only (it names modules "
+                             f"whose matmuls selective recomputes); got policy={self.policy!r}")
+
+
+def module_paths(what: str, paths) -> tuple[str, ...]:
+    """A tuple of dotted module paths ("self_attn.o_proj"); a single string is one path."""
+    if paths is None:
+        return ()
+    if isinstance(paths, str):
+        paths = (paths,)
+    if not isinstance(paths, (tuple, list)):
+        raise ValueError(f"{what} must be a tuple of module paths such as ('self_attn.o_proj',), got {paths!r}")
+    for path in paths:
+        if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
+            raise ValueError(f"{what}: each entry must be a dotted module path such as 'self_attn.o_proj', "
+                             f"got {path!r}")
+    return tuple(dict.fromkeys(paths))
 
 
 def parse_budget(budget, no_checkpoint_bytes: int) -> int:

@@ -2,6 +2,8 @@
 
 Modules are never re-parented, so ``state_dict()`` keys, parameter identity, hooks and ``named_modules``
 stay exactly as they were; ``uninstall`` deletes the instance attribute (or restores a previous one).
+A selective decision with ``recompute`` also puts forward (pre-)hooks on the matching submodules
+(``selective.RecomputeRegions``); ``uninstall`` removes them.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from lowcost.checkpoint import tracking
 from lowcost.checkpoint.function import checkpoint_with
 from lowcost.checkpoint.offload import Offloader
 from lowcost.checkpoint.policies import Decision
-from lowcost.checkpoint.selective import save_matmuls
+from lowcost.checkpoint.selective import RecomputeRegions, linear_paths, match_modules, save_matmuls
 
 _ATTR = "_lowcost_checkpoint"
 _MISSING = object()
@@ -104,12 +106,41 @@ def _make_forward(original, state: _Installed, offloader: Optional[Offloader]):
     return forward
 
 
-def install(blocks: list[tuple[str, nn.Module]], decisions: list[Decision], offloader: Optional[Offloader] = None,
-            wrap_none: bool = False) -> None:
-    """Wraps each block's forward under its decision (``none`` blocks only when ``wrap_none``)."""
+def recompute_modules(blocks: list[tuple[str, nn.Module]], decisions: list[Decision]) -> list[list[nn.Module]]:
+    """Per block, the submodules its decision's ``recompute`` paths match (see ``CheckpointConfig``).
+
+    Raises ValueError for a path that matches no submodule of any block whose decision names it, listing
+    the block's submodules that contain a linear layer. Changes nothing.
+    """
     if len(blocks) != len(decisions):
         raise ValueError(f"{len(decisions)} decisions for {len(blocks)} blocks")
-    for (label, block), decision, seg in zip(blocks, decisions, _segments(decisions)):
+    out: list[list[nn.Module]] = []
+    matched: dict[str, bool] = {}
+    first_block: dict[str, tuple[str, nn.Module]] = {}
+    for (label, block), decision in zip(blocks, decisions):
+        modules: list[nn.Module] = []
+        for path in decision.recompute:
+            found = match_modules(block, path)
+            matched[path] = matched.get(path, False) or bool(found)
+            first_block.setdefault(path, (label, block))
+            modules += [m for _, m in found]
+        out.append(modules)
+    for path, ok in matched.items():
+        if not ok:
+            label, block = first_block[path]
+            raise ValueError(f"checkpoint recompute={path!r} matches no submodule of any checkpointed block; "
+                             f"the submodules of {label} ({type(block).__name__}) that contain a linear layer "
+                             f"are: {', '.join(linear_paths(block)) or 'none'}")
+    return out
+
+
+def install(blocks: list[tuple[str, nn.Module]], decisions: list[Decision], offloader: Optional[Offloader] = None,
+            wrap_none: bool = False) -> None:
+    """Wraps each block's forward under its decision (``none`` blocks only when ``wrap_none``).
+
+    ``recompute`` paths are checked for every block before any block is changed."""
+    regions = recompute_modules(blocks, decisions)
+    for (label, block), decision, seg, modules in zip(blocks, decisions, _segments(decisions), regions):
         if _ATTR in block.__dict__:
             raise RuntimeError(f"checkpointing is already installed on {label}; call remove_checkpointing first")
         if decision.mode == "none" and not wrap_none:
@@ -120,6 +151,8 @@ def install(blocks: list[tuple[str, nn.Module]], decisions: list[Decision], offl
         original = block.forward
         block.__dict__[_ATTR] = state
         block.forward = _make_forward(original, state, offloader)
+        if modules:
+            state.extra["recompute"] = RecomputeRegions(modules)
 
 
 def uninstall(blocks: list[tuple[str, nn.Module]]) -> int:
@@ -130,6 +163,9 @@ def uninstall(blocks: list[tuple[str, nn.Module]]) -> int:
         if state is None:
             continue
         count += 1
+        regions = state.extra.pop("recompute", None)
+        if regions is not None:
+            regions.remove()
         if state.previous_forward is _MISSING:
             del block.forward
         else:

@@ -5,6 +5,7 @@ A policy is ``policy(index, n_blocks, config) -> Decision``. ``Decision.mode`` i
 - ``"none"``: the block runs as usual, autograd keeps everything it saves;
 - ``"full"``: only the block's inputs are kept, the whole block is recomputed in backward;
 - ``"selective"``: inputs plus matmul/attention outputs are kept, the pointwise rest is recomputed;
+  ``Decision.recompute`` names block submodules (e.g. ``self_attn.o_proj``) whose matmuls are recomputed too;
 - ``"offload"``: like ``full`` but the inputs are kept in host memory and prefetched back.
 
 ``Decision.segment``, when set, groups consecutive ``full`` blocks into one checkpointed segment whose
@@ -18,6 +19,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from lowcost.checkpoint.config import module_paths
+
 MODES = ("none", "full", "selective", "offload")
 
 
@@ -25,12 +28,18 @@ MODES = ("none", "full", "selective", "offload")
 class Decision:
     mode: str = "full"
     segment: Optional[int] = None
+    recompute: tuple[str, ...] = ()  # "selective": block-relative module paths whose matmuls are recomputed
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown checkpoint mode {self.mode!r}; expected one of {MODES}")
+        object.__setattr__(self, "recompute", module_paths("recompute", self.recompute))
+        if self.recompute and self.mode != "selective":
+            raise ValueError(f"recompute={self.recompute!r} applies to mode 'selective' only, got mode {self.mode!r}")
 
     def __str__(self) -> str:
+        if self.recompute:
+            return f"{self.mode}[recompute={','.join(self.recompute)}]"
         return self.mode if self.segment is None else f"{self.mode}[segment {self.segment}]"
 
 
@@ -58,8 +67,9 @@ def sqrt(index: int, n: int, config=None) -> Decision:
 
 
 def selective(index: int, n: int, config=None) -> Decision:
-    """Every block keeps matmul/attention outputs and recomputes norms, activations, RoPE, adds."""
-    return Decision("selective")
+    """Every block keeps matmul/attention outputs and recomputes norms, activations, RoPE, adds; the matmuls
+    inside the modules named by ``config.recompute`` are recomputed too (their outputs are not kept)."""
+    return Decision("selective", recompute=tuple(getattr(config, "recompute", ()) or ()))
 
 
 def offload(index: int, n: int, config=None) -> Decision:

@@ -7,13 +7,21 @@ save. During recompute the same mode *replays*: the n-th saved op returns the n-
 of running, so no matmul is done twice; norms, activations, RoPE, adds and dropout (RNG replayed) run
 again. A recorded output modified in place after the forward (version counter changed) is recomputed
 instead of replayed, so in-place code stays correct.
+
+Recompute regions. ``RecomputeRegions`` puts a forward pre-hook and an (always called) forward hook on
+chosen block submodules (``CheckpointConfig.recompute``, e.g. ``self_attn.o_proj``). While such a module's
+forward runs, the mode neither records (forward) nor replays (recompute) — its ops simply run, and its
+outputs are rebuilt in backward from the kept inputs (bit-identical: same inputs, same RNG replay, so the
+same dropout masks). Skipped ops never enter the cache, so record and replay stay aligned by call order.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterable
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
@@ -60,17 +68,97 @@ _NEVER = 2**62
 _ALIASING = _packets(["_unsafe_view", "_reshape_alias", "detach", "alias"])
 
 
+# ------------------------------------------------------------------------------------------- recompute regions
+_REGIONS = threading.local()  # .stack: ids of the recompute-region modules whose forward runs on this thread
+
+
+def _region_stack() -> list:
+    stack = getattr(_REGIONS, "stack", None)
+    if stack is None:
+        stack = _REGIONS.stack = []
+    return stack
+
+
+def _enter_region(module, args):
+    _region_stack().append(id(module))
+
+
+def _exit_region(module, args, output):
+    # always called (also when the forward raises, e.g. the recompute's early stop); pops only this module's
+    # own entry, so a pre-hook that never ran (an earlier pre-hook raised) leaves the stack alone
+    stack = _region_stack()
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] == id(module):
+            del stack[i]
+            break
+
+
+def match_modules(block: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    """The submodules of ``block`` whose name relative to it equals ``path`` or ends with "." + ``path``."""
+    return [(name, m) for name, m in block.named_modules()
+            if name and (name == path or name.endswith("." + path))]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from lowcost.nn.lora_linear import LoRALinear, is_conv1d
+    if isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module):
+        return True
+    base = getattr(module, "base_layer", None)  # a PEFT LoRA layer wrapping a linear
+    return isinstance(base, nn.Module) and _is_linear(base)
+
+
+def linear_paths(block: nn.Module) -> list[str]:
+    """Names (relative to ``block``) of its submodules that are or contain a linear layer, not descending
+    into a linear layer (a PEFT ``lora.Linear``'s base_layer / lora_A / lora_B are not listed)."""
+    out = []
+
+    def walk(module: nn.Module, prefix: str) -> bool:
+        if prefix and _is_linear(module):
+            out.append(prefix)
+            return True
+        position = len(out)
+        found = False
+        for name, child in module.named_children():
+            found = walk(child, f"{prefix}.{name}" if prefix else name) or found
+        if found and prefix:
+            out.insert(position, prefix)
+        return found
+
+    walk(block, "")
+    return out
+
+
+class RecomputeRegions:
+    """Hooks marking ``modules`` as recompute regions for every selective mode on this thread."""
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        self.handles = []
+        seen = set()
+        for module in modules:
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            self.handles.append(module.register_forward_pre_hook(_enter_region))
+            self.handles.append(module.register_forward_hook(_exit_region, prepend=True, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
 class _Mode(TorchDispatchMode):
     def __init__(self, cache: "SelectiveCache", replay: bool):
         super().__init__()
         self.cache, self.replay, self.position = cache, replay, 0
+        self.depth = len(_region_stack())  # regions entered before this frame's call do not count
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.replay and not (func.is_view or func.overloadpacket in _ALIASING):
             self.cache.note_uses(args, kwargs)  # views share the storage: their readers are what counts
-        if not self.cache.should_save(func):
-            return func(*args, **kwargs)
+        if len(_region_stack()) > self.depth or not self.cache.should_save(func):
+            return func(*args, **kwargs)  # not saved, or inside a recompute region: run (no record/replay)
         if self.replay:
             return self._replay(func, args, kwargs)
         out = func(*args, **kwargs)

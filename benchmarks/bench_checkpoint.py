@@ -3,7 +3,9 @@
 Model: HF LlamaForCausalLM from a config (hidden 512, 4 layers, seq 256, batch 4), LoRA r=16 on every
 linear layer via PEFT. Providers: no checkpointing, HF gradient checkpointing (PEFT +
 ``gradient_checkpointing_enable``), and lowcost's full / every_k / sqrt / selective / offload / budget on
-the same PEFT model; plus the model with fused LoRA from ``lowcost.apply`` (none / full / selective).
+the same PEFT model; plus the model with fused LoRA from ``lowcost.apply`` (none / full / selective, and
+selective+o_proj: selective with ``recompute=("self_attn.o_proj",)``, which recomputes the attention output
+projection instead of keeping its output — one fused matmul per block, below selective's zero-recompute floor).
 
 Saved bytes are exact: ``harness.saved_activation_bytes`` (storages seen by saved_tensors_hooks) plus
 what lowcost frames keep elsewhere (inputs, selective cache, offload buffers, from
@@ -160,7 +162,19 @@ def lowcost_lora_providers(ids, policies=("full", "selective")):
     out = [Provider("none[lowcost-lora]", lc_model, "plain")]
     for policy in policies:
         out.append(lowcost_provider(f"{policy}[lowcost-lora]", lc_model, CheckpointConfig(policy=policy), ids))
+    out.append(lowcost_provider("selective+o_proj[lowcost-lora]", lc_model,
+                                CheckpointConfig(policy="selective", recompute=("self_attn.o_proj",)), ids))
     return out
+
+
+def print_sizes(provs, sizes) -> None:
+    """Saved bytes, ratio to the matching no-checkpoint provider and recomputed matmuls (no timing)."""
+    for p in provs:
+        base = sizes["none[lowcost-lora]" if "lowcost-lora" in p.name else "none"]["saved_bytes"]
+        s = sizes[p.name]
+        decisions = " ".join(str(d) for d in p.decisions) if p.decisions else p.kind
+        print(f"{p.name:32s} saved {s['saved_bytes'] / 2**20:8.2f} MiB ({s['saved_bytes'] / base:.3f}× none)  "
+              f"recomputed matmuls {s['recomputed_matmuls']}  [{decisions}]")
 
 
 def providers(ids, budget):
@@ -410,13 +424,17 @@ def main():
     parser.add_argument("--budget", default="0.35", help="bytes ('40MiB') or a fraction of no-checkpoint bytes")
     parser.add_argument("--breakdown-only", action="store_true",
                         help="only the saved-bytes breakdown of none/selective[lowcost-lora] and the "
-                             "zero-recompute floor (writes checkpoint_selective_breakdown.csv, no timing)")
+                             "zero-recompute floor (writes checkpoint_selective_breakdown.csv), plus the saved "
+                             "bytes of the lowcost-lora providers it measures (no timing)")
     args = parser.parse_args()
     budget = float(args.budget) if args.budget.replace(".", "", 1).isdigit() else args.budget
     ids = torch.randint(0, SHAPE["vocab"], (SHAPE["batch"], SHAPE["seq"]), generator=torch.Generator().manual_seed(0))
     if args.breakdown_only:
         provs = lowcost_lora_providers(ids, policies=("selective",))
-        report_breakdown(provs, ids, {p.name: measure_bytes(p, ids) for p in provs})
+        sizes = {p.name: measure_bytes(p, ids) for p in provs}
+        report_breakdown(provs, ids, sizes)
+        print()
+        print_sizes(provs, sizes)
         return 0
     provs = providers(ids, budget)
     sizes = {p.name: measure_bytes(p, ids) for p in provs}
@@ -442,7 +460,7 @@ def main():
                "shape": "h{hidden} L{layers} S{seq} B{batch} V{vocab} I{intermediate} r{r}".format(**SHAPE),
                "rounds": args.rounds}
         rows.append(row)
-        print(f"{p.name:28s} saved {row['saved_mib']:8.2f} MiB ({row['ratio_vs_none']:.3f}× none)  "
+        print(f"{p.name:32s} saved {row['saved_mib']:8.2f} MiB ({row['ratio_vs_none']:.3f}× none)  "
               f"step {row['median_ms']:8.1f} ms [{row['p20_ms']:.1f}, {row['p80_ms']:.1f}]  "
               f"recomputed matmuls {s['recomputed_matmuls']}")
     budget_row = next(r for r in rows if r["provider"] == "budget")

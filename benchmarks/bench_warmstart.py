@@ -5,7 +5,7 @@
 
 Parts:
 - ``new_tokens``: SmolLM2 + 40 domain words of the Lee news corpus (multi-piece words that occur ≥ 5 times in
-  documents 0–219) added as single tokens; held-out text = the first ``--chunks`` ~700-character chunks of
+  documents 0–219) added as single tokens; held-out text = the first ``--chunks`` (default 30: all 25 there are) ~700-character chunks of
   documents 220–298 holding at least two occurrences. Figure: total NLL of that text with the new tokenizer /
   with the original one (same text, so this is also the per-byte loss ratio), at step 0, for random init,
   transformers' mean-resize, the sub-token mean, and ``init="distill"`` (the sub-token mean refined against
@@ -225,7 +225,7 @@ PARTS = {"new_tokens": part_new_tokens, "minilm": part_minilm, "growth": part_gr
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
-    parser.add_argument("--chunks", type=int, default=10)
+    parser.add_argument("--chunks", type=int, default=30)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--hidden", type=int, default=64)
     args = parser.parse_args()

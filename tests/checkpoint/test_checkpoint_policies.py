@@ -127,18 +127,24 @@ def test_sqrt_keeps_one_input_per_segment(ids):
     assert counts == {"full": 4, "sqrt": 2}
 
 
+def _offload_step(model, ids):
+    """One step (RNG seeded as ``llama_grads`` seeds it) under ``offload``: (report, tracker, loss, grads)."""
+    report = apply_checkpointing(model, CheckpointConfig(policy="offload"))
+    try:
+        with track(list(model.parameters())) as kept:
+            torch.manual_seed(5)
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        remove_checkpointing(model)
+    return report, kept, loss.detach(), grads
+
+
 def test_offload_copies_out_and_prefetches_back(peft_llama, reference):
     ids, (_, grads_ref) = reference
-    report = apply_checkpointing(peft_llama, CheckpointConfig(policy="offload"))
-    try:
-        with track(list(peft_llama.parameters())) as kept:
-            torch.manual_seed(5)
-            peft_llama.zero_grad(set_to_none=True)
-            loss = peft_llama(input_ids=ids, labels=ids).loss
-        loss.backward()
-        grads = {n: p.grad for n, p in peft_llama.named_parameters() if p.requires_grad}
-    finally:
-        remove_checkpointing(peft_llama)
+    report, kept, _, grads = _offload_step(peft_llama, ids)
     stats = report.offloader.stats
     assert kept.bytes(kinds=["input"]) == 0 and kept.bytes(kinds=["offload"]) == stats["offloaded_bytes"] > 0
     # the last block (recomputed first) copies on demand; each earlier one was prefetched ahead of need
@@ -171,17 +177,8 @@ def test_offload_on_cuda_pins_prefetches_and_matches(lora):
     model = build_llama(peft=lora == "peft", lowcost_lora=lora == "lowcost").cuda()
     ids = torch.randint(0, 64, (2, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     loss_ref, grads_ref = llama_grads(model, ids)
-    report = apply_checkpointing(model, CheckpointConfig(policy="offload"))
-    try:
-        with track(list(model.parameters())) as kept:
-            torch.manual_seed(5)
-            model.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.cuda.synchronize()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    finally:
-        remove_checkpointing(model)
+    report, kept, loss, grads = _offload_step(model, ids)
+    torch.cuda.synchronize()
     stats = report.offloader.stats
     assert report.offloader.stream is not None
     assert kept.bytes(kinds=["input"]) == 0 and kept.bytes(kinds=["offload"], device_type="cuda") == 0

@@ -167,8 +167,9 @@ def add_tokens(model: nn.Module, tokenizer, words: Iterable[str], init: str = "s
     if init not in _INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, _INITS))}, not {init!r}")
     corpus = _check_distill(model, texts) if init == "distill" else None
+    start_id = _start_id(tokenizer) if corpus is not None else None   # checked before anything changes
     marker = word_start_marker(tokenizer)
-    texts, pieces, existing = _split(tokenizer, words, marker, leading_space)
+    surfaces, pieces, existing = _split(tokenizer, words, marker, leading_space)
     if corpus is not None:  # the old tokenisation, taken before the tokenizer learns the new words
         chunks = [c for text in corpus for c in token_distill.split_text(text, max_chars)]
         old_encodings = [_encode(tokenizer, c) for c in chunks]
@@ -178,9 +179,9 @@ def add_tokens(model: nn.Module, tokenizer, words: Iterable[str], init: str = "s
     if len(tokenizer) != start:
         report.notes.append(f"tokenizer has {len(tokenizer)} entries, embedding {start} rows: new ids from "
                             f"{len(tokenizer)}")
-    added = tokenizer.add_tokens([_added_token(t) for t in texts])
-    if added != len(texts):
-        raise RuntimeError(f"tokenizer added {added} of {len(texts)} tokens")
+    added = tokenizer.add_tokens([_added_token(t) for t in surfaces])
+    if added != len(surfaces):
+        raise RuntimeError(f"tokenizer added {added} of {len(surfaces)} tokens")
     first_id = len(tokenizer) - added
     if len(tokenizer) > start:             # tables padded beyond the tokenizer already hold the new ids
         _resize(model, len(tokenizer), init)
@@ -200,7 +201,7 @@ def add_tokens(model: nn.Module, tokenizer, words: Iterable[str], init: str = "s
     report.count("tokenizer", "sub_token", added if init in ("subword-mean", "distill") else 0)
     if corpus is not None and added:
         aligned = token_distill.prepare(chunks, old_encodings, lambda text: _encode(tokenizer, text),
-                                        _start_id(tokenizer), set(range(first_id, first_id + added)))
+                                        start_id, set(range(first_id, first_id + added)))
         fitted = [p for p, _ in sides]
         stats = token_distill.distill_rows(model, fitted, first_id, aligned, epochs=epochs, lr=lr,
                                            progress=progress)
@@ -209,7 +210,7 @@ def add_tokens(model: nn.Module, tokenizer, words: Iterable[str], init: str = "s
             report.notes.append("distill: no chunk of texts contains a new token; rows stay sub-token means")
         report.extra["distill"] = stats
     report.entries = [{"token": repr(t), "pieces": len(p), "id": first_id + i}
-                      for i, (t, p) in enumerate(zip(texts, pieces))]
+                      for i, (t, p) in enumerate(zip(surfaces, pieces))]
     report.extra.update(new_ids=list(range(first_id, first_id + added)), tied=tab.tied, init=init)
     report.new = [NewSlice(tab.input_name, 0, first_id)]
     if tab.output is not None and not tab.tied:

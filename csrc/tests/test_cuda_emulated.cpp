@@ -5,9 +5,9 @@
 // share the kernel's `__shared__` arrays (function statics; one block at a time), `__syncthreads()`
 // is a barrier, `atomicAdd` takes a lock, and threadIdx / blockIdx / blockDim / gridDim are
 // (thread-local) globals. This checks the kernels' index arithmetic, tiling, masks, barriers and
-// reductions, not their speed or warp-level behaviour. Launch shapes come from the same helpers
-// the CUDA launchers use; outputs the launchers allocate uninitialised start as NaN here, so an
-// element no thread writes is caught.
+// reductions, not their speed or warp-level behaviour. The ops' host side (checks, allocation, early
+// exits, dispatch, launch grids) is csrc/cuda/host_launchers.h, the same code the .cu files run;
+// outputs the GPU would leave uninitialised start as NaN here, so an element no thread writes is caught.
 #include "../checks.h"
 #include "../cpu/ops_cpu.h"
 #include "../dispatch.h"
@@ -89,9 +89,7 @@ inline float atomic_add(float* address, float value) {
 #define blockDim ::lowcost_emu::block_dim
 #define gridDim ::lowcost_emu::grid_dim
 
-#include "../cuda/dropout_down_kernels.cuh"
-#include "../cuda/dx_da_kernels.cuh"
-#include "../cuda/up_grad_kernels.cuh"
+#include "../cuda/host_launchers.h"  // the kernels' headers and the ops' host side, as the .cu files use them
 
 #undef threadIdx
 #undef blockIdx
@@ -100,15 +98,12 @@ inline float atomic_add(float* address, float value) {
 
 namespace {
 
-using lowcost::DropoutParams;
-using lowcost::LoraDims;
 using lowcost::cuda::LaunchGrid;
 using lowcost::cuda::kThreads;
 
 // Runs `kernel()` for every block of `grid`, one block at a time, on kThreads host threads; a barrier
 // after each block keeps the next block from touching shared memory early.
-void launch(const LaunchGrid& grid, const std::function<void()>& kernel) {
-  lowcost::cuda::check_grid(grid, "emulated launch");
+void run_blocks(const LaunchGrid& grid, const std::function<void()>& kernel) {
   lowcost_emu::block_dim = {static_cast<unsigned>(kThreads), 1, 1};
   lowcost_emu::grid_dim = {static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), 1};
   lowcost_emu::Barrier barrier(kThreads);
@@ -130,137 +125,56 @@ void launch(const LaunchGrid& grid, const std::function<void()>& kernel) {
   for (std::thread& th : threads) th.join();
 }
 
-at::Tensor nan_empty(at::IntArrayRef shape, const at::TensorOptions& options) {
-  return at::full(shape, std::numeric_limits<double>::quiet_NaN(), options);
-}
+// The emulator's side of csrc/cuda/host_launchers.h: CPU tensors, outputs the GPU would leave
+// uninitialised start as NaN (so an element no thread writes is caught), a chosen SM count, and
+// launches on host threads.
+struct EmuExec {
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+  int64_t sm_count = 132;
 
-// ---- emulated launchers: csrc/cuda/*.cu with the launch replaced -------------------------------
+  int guard(const c10::Device&) const { return 0; }
+
+  at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) const {
+    return at::full(shape, std::numeric_limits<double>::quiet_NaN(), options);
+  }
+
+  int64_t sms() const { return sm_count; }
+
+  template <typename Kernel, typename... Args>
+  void launch(const LaunchGrid& grid, const char* op, Kernel kernel, Args... args) const {
+    lowcost::cuda::check_grid(grid, op);
+    run_blocks(grid, [&] { kernel(args...); });
+  }
+};
+
+// ---- the ops, through the same host code as csrc/cuda/*.cu ----------------------------------------
 at::Tensor emu_philox_dropout(const at::Tensor& x, int64_t seed, double p, int64_t sms) {
-  using namespace lowcost::cuda;
-  const LoraDims dims = lowcost::check_philox_dropout_args(x, seed, p, c10::DeviceType::CPU);
-  at::Tensor out = nan_empty({dims.M, dims.K}, x.options());
-  if (out.numel() == 0) return out;
-  const DropoutParams d = lowcost::make_dropout_params(seed, p);
-  if (!d.enabled) return out.copy_(x);
-  const LaunchGrid grid{philox_dropout_blocks(out.numel(), sms), 1};
-  lowcost::dispatch_act(x.scalar_type(), "philox_dropout", [&](auto xv) {
-    using xT = decltype(xv);
-    const xT* xp = x.data_ptr<xT>();
-    const bool flat_vec = rows_are_flat_vectorizable(xp, dims.M, dims.K, x.stride(0), x.stride(1));
-    xT* op = out.data_ptr<xT>();
-    launch(grid, [&] {
-      philox_dropout_kernel<xT>(xp, dims.M, dims.K, x.stride(0), x.stride(1), flat_vec, d, op);
-    });
-  });
-  return out;
+  EmuExec exec{sms};
+  return lowcost::cuda::run_philox_dropout(x, seed, p, exec);
 }
 
 at::Tensor emu_lora_down(const at::Tensor& x, const at::Tensor& lora_a, int64_t seed, double p) {
-  using namespace lowcost::cuda;
-  const LoraDims dims = lowcost::check_lora_down_args(x, lora_a, seed, p, c10::DeviceType::CPU);
-  at::Tensor u = nan_empty({dims.M, dims.r}, x.options().dtype(at::kFloat));
-  if (u.numel() == 0) return u;
-  if (dims.K == 0) return u.zero_();
-  const DropoutParams d = lowcost::make_dropout_params(seed, p);
-  lowcost::dispatch_act_adapter(x.scalar_type(), lora_a.scalar_type(), "lora_down", [&](auto xv, auto av) {
-    using xT = decltype(xv);
-    using aT = decltype(av);
-    const xT* xp = x.data_ptr<xT>();
-    const bool x_vec = rows_vectorizable(xp, x.stride(0), x.stride(1));
-    dispatch_rank_tile(dims.r, [&](auto tile) {
-      constexpr int RT = decltype(tile)::value;
-      launch(lora_down_grid(dims.M, dims.r, RT), [&] {
-        lora_down_kernel<xT, aT, RT>(xp, dims.M, dims.K, x.stride(0), x.stride(1), x_vec,
-                                     lora_a.data_ptr<aT>(), dims.r, lora_a.stride(0),
-                                     lora_a.stride(1), d, u.data_ptr<float>());
-      });
-    });
-  });
-  return u;
+  EmuExec exec;
+  return lowcost::cuda::run_lora_down(x, lora_a, seed, p, exec);
 }
 
 at::Tensor emu_lora_up(const at::Tensor& u, const at::Tensor& lora_b, const std::optional<at::Tensor>& bias,
                        double scale, c10::ScalarType dtype) {
-  using namespace lowcost::cuda;
-  const LoraDims dims = lowcost::check_lora_up_args(u, lora_b, bias, dtype, c10::DeviceType::CPU);
-  at::Tensor out = nan_empty({dims.M, dims.N}, u.options().dtype(dtype));
-  if (out.numel() == 0) return out;
-  const bool has_bias = bias.has_value() && bias->defined();
-  lowcost::dispatch_act_adapter(dtype, lora_b.scalar_type(), "lora_up", [&](auto ov, auto bv) {
-    using oT = decltype(ov);
-    using bT = decltype(bv);
-    oT* op = out.data_ptr<oT>();
-    const bool out_vec = dims.N % 4 == 0 && is_aligned4(op);
-    launch(lora_up_grid(dims.M, dims.N), [&] {
-      lora_up_kernel<oT, bT>(u.data_ptr<float>(), dims.M, dims.r, u.stride(0), u.stride(1),
-                             lora_b.data_ptr<bT>(), dims.N, lora_b.stride(0), lora_b.stride(1),
-                             has_bias ? bias->data_ptr<oT>() : nullptr, has_bias ? bias->stride(0) : 0,
-                             static_cast<float>(scale), out_vec, op);
-    });
-  });
-  return out;
+  EmuExec exec;
+  return lowcost::cuda::run_lora_up(u, lora_b, bias, scale, dtype, exec);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emu_lora_grad_pass(const at::Tensor& grad_y, const at::Tensor& u,
                                                                   const at::Tensor& lora_b, double scale,
                                                                   bool need_dbias) {
-  using namespace lowcost::cuda;
-  const LoraDims dims = lowcost::check_lora_grad_pass_args(grad_y, u, lora_b, c10::DeviceType::CPU);
-  const auto f32 = grad_y.options().dtype(at::kFloat);
-  at::Tensor dB = at::zeros({dims.N, dims.r}, f32);
-  at::Tensor dbias = need_dbias ? at::zeros({dims.N}, f32) : at::empty({0}, f32);
-  if (dims.M == 0 || dims.N == 0 || (dims.r == 0 && !need_dbias)) {
-    return {at::zeros({dims.M, dims.r}, f32), dB, dbias};
-  }
-  at::Tensor du = nan_empty({dims.M, dims.r}, f32);
-  lowcost::dispatch_act_adapter(grad_y.scalar_type(), lora_b.scalar_type(), "lora_grad_pass", [&](auto gv, auto bv) {
-    using gT = decltype(gv);
-    using bT = decltype(bv);
-    const gT* gp = grad_y.data_ptr<gT>();
-    const bool g_vec = rows_vectorizable(gp, grad_y.stride(0), grad_y.stride(1));
-    dispatch_rank_tile(dims.r, [&](auto tile) {
-      constexpr int RT = decltype(tile)::value;
-      launch(lora_grad_pass_grid(dims.M, dims.r, RT), [&] {
-        lora_grad_pass_kernel<gT, bT, RT>(gp, dims.M, dims.N, grad_y.stride(0), grad_y.stride(1), g_vec,
-                                          u.data_ptr<float>(), dims.r, u.stride(0), u.stride(1),
-                                          lora_b.data_ptr<bT>(), lora_b.stride(0), lora_b.stride(1),
-                                          static_cast<float>(scale), du.data_ptr<float>(), dB.data_ptr<float>(),
-                                          need_dbias ? dbias.data_ptr<float>() : nullptr);
-      });
-    });
-  });
-  return {du, dB, dbias};
+  EmuExec exec;
+  return lowcost::cuda::run_lora_grad_pass(grad_y, u, lora_b, scale, need_dbias, exec);
 }
 
 std::tuple<at::Tensor, at::Tensor> emu_lora_dx_da(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_a,
                                                   int64_t seed, double p, bool need_dx, int64_t sms) {
-  using namespace lowcost::cuda;
-  const LoraDims dims = lowcost::check_lora_dx_da_args(x, du, lora_a, seed, p, c10::DeviceType::CPU);
-  at::Tensor dx = need_dx ? nan_empty({dims.M, dims.K}, x.options()) : at::empty({0}, x.options());
-  at::Tensor dA = at::zeros({dims.r, dims.K}, x.options().dtype(at::kFloat));
-  if (dims.M == 0 || dims.K == 0) return {dx, dA};
-  if (dims.r == 0) {
-    if (need_dx) dx.zero_();
-    return {dx, dA};
-  }
-  const DropoutParams d = lowcost::make_dropout_params(seed, p);
-  const LaunchGrid grid = lora_dx_da_grid(dims.M, dims.K, sms);
-  lowcost::dispatch_act_adapter(x.scalar_type(), lora_a.scalar_type(), "lora_dx_da", [&](auto xv, auto av) {
-    using xT = decltype(xv);
-    using aT = decltype(av);
-    const xT* xp = x.data_ptr<xT>();
-    const bool x_vec = rows_vectorizable(xp, x.stride(0), x.stride(1));
-    dispatch_rank_tile(dims.r, [&](auto tile) {
-      constexpr int RT = decltype(tile)::value;
-      launch(grid, [&] {
-        lora_dx_da_kernel<xT, aT, RT>(xp, dims.M, dims.K, x.stride(0), x.stride(1), x_vec, du.data_ptr<float>(),
-                                      dims.r, du.stride(0), du.stride(1), lora_a.data_ptr<aT>(), lora_a.stride(0),
-                                      lora_a.stride(1), d, need_dx ? dx.data_ptr<xT>() : nullptr,
-                                      dA.data_ptr<float>());
-      });
-    });
-  });
-  return {dx, dA};
+  EmuExec exec{sms};
+  return lowcost::cuda::run_lora_dx_da(x, du, lora_a, seed, p, need_dx, exec);
 }
 
 // ---- checks ------------------------------------------------------------------------------------

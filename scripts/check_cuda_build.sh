@@ -21,14 +21,13 @@ PINS=(torch==2.14.1 ninja==1.13.2 pybind11==3.1.0 setuptools==84.2.1 wheel==0.48
 
 . scripts/venv_lib.sh
 ensure_venv "$VENV" "$PYTHON" step
-stamp="$VENV/.lowcost-pins"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${PINS[*]}" ]; then
+if pins_installed "$VENV" "${PINS[*]}"; then
   step "pinned packages already installed"
 else
   step "installing ${PINS[*]} (CUDA torch, several GB on first run)"
   pip_in "$VENV" fail "upgrading pip" "$PIP_PIN"
   pip_in "$VENV" fail "pip install of the pinned packages" "${PINS[@]}"
-  printf '%s' "${PINS[*]}" > "$stamp"
+  record_pins "$VENV" "${PINS[*]}"
 fi
 cuda_version=$("$VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')
 [ -n "$cuda_version" ] || fail "torch in $VENV is not a CUDA build"

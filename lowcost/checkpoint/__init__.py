@@ -10,6 +10,7 @@ See ``function.py`` for how recompute and RNG replay work, ``policies.py`` for t
 """
 from lowcost.checkpoint.apply import CheckpointReport, apply_checkpointing, checkpointing_of, remove_checkpointing
 from lowcost.checkpoint.config import CheckpointConfig, parse_budget
+from lowcost.checkpoint.counting import RecomputeCounter
 from lowcost.checkpoint.function import CheckpointMismatchError, checkpoint, checkpoint_with, recomputing
 from lowcost.checkpoint.planner import BudgetError
 from lowcost.checkpoint.policies import POLICIES, Decision, decide
@@ -17,7 +18,7 @@ from lowcost.checkpoint.tracking import track
 
 __all__ = ["checkpoint", "checkpoint_with", "recomputing", "CheckpointMismatchError", "CheckpointConfig",
            "parse_budget", "apply_checkpointing", "remove_checkpointing", "checkpointing_of", "CheckpointReport",
-           "BudgetError", "POLICIES", "Decision", "decide", "track"]
+           "BudgetError", "POLICIES", "Decision", "decide", "track", "RecomputeCounter"]
 
 
 class _CallableModule(type(__import__("sys"))):

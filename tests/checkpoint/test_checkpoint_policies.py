@@ -3,12 +3,10 @@ and vs HF gradient checkpointing, i.e. torch.utils.checkpoint), state_dict keys,
 recomputed matmuls, sqrt's segments, offload's prefetch."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckpt_models import assert_same, build_llama, llama_grads
-from lowcost.checkpoint import (CheckpointConfig, Decision, apply_checkpointing, checkpointing_of, decide,
-                                recomputing, remove_checkpointing, track)
-from lowcost.checkpoint.selective import default_save_ops
+from lowcost.checkpoint import (CheckpointConfig, Decision, RecomputeCounter, apply_checkpointing, checkpointing_of,
+                                decide, remove_checkpointing, track)
 
 
 def _modes(policy, n, **kw):
@@ -73,19 +71,6 @@ def test_matches_hf_gradient_checkpointing(peft_llama, reference):
     assert_same(grads_ref, grads_hf, "HF vs none")
 
 
-class _CountMatmuls(TorchDispatchMode):
-    """Counts matmul/attention/LoRA ops run while a lowcost checkpoint is recomputing."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.recomputed = default_save_ops(), 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if recomputing() and func.overloadpacket in self.ops:
-            self.recomputed += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("lowcost_lora", [False, True], ids=["peft", "lowcost-lora"])
 def test_selective_recomputes_no_matmul_and_saves_less(lowcost_lora, ids):
     model = build_llama(peft=not lowcost_lora, lowcost_lora=lowcost_lora)
@@ -100,13 +85,13 @@ def test_selective_recomputes_no_matmul_and_saves_less(lowcost_lora, ids):
                 torch.manual_seed(5)
                 loss = model(input_ids=ids, labels=ids).loss
             model.zero_grad()
-            with _CountMatmuls() as counter:
+            with RecomputeCounter() as counter:
                 loss.backward()
             grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         finally:
             remove_checkpointing(model)
         assert_same(grads_ref, grads, policy)
-        assert (counter.recomputed == 0) == expect_zero, f"{policy}: {counter.recomputed} matmuls recomputed"
+        assert (counter.count == 0) == expect_zero, f"{policy}: {counter.count} matmuls recomputed"
         assert kept.bytes() < plain.bytes()
         if policy == "selective":
             assert kept.bytes(kinds=["cache"]) > 0

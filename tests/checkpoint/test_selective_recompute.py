@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ckpt_models import assert_same, build_llama
-from lowcost.checkpoint import (CheckpointConfig, Decision, apply_checkpointing, checkpointing_of, recomputing,
-                                remove_checkpointing, track)
+from lowcost.checkpoint import (CheckpointConfig, Decision, RecomputeCounter, apply_checkpointing, checkpointing_of,
+                                recomputing, remove_checkpointing, track)
 from lowcost.checkpoint import selective as selective_mod
 from lowcost.checkpoint.install import install, resolve_blocks, uninstall
 from lowcost.checkpoint.selective import default_save_ops
@@ -76,19 +76,6 @@ def ops_inside(model, ids, suffix: str) -> tuple[int, int]:
     return probe.count, sum(n for n, _ in probe.storages.values())
 
 
-class _CountRecomputed(TorchDispatchMode):
-    """Matmul/attention/LoRA ops run while a lowcost checkpoint is recomputing (as the benchmark counts)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if recomputing() and func.overloadpacket in SAVE_OPS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def step(model, ids, config=None, seed=5):
     """One step (fixed seed): loss, trainable gradients, the kept-bytes tracker and the recomputed-op count."""
     params = list(model.parameters())
@@ -99,7 +86,7 @@ def step(model, ids, config=None, seed=5):
         model.zero_grad(set_to_none=True)
         with track(params, hook=True) as kept:
             loss = model(input_ids=ids, labels=ids).loss
-        with _CountRecomputed() as counter:
+        with RecomputeCounter() as counter:
             loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     finally:
@@ -175,7 +162,7 @@ def test_early_stop_inside_a_region_leaves_it():
         h = x
         for b in blocks:
             h = b(h)
-        with _CountRecomputed() as counter:
+        with RecomputeCounter() as counter:
             h.square().sum().backward()
         return {n: p.grad.clone() for n, p in blocks.named_parameters()}, counter.count
 

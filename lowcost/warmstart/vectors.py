@@ -168,12 +168,19 @@ _SIGNED_BYTE = [b | 0xFFFFFF00 if b & 0x80 else b for b in range(256)]   # int8 
 _CHUNK = 1 << 20                       # bytes read at a time while parsing the dictionary
 
 
-def _fasttext_hash(data: bytes) -> int:
-    """fastText's ``Dictionary::hash``: 32-bit FNV-1a over the bytes, each sign-extended first (C ``int8_t``)."""
-    h = 2166136261
+_FNV_OFFSET = 2166136261
+
+
+def _fnv_extend(h: int, data: bytes) -> int:
+    """Continues a 32-bit FNV-1a hash ``h`` over ``data``, each byte sign-extended first (C ``int8_t``)."""
     for byte in data:
         h = ((h ^ _SIGNED_BYTE[byte]) * 16777619) & 0xFFFFFFFF
     return h
+
+
+def _fasttext_hash(data: bytes) -> int:
+    """fastText's ``Dictionary::hash``: 32-bit FNV-1a over the bytes, each sign-extended first."""
+    return _fnv_extend(_FNV_OFFSET, data)
 
 
 def _fasttext_ngrams(raw: bytes, minn: int, maxn: int, bucket: int) -> list:
@@ -190,11 +197,10 @@ def _fasttext_ngrams(raw: bytes, minn: int, maxn: int, bucket: int) -> list:
     chars = len(starts) - 1
     out = []
     for first in range(chars):
-        h, pos = 2166136261, starts[first]
+        h, pos = _FNV_OFFSET, starts[first]
         for n in range(1, min(maxn, chars - first) + 1):
             end = starts[first + n]
-            for byte in data[pos:end]:
-                h = ((h ^ _SIGNED_BYTE[byte]) * 16777619) & 0xFFFFFFFF
+            h = _fnv_extend(h, data[pos:end])
             pos = end
             if n >= minn and not (n == 1 and (first == 0 or end == size)):
                 out.append(h % bucket)

@@ -6,8 +6,9 @@ activation bytes, at 4k+ tokens. Model: a Llama from a config with fused LoRA on
 checkpointing, ``full``, ``offload`` (block inputs to pinned host memory on a side stream, prefetched one
 block ahead in backward).
 
-Device bytes are exact: storages seen by saved_tensors_hooks on the device, plus what lowcost frames keep
-on the device (``lowcost.checkpoint.track``, device-type filtered); host copies are reported apart. Rows go
+Device bytes are exact: ``lowcost.checkpoint.track(hook=True)`` counts the storages autograd saves outside
+lowcost frames and what the frames keep (inputs, offload buffers), each once, by device; host copies are
+reported apart. Rows go
 to benchmarks/results/offload.csv.
 
     python benchmarks/bench_offload.py --device cuda                       # the device script's run
@@ -27,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
 import lowcost  # noqa: E402
 from lowcost.checkpoint import CheckpointConfig, apply_checkpointing, track  # noqa: E402
-from lowcost.checkpoint.install import install, resolve_blocks, uninstall  # noqa: E402
-from lowcost.checkpoint.offload import Offloader  # noqa: E402
+from lowcost.checkpoint.install import resolve_blocks, uninstall  # noqa: E402
+from bench_checkpoint import Provider  # noqa: E402  (a model plus how to switch a checkpointing setup on/off)
 
 
 def build_model(args, device, dtype):
@@ -43,47 +44,18 @@ def build_model(args, device, dtype):
     return model.train()
 
 
-class Setup:
-    """One checkpointing setup on the shared model: ``on()`` installs it, ``off()`` removes it."""
-
-    def __init__(self, name, model, decisions=None):
-        self.name, self.model, self.decisions = name, model, decisions
-        self.blocks = resolve_blocks(model)
-
-    def on(self):
-        if self.decisions is not None:
-            offload = any(d.mode == "offload" for d in self.decisions)
-            self.offloader = Offloader() if offload else None
-            install(self.blocks, self.decisions, self.offloader)
-
-    def off(self):
-        if self.decisions is not None:
-            uninstall(self.blocks)
-
-
-def device_bytes(setup: Setup, forward, device) -> dict:
-    """(device bytes, host bytes) kept for backward by one forward under ``setup``."""
-    params = list(setup.model.parameters())
-    exclude = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            seen[storage.data_ptr()] = (storage.nbytes(), t.device.type)
-        return t
-
+def device_bytes(setup: Provider, forward, device) -> dict:
+    """Device and host bytes kept for backward by one forward under ``setup``: ``track(hook=True)`` sees
+    what autograd saves outside lowcost frames and what the frames keep, each storage once, by device."""
     setup.on()
     try:
-        with track(params, hook=False) as kept, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with track(list(setup.model.parameters()), hook=True) as kept:
             loss = forward()
         del loss
     finally:
         setup.off()
-    hooked_dev = sum(n for n, dev in seen.values() if dev == device.type)
-    return {"device_bytes": hooked_dev + kept.bytes(device_type=device.type),
-            "host_bytes": sum(n for n, dev in seen.values() if dev == "cpu" and device.type != "cpu")
-            + (kept.bytes(device_type="cpu") if device.type != "cpu" else kept.bytes(kinds=["offload"]))}
+    host = kept.bytes(device_type="cpu") if device.type != "cpu" else kept.bytes(kinds=["offload"])
+    return {"device_bytes": kept.bytes(device_type=device.type), "host_bytes": host}
 
 
 def main():
@@ -110,11 +82,11 @@ def main():
     def forward():
         return model(input_ids=ids, labels=ids).loss
 
-    setups = [Setup("none", model)]
+    setups = [Provider("none", model, "plain")]
     for policy in ("full", "offload"):
         report = apply_checkpointing(model, CheckpointConfig(policy=policy))
         uninstall(resolve_blocks(model))
-        setups.append(Setup(policy, model, report.decisions))
+        setups.append(Provider(policy, model, "lowcost", report.decisions))
     sizes = {}
     for s in setups:
         sizes[s.name] = device_bytes(s, forward, device)

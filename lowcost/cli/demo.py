@@ -118,12 +118,19 @@ def adapt(model: TinyLM, r: int, dropout: float) -> int:
     return count
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=150)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--out", default="demo_out")
-    args = parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     source, target = corpus(json), corpus(textwrap)
     vocab = sorted(set(source + target))
@@ -150,6 +157,7 @@ def main(argv=None) -> None:
     print(f"3. held-out loss on the new text: {before:.3f} → {after:.3f} "
           f"(perplexity {math.exp(before):.1f} → {math.exp(after):.1f})")
     _plot(losses, Path(args.out))
+    return 0
 
 
 def _plot(losses: list[float], out: Path) -> None:

@@ -73,10 +73,10 @@ def test_round_trip_lowcost_to_lowcost(tmp_path):
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     model, _, path = saved(tmp_path)
-    lowcost.save_adapter(model, path)                            # overwrite in place
+    lowcost.save_adapter(model, path, overwrite=True)            # overwrite in place
     assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["lora_alpha"] == 8 and len(config["target_modules"]) == 14
+    assert config["peft_type"] == "LORA" and config["lora_alpha"] == 8
 
 
 # ------------------------------------------------------------------------------------------ bad directories
@@ -165,6 +165,6 @@ def test_unsupported_peft_config(tmp_path):
     _, _, path = saved(tmp_path)
     config = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    _expect_failure(llama(), path, ValueError, "use_dora=True is not supported")
+    _expect_failure(llama(), path, ValueError, "use_dora=True: DoRA .* is not implemented by lowcost")
     (path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["nonexistent_proj"]}))
-    _expect_failure(llama(), path, ValueError, "target 'nonexistent_proj' matches no module")
+    _expect_failure(llama(), path, ValueError, r"targets \['nonexistent_proj'\] match no module")

@@ -32,12 +32,14 @@ def listing(items, limit: int = MAX_LISTED) -> str:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` fills a new file created with mode 0666 (the kernel applies the umask), then it is renamed
-    over ``path``."""
+    """``write(tmp)`` fills a new file, which is then renamed over ``path``. The file is created with mode 0666
+    and the kernel applies the umask; that mode is set again after ``write`` (a writer may replace the file)."""
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         write(str(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if tmp.exists():

@@ -281,8 +281,8 @@ def save_adapter(model: nn.Module, directory, *, adapter_names=None, overwrite: 
         adapter_io.check_destination(path, overwrite)
     view_names = list(original_view(model))
     for name, path in targets.items():
-        entry = state.adapters[name]
-        tensors = adapter_io.adapter_tensors(lora_layers(model, name), name, entry.copies)
+        entry, layers = state.adapters[name], lora_layers(model, name)
+        tensors = {**adapter_io.adapter_tensors(layers, name, entry.copies), **adapter_io.embedding_tables(layers)}
         adapter_io.write_adapter(path, peft_config_for(entry, view_names, _base_name(model)), tensors)
 
 
@@ -316,10 +316,26 @@ def _check_agrees(model: nn.Module, config: LoRAConfig, adapter_name: str) -> No
                          + "; ".join(problems))
 
 
+def _tables(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Embedding tables a PEFT file may carry: of adapted embed_tokens/lm_head (``….base_layer.weight``), and of
+    the input/output embeddings of an HF model whose vocabulary was resized (``….weight``)."""
+    tables = adapter_io.embedding_tables(layers)
+    view = original_view(model)
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter)() if callable(getattr(model, getter, None)) else None
+        path = next((n for n, m in view.items() if m is module and n), None) if module is not None else None
+        if path is not None and path not in layers and isinstance(getattr(module, "weight", None), torch.Tensor):
+            tables[f"{adapter_io.PREFIX}{path}.weight"] = module.weight
+    return tables
+
+
 def _fill(model: nn.Module, adapter_name: str, tensors: dict) -> None:
+    """Checks every file tensor against the model, then copies them in (embedding tables too, as PEFT does)."""
     entry = require_lowcost_state(model, "lowcost.load_adapter").adapters[adapter_name]
-    expected = adapter_io.adapter_tensors(lora_layers(model, adapter_name), adapter_name, entry.copies)
-    adapter_io.check_tensors(expected, tensors)
+    layers = lora_layers(model, adapter_name)
+    tables = _tables(model, layers)
+    expected = {**adapter_io.adapter_tensors(layers, adapter_name, entry.copies), **tables}
+    adapter_io.check_tensors(expected, tensors, optional=tables)
     adapter_io.copy_tensors(expected, tensors)
 
 

@@ -2,7 +2,8 @@
 
 Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` (r, in), ``….lora_B.weight`` (out, r) for
 linear layers, ``….lora_embedding_A`` (r, num_embeddings) / ``….lora_embedding_B`` (dim, r) for embeddings, and
-``base_model.model.<module path>.<param>`` for ``modules_to_save``. Files are written atomically (a temporary
+``base_model.model.<module path>.<param>`` for ``modules_to_save``; an adapted ``embed_tokens`` / ``lm_head``
+also carries its table (``….base_layer.weight``), as PEFT writes it. Files are written atomically (a temporary
 file in the same directory, then ``os.replace``) with the permissions the umask gives a new file (0666 & ~umask,
 as ``open()`` would), and never over an existing adapter unless asked. Reads use safetensors only: pickle files
 are refused.
@@ -120,10 +121,21 @@ def adapter_tensors(layers: dict[str, nn.Module], adapter: str, saved: dict[str,
     return out
 
 
-def check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
-    """Raises ValueError naming the missing / unexpected keys and shape mismatches (the first few of each)."""
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")      # PEFT's EMBEDDING_LAYER_NAMES
+
+
+def embedding_tables(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """PEFT's ``save_embedding_layers="auto"``: an adapted ``embed_tokens`` / ``lm_head`` travels with its base
+    table (``<path>.base_layer.weight``), so rows added for new tokens are not lost."""
+    return {f"{PREFIX}{name}.base_layer.weight": layer.base_param() for name, layer in layers.items()
+            if name.rpartition(".")[2] in EMBEDDING_NAMES}
+
+
+def check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], optional=()) -> None:
+    """Raises ValueError naming the missing / unexpected keys and shape mismatches (the first few of each);
+    keys in ``optional`` may be absent from the file."""
     found = {_strip_adapter_name(k): v for k, v in found.items()}
-    missing = sorted(set(expected) - set(found))
+    missing = sorted(set(expected) - set(found) - set(optional))
     unexpected = sorted(set(found) - set(expected))
     shapes = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in sorted(set(expected) & set(found)) if found[k].shape != expected[k].shape]
@@ -156,4 +168,5 @@ def copy_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tenso
     """Copies (after ``check_tensors``) each file tensor into its parameter, cast to the parameter's dtype."""
     found = {_strip_adapter_name(k): v for k, v in found.items()}
     for key, param in expected.items():
-        param.copy_(found[key].to(device=param.device, dtype=param.dtype))
+        if key in found:
+            param.copy_(found[key].to(device=param.device, dtype=param.dtype))

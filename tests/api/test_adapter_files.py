@@ -243,3 +243,29 @@ def test_error_messages_stay_short(tmp_path):
         lowcost.load_adapter(llama(), path)
     message = str(info.value)
     assert "missing keys (14)" in message and "... and 6 more" in message and len(message) < 1200
+
+
+# ------------------------------------------------------------------------------------------ embedding LoRA files
+def _resized_llama(seed):
+    model = llama()
+    model.resize_token_embeddings(70, mean_resizing=False)
+    with torch.no_grad():                                  # the new tokens' rows, warm-started somehow
+        model.model.embed_tokens.weight[64:].copy_(torch.randn(6, 32, generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
+def test_embedding_lora_with_new_tokens_travels_with_its_table(tmp_path):
+    model = _resized_llama(seed=1)
+    lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, targets=["embed_tokens", "q_proj"]))
+    randomize_adapters(lora_layers(model))
+    lowcost.save_adapter(model, tmp_path / "a")
+    keys = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert keys["base_model.model.model.embed_tokens.base_layer.weight"].shape == (70, 32)   # PEFT's layout
+    assert keys["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (4, 70)
+    ids = torch.tensor([[1, 65, 69, 3, 64, 2]])
+    expected = model.eval()(input_ids=ids).logits
+    fresh = _resized_llama(seed=2)                         # other new rows: the file's table must win
+    lowcost.load_adapter(fresh, tmp_path / "a")
+    close(fresh.eval()(input_ids=ids).logits, expected)
+    peft_model = PeftModel.from_pretrained(_resized_llama(seed=3), str(tmp_path / "a")).eval()
+    close(peft_model(input_ids=ids).logits, expected)

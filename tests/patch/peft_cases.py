@@ -99,6 +99,32 @@ class EmbLinear(nn.Module):
         return self.proj(self.norm(self.emb(ids)))
 
 
+class Conv2dNet(nn.Module):
+    """conv2d (1→2 channels, 3×3) → flatten → lin0 (18→2): a module kind PEFT adapts and lowcost does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(1, 2, 3)
+        self.flat = nn.Flatten()
+        self.lin0 = nn.Linear(18, 2)
+
+    def forward(self, x):
+        return self.lin0(self.flat(self.conv2d(x.float())))
+
+
+class MhaNet(nn.Module):
+    """nn.MultiheadAttention (PEFT wraps the whole module) → lin0."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(10, 2)
+        self.lin0 = nn.Linear(10, 2)
+
+    def forward(self, x):
+        x = x.float()
+        return self.lin0(self.mha(x, x, x, need_weights=False)[0])
+
+
 def _seeded(cls):
     def build():
         torch.manual_seed(0)
@@ -107,7 +133,8 @@ def _seeded(cls):
 
 
 BUILDERS = {"MLP": _seeded(MLP), "EmbConv1D": _seeded(EmbConv1D), "DeepMLP": _seeded(DeepMLP),
-            "Nested": _seeded(Nested), "EmbLinear": _seeded(EmbLinear)}
+            "Nested": _seeded(Nested), "EmbLinear": _seeded(EmbLinear), "Conv2d": _seeded(Conv2dNet),
+            "MHA": _seeded(MhaNet)}
 
 
 def _dense(seed: int = 0):
@@ -120,7 +147,12 @@ def _ids(vocab: int):
     return ids
 
 
-INPUTS = {"MLP": _dense, "EmbConv1D": _ids(100), "DeepMLP": _dense, "Nested": _dense, "EmbLinear": _ids(50)}
+def _image(seed: int = 0):
+    return torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(seed))
+
+
+INPUTS = {"MLP": _dense, "EmbConv1D": _ids(100), "DeepMLP": _dense, "Nested": _dense, "EmbLinear": _ids(50),
+          "Conv2d": _image, "MHA": _dense}
 
 
 def fill_peft_adapters(peft_model: nn.Module, seed: int = 1, std: float = 0.3) -> None:

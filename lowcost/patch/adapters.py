@@ -144,12 +144,12 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     for path in merged:
         model.get_submodule(path).unmerge()
     state.disabled = True
-    sync_layers(model, state)
+    sync_layers(model, state, trainable=False)
     try:
         yield model
     finally:
         state.disabled = False
-        sync_layers(model, state)
+        sync_layers(model, state, trainable=False)
         for path, names in merged.items():
             model.get_submodule(path).merge(names)
 

@@ -176,13 +176,16 @@ def place_saved_modules(model: nn.Module, state: PatchState) -> None:
             set_module(model, name, _like(wanted, current))
 
 
-def sync_layers(model: nn.Module, state: PatchState) -> None:
-    """Pushes the active set, the disabled switch and trainability to every LoRA layer and saved copy."""
+def sync_layers(model: nn.Module, state: PatchState, trainable: bool = True) -> None:
+    """Pushes the active set and the disabled switch to every LoRA layer and places the saved copies;
+    ``trainable``: also make the active adapters (and their copies) trainable and the others frozen, as PEFT's
+    set_adapter does (``disable_adapter`` leaves the flags alone)."""
     for layer in _live_layers(model, state).values():
         layer.active, layer.disabled = tuple(state.active), state.disabled
-        layer.set_trainable(state.active)
+        if trainable:
+            layer.set_trainable(state.active)
     for adapter, entry in state.adapters.items():
-        for module in entry.copies.values():
+        for module in entry.copies.values() if trainable else ():
             module.requires_grad_(adapter in state.active)
     place_saved_modules(model, state)
 

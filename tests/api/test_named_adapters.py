@@ -72,6 +72,16 @@ def test_disable_adapter_restores_after_an_error_and_refuses_nesting():
             lowcost.merge(model)
 
 
+def test_disable_adapter_leaves_requires_grad_alone():
+    model = llama()
+    lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, modules_to_save=["model.norm"]))
+    frozen = lora_layers(model)["model.layers.0.self_attn.q_proj"].lora_A.requires_grad_(False)
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    with lowcost.disable_adapter(model):
+        assert not model.model.norm.weight.requires_grad                 # the original module is in place
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags and not frozen.requires_grad
+
+
 def test_disable_adapter_takes_merged_adapters_out_and_back():
     model = llama().eval()
     lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8))

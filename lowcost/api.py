@@ -136,7 +136,7 @@ def _dtype(value) -> Optional[torch.dtype]:
     raise ValueError(f"adapter_dtype must be a floating torch.dtype (or its name) or None, got {value!r}")
 
 
-def _check_backend_here(config: LoRAConfig, model: nn.Module) -> None:
+def _check_backend_here(config: LoRAConfig) -> None:
     """A backend this machine cannot run fails in ``apply``, not at the first forward."""
     source, name = ("backend", config.backend) if config.backend else (ENV_VAR, os.environ.get(ENV_VAR) or None)
     if name == "cuda" and not (torch.cuda.is_available() and cuda_kernels_usable(torch.device("cuda"))):
@@ -180,7 +180,7 @@ def apply(model: nn.Module, lora: Optional[LoRAConfig] = None, checkpoint: Optio
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if lora is not None:
-        _check_backend_here(lora, model)
+        _check_backend_here(lora)
     report = apply_lora(model, lora, adapter_name) if lora is not None else None
     if report is not None:
         _warn_unmatched(report)
@@ -203,7 +203,7 @@ def add_adapter(model: nn.Module, adapter_name: str, lora: LoRAConfig) -> PatchR
     PEFT). Returns its report; nothing changes when it raises."""
     if not isinstance(lora, LoRAConfig):
         raise TypeError(f"lora must be a lowcost.LoRAConfig, got {type(lora).__name__}")
-    _check_backend_here(lora, model)
+    _check_backend_here(lora)
     report = _add_adapter(model, adapter_name, lora)
     _warn_unmatched(report)
     return report

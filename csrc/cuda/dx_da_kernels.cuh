@@ -46,6 +46,36 @@ __device__ __forceinline__ void store_da(float* __restrict__ da, FragC (&acc)[RT
     }
 }
 
+// The dx epilogue: the warp's fragments of the 64 x 64 tile (times keep_scale) go to the shared fp32
+// tile; after a barrier every thread masks its two groups of 8 with its keep bits, rounds once and
+// stores them (16-byte stores when `vec`).
+template <typename xT>
+__device__ __forceinline__ void write_dx_tile(const FragC (&acc)[4], float* dx_tile, int wa, int wb, float keep_scale,
+                                              uint32_t keep, int64_t m0, int64_t k0, int64_t M, int64_t K, bool vec,
+                                              xT* __restrict__ dx) {
+  constexpr int OLD = padded_ld(kDxBK, 4);
+  using G = RowGroups<kDxBM, kDxBK>;
+#pragma unroll
+  for (int n = 0; n < 4; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      dx_tile[(wa * 16 + frag_c_row(e)) * OLD + wb * 32 + n * 8 + frag_c_col(e)] = keep_scale * acc[n].x[e];
+    }
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < G::kPerThread; ++s) {
+    const int row = G::row(s), col = G::col(s);
+    const int64_t m = m0 + row, k = k0 + col;
+    if (m < M && k < K) {
+      float v[8];
+      load_row8(dx_tile + row * OLD + col, v);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) v[t] = ((keep >> (8 * s + t)) & 1u) ? v[t] : 0.0f;
+      store_row8(dx + m * K + k, v, K - k, vec);
+    }
+  }
+}
+
 template <typename xT, typename aT, int RT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lora_dx_da_kernel(const xT* __restrict__ x, int64_t M, int64_t K, int64_t sx0, int64_t sx1, bool x_vec,
@@ -55,8 +85,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   constexpr bool kMma = kUseMma<xT>;
   constexpr DxDaLayout L = dx_da_layout(RT, sizeof(xT), sizeof(aT));
   constexpr int XLD = padded_ld(kDxBK, sizeof(xT)), DLD = padded_ld(RT, 4), ALD = padded_ld(kDxBK, sizeof(aT));
-  constexpr int OLD = padded_ld(kDxBK, 4);
-  using G = RowGroups<kDxBM, kDxBK>;
   LOWCOST_DYNAMIC_SMEM(smem);
   const int warp = warp_id(), wa = warp % 4, wb = warp / 4;
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kDxBK;
@@ -124,27 +152,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         for (int t = 0; t < RT / 16; ++t) zero(da[t]);
       }
     }
-    if (dx != nullptr) {
-#pragma unroll
-      for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          dx_tile[(wa * 16 + frag_c_row(e)) * OLD + wb * 32 + n * 8 + frag_c_col(e)] = d.keep_scale * acc[n].x[e];
-        }
-      __syncthreads();
-#pragma unroll
-      for (int s = 0; s < G::kPerThread; ++s) {
-        const int row = G::row(s), col = G::col(s);
-        const int64_t m = m0 + row, k = k0 + col;
-        if (m < M && k < K) {
-          float v[8];
-          load_row8(dx_tile + row * OLD + col, v);
-#pragma unroll
-          for (int t = 0; t < 8; ++t) v[t] = ((keep >> (8 * s + t)) & 1u) ? v[t] : 0.0f;
-          store_row8(dx + m * K + k, v, K - k, dx_vec);
-        }
-      }
-    }
+    if (dx != nullptr) write_dx_tile(acc, dx_tile, wa, wb, d.keep_scale, keep, m0, k0, M, K, dx_vec, dx);
   }
   cp_async_wait<0>();
   if (n_chunks == 1) store_da<RT>(da_out, da, 0, r, k0 + warp * 8, K, d.keep_scale, false);

@@ -90,6 +90,46 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
 // --------------------------------------------------------------------------------------------
 // lora_grad_pass
+// Writes a finished column tile's dB rows (scaled) and, for warps that computed it, its dbias; then
+// clears the accumulators. n_base: the first dB row (column of g) of this warp's 16; j_base its first rank.
+template <int RT>
+__device__ __forceinline__ void flush_db_tile(FragC (&db)[RT / 16], FragC& dbias, bool do_bias, float* __restrict__ db_out,
+                                              float* __restrict__ bias_out, int64_t n_base, int64_t j_base,
+                                              int64_t N, int64_t r, float scale) {
+#pragma unroll
+  for (int n = 0; n < RT / 16; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t nn = n_base + frag_c_row(e), j = j_base + n * 8 + frag_c_col(e);
+      if (nn < N && j < r) db_out[nn * r + j] = scale * db[n].x[e];
+    }
+  if (do_bias && frag_c_col(0) == 0) {  // every column of the ones product holds the row sum
+    if (n_base + frag_c_row(0) < N) bias_out[n_base + frag_c_row(0)] = dbias.x[0];
+    if (n_base + frag_c_row(2) < N) bias_out[n_base + frag_c_row(2)] = dbias.x[2];
+  }
+#pragma unroll
+  for (int n = 0; n < RT / 16; ++n) zero(db[n]);
+  zero(dbias);
+}
+
+// Writes rows [m0, m0 + rows) of the shared du accumulator (rows x RT), scaled, to du_out (M, r) columns
+// j0 .. j0 + RT, in rows of 8 (16-byte stores when r % 4 == 0).
+template <int RT>
+__device__ __forceinline__ void write_du_rows(const float* du_acc, int64_t rows, int64_t m0, int64_t j0, int64_t M,
+                                              int64_t r, float scale, float* __restrict__ du_out) {
+  for (int q = threadIdx.x; q < rows * RT / 8; q += kThreads) {
+    const int row = q / (RT / 8), col = q % (RT / 8) * 8;
+    const int64_t m = m0 + row, j = j0 + col;
+    if (m < M && j < r) {
+      float v[8];
+      load_row8(du_acc + row * RT + col, v);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) v[t] *= scale;
+      store_row8(du_out + m * r + j, v, r - j, r % 4 == 0);
+    }
+  }
+}
+
 template <typename gT, typename bT, int RT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lora_grad_pass_kernel(const gT* __restrict__ g, int64_t M, int64_t N, int64_t sg0, int64_t sg1, bool g_vec,
@@ -166,39 +206,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       if (do_bias) mma(dbias, op_gt, ones_operand_b<kMma>());
     }
     if (i % n_rt == n_rt - 1) {  // the column tile is complete: write its dB / dbias partial
-      const int64_t n_base = (ct0 + i / n_rt) * kGpBN + wa * 16;
-      float* db_out = db_parts + static_cast<int64_t>(blockIdx.y) * N * r;
-#pragma unroll
-      for (int n = 0; n < RT / 16; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t nn = n_base + frag_c_row(e), j = j0 + wb * kHalf + n * 8 + frag_c_col(e);
-          if (nn < N && j < r) db_out[nn * r + j] = scale * db[n].x[e];
-        }
-      if (do_bias && frag_c_col(0) == 0) {  // every column of the ones product holds the row sum
-        float* bias_out = dbias_parts + static_cast<int64_t>(blockIdx.y) * N;
-        if (n_base + frag_c_row(0) < N) bias_out[n_base + frag_c_row(0)] = dbias.x[0];
-        if (n_base + frag_c_row(2) < N) bias_out[n_base + frag_c_row(2)] = dbias.x[2];
-      }
-#pragma unroll
-      for (int n = 0; n < RT / 16; ++n) zero(db[n]);
-      zero(dbias);
+      flush_db_tile<RT>(db, dbias, do_bias, db_parts + static_cast<int64_t>(blockIdx.y) * N * r,
+                        do_bias ? dbias_parts + static_cast<int64_t>(blockIdx.y) * N : nullptr,
+                        (ct0 + i / n_rt) * kGpBN + wa * 16, j0 + wb * kHalf, N, r, scale);
     }
   }
   cp_async_wait<0>();
   __syncthreads();  // du_acc is complete
-  float* du_out = du_parts + static_cast<int64_t>(blockIdx.x) * M * r;
-  for (int q = threadIdx.x; q < n_rt * kGpBM * RT / 8; q += kThreads) {
-    const int row = q / (RT / 8), col = q % (RT / 8) * 8;
-    const int64_t m = rt0 * kGpBM + row, j = j0 + col;
-    if (m < M && j < r) {
-      float v[8];
-      load_row8(du_acc + row * RT + col, v);
-#pragma unroll
-      for (int t = 0; t < 8; ++t) v[t] *= scale;
-      store_row8(du_out + m * r + j, v, r - j, r % 4 == 0);
-    }
-  }
+  write_du_rows<RT>(du_acc, n_rt * kGpBM, rt0 * kGpBM, j0, M, r, scale,
+                    du_parts + static_cast<int64_t>(blockIdx.x) * M * r);
 }
 
 }  // namespace cuda

@@ -98,23 +98,35 @@ def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
 
 
 # ---------------------------------------------------------------------------------------------- launches
-def _plan_printer(workdir: str) -> str:
-    exe = os.path.join(workdir, "print_launch_plan")
+def _cache_dir() -> str:
+    return os.path.join(os.environ.get("LOWCOST_CACHE", os.path.expanduser("~/.cache/lowcost")), "kernel_report_cuda")
+
+
+def _plan_printer() -> str:
+    """csrc/tools/print_launch_plan.cpp built once per version of it and of launch_plan.h (cached)."""
+    sources = [os.path.join(REPO, "csrc", "tools", "print_launch_plan.cpp"),
+               os.path.join(REPO, "csrc", "cuda", "launch_plan.h")]
+    digest = hashlib.sha256()
+    for path in sources:
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    exe = os.path.join(_cache_dir(), f"print_launch_plan-{digest.hexdigest()[:16]}")
     if not os.path.exists(exe):
         cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
         if cxx is None:
             raise RuntimeError("no host C++ compiler (c++, g++ or clang++) to build csrc/tools/print_launch_plan.cpp")
-        _run([cxx, "-std=c++17", "-O1", "-o", exe, os.path.join(REPO, "csrc", "tools", "print_launch_plan.cpp")],
-             "building the launch-plan printer")
+        os.makedirs(_cache_dir(), exist_ok=True)
+        tmp = f"{exe}.{os.getpid()}.tmp"
+        _run([cxx, "-std=c++17", "-O1", "-o", tmp, sources[0]], "building the launch-plan printer")
+        os.replace(tmp, exe)
     return exe
 
 
 def launches(M: int, K: int, N: int, r: int, dtype: str, adapter_dtype: str | None = None, sms: int = SM90_SMS,
              bias: bool = False) -> list[dict]:
     """The launches host_launchers.h makes for one forward + backward (from csrc/cuda/launch_plan.h)."""
-    with tempfile.TemporaryDirectory(prefix="lowcost-plan-") as tmp:
-        done = _run([_plan_printer(tmp), str(M), str(K), str(N), str(r), dtype, adapter_dtype or dtype, str(sms),
-                     "1" if bias else "0"], "printing the launch plan")
+    done = _run([_plan_printer(), str(M), str(K), str(N), str(r), dtype, adapter_dtype or dtype, str(sms),
+                 "1" if bias else "0"], "printing the launch plan")
     return json.loads(done.stdout)
 
 
@@ -191,8 +203,7 @@ def kernel_resources(arch: str = "sm_90a") -> dict[str, dict]:
     """Per demangled kernel name (no parameters): regs, spills, static_smem and SASS opcode counts of every kernel
     in csrc/cuda/*.cu compiled for ``arch`` (cached by the sources' hash)."""
     site, nvcc = _cuda_site_packages(), _nvcc()
-    cache_dir = os.path.join(os.environ.get("LOWCOST_CACHE", os.path.expanduser("~/.cache/lowcost")),
-                             "kernel_report_cuda")
+    cache_dir = _cache_dir()
     cache = os.path.join(cache_dir, f"{_cache_key(arch, nvcc, site)}.json")
     if os.path.exists(cache):
         with open(cache, encoding="utf-8") as handle:

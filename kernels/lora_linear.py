@@ -4,6 +4,7 @@
     lora_linear_bwd(g, x, W, A, B, u, s, p, seed, needs)     -> dx (M, K), dA (r, K), dB (N, r), dbias (N,)
     dropout_keep_mask(M, K, seed, p, device)                 -> bool (M, K), the Triton Philox mask
     aot_launches()                                           -> every kernel configuration the launchers launch
+    report_launches(M, K, N, r, dtype, p, num_sms)           -> the launches of one fwd + bwd at a shape
 
 Forward = 2 launches (u pass, base GEMM with the low-rank term in its epilogue); backward = 2 launches
 (g-pass, dgrad with the mask regenerated once per tile); see lora_linear_fwd.py / lora_linear_bwd.py.
@@ -11,7 +12,8 @@ Forward = 2 launches (u pass, base GEMM with the low-rank term in its epilogue);
 Each launcher asserts its own assumptions (the op layer validates user input), allocates, picks ONE block
 configuration per shape with a small heuristic (no autotuning: the interpreter, the AOT check and a GPU
 all run the same configurations), and launches. A launch is described by a ``Launch`` (kernel, grid,
-runtime args, constexprs), which is also what ``aot_launches`` hands to tools/triton_aot_check.py.
+runtime args, constexprs), which is also what ``aot_launches`` and ``report_launches`` hand to
+tools/kernel_report.py.
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ def _sm_count(device: torch.device) -> int:
     return 2
 
 
-def pick_config(kind: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> BlockConfig:
+def pick_config(kind: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+                num_sms: Optional[int] = None) -> BlockConfig:
     """The big config when its programs alone fill the machine (one per SM), else the small one.
 
     rows x cols is the output the kernel tiles: (M, r) for fwd_u and bwd_g (one program per row panel),
@@ -86,7 +89,7 @@ def pick_config(kind: str, rows: int, cols: int, dtype: torch.dtype, device: tor
     programs = triton.cdiv(rows, big.block_m)
     if kind in ("fwd_y", "bwd_dx"):
         programs *= triton.cdiv(cols, big.block_n)
-    return big if programs >= _sm_count(device) else small
+    return big if programs >= (num_sms or _sm_count(device)) else small
 
 
 def rank_pad(r: int) -> int:
@@ -124,6 +127,13 @@ class Launch:
     num_warps: int
     num_stages: int
     label: str = ""
+    role: str = "pass"              # "gemm": the forward / dgrad GEMMs; "pass": everything else
+    persistent: bool = False
+    reference: Optional[dict] = None  # GEMMs: the tile a plain reference GEMM is compiled with (kernel report)
+
+    def config_text(self) -> str:
+        blocks = "x".join(str(v) for k, v in self.constexprs.items() if k.startswith("BLOCK"))
+        return f"{blocks} w{self.num_warps} s{self.num_stages}"
 
     def run(self) -> None:
         if all(g > 0 for g in self.grid):
@@ -362,3 +372,34 @@ def _label(launch: Launch, xdt, adt) -> Launch:
     meta = " ".join(f"{k}={v}" for k, v in launch.constexprs.items() if not k.startswith("BLOCK"))
     launch.label = f"{launch.label} x={_TRITON_TYPES[xdt]} adapters={_TRITON_TYPES[adt]} {meta}"
     return launch
+
+
+# ------------------------------------------------------------------------------------------ kernel report
+def report_launches(M: int, K: int, N: int, r: int, dtype: torch.dtype, dropout: float, num_sms: int) -> list:
+    """The launches of one forward and one backward (every gradient needed, no bias) at this shape, planned
+    for a GPU with ``num_sms`` SMs, on placeholder tensors (torch.empty never touches the memory); the
+    GEMMs carry the tile of their reference GEMM. For tools/kernel_report.py."""
+    x, w, g = torch.empty((M, K), dtype=dtype), torch.empty((N, K), dtype=dtype), torch.empty((M, N), dtype=dtype)
+    a, b = torch.empty((r, K), dtype=dtype), torch.empty((N, r), dtype=dtype)
+    u, du = torch.empty((M, r)), torch.empty((M, r))
+    dev = torch.device("cpu")
+    fwd_y = _plan_fwd_y(x, w, u, b, None, torch.empty((M, N), dtype=dtype), 2.0,
+                        pick_config("fwd_y", M, N, dtype, dev, num_sms))
+    bwd_dx = _plan_bwd_dx(g, w, du, a, x, torch.empty_like(x), torch.empty((r, K)), dropout, 1,
+                          pick_config("bwd_dx", M, K, dtype, dev, num_sms))
+    launches = [
+        _plan_fwd_u(x, a, u, dropout, 1, pick_config("fwd_u", M, r, dtype, dev, num_sms)), fwd_y,
+        _plan_bwd_g(g, b, u, du, torch.empty((N, r)), torch.empty(N), 1.0, pick_config("bwd_g", M, r, dtype, dev,
+                                                                                      num_sms)), bwd_dx]
+    for launch, (m, n, k, b_kmajor) in ((fwd_y, (M, N, K, True)), (bwd_dx, (M, K, N, False))):
+        meta = launch.constexprs
+        block_n, block_k = (meta["BLOCK_N"], meta["BLOCK_K"]) if b_kmajor else (meta["BLOCK_K"], meta["BLOCK_N"])
+        launch.role = "gemm"
+        launch.reference = {"M": m, "N": n, "K": k, "block_m": meta["BLOCK_M"], "block_n": block_n,
+                            "block_k": block_k, "group_m": meta["GROUP_M"], "num_warps": launch.num_warps,
+                            "num_stages": launch.num_stages, "b_kmajor": b_kmajor, "tma": False,
+                            "persistent": False}
+    for launch in launches:
+        launch.constexprs.update(_dot_meta(dtype, allow_tf32=False))
+        launch.label = launch.label.split("/")[0]
+    return launches

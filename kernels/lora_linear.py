@@ -107,7 +107,7 @@ def _plan_g_pass(launches, grad_y, lora_b, u, scale, lowrank, need_dbias, b_dtyp
     du = lowrank_buffer(M, r, grad_y.dtype, dev) if lowrank else None
     if N == 0 or not (lowrank or need_dbias):
         return (du.zero_() if lowrank else None), (db.zero_() if lowrank else None), dbias
-    cols, chunks, rows_per_chunk = bwd_g_chunks(M, N, grad_y.dtype, num_sms)
+    cols, chunks, rows_per_chunk = bwd_g_chunks(M, N, r if lowrank else 1, grad_y.dtype, num_sms)
     f32 = {"dtype": torch.float32, "device": dev}
     du_part = torch.empty((cols, M, r), **f32) if lowrank else None
     db_part = torch.empty((chunks, N, r), **f32) if lowrank else None

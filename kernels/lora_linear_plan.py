@@ -64,6 +64,14 @@ def block_configs(kind: str, dtype: torch.dtype) -> tuple[BlockConfig, ...]:
     return table[kind]
 
 
+def bwd_g_config(dtype: torch.dtype, r: int) -> BlockConfig:
+    """The g-pass config: half as many columns per program at R_PAD = 128 (B's tile and the dB accumulator
+    grow with R_PAD; 256 columns would need more shared memory than an sm_90 block has)."""
+    cfg = block_configs("bwd_g", dtype)[0]
+    return cfg if rank_pad(r) <= 64 else BlockConfig(cfg.name, cfg.block_m, cfg.block_n // 2, 0, cfg.num_warps,
+                                                      cfg.num_stages)
+
+
 MASK_CONFIG = BlockConfig("mask", 32, 0, 64, 4, 1)
 
 
@@ -216,9 +224,9 @@ def plan_fwd_y(x, weight, su, lora_b, bias, y, num_sms) -> Launch:
                   role="gemm", persistent=True, reference=_reference(M, N, K, cfg, True, programs, use_tma))
 
 
-def bwd_g_chunks(M: int, N: int, dtype: torch.dtype, num_sms: int) -> tuple[int, int, int]:
+def bwd_g_chunks(M: int, N: int, r: int, dtype: torch.dtype, num_sms: int) -> tuple[int, int, int]:
     """(column blocks, row chunks, rows per chunk) of the g-pass."""
-    cfg = block_configs("bwd_g", dtype)[0]
+    cfg = bwd_g_config(dtype, r)
     cols = triton.cdiv(N, cfg.block_n)
     rows = chunk_length(M, cfg.block_m, split_count(triton.cdiv(M, cfg.block_m), cols, num_sms))
     return cols, triton.cdiv(M, rows), rows
@@ -228,8 +236,8 @@ def plan_bwd_g(grad_y, lora_b, u, du_part, db_part, dbias_part, scale, rows_per_
     """du_part[c] = s·g[:, block c] B[block c] and db_part[j] = s·g[chunk j]ᵀ u[chunk j] (both or neither),
     dbias_part[j] = Σ g[chunk j] (if dbias_part is not None)."""
     (M, N), r = grad_y.shape, lora_b.shape[1]
-    cfg = block_configs("bwd_g", grad_y.dtype)[0]
     lowrank = du_part is not None
+    cfg = bwd_g_config(grad_y.dtype, r if lowrank else 1)
     assert lowrank == (db_part is not None), "du and dB partials come together"
     use_tma = tma_ok(grad_y)
     absent = u.new_empty((1, 1, 1))  # stands in for an output that is not computed (never written)

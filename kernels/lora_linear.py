@@ -225,7 +225,8 @@ def aot_launches(ranks=AOT_RANKS, variants=DTYPE_VARIANTS, num_sms: int = 132) -
     """Every (kernel, signature, constexprs, options) the launchers can launch on a GPU, planned by the
     launchers' own functions on placeholder tensors: per x dtype (fp32 with and without TF32) and for TMA
     and pointer operands, the GEMMs for both tiles, bias and low-rank flags; the passes for every R_PAD,
-    dropout on/off and K % 4 (the mask's two paths), every flag; the reductions and the mask kernel.
+    dropout on/off and K % 4 (the mask's two paths), every flag; the reductions and the mask kernel; and
+    a whole forward and backward at M = 1, r = 1 (bf16, fp32), which the JIT compiles as constants.
     (Adapters in fp32 are cast to x's dtype by the launchers, so they add no variant.)"""
     yield plan_mask(torch.empty((1, 4), dtype=torch.int8), 0, 1, 0.5)
     yield plan_mask(torch.empty((1, 3), dtype=torch.int8), 0, 1, 0.5)
@@ -233,6 +234,8 @@ def aot_launches(ranks=AOT_RANKS, variants=DTYPE_VARIANTS, num_sms: int = 132) -
         yield _label(plan_reduce(torch.empty((2, 4, 8)), torch.empty((4, 8), dtype=out_dtype), num_sms, ""), out_dtype)
         yield _label(plan_reduce(torch.empty((2, 4, 8)), torch.empty((4, 8)), num_sms, "",
                                  out2=torch.empty((4, 8), dtype=out_dtype)), out_dtype)
+    for dtype in (torch.bfloat16, torch.float32):  # the JIT turns M = 1 and r = 1 into constants
+        yield from (_label(launch, dtype) for launch in _aot_ones(dtype, num_sms))
     for (dtype, tf32), tma in itertools.product(variants, (True, False)):
         launches = itertools.chain(_aot_gemms(dtype, tma, num_sms),
                                    *(_aot_passes(dtype, tma, r, num_sms) for r in ranks))
@@ -241,6 +244,21 @@ def aot_launches(ranks=AOT_RANKS, variants=DTYPE_VARIANTS, num_sms: int = 132) -
                 launch.constexprs.update(dot_meta(dtype, allow_tf32=tf32))
             assert launch.constexprs.get("TMA", tma) == tma, launch.label
             yield _label(launch, dtype)
+
+
+def _aot_ones(dtype, num_sms) -> Iterator[Launch]:
+    """The launches of a forward and backward with M = 1 and r = 1 (values the JIT specialises as
+    constants, so they compile code no other placeholder reaches), with and without dropout and bias."""
+    x, w = torch.empty((1, 64), dtype=dtype), torch.empty((48, 64), dtype=dtype)
+    a, b, g = torch.empty((1, 64), dtype=dtype), torch.empty((48, 1), dtype=dtype), torch.empty((1, 48), dtype=dtype)
+    for p, bias in ((0.0, None), (0.1, torch.empty(48, dtype=dtype))):
+        fwd, _, u = plan_forward(x, w, a, b, bias, 2.0, p, 1, num_sms)
+        bwd, _ = plan_backward(g, x, w, a, b, u, 2.0, p, 1, (True, True, True, bias is not None), num_sms)
+        for launch in fwd + bwd:
+            if "DOT_PRECISION" in launch.constexprs:
+                launch.constexprs.update(dot_meta(dtype, allow_tf32=False))
+            launch.label += " (M=1 r=1)"
+            yield launch
 
 
 def _placeholders(dtype: torch.dtype, r: int, K: int, tma: bool) -> dict:

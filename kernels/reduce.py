@@ -22,9 +22,9 @@ def _reduce_partials_kernel(part_ptr, out_ptr, out2_ptr, n_parts, rows, cols, st
                             BLOCK: tl.constexpr):
     """out = Σ_p part[p] (fp32 accumulate in index order p = 0, 1, ...); out2 = scale2 · out."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < rows.to(tl.int64) * cols
     row = offs // cols
     col = offs % cols
+    ok = row < rows  # (rows or cols equal to 1 arrive as constants: the JIT specialises them)
     ptrs = part_ptr + row * stride_prow + col
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for _ in range(0, n_parts):

@@ -89,3 +89,25 @@ def test_report_compiles_a_small_shape_for_sm90a(tmp_path):
     gemms = [row for row in rows if row["role"] == "gemm" and not row.get("reference")]
     assert gemms and all(row["mma"] == "wgmma" and row["tma"] and row["persistent"] for row in gemms)
     assert all(row["atomics"] == 0 and row["spills"] == 0 for row in rows)
+
+
+def test_cuda_rows_come_from_the_cuda_module_or_say_why_not(monkeypatch):
+    """--backend cuda|all takes the CUDA kernels' rows from tools/kernel_report_cuda.py (another module's
+    job); its RuntimeError (a missing toolchain) becomes a printed reason, not a crash."""
+    import types
+    import kernel_report
+
+    fake = types.ModuleType("kernel_report_cuda")
+    fake.cuda_kernel_rows = lambda M, K, N, r, dtype, dropout, arch: [
+        {"kernel": "lora_down", "backend": "cuda", "role": "pass", "grid": 264, "persistent": False, "regs": 40,
+         "spills": 0, "smem": 0, "ctas_per_sm": 8, "mma": "mma.sync", "tma": False, "atomics": 0, "barriers": 2}]
+    monkeypatch.setitem(sys.modules, "kernel_report_cuda", fake)
+    rows, error = kernel_report.cuda_rows([(8192, 4096, 4096, 16)], "bf16", [0.05], "sm_90a")
+    assert error == "" and rows[0]["kernel"] == "lora_down" and rows[0]["shape"] == "8192,4096,4096,16"
+    assert violations(rows, 132) == []
+
+    def missing(*args):
+        raise RuntimeError("nvcc not found")
+    fake.cuda_kernel_rows = missing
+    rows, error = kernel_report.cuda_rows([(8192, 4096, 4096, 16)], "bf16", [0.05], "sm_90a")
+    assert rows == [] and "nvcc not found" in error

@@ -43,7 +43,7 @@ python -c "import lowcost, torch; from lowcost._extension import has_kernel; pri
 
 if want tests; then
 stamp "GPU tests"
-timeout 240 python -m pytest tests/gpu tests/kernels tests/checkpoint -q -x --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
+timeout 240 python -m pytest tests/gpu tests/kernels tests/checkpoint tests/csrc tests/ops -q -x --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
 stamp "tests exit $? : $(tail -1 "$OUT/tests.log")"
 fi
 

@@ -118,6 +118,6 @@ class Offloader:
         k = frames.index(frame)
         for earlier in frames[max(0, k - self.prefetch_depth):k]:
             if earlier is not None:
-                for leaf in earlier.calls[0].leaves if earlier.calls else ():
+                for leaf in earlier.calls[0].inputs.leaves if earlier.calls else ():
                     if leaf[0] == "offload":
                         leaf[1].prefetch()

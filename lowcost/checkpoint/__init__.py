@@ -1,12 +1,14 @@
 """``lowcost.checkpoint``: our own recompute function, per-block policies, offload and a budget planner.
 
-    lowcost.checkpoint.checkpoint(fn, *args, **kwargs)          # drop-in for torch's use_reentrant=False
+    lowcost.checkpoint(fn, *args, **kwargs)    # drop-in for torch.utils.checkpoint(..., use_reentrant=False)
     report = apply_checkpointing(model, CheckpointConfig(policy="selective"))
     report = apply_checkpointing(model, CheckpointConfig(budget="6GiB"), profile_step=lambda: loss_of(model))
     remove_checkpointing(model)
 
-See ``function.py`` for how recompute and RNG replay work, ``policies.py`` for the policies,
-``selective.py``, ``offload.py`` and ``planner.py`` for the selective, offload and budget mechanisms.
+See ``function.py`` for how recompute works, ``inputs.py`` for what is kept of the inputs and their in-place
+checks, ``state.py`` for the RNG/autocast/device state replayed, ``options.py`` for torch's options,
+``compiled.py`` for ``torch.compile``, ``policies.py`` for the policies, and ``selective.py``, ``offload.py``
+and ``planner.py`` for the selective, offload and budget mechanisms.
 """
 from lowcost.checkpoint.apply import CheckpointReport, apply_checkpointing, checkpointing_of, remove_checkpointing
 from lowcost.checkpoint.config import CheckpointConfig, parse_budget

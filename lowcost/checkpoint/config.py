@@ -57,8 +57,10 @@ class CheckpointConfig:
             object.__setattr__(self, "policy", "budget")
         if self.policy == "budget" and self.budget is None:
             raise ValueError("policy='budget' needs budget= (e.g. '6GiB' or 0.3)")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        for name, low in (("k", 1), ("offload_prefetch", 0), ("offload_min_bytes", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         object.__setattr__(self, "recompute", module_paths("recompute", self.recompute))
         if self.recompute and self.policy != "selective":
             raise ValueError(f"recompute={self.recompute!r} applies to policy='selective' only (it names modules "

@@ -32,6 +32,13 @@ def test_unreadable_budget_fails_at_construction(budget):
     _one_clear_line(info.value)
 
 
+@pytest.mark.parametrize("field, value", [("k", 0), ("k", 1.5), ("offload_prefetch", -1), ("offload_min_bytes", "1MB")])
+def test_bad_integer_fields_fail_at_construction(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be an int") as info:
+        CheckpointConfig(**{field: value})
+    _one_clear_line(info.value)
+
+
 def test_readable_budgets_and_candidates():
     assert CheckpointConfig(budget="6GiB").policy == "budget"
     assert CheckpointConfig(budget="1.5 GB").budget == "1.5 GB"

@@ -5,7 +5,7 @@ default device than the forward did. ``ForwardState`` captures, at the call:
 
 - the CPU RNG state and the CUDA RNG state of every device the inputs live on plus the current device
   (only when CUDA is already initialised; with ``preserve_rng_state=False`` nothing is captured);
-- the autocast state of every device type that has autocast: enabled or not, dtype, cache flag
+- the autocast state of the CPU and of every accelerator present: enabled or not, dtype, cache flag
   (so an autocast that was *off* in the forward is switched off again in the recompute);
 - the default device (``with torch.device(...)`` or ``torch.set_default_device``).
 
@@ -14,11 +14,19 @@ state already matches pays nothing (no context manager is entered for autocast o
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 
-_AUTOCAST_DEVICES = tuple(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
+def _autocast_devices() -> tuple[str, ...]:
+    """The device types whose autocast state can matter here: the CPU and every accelerator present."""
+    present = {"cpu": True, "cuda": torch.cuda.is_available(),
+               "xpu": hasattr(torch, "xpu") and torch.xpu.is_available(),
+               "mps": torch.backends.mps.is_available()}
+    return tuple(d for d, ok in present.items() if ok and torch.amp.is_autocast_available(d))
+
+
+_AUTOCAST_DEVICES = _autocast_devices()
 
 
 def _cuda_devices(tensors) -> list[int]:
@@ -51,6 +59,15 @@ class RNGState:
             yield
 
 
+def default_device():
+    """The default device set by ``with torch.device(...)``/``set_default_device``, or None when none is set (the
+    CPU; checked without the cost of ``torch.get_default_device`` when no torch-function mode is active)."""
+    if torch._C._len_torch_function_stack() == 0:
+        return None
+    device = torch.get_default_device()
+    return None if device == torch.device("cpu") else device
+
+
 def autocast_state() -> tuple:
     """((device type, enabled, dtype, cache enabled), ...) for every device type with autocast."""
     cache = torch.is_autocast_cache_enabled()
@@ -65,17 +82,26 @@ class ForwardState:
         self.rng = RNGState(tensors) if preserve_rng else None
         self.cuda_was_initialized = cuda_initialized()
         self.autocast = autocast_state()
-        self.device = torch.get_default_device()
+        self.device = default_device()
+
+    def _changed(self) -> list:
+        """Context managers putting back what differs now from the call's autocast and default device."""
+        changed = []
+        now = autocast_state()
+        if now != self.autocast:
+            current = {dev: rest for dev, *rest in now}
+            for dev, enabled, dtype, cache in self.autocast:
+                if current.get(dev) != [enabled, dtype, cache]:
+                    changed.append(torch.autocast(dev, enabled=enabled, dtype=dtype, cache_enabled=cache))
+        if default_device() != self.device:
+            changed.append(torch.device(self.device if self.device is not None else "cpu"))
+        return changed
 
     @contextmanager
     def restore(self):
-        with ExitStack() as stack:
-            if self.rng is not None:
-                stack.enter_context(self.rng.replay())
-            now = dict((dev, rest) for dev, *rest in autocast_state())
-            for dev, enabled, dtype, cache in self.autocast:
-                if now.get(dev) != [enabled, dtype, cache]:
-                    stack.enter_context(torch.autocast(dev, enabled=enabled, dtype=dtype, cache_enabled=cache))
-            if torch.get_default_device() != self.device:
-                stack.enter_context(torch.device(self.device))
+        rng = self.rng.replay() if self.rng is not None else nullcontext()
+        changed = self._changed()
+        with rng, ExitStack() if changed else nullcontext() as stack:
+            for context in changed:
+                stack.enter_context(context)
             yield

@@ -7,7 +7,7 @@ from lowcost import _extension  # noqa: F401  (loads lowcost._C when built)
 from lowcost import ops
 from lowcost.nn import LoRAEmbedding, LoRALinear
 from lowcost.ops import lora_embedding, lora_linear
-from lowcost import checkpoint
+from lowcost.checkpoint import entry as checkpoint  # callable: lowcost.checkpoint(fn, *args)
 from lowcost.checkpoint import CheckpointConfig
 from lowcost.api import (LoRAConfig, accelerate_peft, active_adapters, add_adapter, apply, delete_adapter,
                          disable_adapter, load_adapter, merge, save_adapter, set_adapter, unapply)

@@ -1,6 +1,7 @@
 """``CheckpointConfig``: which policy, its parameters, the byte budget and the offload options."""
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -45,14 +46,21 @@ class CheckpointConfig:
     recompute: tuple[str, ...] = ()
 
     def __post_init__(self):
+        check_name("checkpoint policy", self.policy, policy_names())
+        for mode in self.candidates if isinstance(self.candidates, (tuple, list)) else [self.candidates]:
+            check_name("checkpoint budget candidates: mode", mode, MODES)
+        if self.budget is not None:
+            check_budget(self.budget)
         if self.budget is not None and self.policy not in ("full", "budget"):
             raise ValueError(f"budget= picks the policy itself; got policy={self.policy!r} as well")
         if self.budget is not None:
             object.__setattr__(self, "policy", "budget")
         if self.policy == "budget" and self.budget is None:
             raise ValueError("policy='budget' needs budget= (e.g. '6GiB' or 0.3)")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        for name, low in (("k", 1), ("offload_prefetch", 0), ("offload_min_bytes", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         object.__setattr__(self, "recompute", module_paths("recompute", self.recompute))
         if self.recompute and self.policy != "selective":
             raise ValueError(f"recompute={self.recompute!r} applies to policy='selective' only (it names modules "
@@ -74,6 +82,31 @@ def module_paths(what: str, paths) -> tuple[str, ...]:
     return tuple(dict.fromkeys(paths))
 
 
+MODES = ("none", "full", "selective", "offload")
+
+
+def policy_names() -> tuple[str, ...]:
+    from lowcost.checkpoint.policies import POLICIES  # policies.py imports this module
+    return tuple(POLICIES) + ("budget",)
+
+
+def check_name(what: str, value, allowed) -> None:
+    """A one-line ValueError naming the closest allowed name when ``value`` is not one of ``allowed``."""
+    if isinstance(value, str) and value in allowed:
+        return
+    close = difflib.get_close_matches(str(value), list(allowed), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown {what} {value!r}{hint} (expected one of {', '.join(map(repr, allowed))})")
+
+
+def check_budget(budget) -> None:
+    """Raises the one-line error ``parse_budget`` would raise, without knowing the no-checkpoint bytes."""
+    if isinstance(budget, (str, int, float)) and not isinstance(budget, bool):
+        parse_budget(budget, 1)
+        return
+    raise ValueError(f"budget must be a size such as '6GiB' or 10**9, or a fraction in (0, 1]; got {budget!r}")
+
+
 def parse_budget(budget, no_checkpoint_bytes: int) -> int:
     """Budget in bytes: "6GiB" / "1.5 GB" / int bytes / float fraction in (0, 1] of the no-checkpoint bytes."""
     if isinstance(budget, bool):
@@ -88,8 +121,12 @@ def parse_budget(budget, no_checkpoint_bytes: int) -> int:
         return budget
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(budget))
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read budget {budget!r}; use e.g. '6GiB', '512MB', 10**9 or 0.3")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise ValueError(f"cannot read budget {budget!r}; use a number with a unit among "
+                         f"{', '.join(u for u in _UNITS if u)} (e.g. '6GiB', '512MB'), 10**9 bytes or a fraction 0.3")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"budget must be positive, got {budget!r}")
+    return value
 
 
 def format_bytes(n: int) -> str:

@@ -1,28 +1,32 @@
-"""``lowcost.checkpoint.checkpoint``: our own recompute mechanism (non-reentrant semantics).
+"""``lowcost.checkpoint.checkpoint``: our own recompute mechanism, with torch's non-reentrant semantics.
 
 How it works
 ------------
 Forward. ``fn(*args, **kwargs)`` runs once, with grad enabled, inside a pair of ``saved_tensors_hooks``
 owned by a ``Frame``. Every tensor autograd wants to save is *not* kept: the pack hook records its
 (shape, dtype, device) under a running index ``i`` and hands autograd a small ``_Handle(frame, i)``
-instead. The frame keeps only what it needs to run ``fn`` again: the inputs (detached references, or
-host copies when offloading), the CPU and CUDA RNG states and the autocast state at the call.
+instead. The frame keeps only what it needs to run ``fn`` again: the input objects themselves with their
+version counters (or host copies when offloading), and the state of the call (``state.ForwardState``: RNG,
+autocast, default device). The call is registered *before* fn runs, so a saved tensor unpacked while fn is
+still running (``torch.autograd.grad`` inside fn) can already be recomputed.
 
-Backward. The first time autograd unpacks a handle whose tensor is not yet rebuilt, the frame
-*recomputes*: it restores the RNG states (inside ``fork_rng``, so the backward's own RNG stream is left
-untouched) and runs ``fn`` again under recompute hooks that put the detached tensor saved at index ``i``
-into ``frame.store[i]`` — but only for indices whose handles are still alive and not already stored.
-As soon as the largest such index has been rebuilt it raises ``_StopRecompute`` (early stop): the rest
-of ``fn`` is never run again. Unpack then pops the tensor from the store, so each rebuilt tensor lives
-only as long as the autograd node that needs it. A later backward through a retained graph simply
-recomputes again.
+Backward. Recomputed tensors belong to one graph task (one ``backward``/``grad`` call, or one torch
+``GraphExecGroup``), as in torch: the first unpack of a handle in a graph task makes the frame *recompute*
+for that task. It restores the call's state (inside ``fork_rng``, so the backward's own RNG stream is left
+untouched) and runs fn again on the same input objects — after checking that none was modified in place
+since the call (torch's "modified by an inplace operation" error, never a silent wrong gradient) — under
+recompute hooks that put the tensor saved at index ``i`` on the handle of ``i``, for every handle autograd
+still holds. As soon as the largest such index is rebuilt it raises ``_StopRecompute`` (early stop) and the
+rest of fn is not run again. Unpack takes the tensor off its handle, so each rebuilt tensor lives only as
+long as the autograd node that needs it; unpacking it twice in one graph task is an error, as in torch.
 
-The recomputed graph is thrown away (inputs are detached copies with the same ``requires_grad``), so
-gradients flow only through the original graph: this is why no input needs ``requires_grad`` (LoRA
-parameters closed over inside ``fn`` get gradients as usual), why ``autograd.grad`` and
-``backward(inputs=…)`` work, and why a parameter used by several checkpointed blocks is accumulated once
-by its single ``AccumulateGrad`` node (DDP-safe). If the recomputation saves a tensor of another shape,
-dtype or device than the forward did at the same index, a ``CheckpointMismatchError`` names it.
+The recompute hooks also return what they save, so the recomputed graph can itself be differentiated (a
+``grad`` inside fn, run again by a recompute without early stop). That graph is thrown away afterwards:
+gradients flow only through the original graph, which is why no input needs ``requires_grad`` (LoRA
+parameters closed over inside fn get gradients as usual), why ``autograd.grad`` and ``backward(inputs=…)``
+work, and why a parameter used by several checkpointed blocks is accumulated once by its single
+``AccumulateGrad`` node (DDP-safe). A recomputation that saves another number of tensors, or (with
+``determinism_check="default"``) one of another shape, dtype or device, raises ``CheckpointMismatchError``.
 
 A frame may hold several consecutive calls (a Chen et al. √n *segment* of blocks): the inputs of a later
 call that are outputs of an earlier call in the same frame are not kept but re-derived in recompute.
@@ -32,20 +36,26 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Optional
 
 import torch
+import torch.utils.checkpoint as tuc
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lowcost.checkpoint import tracking
+from lowcost.checkpoint.inputs import CallInputs
+from lowcost.checkpoint.options import Options, describe_divergence, resolve
 from lowcost.checkpoint.selective import SelectiveCache
+from lowcost.checkpoint.state import ForwardState, cuda_initialized
 
 Tensor = torch.Tensor
 _LOCAL = threading.local()
+_CONSUMED = object()
+_NO_CONTEXTS = (nullcontext(), nullcontext())
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(tuc.CheckpointError):
     """The recomputation saved tensors that differ (shape/dtype/device/count) from the forward's."""
 
 
@@ -67,80 +77,43 @@ def _recompute_scope():
         _LOCAL.depth -= 1
 
 
-# ------------------------------------------------------------------------------------------- RNG / autocast
-def _cuda_devices(tensors) -> list[int]:
-    """CUDA devices whose RNG state must be replayed: those of the inputs plus the current one."""
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return []
-    devices = {t.device.index for t in tensors if t.is_cuda}
-    devices.add(torch.cuda.current_device())
-    return sorted(d for d in devices if d is not None)
-
-
-class _RNGState:
-    """CPU and CUDA generator states at the start of a call, replayed in recompute."""
-
-    def __init__(self, tensors):
-        self.cpu = torch.get_rng_state()
-        self.devices = _cuda_devices(tensors)
-        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
-
-    @contextmanager
-    def replay(self):
-        with torch.random.fork_rng(devices=self.devices, enabled=True):
-            torch.set_rng_state(self.cpu)
-            for device, state in zip(self.devices, self.cuda):
-                torch.cuda.set_rng_state(state, device)
-            yield
-
-
-def _autocast_state() -> list[tuple[str, torch.dtype]]:
-    return [(dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)]
-
-
-def _autocast(state):
-    if not state:
-        return nullcontext()
-    stack = ExitStack()
-    for dev, dtype in state:
-        stack.enter_context(torch.autocast(dev, dtype=dtype))
-    return stack
+def _graph_task():
+    """The key recomputed tensors belong to: torch's GraphExecGroup, the running graph task, or a fresh key
+    for an unpack outside any backward (``grad_fn._saved_…``), which therefore always recomputes."""
+    group = tuc.GraphExecGroup._get_current_group()
+    if group is not None:
+        return group
+    task = torch._C._current_graph_task_id()
+    return task if task != -1 else object()
 
 
 # ------------------------------------------------------------------------------------------- one call
 class _Call:
-    """One ``fn(*args, **kwargs)`` inside a frame: its inputs as leaves, RNG and autocast state.
+    """One ``fn(*args, **kwargs)`` inside a frame: its inputs, its state and its two contexts (context_fn)."""
 
-    Each tensor leaf is kept as one of: ("keep", detached tensor, requires_grad), ("offload", handle,
-    requires_grad) or ("ref", call index, leaf index) for an output of an earlier call in the frame.
-    """
-
-    def __init__(self, frame: "Frame", fn: Callable, args: tuple, kwargs: dict):
-        self.fn = fn
+    def __init__(self, frame: "Frame", fn: Callable, args: tuple, kwargs: dict, contexts=_NO_CONTEXTS):
+        self.fn, self.contexts = fn, contexts
         leaves, self.spec = tree_flatten((args, kwargs))
-        tensors = [t for t in leaves if isinstance(t, Tensor)]
-        self.rng = _RNGState(tensors) if frame.preserve_rng else None
-        self.autocast = _autocast_state()
-        self.leaves = [frame.encode_leaf(x) for x in leaves]
+        self.state = ForwardState([t for t in leaves if isinstance(t, Tensor)], frame.options.preserve_rng_state)
+        self.inputs = CallInputs(frame, leaves)
         self.outputs: list = []  # weakrefs to the forward's output tensor leaves (segment chaining)
 
-    def run(self, frame: "Frame", outputs_so_far: list[list]) -> list:
-        """Runs fn again on the decoded inputs; returns the flat output leaves."""
-        leaves = [frame.decode_leaf(x, outputs_so_far) for x in self.leaves]
-        args, kwargs = tree_unflatten(leaves, self.spec)
-        rng = self.rng.replay() if self.rng is not None else nullcontext()
-        with rng, _autocast(self.autocast), frame.mode_for_recompute():
+    def run(self, frame: "Frame", outputs_so_far: list[list], memo: dict) -> list:
+        """Runs fn again on the kept inputs; returns the flat output leaves."""
+        args, kwargs = tree_unflatten(self.inputs.decode(outputs_so_far, memo), self.spec)
+        with self.state.restore(), frame.mode_for_recompute(), self.contexts[1]:
             out = self.fn(*args, **kwargs)
         return tree_flatten(out)[0]
 
 
 class _Handle:
-    """What autograd holds instead of a saved tensor: the frame and the tensor's index in it."""
+    """What autograd holds instead of a saved tensor: the frame, the tensor's index, and the tensor rebuilt
+    for each graph task (dropped with the handle when autograd frees the saved tensor)."""
 
-    __slots__ = ("frame", "index", "__weakref__")
+    __slots__ = ("frame", "index", "rebuilt", "__weakref__")
 
     def __init__(self, frame: "Frame", index: int):
-        self.frame, self.index = frame, index
+        self.frame, self.index, self.rebuilt = frame, index, {}
 
 
 def _describe(meta) -> str:
@@ -158,56 +131,50 @@ class Frame:
             see ``selective.py``), or None to recompute everything.
         offloader: an ``Offloader`` that moves kept inputs to host memory (or None).
         label: the block this frame belongs to (for measurements).
+        options: torch's options (``options.Options``); ``preserve_rng`` is its ``preserve_rng_state``.
     """
 
-    def __init__(self, preserve_rng: bool = True, selective=None, offloader=None, label=None):
-        self.preserve_rng, self.offloader = preserve_rng, offloader
+    def __init__(self, preserve_rng: bool = True, selective=None, offloader=None, label=None,
+                 options: Optional[Options] = None):
+        self.options = options if options is not None else Options(preserve_rng_state=preserve_rng)
+        self.offloader = offloader
         self.label = label if label is not None else tracking.current_block()
         self.selective = (SelectiveCache(selective, self.label, lambda: len(self.meta))
                           if selective is not None else None)
         self.calls: list[_Call] = []
         self.meta: list[tuple] = []            # (shape, dtype, device) of each tensor saved in forward
         self.live: dict[int, weakref.ref] = {}  # index -> weakref to the handle autograd holds
-        self.store: dict[int, Tensor] = {}      # rebuilt tensors not yet unpacked
+        self.recomputed: set = set()            # graph tasks this frame has recomputed for
+        self.running = False                    # a call's fn is running (its forward is not complete)
         self.recomputations = 0
         self.name = "fn"
         if offloader is not None:
             offloader.register(self)
 
-    # ---- inputs
-    def encode_leaf(self, x):
-        if not isinstance(x, Tensor):
-            return ("const", x)
-        for ci, call in enumerate(self.calls):
-            for li, ref in enumerate(call.outputs):
-                if ref is not None and ref() is x:
-                    return ("ref", ci, li)
-        if self.offloader is not None and self.offloader.wants(x):
-            return ("offload", self.offloader.offload(x, self.label), x.requires_grad)
-        kept = x.detach()
-        tracking.note_kept(kept, self.label, "input")
-        return ("keep", kept, x.requires_grad)
-
-    def decode_leaf(self, leaf, outputs_so_far):
-        kind = leaf[0]
-        if kind == "const":
-            return leaf[1]
-        if kind == "ref":
-            return outputs_so_far[leaf[1]][leaf[2]]
-        tensor = leaf[1].get() if kind == "offload" else leaf[1]
-        return tensor.detach().requires_grad_(leaf[2])
-
     # ---- forward
-    def run(self, fn: Callable, args: tuple, kwargs: dict):
+    def run(self, fn: Callable, args: tuple, kwargs: dict, contexts=_NO_CONTEXTS):
         """Runs one call of fn under this frame's pack hooks; returns fn's output unchanged."""
         self.name = getattr(fn, "__qualname__", type(fn).__name__)
-        call = _Call(self, fn, args, kwargs)
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), self.mode_for_forward():
-            out = fn(*args, **kwargs)
+        call = _Call(self, fn, args, kwargs, contexts)
+        self.calls.append(call)
+        self.running = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), self.mode_for_forward(), \
+                    contexts[0]:
+                out = fn(*args, **kwargs)
+        except BaseException:
+            self.calls.pop()
+            raise
+        finally:
+            self.running = False
         call.outputs = [weakref.ref(t) if isinstance(t, Tensor) else None for t in tree_flatten(out)[0]]
+        call.inputs.note_forward_mutations()
         if self.selective is not None:
             self.selective.finalize(len(self.meta))
-        self.calls.append(call)
+        if call.state.rng is not None and not call.state.cuda_was_initialized and cuda_initialized():
+            raise tuc.CheckpointError(f"lowcost.checkpoint({self.name}): CUDA was initialised inside the "
+                                      f"checkpointed call, so its RNG state could not be captured; initialise "
+                                      f"CUDA before the call or pass preserve_rng_state=False")
         return out
 
     def _pack(self, tensor: Tensor) -> _Handle:
@@ -225,94 +192,124 @@ class Frame:
         return self.selective.replaying() if self.selective is not None else nullcontext()
 
     # ---- backward
-    def unpack(self, index: int) -> Tensor:
-        if index not in self.store:
-            self.recompute(index)
-        return self.store.pop(index)
+    def unpack(self, handle: _Handle) -> Tensor:
+        task = _graph_task()
+        if task not in self.recomputed or task not in handle.rebuilt:
+            self.recompute(task)
+        value = handle.rebuilt[task]
+        if value is _CONSUMED:
+            raise tuc.CheckpointError(
+                f"lowcost.checkpoint({self.name}): saved tensor #{handle.index} was already unpacked once in "
+                f"this backward; a recomputed tensor is freed when it is unpacked (read ctx.saved_tensors once)")
+        handle.rebuilt[task] = _CONSUMED
+        return value
 
-    def _wanted(self, index: int) -> set[int]:
-        alive = {i for i, ref in self.live.items() if ref() is not None and i not in self.store}
-        alive.add(index)
-        return alive
-
-    def recompute(self, index: int) -> None:
-        """Re-runs the calls until every still-needed saved tensor is rebuilt (see module docstring)."""
-        wanted = self._wanted(index)
-        last, counter = max(wanted), [0]
-        start = time.perf_counter()
+    def recompute(self, task) -> None:
+        """Re-runs the calls until every handle still alive has its tensor for ``task`` (module docstring)."""
+        self.recomputed.add(task)
+        wanted = {i: h for i, ref in self.live.items() if (h := ref()) is not None and task not in h.rebuilt}
+        if not wanted:
+            return
+        stop_at = max(wanted) if self.options.early_stop else None
+        counter = [0]
 
         def pack(tensor: Tensor):
             i = counter[0]
             counter[0] += 1
+            kept = tensor.detach() if tensor.requires_grad else tensor
+            if i >= len(self.meta):
+                if self.running:  # a recompute during the forward may run past what was saved so far
+                    return kept
+                raise self._mismatch(f"the recomputation saves more tensors for backward than the forward "
+                                     f"did ({len(self.meta)}); extra tensor #{i}: "
+                                     f"{_describe((tensor.shape, tensor.dtype, tensor.device))}")
             self._check(i, tensor)
             if i in wanted:
-                self.store[i] = tensor.detach()
-            if i >= last:
+                wanted[i].rebuilt[task] = kept
+            if stop_at is not None and i >= stop_at:
                 raise _StopRecompute
-            return None
+            return kept
 
+        start = time.perf_counter()
         if self.offloader is not None:
             self.offloader.before_recompute(self)
-        outputs: list[list] = []
-        with torch.autograd.graph.saved_tensors_hooks(pack, _no_unpack), _recompute_scope(), \
-                torch.enable_grad():
+        with torch.autograd.graph.saved_tensors_hooks(pack, _identity), _recompute_scope(), torch.enable_grad():
             try:
+                outputs: list[list] = []
+                memo: dict = {}
                 for call in self.calls:
-                    outputs.append(call.run(self, outputs))
+                    outputs.append(call.run(self, outputs, memo))
             except _StopRecompute:
                 pass
         self.recomputations += 1
         tracking.note_recompute(self.label, time.perf_counter() - start)
-        if counter[0] <= last:
-            raise CheckpointMismatchError(
-                f"lowcost.checkpoint({self.name}): the recomputation saved {counter[0]} tensors for backward, "
-                f"the forward saved {len(self.meta)}; tensor #{last} ({_describe(self.meta[last])}) was never "
-                f"rebuilt. fn must take the same code path when it is run again.")
+        self._check_count(counter[0], stop_at, wanted)
+
+    def _check_count(self, saved: int, stop_at: Optional[int], wanted: dict) -> None:
+        """Every wanted tensor rebuilt (and, without early stop, exactly as many saved as in the forward)."""
+        if stop_at is not None and saved > stop_at:
+            return
+        if stop_at is None and (saved == len(self.meta) or (self.running and saved > max(wanted))):
+            return
+        missing = min([i for i in wanted if i >= saved] or [min(saved, len(self.meta) - 1)])
+        raise self._mismatch(f"the recomputation saved {saved} tensors for backward, the forward saved "
+                             f"{len(self.meta)}; tensor #{missing} ({_describe(self.meta[missing])}) was never "
+                             f"rebuilt. fn must take the same code path when it is run again.")
 
     def _check(self, i: int, tensor: Tensor) -> None:
-        if i >= len(self.meta):
-            raise CheckpointMismatchError(
-                f"lowcost.checkpoint({self.name}): the recomputation saved more tensors for backward than the "
-                f"forward did ({len(self.meta)}); extra tensor #{i}: {_describe((tensor.shape, tensor.dtype, tensor.device))}")
+        if self.options.determinism_check == "none":
+            return
         got = (tensor.shape, tensor.dtype, tensor.device)
         if got != self.meta[i]:
-            raise CheckpointMismatchError(
-                f"lowcost.checkpoint({self.name}): saved tensor #{i} differs between forward and recompute: "
-                f"forward saved {_describe(self.meta[i])}, recomputation produced {_describe(got)}. "
-                f"fn must be deterministic in shapes and dtypes.")
+            raise self._mismatch(f"saved tensor #{i} differs between forward and recompute: forward saved "
+                                 f"{_describe(self.meta[i])}, recomputation produced {_describe(got)}. "
+                                 f"fn must be deterministic in shapes and dtypes.")
+
+    def _mismatch(self, what: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(f"lowcost.checkpoint({self.name}): {what}"
+                                       + describe_divergence(self.options.logs))
 
 
 def _unpack(handle: _Handle) -> Tensor:
-    return handle.frame.unpack(handle.index)
+    return handle.frame.unpack(handle)
 
 
-def _no_unpack(_):
-    raise RuntimeError("lowcost.checkpoint: backward through a recomputed graph is not supported")
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
 
 
 # ------------------------------------------------------------------------------------------- public
-def checkpoint(fn: Callable, *args, use_reentrant: Optional[bool] = None, preserve_rng_state: bool = True,
-               **kwargs) -> Any:
+def checkpoint(fn: Callable, *args, use_reentrant: Optional[bool] = None,
+               context_fn: Callable = tuc.noop_context_fn, determinism_check: str = "default", debug: bool = False,
+               early_stop: bool = True, preserve_rng_state: bool = True, **kwargs) -> Any:
     """Runs ``fn(*args, **kwargs)`` keeping only its inputs; what backward needs is recomputed then.
 
-    A drop-in for ``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)``:
-    gradients are bit-identical to running ``fn`` without checkpointing (RNG replayed on CPU and CUDA,
-    so dropout and the fused LoRA op's seeded dropout give the same masks). Inputs need not require grad,
-    kwargs may hold tensors, outputs may be nested or hold non-tensors, calls may nest.
+    A drop-in for ``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)``, with the
+    same options and their meaning (``options.py``): gradients are bit-identical to running ``fn`` without
+    checkpointing (RNG replayed on CPU and CUDA, so dropout and the fused LoRA op's seeded dropout give the
+    same masks). Inputs need not require grad, kwargs may hold tensors, outputs may be nested or hold
+    non-tensors, calls may nest, fn may call ``torch.autograd.grad``. Inputs modified in place after the call
+    (or by fn itself) make backward raise, as torch does. Under ``torch.compile`` the call is traced as torch's
+    checkpoint operator (no graph break).
 
     Args:
         fn: any callable (a module, a bound forward, a function closing over parameters).
-        *args, **kwargs: passed to fn; tensor leaves are kept (detached) to re-run fn in backward.
-        use_reentrant: accepted for compatibility; only False/None is supported.
-        preserve_rng_state: replay the RNG states (default True).
+        *args, **kwargs: passed to fn (every keyword except torch's options below); the tensor inputs are kept
+            (the same objects) to run fn again in backward.
+        use_reentrant: False or None; True is an error (lowcost is non-reentrant only).
+        context_fn, determinism_check, debug, early_stop, preserve_rng_state: as in torch.
     Returns:
         fn's output, unchanged.
     """
-    if use_reentrant:
-        raise ValueError("lowcost.checkpoint implements non-reentrant checkpointing only (use_reentrant=False)")
+    if torch.compiler.is_compiling():
+        from lowcost.checkpoint.compiled import torch_checkpoint
+        return torch_checkpoint(fn, args, kwargs, use_reentrant=use_reentrant, context_fn=context_fn,
+                                determinism_check=determinism_check, debug=debug, early_stop=early_stop,
+                                preserve_rng_state=preserve_rng_state)
+    options = resolve(use_reentrant, preserve_rng_state, context_fn, determinism_check, debug, early_stop)
     if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
-    return Frame(preserve_rng=preserve_rng_state).run(fn, args, kwargs)
+    return Frame(options=options).run(fn, args, kwargs, options.contexts())
 
 
 def checkpoint_with(fn: Callable, args: tuple, kwargs: dict, *, frame: Optional[Frame] = None,

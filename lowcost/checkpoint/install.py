@@ -11,10 +11,11 @@ import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import nn
 
 from lowcost._families import find_blocks
-from lowcost.checkpoint import tracking
+from lowcost.checkpoint import compiled, tracking
 from lowcost.checkpoint.function import checkpoint_with
 from lowcost.checkpoint.offload import Offloader
 from lowcost.checkpoint.policies import Decision
@@ -81,13 +82,13 @@ def _segments(decisions: list[Decision]) -> list[Optional[tuple[_Segment, int]]]
 
 
 def _make_forward(original, state: _Installed, offloader: Optional[Offloader]):
-    """The wrapped forward: sets the block label, then runs the block under its decision."""
+    """The wrapped forward: sets the block label, then runs the block under its decision; while compiling, the
+    decision is lowered to torch's checkpoint operator where it can be (``compiled.py``)."""
     mode = state.decision.mode
     selective = save_matmuls if mode == "selective" else None
     offl = offloader if mode == "offload" else None
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
+    def eager(*args, **kwargs):
         with tracking.block_scope(state.label):
             if mode == "none":
                 return original(*args, **kwargs)
@@ -102,6 +103,16 @@ def _make_forward(original, state: _Installed, offloader: Optional[Offloader]):
                 segment.frame = None if last or frame is None else frame
                 segment.next_position = 0 if last or frame is None else state.position + 1
             return out
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            if mode == "none":
+                return original(*args, **kwargs)
+            if compiled.lowerable(state.decision, state.segment):
+                return compiled.block_forward(original, args, kwargs, state.decision)
+            return compiled.run_eagerly(eager, args, kwargs)
+        return eager(*args, **kwargs)
 
     return forward
 

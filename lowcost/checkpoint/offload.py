@@ -88,7 +88,7 @@ class Offloader:
         self.pin, self.prefetch_depth, self.min_bytes = pin, prefetch, min_bytes
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self._frames: list[weakref.ref] = []
-        self._hosts: dict[int, tuple] = {}  # id(tensor) -> (weakref, host buffer)
+        self._hosts: dict[int, tuple] = {}  # id(tensor) -> (weakref, host buffer, version at the copy)
         self.stats = {"offloaded_bytes": 0, "prefetched": 0, "on_demand": 0}
 
     def wants(self, tensor: torch.Tensor) -> bool:
@@ -96,13 +96,14 @@ class Offloader:
                 and tensor.numel() * tensor.element_size() >= self.min_bytes)
 
     def offload(self, tensor: torch.Tensor, label=None) -> OffloadedTensor:
-        """Host copy of a frame input; one host buffer per tensor object (RoPE tables shared by blocks)."""
-        ref, host = self._hosts.get(id(tensor), (None, None))
-        if ref is None or ref() is not tensor:
+        """Host copy of a frame input; one host buffer per tensor object and version (RoPE tables shared by
+        blocks are copied once; a tensor modified in place since its copy is copied again)."""
+        ref, host, version = self._hosts.get(id(tensor), (None, None, None))
+        if ref is None or ref() is not tensor or version != tensor._version:
             host = _to_host(tensor, self)
-            self._hosts[id(tensor)] = (weakref.ref(tensor), host)
-            tracking.note_kept(host, label, "offload")
+            self._hosts[id(tensor)] = (weakref.ref(tensor), host, tensor._version)
             self.stats["offloaded_bytes"] += host.numel() * host.element_size()
+        tracking.note_kept(host, label, "offload")
         return OffloadedTensor(host, tensor.device, self)
 
     def register(self, frame) -> None:
@@ -118,6 +119,6 @@ class Offloader:
         k = frames.index(frame)
         for earlier in frames[max(0, k - self.prefetch_depth):k]:
             if earlier is not None:
-                for leaf in earlier.calls[0].leaves if earlier.calls else ():
+                for leaf in earlier.calls[0].inputs.leaves if earlier.calls else ():
                     if leaf[0] == "offload":
                         leaf[1].prefetch()

@@ -46,13 +46,34 @@ class Profile:
         return self.fixed + sum(min(b.values()) for b in self.bytes)
 
 
+def _graph_leaves(loss: torch.Tensor) -> list:
+    """The leaf tensors requiring grad that ``loss`` was computed from (AccumulateGrad nodes of its graph)."""
+    leaves, seen, stack = {}, set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            leaves[id(variable)] = variable
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return list(leaves.values())
+
+
 def _step_once(profile_step: Callable, parameters: list, device_type: str):
+    """One profiling step: forward under ``track``, then ``autograd.grad`` w.r.t. the trainable parameters (or,
+    with none, the graph's own leaves, e.g. a trainable prompt), so no ``.grad`` is written."""
     trainable = [p for p in parameters if p.requires_grad]
     with tracking.track(parameters, hook=True) as tracker:
         loss = profile_step()
         if not isinstance(loss, torch.Tensor):
             raise TypeError("profile_step must return the loss tensor (forward only; lowcost runs backward)")
-        torch.autograd.grad(loss.sum(), trainable, allow_unused=True)
+        if not loss.requires_grad:
+            raise ValueError("checkpoint budget: the loss from profile_step does not require grad (nothing in the "
+                             "model requires grad), so no backward would run to profile; make the trained "
+                             "parameters (e.g. LoRA) require grad before planning a budget")
+        torch.autograd.grad(loss.sum(), trainable or _graph_leaves(loss), allow_unused=True)
     return tracker.per_label(device_type), tracker.recompute_s
 
 

@@ -19,9 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from lowcost.checkpoint.config import module_paths
-
-MODES = ("none", "full", "selective", "offload")
+from lowcost.checkpoint.config import MODES, check_name, module_paths
 
 
 @dataclass(frozen=True)
@@ -31,8 +29,7 @@ class Decision:
     recompute: tuple[str, ...] = ()  # "selective": block-relative module paths whose matmuls are recomputed
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown checkpoint mode {self.mode!r}; expected one of {MODES}")
+        check_name("checkpoint mode", self.mode, MODES)
         object.__setattr__(self, "recompute", module_paths("recompute", self.recompute))
         if self.recompute and self.mode != "selective":
             raise ValueError(f"recompute={self.recompute!r} applies to mode 'selective' only, got mode {self.mode!r}")
@@ -84,6 +81,5 @@ POLICIES: dict[str, Callable[..., Decision]] = {
 
 def decide(policy: str, n: int, config=None) -> list[Decision]:
     """The decisions of a named policy for n blocks."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown checkpoint policy {policy!r}; expected one of {sorted(POLICIES)} or 'budget'")
+    check_name("checkpoint policy", policy, tuple(POLICIES))
     return [POLICIES[policy](i, n, config) for i in range(n)]

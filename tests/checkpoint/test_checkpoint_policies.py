@@ -137,6 +137,30 @@ def test_offload_copies_out_and_prefetches_back(peft_llama, reference):
     assert_same(grads_ref, grads, "offload")
 
 
+def test_offload_copies_again_an_input_modified_in_place_between_steps():
+    """A step reusing the same input tensor object with new contents (a buffer filled in place) must not be
+    recomputed from the previous step's host copy."""
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+    x = torch.randn(4, 8)
+
+    def grads():
+        out = x
+        for block in blocks:
+            out = torch.tanh(block(out))
+        return torch.autograd.grad(out.square().sum(), list(blocks.parameters()))
+
+    apply_checkpointing(blocks, CheckpointConfig(policy="offload"))
+    try:
+        grads()
+        x.mul_(3)  # same object, new values: the next step's host copy must be fresh
+        actual = grads()
+    finally:
+        remove_checkpointing(blocks)
+    for a, e in zip(actual, grads()):
+        assert torch.equal(a, e)
+
+
 def test_blocks_found_for_gpt2_and_bert_and_lists():
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=50, n_positions=16))
@@ -168,7 +192,7 @@ def test_offload_on_cuda_pins_prefetches_and_matches(lora):
     assert report.offloader.stream is not None
     assert kept.bytes(kinds=["input"]) == 0 and kept.bytes(kinds=["offload"], device_type="cuda") == 0
     assert kept.bytes(kinds=["offload"], device_type="cpu") == stats["offloaded_bytes"] > 0
-    hosts = [host for _, host in report.offloader._hosts.values()]
+    hosts = [entry[1] for entry in report.offloader._hosts.values()]
     assert hosts and all(h.is_pinned() for h in hosts)
     assert stats["on_demand"] > 0 and stats["prefetched"] >= 3
     torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0)

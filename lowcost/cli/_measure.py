@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import resource
 import threading
 import time
@@ -160,3 +161,16 @@ def trainable(model: nn.Module) -> tuple[int, int]:
 
 def mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
+
+
+def hardware(device: torch.device) -> str:
+    """The machine in words: GPU name, or CPU model, core count and torch's thread count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"CPU {name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"

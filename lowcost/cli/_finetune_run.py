@@ -223,7 +223,8 @@ def _bytes_part(memory: dict) -> str:
                      f"({mib(plain - ours)} less)")
     lora = memory["gradient_bytes"] + memory.get("optimizer_state_bytes", 0)
     full = memory["full_finetune_gradient_and_optimizer_bytes"]
-    parts.append(f"gradients + optimizer state {mib(lora)} vs {mib(full)} for full fine-tuning ({mib(full - lora)} less)")
+    parts.append(f"gradients + optimizer state {mib(lora)} vs {mib(full)} for full fine-tuning "
+                 f"({mib(full - lora)} less)")
     return "; ".join(parts)
 
 

@@ -31,17 +31,18 @@ class Setup:
     measured: dict = field(default_factory=dict)
     params: list = field(default_factory=list)
     report: object = None
+    fresh: bool = True               # False: resuming from a checkpoint
 
 
 def _held_batches(seqs, batch: int, pad: int) -> list:
     return [collate(seqs[i:i + batch], pad) for i in range(0, len(seqs), batch)]
 
 
-def _add_tokens(args, model, tokenizer, words, held_records, kind, dev) -> dict:
+def _add_tokens(args, model, tokenizer, words, held_records, kind, dev, fresh: bool) -> dict:
     """Adds the --new-tokens words; returns counts and the step-0 held-out figures before and after."""
     from lowcost.warmstart import add_tokens
     result: dict = {"file": args.new_tokens}
-    if held_records and not args.resume:
+    if held_records and fresh:
         seqs, _ = sequences(held_records, kind, tokenizer, args.seq_len)
         result["before"] = evaluate(model, _held_batches(seqs, args.batch, pad_id(tokenizer)), dev)
     try:
@@ -53,12 +54,13 @@ def _add_tokens(args, model, tokenizer, words, held_records, kind, dev) -> dict:
     return result
 
 
-def prepare(args, model, tokenizer, data, words, dev) -> Setup:
-    """Splits and encodes the data, adds new tokens, evaluates step 0 and plans the steps."""
+def prepare(args, model, tokenizer, data, words, dev, fresh: bool) -> Setup:
+    """Splits and encodes the data, adds new tokens, evaluates step 0 (``fresh``: no checkpoint to resume
+    from) and plans the steps."""
     from lowcost.cli._data import split
     from lowcost.cli.finetune import total_steps
     train_records, held_records = split(data, args.eval_fraction, args.seed)
-    new_tokens = _add_tokens(args, model, tokenizer, words, held_records, data.kind, dev) if words else None
+    new_tokens = _add_tokens(args, model, tokenizer, words, held_records, data.kind, dev, fresh) if words else None
     train, dropped = sequences(train_records, data.kind, tokenizer, args.seq_len)
     held, held_dropped = sequences(held_records, data.kind, tokenizer, args.seq_len)
     if not train:
@@ -75,8 +77,9 @@ def prepare(args, model, tokenizer, data, words, dev) -> Setup:
     info = {"kind": data.kind, "records": len(data.records), "skipped_lines": data.skipped,
             "train_sequences": len(train), "held_out_sequences": len(held), "dropped_too_long": dropped + held_dropped,
             "train_tokens": sum(len(s.ids) for s in train), "micro_batches_per_epoch": batches.per_epoch}
-    setup = Setup(model, tokenizer, dev, batches, _held_batches(held, args.batch, pad), plan, info, new_tokens)
-    if setup.held and not args.resume:
+    setup = Setup(model, tokenizer, dev, batches, _held_batches(held, args.batch, pad), plan, info, new_tokens,
+                  fresh=fresh)
+    if setup.held and fresh:
         setup.step0 = evaluate(model, setup.held, dev)
         if new_tokens is not None:
             new_tokens["after"] = setup.step0
@@ -98,11 +101,9 @@ def patch(args, setup: Setup, lora, checkpoint) -> None:
         raise CLIError(f"--targets {args.targets!r}: {exc}" if "target" in str(exc) else f"LoRA: {exc}") from None
     setup.params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    if args.resume:
+    if not setup.fresh:
         from lowcost.cli._rundir import checkpoints
-        found = checkpoints(Path(args.out))
-        if found:
-            load_adapter(model, found[-1][1] / "adapter")
+        load_adapter(model, checkpoints(Path(args.out))[-1][1] / "adapter")
     else:
         with torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
             with SavedBytes(model) as plain:
@@ -132,7 +133,7 @@ def _save_adapter(model):
 def _restore(args, setup: Setup, optimizer, scheduler) -> tuple[int, History]:
     """(first step to run, history so far): from the newest checkpoint, or a fresh start."""
     from lowcost.cli._rundir import latest_checkpoint, set_rng_state
-    found = latest_checkpoint(Path(args.out)) if args.resume else None
+    found = None if setup.fresh else latest_checkpoint(Path(args.out))
     if found is None:
         torch.manual_seed(args.seed + 1)          # the dropout stream starts from the seed, whatever ran before
         history = History()

@@ -103,6 +103,7 @@ def _validate(args):
 def run(args: argparse.Namespace) -> int:
     import torch
     from lowcost.cli import _finetune_run as job
+    from lowcost.cli._rundir import checkpoints
     started = time.perf_counter()
     dev, lora, checkpoint, data, words = _validate(args)
     if data.skipped:
@@ -114,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = opt.load_model(args.model, args.dtype, dev)
     opt.check_seq_len(model, args.seq_len)
-    setup = job.prepare(args, model, tokenizer, data, words, dev)
+    fresh = not (args.resume and checkpoints(out))
+    setup = job.prepare(args, model, tokenizer, data, words, dev, fresh)
     job.patch(args, setup, lora, checkpoint)
     if not args.resume:
         from lowcost.cli._rundir import RUN_FILE, write_file

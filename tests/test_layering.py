@@ -1,5 +1,5 @@
-"""Import direction between lowcost's layers (DESIGN.md, "Layers"): a module imports lowcost modules only from
-its own layer or a lower one.
+"""Import direction between lowcost's layers (docs/architecture.md, "Layers"): a module imports lowcost modules
+only from its own layer or a lower one.
 
 Every ``.py`` under ``lowcost/`` and under the directory setup.py installs as ``lowcost.kernels`` is parsed
 with ``ast`` (nothing is imported). Every import counts, wherever it is written: module level, inside
@@ -210,12 +210,13 @@ def test_every_module_has_a_layer():
     files = source_files()
     orphans = [f"{path.relative_to(ROOT)} ({module})" for module, path in files.items() if layer_of(module) is None]
     assert not orphans, ("modules in no layer (add them to LAYERS/HELPERS in tests/test_layering.py and to "
-                         "DESIGN.md):\n" + "\n".join(orphans))
+                         "docs/architecture.md):\n" + "\n".join(orphans))
 
 
 def test_imports_point_down():
     found = find_violations(source_files())
-    assert not found, (f"{len(found)} import(s) point up the layers (DESIGN.md, 'Layers'):\n" + "\n".join(found))
+    assert not found, (f"{len(found)} import(s) point up the layers (docs/architecture.md, 'Layers'):\n"
+                       + "\n".join(found))
 
 
 # ----------------------------------------------------------------------------------------------- the checker itself

@@ -27,6 +27,13 @@ class CLIError(Exception):
     """A problem with the user's input or environment, shown as one line (no traceback)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the message and where to get help), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _subcommand_module(name: str) -> Optional[ModuleType]:
     """``lowcost.cli.<name>``, or None while that subcommand does not exist yet."""
     full = f"{__name__}.{name}"
@@ -39,7 +46,7 @@ def _subcommand_module(name: str) -> Optional[ModuleType]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowcost", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lowcost", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         module = _subcommand_module(name)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -152,9 +153,13 @@ def convert_gguf(gguf: PathLike, cache_dir: Optional[PathLike] = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     os.chmod(tmp, 0o755)
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                     local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                         local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        except (struct.error, ValueError, EOFError) as err:  # a short read surfaces as struct.error or a reshape
+            raise ValueError(f"cannot read {gguf}: truncated, corrupt or unsupported GGUF file "
+                             f"({type(err).__name__}: {str(err)[:200]})") from None
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["architectures"] = [type(model).__name__]

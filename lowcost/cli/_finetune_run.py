@@ -1,0 +1,268 @@
+"""The stages of ``lowcost finetune`` after its options were checked: prepare the data (and new tokens),
+patch the model, train with checkpoints, write the outputs and the one-line summary."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lowcost.cli import CLIError
+from lowcost.cli._encode import collate, pad_id, sequences
+from lowcost.cli._measure import PeakMemory, SavedBytes, mib, optimizer_state_bytes, trainable
+from lowcost.cli._train import Batches, History, Plan, evaluate, make_optimizer, run as run_steps
+
+
+@dataclass
+class Setup:
+    model: object
+    tokenizer: object
+    device: torch.device
+    batches: Batches
+    held: list                       # collated held-out batches
+    plan: Plan
+    data: dict                       # what the data became
+    new_tokens: Optional[dict] = None
+    step0: Optional[dict] = None
+    measured: dict = field(default_factory=dict)
+    params: list = field(default_factory=list)
+    report: object = None
+    fresh: bool = True               # False: resuming from a checkpoint
+
+
+def _held_batches(seqs, batch: int, pad: int) -> list:
+    return [collate(seqs[i:i + batch], pad) for i in range(0, len(seqs), batch)]
+
+
+def _add_tokens(args, model, tokenizer, words, held_records, kind, dev, fresh: bool) -> dict:
+    """Adds the --new-tokens words; returns counts and the step-0 held-out figures before and after."""
+    from lowcost.warmstart import add_tokens
+    result: dict = {"file": args.new_tokens}
+    if held_records and fresh:
+        seqs, _ = sequences(held_records, kind, tokenizer, args.seq_len)
+        result["before"] = evaluate(model, _held_batches(seqs, args.batch, pad_id(tokenizer)), dev)
+    try:
+        report = add_tokens(model, tokenizer, words)
+    except (ValueError, RuntimeError) as exc:
+        raise CLIError(f"--new-tokens {args.new_tokens}: {exc}") from None
+    result.update(words=len(words), added=report.total("added"), existing=report.total("existing"),
+                  new_ids=report.extra.get("new_ids", []))
+    return result
+
+
+def prepare(args, model, tokenizer, data, words, dev, fresh: bool) -> Setup:
+    """Splits and encodes the data, adds new tokens, evaluates step 0 (``fresh``: no checkpoint to resume
+    from) and plans the steps."""
+    from lowcost.cli._data import split
+    from lowcost.cli.finetune import total_steps
+    train_records, held_records = split(data, args.eval_fraction, args.seed)
+    new_tokens = _add_tokens(args, model, tokenizer, words, held_records, data.kind, dev, fresh) if words else None
+    train, dropped = sequences(train_records, data.kind, tokenizer, args.seq_len)
+    held, held_dropped = sequences(held_records, data.kind, tokenizer, args.seq_len)
+    if not train:
+        raise CLIError(f"--data {data.path}: no training sequence left (every chat lost its response to --seq-len "
+                       f"{args.seq_len} truncation)" if dropped else f"--data {data.path}: no training sequence")
+    pad = pad_id(tokenizer)
+    batches = Batches(train, args.batch, args.seed, pad)
+    steps = total_steps(args, batches.per_epoch)
+    plan = Plan(total_steps=steps, grad_accum=args.grad_accum, lr=args.lr,
+                warmup=args.warmup if args.warmup is not None else math.ceil(0.05 * steps),
+                max_grad_norm=args.max_grad_norm,
+                eval_every=args.eval_every or max(1, math.ceil(steps / 5)),
+                save_every=args.save_every or max(1, math.ceil(steps / 10)))
+    info = {"kind": data.kind, "records": len(data.records), "skipped_lines": data.skipped,
+            "train_sequences": len(train), "held_out_sequences": len(held), "dropped_too_long": dropped + held_dropped,
+            "train_tokens": sum(len(s.ids) for s in train), "micro_batches_per_epoch": batches.per_epoch}
+    setup = Setup(model, tokenizer, dev, batches, _held_batches(held, args.batch, pad), plan, info, new_tokens,
+                  fresh=fresh)
+    if setup.held and fresh:
+        setup.step0 = evaluate(model, setup.held, dev)
+        if new_tokens is not None:
+            new_tokens["after"] = setup.step0
+    return setup
+
+
+def _first_batch(setup: Setup) -> dict:
+    from lowcost.cli._train import to_device
+    return to_device(setup.batches.micro(0), setup.device)
+
+
+def patch(args, setup: Setup, lora, checkpoint) -> None:
+    """LoRA (and, on resume, the checkpoint's adapter), the plain setup's saved bytes, then checkpointing."""
+    from lowcost.api import apply, load_adapter
+    model = setup.model
+    try:
+        setup.report = apply(model, lora=lora)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise CLIError(f"--targets {args.targets!r}: {exc}" if "target" in str(exc) else f"LoRA: {exc}") from None
+    setup.params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    if not setup.fresh:
+        from lowcost.cli._rundir import checkpoints
+        load_adapter(model, checkpoints(Path(args.out))[-1][1] / "adapter")
+    else:
+        with torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
+            with SavedBytes(model) as plain:
+                loss = model(**_first_batch(setup)).loss
+            del loss
+        setup.measured["plain_saved_activation_bytes"] = plain.bytes
+    if checkpoint is None:
+        print(_describe(setup.report))
+        return
+    batch = _first_batch(setup)
+    try:
+        with torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
+            setup.report.checkpoint = apply(model, checkpoint=checkpoint, profile_step=lambda: model(**batch).loss)
+    except ValueError as exc:
+        raise CLIError(f"--checkpoint/--budget: {exc}") from None
+    print(_describe(setup.report))
+
+
+def _describe(report) -> str:
+    text = f"lowcost.apply: {len(report.adapted)} layers adapted {report.paths()}"
+    ckpt = report.checkpoint
+    if ckpt is None:
+        return text + ", no activation checkpointing"
+    return (text + f", checkpointing {ckpt.policy} ({', '.join(sorted(set(ckpt.modes())))} over {len(ckpt.blocks)} "
+            "blocks)")
+
+
+def _trainer_state(optimizer, scheduler, dev) -> dict:
+    from lowcost.cli._rundir import rng_state
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(dev)}
+
+
+def _save_adapter(model):
+    from lowcost.api import save_adapter
+    return lambda directory: save_adapter(model, directory)
+
+
+def _restore(args, setup: Setup, optimizer, scheduler) -> tuple[int, History]:
+    """(first step to run, history so far): from the newest checkpoint, or a fresh start."""
+    from lowcost.cli._rundir import latest_checkpoint, set_rng_state
+    found = None if setup.fresh else latest_checkpoint(Path(args.out))
+    if found is None:
+        torch.manual_seed(args.seed + 1)          # the dropout stream starts from the seed, whatever ran before
+        history = History()
+        if setup.step0 is not None:
+            history.evals.append({"step": 0, **setup.step0})
+        return 0, history
+    path, trainer_state, state = found
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    set_rng_state(trainer_state["rng"], setup.device)
+    setup.measured.update(state.get("measured", {}))
+    if setup.new_tokens is not None:
+        setup.new_tokens.update(state.get("new_tokens", {}))
+    print(f"resuming from {path} (step {state['step']} of {setup.plan.total_steps})")
+    return int(state["step"]), History.from_dict(state["history"])
+
+
+def train(args, setup: Setup, out: Path) -> dict:
+    from lowcost.cli._rundir import save_checkpoint
+    model, dev, plan = setup.model, setup.device, setup.plan
+    optimizer, scheduler = make_optimizer(setup.params, plan)
+    start, history = _restore(args, setup, optimizer, scheduler)
+
+    def first_forward(forward):
+        with SavedBytes(model) as saved:
+            loss = forward()
+        setup.measured["saved_activation_bytes"] = saved.bytes
+        return loss
+
+    def save(step: int) -> None:
+        state = {"step": step, "micro_batches": step * plan.grad_accum, "history": history.as_dict(),
+                 "measured": setup.measured, "new_tokens": _json_safe(setup.new_tokens)}
+        save_checkpoint(out, step, _save_adapter(model), _trainer_state(optimizer, scheduler, dev), state)
+
+    held = (lambda step: evaluate(model, setup.held, dev)) if setup.held else None
+    with PeakMemory(dev) as peak:
+        run_steps(model, setup.params, setup.batches, plan, optimizer, scheduler, dev, history, start, held, save,
+                  first_forward if start == 0 else None, label="finetune")
+    setup.measured["peak_memory_bytes_this_session"] = peak.bytes
+    setup.measured["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+    return {"history": history.as_dict()}
+
+
+def _json_safe(value):
+    return json.loads(json.dumps(value, default=str)) if value is not None else None
+
+
+def _publish_adapter(model, out: Path) -> None:
+    from lowcost.cli._rundir import publish_dir
+
+    def fill(tmp: Path) -> None:
+        _save_adapter(model)(tmp / "files")
+        for item in (tmp / "files").iterdir():
+            os.rename(item, tmp / item.name)
+        (tmp / "files").rmdir()
+    publish_dir(out / "adapter", fill)
+
+
+def finish(args, setup: Setup, out: Path, metrics: dict) -> None:
+    """Adapter (and tokenizer), metrics.json and loss.png."""
+    from lowcost.cli._plots import loss_curve
+    from lowcost.cli._rundir import publish_dir, write_file
+    _publish_adapter(setup.model, out)
+    if setup.new_tokens is not None:
+        publish_dir(out / "tokenizer", lambda tmp: setup.tokenizer.save_pretrained(tmp))
+    n_train, n_all = trainable(setup.model)
+    element = setup.params[0].element_size() if setup.params else 4
+    metrics.update(model=args.model, data=args.data, options={k: v for k, v in vars(args).items() if k != "run"},
+                   trainable_params=n_train, total_params=n_all, trainable_fraction=n_train / max(n_all, 1),
+                   data_stats=setup.data, new_tokens=_json_safe(setup.new_tokens), steps=setup.plan.total_steps,
+                   memory={**setup.measured, "gradient_bytes": n_train * element,
+                           "full_finetune_gradient_and_optimizer_bytes": 3 * n_all * element})
+    evals = metrics["history"]["evals"]
+    metrics["held_out"] = {"start": evals[0] if evals and evals[0]["step"] == 0 else None,
+                           "end": evals[-1] if evals else None}
+    write_file(out / "metrics.json", json.dumps(_json_safe(metrics), indent=1) + "\n")
+    history = metrics["history"]
+    loss_curve(out / "loss.png", {"LoRA": (history["step"], history["loss"])},
+               {"LoRA": ([e["step"] for e in evals], [e["loss"] for e in evals])},
+               f"lowcost finetune: {Path(args.model).name} on {Path(args.data).name}")
+
+
+def _bytes_part(memory: dict) -> str:
+    ours, plain = memory.get("saved_activation_bytes"), memory.get("plain_saved_activation_bytes")
+    parts = []
+    if ours is not None and plain is not None:
+        parts.append(f"saved activations {mib(ours)} per step vs {mib(plain)} without checkpointing "
+                     f"({mib(plain - ours)} less)")
+    lora = memory["gradient_bytes"] + memory.get("optimizer_state_bytes", 0)
+    full = memory["full_finetune_gradient_and_optimizer_bytes"]
+    parts.append(f"gradients + optimizer state {mib(lora)} vs {mib(full)} for full fine-tuning "
+                 f"({mib(full - lora)} less)")
+    return "; ".join(parts)
+
+
+def _loss_part(metrics: dict) -> str:
+    start, end = metrics["held_out"]["start"], metrics["held_out"]["end"]
+    if end is None:
+        return "no held-out data"
+    if start is None or start is end:
+        return f"held-out loss {end['loss']:.4f} (perplexity {end['perplexity']:.2f})"
+    return (f"held-out loss {start['loss']:.4f} → {end['loss']:.4f} "
+            f"(perplexity {start['perplexity']:.2f} → {end['perplexity']:.2f})")
+
+
+def _tokens_part(new_tokens: Optional[dict]) -> str:
+    if new_tokens is None:
+        return ""
+    text = f"; {new_tokens.get('added')} new tokens"
+    before, after = new_tokens.get("before"), new_tokens.get("after")
+    if before and after:
+        text += (f" (step-0 held-out {before['nats_per_char']:.4f} → {after['nats_per_char']:.4f} nats/char "
+                 f"before → after adding them)")
+    return text
+
+
+def summary(setup: Setup, metrics: dict, out: Path) -> str:
+    share = 100 * metrics["trainable_fraction"]
+    return (f"lowcost finetune: trained {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters "
+            f"({share:.3f}%); {_bytes_part(metrics['memory'])}; {_loss_part(metrics)}"
+            f"{_tokens_part(metrics['new_tokens'])}; outputs in {out}/ (adapter/, metrics.json, loss.png)")

@@ -21,6 +21,8 @@ from torch import nn
 from lowcost.api import LoRAConfig, apply
 from lowcost.checkpoint import CheckpointConfig
 
+DEFAULT_CONFIGS = Path(__file__).resolve().parent / "data" / "configs"   # llama-3-8b.json
+
 
 def load_config(path):
     """The transformers config for ``path`` (config.json, a directory with one, or a .gguf file)."""

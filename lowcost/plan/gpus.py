@@ -53,10 +53,13 @@ def load_table(path=None) -> list[GPU]:
 
 
 def find(table: list[GPU], name: str) -> GPU:
-    """The table entry whose name matches ``name`` (case-insensitive, a unique prefix is enough)."""
-    wanted = name.lower().replace(" ", "")
-    exact = [g for g in table if g.name.lower().replace(" ", "") == wanted]
-    hits = exact or [g for g in table if g.name.lower().replace(" ", "").startswith(wanted)]
+    """The table entry ``name`` names (case and spaces ignored): the full name, else its first word ("l4"),
+    else a unique prefix ("a100 80")."""
+    squash = lambda text: text.lower().replace(" ", "")  # noqa: E731
+    wanted = squash(name)
+    hits = [g for g in table if squash(g.name) == wanted] or \
+        [g for g in table if squash(g.name.split()[0]) == wanted] or \
+        [g for g in table if squash(g.name).startswith(wanted)]
     if len(hits) != 1:
         names = ", ".join(g.name for g in table)
         raise ValueError(f"--gpu {name!r} matches {'no' if not hits else 'several'} GPU(s) in the table ({names})")

@@ -502,4 +502,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run_script(main)

@@ -215,4 +215,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_script(main)

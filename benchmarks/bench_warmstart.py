@@ -308,4 +308,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_script(main)

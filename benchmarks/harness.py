@@ -35,6 +35,17 @@ class ProviderMismatch(AssertionError):
     """A provider's output disagrees with the reference: it is refused, nothing is timed or written."""
 
 
+def run_script(main: Callable[[], object]) -> None:
+    """A benchmark script's entry point: a refused provider is one line on stderr and exit status 3."""
+    import sys
+    try:
+        code = main()
+    except ProviderMismatch as exc:
+        print(f"{Path(sys.argv[0]).name}: {exc}", file=sys.stderr)
+        code = 3
+    sys.exit(code or 0)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual − expected| / max |expected| (in float64; 0 for two empty tensors)."""
     expected = expected.detach().double()

@@ -9,8 +9,8 @@ Each table sits between two marker comments in README.md:
 ``update_readme(readme, results_dir)`` re-renders every marked table whose results file exists and leaves
 everything outside the markers alone. ``lowcost bench`` calls it after a (non-quick) run;
 ``python benchmarks/readme_tables.py [--readme README.md] [--results benchmarks/results]`` does it alone.
-A run is the set of rows appended at once (one ``date`` stamp); tables show the latest run, except the
-warm-start table, whose parts are run separately: it shows the latest row of every case.
+A run is the set of rows appended at once (one ``date`` stamp); tables show the latest run (the warm-start
+table: the latest run of each of its parts, which are appended separately).
 """
 from __future__ import annotations
 
@@ -105,13 +105,13 @@ def render_offload(rows: list[dict]) -> list[str]:
 
 
 def render_warmstart(rows: list[dict]) -> list[str]:
-    latest: dict = {}
-    for r in rows:                                  # file order; a later row of the same case replaces it
-        latest.pop((r["part"], r["case"]), None)
-        latest[(r["part"], r["case"])] = r
-    body = [[r["part"], r["case"], r["metric"], r["value"], r["target"], r["detail"], f"{r['date'][:10]} {r['git']}"]
-            for r in sorted(latest.values(), key=lambda r: r["part"] != "new_tokens")]
-    return [f"From [`warmstart.csv`](benchmarks/results/warmstart.csv), the latest row of each case "
+    parts = list(dict.fromkeys(r["part"] for r in rows))
+    body = []
+    for part in sorted(parts, key=lambda p: p != "new_tokens"):
+        for r in latest_run([r for r in rows if r["part"] == part]):
+            body.append([r["part"], r["case"], r["metric"], r["value"], r["target"], r["detail"],
+                         f"{r['date'][:10]} {r['git']}"])
+    return [f"From [`warmstart.csv`](benchmarks/results/warmstart.csv), the latest run of each part "
             f"({rows[-1]['hardware']}, torch {rows[-1]['torch']}):", ""] + _table(
         ["part", "case", "metric", "value", "target", "detail", "run"], body)
 

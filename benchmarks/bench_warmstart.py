@@ -109,8 +109,9 @@ def wiki_domain(articles=40, train_chars=120_000):
 
 
 DOMAINS = {"lee": lee_domain, "wiki": wiki_domain}
-NEW_TOKEN_CASES = (("random", {}), ("mean-resize", {}), ("subword-mean", {"tilt": 0.0}),
-                   ("subword-mean", {"tilt": 0.1}), ("distill", {}), ("distill", {"holdout": 0.0}))
+NEW_TOKEN_CASES = {"random": ("random", {}), "mean-resize": ("mean-resize", {}),   # --inits name: (init, kwargs)
+                   "subword-mean": ("subword-mean", {"tilt": 0.0}), "subword-mean-tilt": ("subword-mean", {"tilt": 0.1}),
+                   "distill": ("distill", {}), "distill-no-holdout": ("distill", {"holdout": 0.0})}
 
 
 def _case_name(init, extra):
@@ -134,9 +135,8 @@ def new_tokens_on(domain, args):
     held = [c for c in domain["held"] if sum((" " + w) in c for w in words) >= 2][: args.chunks]
     base_nll, base_n = text_nll(lowcost.load_pretrained(SMOL, verbose=False), tokenizer, held)
     rows = []
-    for init, extra in NEW_TOKEN_CASES:
-        if init not in args.inits:
-            continue
+    for key in args.inits:
+        init, extra = NEW_TOKEN_CASES[key]
         model, tok = lowcost.load_pretrained(SMOL, verbose=False), lowcost.load_tokenizer(SMOL)
         extra = dict(extra, texts=domain["train"]) if init == "distill" else extra
         started = time.perf_counter()
@@ -289,8 +289,8 @@ def main(argv=None):
     parser.add_argument("--chunks", type=int, default=25)
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS),
                         help="new_tokens: the text domains (Lee news, Wikipedia)")
-    parser.add_argument("--inits", nargs="+", default=["random", "mean-resize", "subword-mean", "distill"],
-                        help="new_tokens: which initialisations to run")
+    parser.add_argument("--inits", nargs="+", default=list(NEW_TOKEN_CASES), choices=list(NEW_TOKEN_CASES),
+                        help="new_tokens: which initialisations to run (default all)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="growth and minilm only (a smoke run)")

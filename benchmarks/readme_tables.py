@@ -10,7 +10,7 @@ Each table sits between two marker comments in README.md:
 everything outside the markers alone. ``lowcost bench`` calls it after a (non-quick) run;
 ``python benchmarks/readme_tables.py [--readme README.md] [--results benchmarks/results]`` does it alone.
 A run is the set of rows appended at once (one ``date`` stamp); tables show the latest run (the warm-start
-table: the latest run of each of its parts, which are appended separately).
+table: the latest run of each part and domain, which are appended separately).
 """
 from __future__ import annotations
 
@@ -105,13 +105,15 @@ def render_offload(rows: list[dict]) -> list[str]:
 
 
 def render_warmstart(rows: list[dict]) -> list[str]:
-    parts = list(dict.fromkeys(r["part"] for r in rows))
+    """The latest run of each group of cases: (part, the case up to its first comma), e.g. (new_tokens,
+    "SmolLM2 +40 Wikipedia words"): parts and domains are run and appended separately."""
+    group = lambda r: (r["part"], r["case"].split(",")[0])  # noqa: E731
     body = []
-    for part in sorted(parts, key=lambda p: p != "new_tokens"):
-        for r in latest_run([r for r in rows if r["part"] == part]):
+    for key in sorted(dict.fromkeys(map(group, rows)), key=lambda k: k[0] != "new_tokens"):
+        for r in latest_run([r for r in rows if group(r) == key]):
             body.append([r["part"], r["case"], r["metric"], r["value"], r["target"], r["detail"],
                          f"{r['date'][:10]} {r['git']}"])
-    return [f"From [`warmstart.csv`](benchmarks/results/warmstart.csv), the latest run of each part "
+    return [f"From [`warmstart.csv`](benchmarks/results/warmstart.csv), the latest run of each part and domain "
             f"({rows[-1]['hardware']}, torch {rows[-1]['torch']}):", ""] + _table(
         ["part", "case", "metric", "value", "target", "detail", "run"], body)
 

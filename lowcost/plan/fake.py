@@ -20,7 +20,8 @@ that the trace allocates and saves what the eager run would:
    ``find_packed_sequence_indices`` says "not packed" (the planner's batch holds one sequence per row)
    and the mask helpers do not see fake tensors as tracing.
 
-``LiveBytes`` is a dispatch mode that follows every storage an op creates until it is freed (weak
+The fixes patch process-wide attributes for the duration of the context: do not trace in two threads at
+once. ``LiveBytes`` is a dispatch mode that follows every storage an op creates until it is freed (weak
 references to storages) and records the peak of the live total: the same liveness the eager run has,
 because the same Python and autograd code frees the same tensors at the same points. It cannot see memory
 a kernel allocates and frees inside itself (that is the workspace the planner adds from ``workspace.py``).
@@ -39,14 +40,13 @@ from torch.utils._pytree import tree_flatten
 _REAL_DATA_PTR = torch.UntypedStorage.data_ptr
 
 
-def storage_key(tensor: torch.Tensor) -> int:
-    """Identity of a tensor's storage: its data pointer, or its StorageImpl address for fake/meta storages."""
-    storage = tensor.untyped_storage()
-    return storage._cdata if storage.device.type == "meta" else _REAL_DATA_PTR(storage)
-
-
 def _data_ptr(storage) -> int:
     return storage._cdata if storage.device.type == "meta" else _REAL_DATA_PTR(storage)
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """Identity of a tensor's storage: its data pointer, or its StorageImpl address for fake/meta storages."""
+    return _data_ptr(tensor.untyped_storage())
 
 
 @contextlib.contextmanager

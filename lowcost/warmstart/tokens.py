@@ -12,7 +12,7 @@ resize re-ties them and one write fills both. ``init="random"`` (normal, ``confi
 comparison.
 
 The mean is plain by default (``tilt=0``): measured on SmolLM2 with two domains (Lee news and Wikipedia,
-``benchmarks/bench_warmstart.py``), no tilt towards the first piece did better on both. No two new rows
+``benchmarks/bench_warmstart.py``), a tilt towards the first piece did not do better on either. No two new rows
 identical: rows that coincide (words made of the same pieces in another order with ``tilt=0``, or words
 differing only in characters the tokenizer normalises away) get a tiny deterministic jitter, 1e-3 of the
 table's standard deviation drawn from ``seed``, and are counted as ``jittered``; ``tilt > 0`` weights the
@@ -156,8 +156,8 @@ def add_tokens(model: nn.Module, tokenizer, words: Iterable[str], init: str = "s
         init: "subword-mean", "distill", "random" or "mean-resize" (see the module docstring).
         leading_space: add the word with its leading space (" word", as it appears mid-sentence); default
             when the tokenizer marks word starts ("Ġ", "▁").
-        tilt: first-piece emphasis of the sub-token mean (default 0, the plain mean: a tilt of 0.1 measured
-            better on Lee news but worse on Wikipedia with SmolLM2, see the module docstring).
+        tilt: first-piece emphasis of the sub-token mean (default 0, the plain mean: a tilt of 0.1, the old
+            default, measured worse on both Lee news and Wikipedia with SmolLM2, see the module docstring).
         rescale: scale each row to the weighted mean norm of its pieces (measured worse on SmolLM2: the
             mean's smaller norm steals less probability mass; off by default).
         seed: for random init and the anti-collision jitter.

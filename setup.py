@@ -196,6 +196,7 @@ def main() -> None:
         description="Cheap fine-tuning for PyTorch: fused LoRA kernels, warm starts, checkpointing",
         packages=packages,
         package_dir=package_dir,
+        package_data={"lowcost.plan": ["data/*.json", "data/configs/*.json"]},
         ext_modules=ext_modules,
         cmdclass={"build_ext": build_ext},
         python_requires=">=3.10",

@@ -8,6 +8,11 @@ median step time with its 20th–80th percentile spread and the saved-activation
 counted exactly: distinct non-parameter storages seen by ``saved_tensors_hooks`` (the lowcost op keeps
 nothing elsewhere: only floats/strings on ctx; PEFT's layers are plain modules that keep nothing else
 either). A frozen model without LoRA is the floor. Rows go to benchmarks/results/apply.csv.
+
+Before timing, each provider's loss and gradients (of the LoRA matrices; of the embedding for the floor) are
+checked against a float64 copy of the PEFT model (of the floor) in eval mode, i.e. without dropout, whose
+masks are each provider's own; a provider off by more than 1e-4 (relative) is refused and nothing is written.
+``--quick``: a tiny model, 2 repeats.
 """
 from __future__ import annotations
 
@@ -59,9 +64,61 @@ def make_providers(args, dropout: float) -> dict:
     return providers
 
 
+TOLERANCE = 1e-4
+
+
+def _outputs(model, ids, modules) -> dict:
+    """Loss and gradients of one eval-mode step: dA/dB of each adapted module in ``modules`` (name → the
+    module holding them), or the embedding's gradient when ``modules`` is empty (the frozen floor)."""
+    model.eval()
+    try:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    finally:
+        model.train()
+    out = {"loss": loss.detach()}
+    for name, module in modules.items():
+        a, b = (module.lora_A, module.lora_B) if hasattr(module.lora_A, "grad") else \
+            (module.lora_A["default"].weight, module.lora_B["default"].weight)
+        out[f"{name}.dA"], out[f"{name}.dB"] = a.grad, b.grad
+    if not modules:
+        out["embedding.grad"] = model.get_input_embeddings().weight.grad
+    return out
+
+
+def _reference(model, ids, names) -> dict:
+    """``_outputs`` of a float64 copy of ``model`` (PEFT's, or lowcost's when PEFT is missing)."""
+    import copy
+    from lowcost.patch import lora_layers
+    ref = copy.deepcopy(model).double()
+    modules = dict(ref.named_modules())
+    held = {n: modules[f"base_model.model.{n}"] for n in names} if f"base_model.model.{names[0]}" in modules \
+        else {n: m for n, m in lora_layers(ref).items() if n in names}
+    return _outputs(ref, ids, held)
+
+
+def check_models(models: dict, ids) -> None:
+    """Every provider against a float64 copy (``harness.check_providers``) before any timing."""
+    import copy
+    from lowcost.patch import lora_layers
+    floor = models["frozen (no LoRA)"]
+    harness.check_providers(_outputs(copy.deepcopy(floor).double(), ids, {}),
+                            {"frozen (no LoRA)": _outputs(floor, ids, {})}, TOLERANCE)
+    ours = lora_layers(models["lowcost"])
+    got = {"lowcost": _outputs(models["lowcost"], ids, ours)}
+    if "peft" in models:
+        peft = dict(models["peft"].named_modules())
+        got["peft"] = _outputs(models["peft"], ids, {n: peft[f"base_model.model.{n}"] for n in ours})
+    harness.check_providers(_reference(models.get("peft", models["lowcost"]), ids, sorted(ours)), got, TOLERANCE)
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+
+
 def bench(args, dropout: float) -> list[dict]:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     models = make_providers(args, dropout)
+    check_models(models, ids)
 
     def step_of(model):
         def step():
@@ -99,7 +156,11 @@ def main(argv=None) -> None:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=default)
     parser.add_argument("--dropouts", nargs="+", type=float, default=[0.0, 0.05])
     parser.add_argument("--results", default="apply.csv", help="file name under benchmarks/results/")
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 2 repeats (a smoke run)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 64, 176, 2, 4, 2
+        args.seq, args.batch, args.vocab, args.warmup, args.repeats = 32, 2, 256, 1, 2
     print(f"hardware: {harness.hardware()}  git {harness.git_sha()}", flush=True)
     rows = []
     for dropout in args.dropouts:
@@ -110,4 +171,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_script(main)

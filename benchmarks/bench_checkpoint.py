@@ -17,7 +17,11 @@ The saved bytes of none[lowcost-lora] and selective[lowcost-lora] are also broke
 inputs, selective-cache entries by op and module, bytes outside the blocks) next to the analytic floor for
 zero matmul recompute; the table goes to checkpoint_selective_breakdown.csv (rewritten each run).
 
-    .venv/bin/python benchmarks/bench_checkpoint.py [--rounds 5] [--budget 0.35] [--breakdown-only]
+Before anything is measured, every provider's loss and gradients (same RNG seed) are checked against no
+checkpointing on the same model: a policy that changes the result is refused (tolerance 1e-5 relative;
+on the CPU they are measured bit-equal). ``--quick``: a tiny model, one round.
+
+    .venv/bin/python benchmarks/bench_checkpoint.py [--rounds 5] [--budget 0.35] [--breakdown-only] [--quick]
 """
 from __future__ import annotations
 
@@ -132,6 +136,35 @@ def measure_bytes(p: Provider, ids) -> dict:
     kept_bytes = kept.bytes() + sum(closure.values())
     return {"hook_bytes": hook_bytes, "kept_bytes": kept_bytes, "saved_bytes": hook_bytes + kept_bytes,
             "recomputed_matmuls": counter.count}
+
+
+TOLERANCE = 1e-5
+QUICK_SHAPE = dict(hidden=64, layers=2, seq=32, batch=2, vocab=256, intermediate=176, heads=4, r=8)
+
+
+def loss_and_grads(p: Provider, ids) -> dict:
+    """Loss and every trainable gradient of one step under ``p`` (RNG seeded, so dropout masks agree)."""
+    p.on()
+    try:
+        p.model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        loss = p.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    finally:
+        p.off()
+    out = {"loss": loss.detach()}
+    out.update({name: q.grad.clone() for name, q in p.model.named_parameters() if q.grad is not None})
+    p.model.zero_grad(set_to_none=True)
+    return out
+
+
+def check_providers(provs, ids) -> None:
+    """Each provider against no checkpointing on its own model (``harness.check_providers``)."""
+    plain = {id(p.model): p for p in provs if p.kind == "plain"}
+    for model_id, reference in plain.items():
+        others = [p for p in provs if id(p.model) == model_id and p is not reference]
+        harness.check_providers(loss_and_grads(reference, ids), {p.name: loss_and_grads(p, ids) for p in others},
+                                TOLERANCE, f"{reference.name} vs checkpointing: ")
 
 
 def time_round(p: Provider, ids) -> None:
@@ -406,7 +439,7 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", default="0.35", help="bytes ('40MiB') or a fraction of no-checkpoint bytes")
@@ -414,17 +447,23 @@ def main():
                         help="only the saved-bytes breakdown of none/selective[lowcost-lora] and the "
                              "zero-recompute floor (writes checkpoint_selective_breakdown.csv), plus the saved "
                              "bytes of the lowcost-lora providers it measures (no timing)")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="a tiny model, one round (a smoke run)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        SHAPE.update(QUICK_SHAPE)
+        args.rounds = 1
     budget = float(args.budget) if args.budget.replace(".", "", 1).isdigit() else args.budget
     ids = torch.randint(0, SHAPE["vocab"], (SHAPE["batch"], SHAPE["seq"]), generator=torch.Generator().manual_seed(0))
     if args.breakdown_only:
         provs = lowcost_lora_providers(ids, policies=("selective",))
+        check_providers(provs, ids)
         sizes = {p.name: measure_bytes(p, ids) for p in provs}
         report_breakdown(provs, ids, sizes)
         print()
         print_sizes(provs, sizes)
         return 0
     provs = providers(ids, budget)
+    check_providers(provs, ids)
     sizes = {p.name: measure_bytes(p, ids) for p in provs}
     report_breakdown(provs, ids, sizes)
     for p in provs:  # warm-up, then round-robin timing
@@ -463,4 +502,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run_script(main)

@@ -5,8 +5,11 @@
     python benchmarks/bench_lora_linear.py --device cuda --dtype bfloat16 \
         --shapes 8192x4096x4096 8192x4096x14336 --rank 16
 
-Every step is y = layer(x); y.backward(g) with x requiring grad (a layer inside a network). Providers are timed
-round-robin (one sample each per round). Reports the median time with its 20th-80th percentile spread, the ratio to PEFT and to the floor, and the
+Every step is y = layer(x); y.backward(g) with x requiring grad (a layer inside a network). Before timing, every
+provider's y and gradients are checked against a float64 reference (``lowcost.reference``): the lowcost
+backends with and without dropout (same seed, same Philox mask), PEFT's layer and the floor without dropout
+(their masks are their own); a provider off by more than the dtype's tolerance is refused and nothing is
+written. Providers are timed round-robin (one sample each per round). ``--quick``: one small shape, 3 repeats. Reports the median time with its 20th-80th percentile spread, the ratio to PEFT and to the floor, and the
 saved-activation bytes (distinct non-parameter storages seen by saved_tensors_hooks). Appends rows to
 benchmarks/results/lora_linear.csv and draws benchmarks/results/lora_linear_<device>.png.
 """
@@ -28,7 +31,8 @@ from lowcost.ops.backend import cuda_kernels_usable, triton_usable  # noqa: E402
 
 
 def make_layers(K: int, N: int, r: int, alpha: float, dropout: float, dtype, device):
-    """A frozen base linear and the same adapter weights in lowcost's and PEFT's layers."""
+    """A frozen base linear and the same adapter weights in lowcost's and PEFT's layers: (providers, the
+    tensors whose storage is not an activation, the lowcost layer)."""
     torch.manual_seed(0)
     base = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
     ours = lowcost.LoRALinear.from_linear(base, r=r, alpha=alpha, dropout=dropout)
@@ -39,7 +43,7 @@ def make_layers(K: int, N: int, r: int, alpha: float, dropout: float, dtype, dev
         layers["peft"] = peft_layer
     for backend in _lowcost_backends(device):
         layers[f"lowcost-{backend}"] = _with_backend(ours, backend)
-    return layers, [base.weight, base.bias, ours.lora_A, ours.lora_B]
+    return layers, [base.weight, base.bias, ours.lora_A, ours.lora_B], ours
 
 
 def _peft_layer(base, r, alpha, dropout, ours):
@@ -73,10 +77,62 @@ def _with_backend(layer: lowcost.LoRALinear, backend: str):
     return run
 
 
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}   # relative to max |reference|
+CHECK_SEED = 1234
+
+
+def _run(fn, x, grad, params: dict) -> dict:
+    """y and the gradients of one forward + backward of ``fn`` (x and ``params`` as leaves)."""
+    x = x.detach().requires_grad_(True)
+    for p in params.values():
+        p.grad = None
+    y = fn(x)
+    y.backward(grad)
+    return {"y": y.detach(), "dx": x.grad, **{f"d{name}": p.grad.clone() for name, p in params.items()}}
+
+
+def _reference(x, grad, ours, dropout, lora=True) -> dict:
+    """The float64 reference (``lowcost.reference``, pure-torch Philox mask with ``CHECK_SEED``) for the
+    layer ``ours`` (a ``lowcost.LoRALinear``: W, bias, A, B, s); ``lora=False``: the frozen linear alone."""
+    from lowcost.reference.lora_linear import lora_linear_backward, lora_linear_forward
+    X, G, W = x.double(), grad.double(), ours.weight.double()
+    b = ours.bias.double() if ours.bias is not None else None
+    if not lora:
+        return {"y": X @ W.t() + (b if b is not None else 0), "dx": G @ W}
+    A, B = ours.lora_A.detach().double(), ours.lora_B.detach().double()
+    y, u = lora_linear_forward(X, W, A, B, b, ours.scaling, dropout, CHECK_SEED)
+    dx, da, db, _ = lora_linear_backward(G, X, W, A, B, u, ours.scaling, dropout, CHECK_SEED, (True, True, True, False))
+    return {"y": y, "dx": dx, "dA": da, "dB": db}
+
+
+def check_layers(layers, ours, x, grad, dropout) -> None:
+    """Every provider against the float64 reference before any timing (``harness.check_providers``)."""
+    tol = TOLERANCE[x.dtype]
+    where = f"M={x.shape[0]} K={x.shape[1]} N={grad.shape[1]} p={dropout}: "
+    harness.check_providers(_reference(x, grad, ours, 0.0, lora=False),
+                            {"linear (floor)": _run(layers["linear (floor)"], x, grad, {})}, tol, where)
+    if "peft" in layers:
+        peft = layers["peft"].eval()          # PEFT's own dropout mask cannot match: check its math at p=0
+        try:
+            got = _run(peft, x, grad, {"A": peft.lora_A["default"].weight, "B": peft.lora_B["default"].weight})
+        finally:
+            peft.train()
+        harness.check_providers(_reference(x, grad, ours, 0.0), {"peft": got}, tol, where)
+    for p in sorted({0.0, dropout}):
+        outputs = {}
+        for name in (n for n in layers if n.startswith("lowcost-")):
+            backend = name.split("-", 1)[1]
+            fn = lambda t, b=backend: lowcost.lora_linear(t, ours.weight, ours.lora_A, ours.lora_B, ours.scaling,  # noqa: E731
+                                                           bias=ours.bias, dropout=p, seed=CHECK_SEED, backend=b)
+            outputs[f"{name} (p={p})"] = _run(fn, x, grad, {"A": ours.lora_A, "B": ours.lora_B})
+        harness.check_providers(_reference(x, grad, ours, p), outputs, tol, where)
+
+
 def bench_shape(M, K, N, r, dropout, dtype, device, repeats) -> list[dict]:
-    layers, params = make_layers(K, N, r, 2.0 * r, dropout, dtype, device)
+    layers, params, ours = make_layers(K, N, r, 2.0 * r, dropout, dtype, device)
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(M, N, device=device, dtype=dtype)
+    check_layers(layers, ours, x.detach(), grad, dropout)
     def step_of(layer):
         def step():
             x.grad = None
@@ -138,7 +194,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--results", default="lora_linear.csv", help="file name under benchmarks/results/")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="one small shape, 3 repeats (a smoke run)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.repeats = ["256x128x192"], 3
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"hardware: {harness.hardware()}  git {harness.git_sha()}", flush=True)
     rows = []
@@ -156,4 +215,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_script(main)

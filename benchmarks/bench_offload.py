@@ -9,7 +9,9 @@ block ahead in backward).
 Device bytes are exact: ``lowcost.checkpoint.track(hook=True)`` counts the storages autograd saves outside
 lowcost frames and what the frames keep (inputs, offload buffers), each once, by device; host copies are
 reported apart. Rows go
-to benchmarks/results/offload.csv.
+to benchmarks/results/offload.csv. Before timing, each setup's loss and gradients are checked against no
+checkpointing (``bench_checkpoint.check_providers``): a setup that changes the result is refused.
+``--quick``: a tiny float32 model on the CPU, one round.
 
     python benchmarks/bench_offload.py --device cuda                       # the device script's run
     python benchmarks/bench_offload.py --device cpu --tokens 512 --layers 2 --hidden 256 --repeats 2
@@ -29,7 +31,7 @@ import harness  # noqa: E402
 import lowcost  # noqa: E402
 from lowcost.checkpoint import CheckpointConfig, apply_checkpointing, track  # noqa: E402
 from lowcost.checkpoint.install import resolve_blocks, uninstall  # noqa: E402
-from bench_checkpoint import Provider  # noqa: E402  (a model plus how to switch a checkpointing setup on/off)
+from bench_checkpoint import Provider, check_providers  # noqa: E402  (a model + how to switch a setup on/off)
 
 
 def build_model(args, device, dtype):
@@ -58,7 +60,7 @@ def device_bytes(setup: Provider, forward, device) -> dict:
     return {"device_bytes": kept.bytes(device_type=device.type), "host_bytes": host}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -71,7 +73,11 @@ def main():
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=0, help="shortcut: batch 1 × this many tokens")
     parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="a tiny float32 model on the CPU (a smoke run)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.device, args.dtype, args.hidden, args.layers, args.heads = "cpu", "float32", 64, 2, 4
+        args.vocab, args.tokens, args.repeats = 256, 128, 1
     if args.tokens:
         args.batch, args.seq = 1, args.tokens
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -87,6 +93,7 @@ def main():
         report = apply_checkpointing(model, CheckpointConfig(policy=policy))
         uninstall(resolve_blocks(model))
         setups.append(Provider(policy, model, "lowcost", report.decisions))
+    check_providers(setups, ids)
     sizes = {}
     for s in setups:
         sizes[s.name] = device_bytes(s, forward, device)
@@ -130,4 +137,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run_script(main)

@@ -1,8 +1,11 @@
-"""One benchmark harness: timing with spread, exact saved-activation bytes, and results rows.
+"""One benchmark harness: timing with spread, exact saved-activation bytes, output checks and results rows.
 
-Each benchmark script supplies providers (name → a setup function returning a zero-argument step) and
-calls ``measure``/``append_rows``. Rows carry hardware, versions and the git sha so that results from
-different machines can sit in one file.
+Each benchmark script supplies providers (name → a setup function returning a zero-argument step), checks
+every provider's outputs against a reference with ``check_providers`` before anything is timed (a
+benchmark of a wrong kernel is not a result: a mismatch raises ``ProviderMismatch`` and the script writes
+nothing), and calls ``time_*``/``append_rows``. Rows carry hardware, versions and the git sha so that
+results from different machines can sit in one file. ``LOWCOST_BENCH_RESULTS`` (or ``set_results_dir``)
+sends the files somewhere else than benchmarks/results/ (``lowcost bench --quick`` uses a scratch folder).
 """
 from __future__ import annotations
 
@@ -18,7 +21,66 @@ from typing import Callable, Iterable
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("LOWCOST_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+
+
+def set_results_dir(path) -> Path:
+    """Where ``append_rows`` and the scripts' plots go from now on."""
+    global RESULTS_DIR
+    RESULTS_DIR = Path(path)
+    return RESULTS_DIR
+
+
+class ProviderMismatch(AssertionError):
+    """A provider's output disagrees with the reference: it is refused, nothing is timed or written."""
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """A benchmark script's entry point: a refused provider is one line on stderr and exit status 3."""
+    import sys
+    try:
+        code = main()
+    except ProviderMismatch as exc:
+        print(f"{Path(sys.argv[0]).name}: {exc}", file=sys.stderr)
+        code = 3
+    sys.exit(code or 0)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual − expected| / max |expected| (in float64; 0 for two empty tensors)."""
+    expected = expected.detach().double()
+    if expected.numel() == 0:
+        return 0.0
+    scale = float(expected.abs().max()) or 1.0
+    return float((actual.detach().double() - expected).abs().max()) / scale
+
+
+def check_providers(reference: dict, outputs: dict, tolerance: float, what: str = "") -> dict:
+    """Compares each provider's named outputs with the reference's; returns provider → worst error.
+
+    Args:
+        reference: output name → tensor (e.g. {"y": …, "dx": …}), ideally computed in float64.
+        outputs: provider → {output name → tensor}; every name of ``reference`` must be present.
+        tolerance: the largest accepted ``relative_error``.
+    Raises:
+        ProviderMismatch naming the provider, the output and the error when one exceeds ``tolerance``.
+    """
+    worst = {}
+    for provider, got in outputs.items():
+        errors = {}
+        for name, expected in reference.items():
+            if name not in got:
+                raise ProviderMismatch(f"{what}provider {provider!r} gave no {name!r} to check")
+            if tuple(got[name].shape) != tuple(expected.shape):
+                raise ProviderMismatch(f"{what}provider {provider!r}: {name} has shape {tuple(got[name].shape)}, "
+                                       f"the reference {tuple(expected.shape)}")
+            errors[name] = relative_error(got[name], expected)
+        name, error = max(errors.items(), key=lambda kv: kv[1]) if errors else ("-", 0.0)
+        if not error <= tolerance:   # also catches NaN
+            raise ProviderMismatch(f"{what}provider {provider!r} disagrees with the reference: {name} off by "
+                                   f"{error:.3g} (relative, tolerance {tolerance:g}); refused, nothing timed")
+        worst[provider] = error
+    return worst
 
 
 def hardware() -> str:

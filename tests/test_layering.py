@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("lowcost.models",)),
     ("patch", ("lowcost.patch",)),
     ("api", ("lowcost.api",)),
+    ("plan", ("lowcost.plan",)),      # runs lowcost.apply on fake tensors to predict a step's memory
     ("cli", ("lowcost.cli",)),
 ]
 # Dependency-free helpers below every layer: anyone may import them (except the kernels, see below).

@@ -21,6 +21,11 @@ the new rows (input lookups and, when tied or on the untied head, their logits);
 those rows alone, so no optimizer state for the rest of the table is ever allocated. The teacher is the same
 model run on the old token ids, which never read a new row, so no copy of the model is needed.
 
+Early stopping. Part of the chunks (every fifth by default) is held out: before training and a few times
+per epoch the new-tokenizer NLL of those chunks is measured, training stops when it stops improving, and
+the rows that scored best are kept — the starting rows (the sub-token mean) when nothing improved on them.
+So the result is never worse than its start on text the distillation did not train on.
+
 This is a short distillation, not training on the text: the targets are the original model's own
 probabilities, so the refined model approximates the original one rather than the text.
 """
@@ -142,29 +147,85 @@ def chunk_loss(model: nn.Module, chunk: _Chunk, old_vocab: int) -> torch.Tensor:
     return err.pow(2).mean() + kl.mean()
 
 
+def split_held_out(chunks: list[_Chunk], fraction: float) -> tuple[list[_Chunk], list[_Chunk]]:
+    """(train, held out): every ``round(1/fraction)``-th chunk is held out (at least one when there are two
+    or more chunks and ``fraction`` > 0), spread over the text rather than taken from its end."""
+    if fraction <= 0 or len(chunks) < 2:
+        return list(chunks), []
+    step = max(2, round(1 / fraction))
+    held = [c for i, c in enumerate(chunks) if i % step == step - 1] or [chunks[-1]]
+    held_ids = {id(c) for c in held}
+    return [c for c in chunks if id(c) not in held_ids], held
+
+
+@torch.no_grad()
+def held_out_nll(model: nn.Module, chunks: list[_Chunk]) -> float:
+    """Total next-token NLL (nats) of ``chunks`` with the new tokenizer: what the new rows are judged by."""
+    total = 0.0
+    for chunk in chunks:
+        ids = chunk.new_ids
+        logits = model(ids).logits[0, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+    return total
+
+
+class _BestRows:
+    """The new rows with the lowest held-out NLL seen so far (the starting rows first)."""
+
+    def __init__(self, tables: Sequence[nn.Parameter], first: int, nll: float):
+        self.tables, self.first = tables, first
+        self.rows = [t.data[first:].clone() for t in tables]
+        self.nll, self.at = nll, 0
+
+    def offer(self, nll: float, step: int) -> bool:
+        if nll >= self.nll:
+            return False
+        self.rows = [t.data[self.first:].clone() for t in self.tables]
+        self.nll, self.at = nll, step
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for t, rows in zip(self.tables, self.rows):
+            t.data[self.first:] = rows
+
+
 def distill_rows(model: nn.Module, tables: Sequence[nn.Parameter], first: int, chunks: list[_Chunk], *,
-                 epochs: int = 1, lr: Optional[float] = None, progress: bool = True) -> dict:
+                 epochs: int = 1, lr: Optional[float] = None, progress: bool = True, holdout: float = 0.2,
+                 eval_every: Optional[int] = None, patience: int = 2) -> dict:
     """Adam on rows ``first:`` of each of ``tables`` (the input embedding, plus the head when untied) over
     ``chunks`` for ``epochs``; rows ``:first`` and every other parameter are never written.
 
+    Early stopping: a ``holdout`` fraction of the chunks (``split_held_out``) is never trained on; the
+    new-tokenizer NLL of those chunks (``held_out_nll``) is measured before training and every
+    ``eval_every`` training chunks (default: four times per epoch) and at the end; training stops after
+    ``patience`` measurements without improvement, and the rows with the lowest held-out NLL are the ones
+    kept — the starting rows when no step improved on them. So on the held-out chunks the result is never
+    worse than the start. ``holdout=0`` trains on every chunk for ``epochs`` with no check.
+
     ``lr`` defaults to 0.05 × the RMS of the first table's old rows (an embedding-scale step). Returns the
-    mean loss over the first and over the last epoch. Training and ``requires_grad`` flags are restored.
+    mean loss over the first and over the last epoch run, and the held-out NLL at the start and as kept.
+    Training and ``requires_grad`` flags are restored.
     """
     if not chunks:
         return {"chunks": 0, "epochs": 0}
+    train, held = split_held_out(chunks, holdout)
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     step = lr if lr is not None else 0.05 * float(tables[0].data[:first].float().pow(2).mean().sqrt())
     optimizers = [_RowAdam(t.data, first, step) for t in tables]
+    every = eval_every or max(1, -(-len(train) // 4))
     model.eval()
     fitted = {id(t) for t in tables}
     for p in model.parameters():
         p.requires_grad_(id(p) in fitted)
-    history = []
+    best = _BestRows(tables, first, held_out_nll(model, held)) if held else None
+    start_nll = best.nll if best else None
+    history, seen, misses, stopped = [], 0, 0, False
     try:
         for epoch in range(epochs):
             total = 0.0
-            for n, chunk in enumerate(chunks):
+            for n, chunk in enumerate(train):
                 for t in tables:
                     t.grad = None
                 loss = chunk_loss(model, chunk, first)
@@ -172,17 +233,32 @@ def distill_rows(model: nn.Module, tables: Sequence[nn.Parameter], first: int, c
                 for t, adam in zip(tables, optimizers):
                     adam.step(t.grad[first:])
                 total += float(loss.detach())
-                if progress and ((n + 1) % 10 == 0 or n + 1 == len(chunks)):
-                    print(f"\r  distil new tokens: epoch {epoch + 1}/{epochs}, chunk {n + 1}/{len(chunks)}, "
-                          f"loss {total / (n + 1):.4f}", end="", file=sys.stderr, flush=True)
-            history.append(total / len(chunks))
+                seen += 1
+                if best is not None and (seen % every == 0 or n + 1 == len(train)):
+                    misses = 0 if best.offer(held_out_nll(model, held), seen) else misses + 1
+                    stopped = misses >= patience
+                if progress and ((n + 1) % 10 == 0 or n + 1 == len(train) or stopped):
+                    held_text = f", held-out NLL {best.nll:.1f} (start {start_nll:.1f})" if best else ""
+                    print(f"\r  distil new tokens: epoch {epoch + 1}/{epochs}, chunk {n + 1}/{len(train)}, "
+                          f"loss {total / (n + 1):.4f}{held_text}", end="", file=sys.stderr, flush=True)
+                if stopped:
+                    break
+            history.append(total / (n + 1))
+            if stopped:
+                break
         if progress:
             print(file=sys.stderr)
     finally:
+        if best is not None:
+            best.restore()
         for t in tables:
             t.grad = None
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return {"chunks": len(chunks), "epochs": epochs, "lr": step, "loss_first_epoch": history[0],
-            "loss_last_epoch": history[-1]}
+    out = {"chunks": len(chunks), "train_chunks": len(train), "held_out_chunks": len(held), "epochs": epochs,
+           "lr": step, "loss_first_epoch": history[0], "loss_last_epoch": history[-1], "trained_chunks": seen}
+    if best is not None:
+        out.update(held_out_nll_start=start_nll, held_out_nll=best.nll, kept_after_chunks=best.at,
+                   stopped_early=stopped)
+    return out

@@ -1,4 +1,4 @@
-"""add_tokens: new rows = position-weighted mean of the old pieces, tied stays tied, rows distinct."""
+"""add_tokens: new rows = mean of the old pieces (position-weighted with tilt > 0), tied stays tied, rows distinct."""
 import pytest
 import torch
 
@@ -21,8 +21,7 @@ def test_tied_llama_rows_are_piece_means(smol_tokenizer, llama_factory):
     torch.testing.assert_close(emb[: old.shape[0]], old, rtol=0, atol=0)       # old rows untouched
     for offset, word in enumerate(WORDS[:4]):
         ids = pieces[word]
-        want = _piece_weights(len(ids), 0.1) @ old[ids]
-        torch.testing.assert_close(emb[old.shape[0] + offset], want)
+        torch.testing.assert_close(emb[old.shape[0] + offset], old[ids].mean(0))   # the default: plain mean
         assert tok.encode(f"said {word} today", add_special_tokens=False)[1] == old.shape[0] + offset
     assert torch.unique(emb[old.shape[0]:], dim=0).shape[0] == 4
 
@@ -34,16 +33,29 @@ def test_untied_output_side_and_bias(minilm_tokenizer, llama_factory):
     ids = tok.encode("peacekeepers", add_special_tokens=False)
     report = lowcost.warmstart.add_tokens(model, tok, ["peacekeepers", "warplanes"])
     assert len(report.new) == 2 and report.extra["tied"] is False
-    torch.testing.assert_close(model.lm_head.weight[len(tok) - 2], _piece_weights(len(ids), 0.1) @ old_out[ids])
+    torch.testing.assert_close(model.lm_head.weight[len(tok) - 2], old_out[ids].mean(0))
+
+
+def test_tilt_weights_pieces_by_position(smol_tokenizer, llama_factory):
+    tok = smol_tokenizer.__class__.from_pretrained(smol_tokenizer.name_or_path)
+    model = llama_factory(len(tok))
+    old = model.get_input_embeddings().weight.detach().clone()
+    ids = tok.encode(" Kandahar", add_special_tokens=False)
+    lowcost.warmstart.add_tokens(model, tok, ["Kandahar"], tilt=0.1)
+    weights = _piece_weights(len(ids), 0.1)
+    assert weights[0] > weights[-1] and abs(float(weights.sum()) - 1) < 1e-6
+    torch.testing.assert_close(model.get_input_embeddings().weight[-1], weights @ old[ids])
 
 
 def test_permuted_pieces_and_collisions_stay_distinct(minilm_tokenizer, llama_factory):
-    tok = minilm_tokenizer.__class__.from_pretrained(minilm_tokenizer.name_or_path)
-    model = llama_factory(len(tok))
     # "Peacekeepers" and "peacekeepers" normalise to the same pieces in an uncased WordPiece tokenizer
-    report = lowcost.warmstart.add_tokens(model, tok, ["peacekeepers", "Peacekeepers", "keeperspeace"])
-    new = model.get_input_embeddings().weight[-report.counts["tokenizer"]["added"]:]
-    assert torch.unique(new, dim=0).shape[0] == new.shape[0]
+    # with the plain mean (default) "keeperspeace" has "peacekeepers"' pieces too: jitter keeps them apart
+    for tilt in (0.0, 0.1):
+        tok = minilm_tokenizer.__class__.from_pretrained(minilm_tokenizer.name_or_path)
+        model = llama_factory(len(tok))
+        report = lowcost.warmstart.add_tokens(model, tok, ["peacekeepers", "Peacekeepers", "keeperspeace"], tilt=tilt)
+        new = model.get_input_embeddings().weight[-report.counts["tokenizer"]["added"]:]
+        assert torch.unique(new, dim=0).shape[0] == new.shape[0]
 
 
 @pytest.mark.parametrize("init", ["random", "mean-resize"])

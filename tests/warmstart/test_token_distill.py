@@ -133,3 +133,60 @@ def test_smollm2_distill_beats_subword_mean_on_held_out_news(smol_gguf, gensim_d
         ratios[init] = total_nll(model, tok) / base
     assert ratios["distill"] < ratios["subword-mean"] - 0.01, ratios
     assert ratios["distill"] < 1.03, ratios
+
+
+def _start_rows(smol_tokenizer, llama_factory, tied):
+    """The sub-token-mean rows add_tokens starts from, and the model they give."""
+    model, tok = llama_factory(len(_fresh(smol_tokenizer)), tied=tied), _fresh(smol_tokenizer)
+    report = lowcost.warmstart.add_tokens(model, tok, WORDS)
+    return model, report.extra["new_ids"][0]
+
+
+def test_held_out_split_is_spread_and_never_empty():
+    chunks = list(range(10))
+    train, held = token_distill.split_held_out(chunks, 0.2)
+    assert held == [4, 9] and train == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert token_distill.split_held_out([0, 1], 0.2) == ([0], [1])
+    assert token_distill.split_held_out(chunks, 0.0) == (chunks, [])
+    assert token_distill.split_held_out([0], 0.2) == ([0], [])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_distill_never_ends_worse_than_its_start(smol_tokenizer, llama_factory, tied):
+    """A step far too large wrecks the rows: held-out NLL rises at every check, so the starting rows (the
+    sub-token mean) come back bit for bit and the report says nothing was distilled."""
+    start_model, first = _start_rows(smol_tokenizer, llama_factory, tied)
+    model, tok = llama_factory(len(_fresh(smol_tokenizer)), tied=tied), _fresh(smol_tokenizer)
+    texts = TEXTS * 4
+    report = lowcost.warmstart.add_tokens(model, tok, WORDS, init="distill", texts=texts, lr=50.0, epochs=3,
+                                          progress=False)
+    stats = report.extra["distill"]
+    assert stats["held_out_chunks"] >= 1 and stats["kept_after_chunks"] == 0 and stats["stopped_early"]
+    assert stats["held_out_nll"] == stats["held_out_nll_start"]
+    assert report.counts["tokenizer"]["distilled"] == 0 and "no step improved" in report.notes[-1]
+    for (name, param), start in zip(model.named_parameters(), start_model.parameters()):
+        torch.testing.assert_close(param, start, rtol=0, atol=0, msg=name)
+
+
+def test_distill_keeps_the_best_held_out_rows(smol_tokenizer, llama_factory):
+    """A sensible step: the kept rows score the held-out chunks no worse than the start (re-measured here)."""
+    model, tok = llama_factory(len(_fresh(smol_tokenizer))), _fresh(smol_tokenizer)
+    report = lowcost.warmstart.add_tokens(model, tok, WORDS, init="distill", texts=TEXTS * 4, lr=0.05,
+                                          epochs=4, progress=False)
+    stats = report.extra["distill"]
+    assert stats["held_out_nll"] <= stats["held_out_nll_start"]
+    old_tok = _fresh(smol_tokenizer)
+    pieces = [p for t in TEXTS * 4 for p in token_distill.split_text(t, 1200)]
+    chunks = token_distill.prepare(pieces, [old_tok(p, add_special_tokens=False, return_offsets_mapping=True)
+                                            for p in pieces],
+                                   lambda t: tok(t, add_special_tokens=False, return_offsets_mapping=True),
+                                   tok.bos_token_id or tok.eos_token_id, set(report.extra["new_ids"]))
+    _, held = token_distill.split_held_out(chunks, 0.2)
+    assert token_distill.held_out_nll(model, held) == pytest.approx(stats["held_out_nll"], rel=1e-5)
+
+
+def test_holdout_must_be_a_fraction(smol_tokenizer, llama_factory):
+    tok = _fresh(smol_tokenizer)
+    with pytest.raises(ValueError, match="holdout"):
+        lowcost.warmstart.add_tokens(llama_factory(len(tok)), tok, WORDS, init="distill", texts=TEXTS, holdout=1.0)
+    assert len(tok) == len(_fresh(smol_tokenizer))

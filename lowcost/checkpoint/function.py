@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lowcost.checkpoint import tracking
 from lowcost.checkpoint.selective import SelectiveCache
+from lowcost.checkpoint.sharded import unshard_owner
 
 Tensor = torch.Tensor
 _LOCAL = threading.local()
@@ -128,6 +129,7 @@ class _Call:
         """Runs fn again on the decoded inputs; returns the flat output leaves."""
         leaves = [frame.decode_leaf(x, outputs_so_far) for x in self.leaves]
         args, kwargs = tree_unflatten(leaves, self.spec)
+        unshard_owner(self.fn)  # FSDP2: an earlier block of a segment is still sharded (see sharded.py)
         rng = self.rng.replay() if self.rng is not None else nullcontext()
         with rng, _autocast(self.autocast), frame.mode_for_recompute():
             out = self.fn(*args, **kwargs)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lowcost.checkpoint import CheckpointConfig, apply_checkpointing, checkpointing_of, remove_checkpointing
-from lowcost.patch import adapter_io
+from lowcost.patch import adapter_io, ranks
 from lowcost.patch.merge import DriftReport, merge_model
 from lowcost.patch.peft_accel import accelerate_peft
 from lowcost.patch.report import PatchReport
@@ -123,7 +123,9 @@ def apply(model: nn.Module, lora: Optional[LoRAConfig] = None, checkpoint: Optio
         raise TypeError(f"checkpoint must be a lowcost.CheckpointConfig, got {type(checkpoint).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    report = apply_lora(model, lora) if lora is not None else None
+    ranks.refuse_wrapped(model, "lowcost.apply")
+    report = ranks.collectively("lowcost.apply", lambda: apply_lora(model, lora), _rank_summary(lora),
+                                undo=lambda: remove_lora(model)) if lora is not None else None
     if checkpoint is None:
         return report
     try:
@@ -138,9 +140,20 @@ def apply(model: nn.Module, lora: Optional[LoRAConfig] = None, checkpoint: Optio
     return report
 
 
+def _rank_summary(config: LoRAConfig):
+    """What ranks must agree on after apply: the LoRA config and every adapted module (torch.distributed)."""
+    def describe(report: PatchReport) -> dict:
+        adapted = {f"module {m.name}": f"{m.kind} {m.in_features}->{m.out_features} r={m.r} alpha={m.alpha:g}"
+                   for m in report.adapted}
+        return {**{f"LoRAConfig.{k}": v for k, v in ranks.describe_config(config).items()}, **adapted,
+                "modules_to_save": repr(report.modules_to_save)}
+    return describe
+
+
 def unapply(model: nn.Module) -> nn.Module:
     """The original modules back (same objects and parameters; merged adapters are taken out first) and
     any checkpointing installed by ``apply`` removed."""
+    ranks.refuse_wrapped(model, "lowcost.unapply")
     checkpointed = _has_checkpointing(model)
     if not checkpointed or patch_state(model) is not None:
         remove_lora(model)          # raises a clear error when there is nothing to undo at all
@@ -161,6 +174,7 @@ def merge(model: nn.Module, probe=None, inplace: bool = True) -> tuple[nn.Module
 
     probe: a tensor or kwargs dict for the logit-drift check (HF models get random input_ids (2, 16)).
     inplace=False merges a deep copy and leaves ``model`` patched."""
+    ranks.refuse_wrapped(model, "lowcost.merge")
     state = require_state(model, "lowcost.merge")
     if state.config is None:
         raise RuntimeError("lowcost.merge: this is an accelerate_peft model; use PEFT's merge_and_unload")
@@ -191,12 +205,21 @@ def _peft_config(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, directory) -> None:
-    """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's layout, atomically."""
+    """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's layout, atomically.
+
+    Under torch.distributed only rank 0 writes. FSDP2-sharded adapters are gathered to full tensors first,
+    which is collective: then every rank must call it (all return once the files exist)."""
+    model = ranks.unwrap(model)
     state = require_state(model, "lowcost.save_adapter")
     if state.config is None:
         raise RuntimeError("lowcost.save_adapter: this is an accelerate_peft model; use save_pretrained")
     tensors = adapter_io.adapter_tensors(lora_layers(model), _saved_modules(model))
-    adapter_io.write_adapter(directory, _peft_config(model), tensors)
+    sharded = ranks.any_sharded(tensors.values())
+    tensors = ranks.full_tensors(tensors)
+    if ranks.is_main():
+        adapter_io.write_adapter(directory, _peft_config(model), tensors)
+    if sharded:
+        ranks.barrier()
 
 
 _UNSUPPORTED = {"use_dora": True, "lora_bias": True}
@@ -258,6 +281,7 @@ def _check_agrees(model: nn.Module, config: LoRAConfig) -> None:
 def load_adapter(model: nn.Module, directory) -> nn.Module:
     """Loads an adapter saved by ``save_adapter`` or by PEFT. An unpatched model is patched from the file's
     config first. Nothing in the model changes when it raises."""
+    model = ranks.unwrap(model)
     data, tensors = adapter_io.read_adapter(directory)
     config = _config_from_peft(data, model)
     fresh = patch_state(model) is None

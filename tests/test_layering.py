@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("warmstart", ("lowcost.warmstart",)),
     ("models", ("lowcost.models",)),
     ("patch", ("lowcost.patch",)),
-    ("api", ("lowcost.api",)),
+    ("api", ("lowcost.api", "lowcost.distributed")),
     ("cli", ("lowcost.cli",)),
 ]
 # Dependency-free helpers below every layer: anyone may import them (except the kernels, see below).

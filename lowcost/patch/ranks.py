@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+_SHOWN = 4  # differences named in an error message
 _ORDER = ("call lowcost.apply(model, ...) first, then wrap: DistributedDataParallel(model), or fully_shard(block) "
           "for each decoder block and then fully_shard(model) (lowcost.distributed.shard_model does both)")
 
@@ -143,8 +144,10 @@ def _first_problem(caller: str, everyone: list, failed: list) -> Optional[Except
     for rank, payload in enumerate(everyone[1:], start=1):
         diff = differences(reference, payload["ok"])
         if diff:
+            more = f"; and {len(diff) - _SHOWN} more" if len(diff) > _SHOWN else ""
             return ValueError(f"{caller}: rank {rank} differs from rank 0 (rank 0's value vs rank {rank}'s): "
-                              + "; ".join(diff) + ". Every rank must apply the same LoRA config to the same model")
+                              + "; ".join(diff[:_SHOWN]) + more
+                              + ". Every rank must apply the same LoRA config to the same model")
     return None
 
 

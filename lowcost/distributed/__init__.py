@@ -11,6 +11,10 @@ wrapped model trains as usual. This package holds what the usual recipe is missi
     lowcost.save_adapter(model, "out/")                       # every rank calls; rank 0 writes full tensors
     lowcost.distributed.save_training_state("ckpt/", model, optimizer, step)   # resumable at any world size
 
+Under an initialised process group ``lowcost.apply`` (and ``load_adapter`` on an unpatched model) is
+collective: every rank must call it. To patch a model on one rank alone (evaluation on rank 0 after
+training), call it inside ``with lowcost.distributed.this_rank_only():``.
+
 Importing it does not import FSDP or DCP; they are imported when first used.
 """
 from lowcost.distributed.batches import local_batch_size, shard_batch
@@ -18,6 +22,7 @@ from lowcost.distributed.counting import AllGatherCounter
 from lowcost.distributed.seeding import rank_seed, seed_rank
 from lowcost.distributed.sharding import shard_model
 from lowcost.distributed.training_state import ResumeInfo, load_training_state, save_training_state
+from lowcost.patch.ranks import this_rank_only
 
 __all__ = ["shard_model", "seed_rank", "rank_seed", "local_batch_size", "shard_batch", "AllGatherCounter",
-           "save_training_state", "load_training_state", "ResumeInfo"]
+           "save_training_state", "load_training_state", "ResumeInfo", "this_rank_only"]

@@ -6,6 +6,8 @@ single-process use never imports or touches torch.distributed's collectives.
 - ``collectively(caller, action, describe, undo)``: runs ``action`` on every rank, then compares what each
   rank did (``describe``) in one ``all_gather_object``; a rank that failed or differs makes *every* rank
   raise the same clear error (no rank is left waiting in a later collective), and ``undo`` rolls back.
+  This makes ``lowcost.apply`` collective under an initialised process group; inside ``this_rank_only()``
+  (e.g. patching an evaluation model on rank 0 alone) the comparison is skipped.
 - ``refuse_wrapped(model, caller)``: ``lowcost.apply`` / ``unapply`` / ``merge`` must run before DDP or
   ``fully_shard`` wrap the model: DDP builds its gradient buckets and FSDP2 its parameter groups from the
   parameters that exist at wrap time, so LoRA parameters added later would be silently left out.
@@ -16,6 +18,8 @@ single-process use never imports or touches torch.distributed's collectives.
 from __future__ import annotations
 
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from typing import Callable, Optional
 
@@ -105,6 +109,20 @@ def differences(reference: dict, other: dict) -> list[str]:
     return lines
 
 
+_LOCAL = threading.local()
+
+
+@contextmanager
+def this_rank_only():
+    """Inside it, ``lowcost.apply`` / ``load_adapter`` do not compare with the other ranks (not collective)."""
+    previous = getattr(_LOCAL, "alone", False)
+    _LOCAL.alone = True
+    try:
+        yield
+    finally:
+        _LOCAL.alone = previous
+
+
 def _gather(payload) -> list:
     out = [None] * world()[1]
     torch.distributed.all_gather_object(out, payload)
@@ -116,7 +134,7 @@ def collectively(caller: str, action: Callable, describe: Callable, undo: Option
 
     Returns ``action()``'s result. Raises this rank's own exception when it failed here, RuntimeError when
     another rank failed, ValueError naming the first differing rank and each difference otherwise."""
-    if world()[1] == 1:
+    if world()[1] == 1 or getattr(_LOCAL, "alone", False):
         return action()
     result, error = None, None
     try:

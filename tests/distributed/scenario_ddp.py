@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import lowcost
+import lowcost.distributed
 from dist_cases import DROPOUT_SEED, POLICIES, STEPS, build_llama, global_batch, lora_config, patched, sgd
 from lowcost.distributed import seed_rank, shard_batch
 from lowcost.patch import patch_state
@@ -26,6 +27,11 @@ def bad_input() -> dict:
     out["one_rank_fails_left_unpatched"] = patch_state(failing) is None
     wrapped = DistributedDataParallel(build_llama())
     out["apply_after_ddp"] = _message(lambda: lowcost.apply(wrapped, lora=lora_config()))
+    alone = build_llama()
+    if rank == 0:  # a model patched on one rank only (no other rank calls apply): must not wait for them
+        with lowcost.distributed.this_rank_only():
+            lowcost.apply(alone, lora=lora_config())
+    out["this_rank_only_patched"] = patch_state(alone) is not None
     five_rows = {"input_ids": torch.zeros(5, 8, dtype=torch.long)}
     out["indivisible_batch"] = _message(lambda: shard_batch(five_rows))
     return out

@@ -55,6 +55,12 @@ def test_a_rank_whose_apply_fails_fails_every_rank(ddp):
     assert all(rank["bad_input"]["one_rank_fails_left_unpatched"] for rank in ranks)
 
 
+def test_apply_on_one_rank_only_inside_this_rank_only(ddp):
+    """Rank 0 patches a model the other rank never sees; it does not wait for the other rank."""
+    _, ranks = ddp
+    assert [rank["bad_input"]["this_rank_only_patched"] for rank in ranks] == [True, False]
+
+
 def test_apply_after_ddp_is_refused_with_the_order(ddp):
     _, ranks = ddp
     for rank in ranks:

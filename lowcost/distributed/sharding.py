@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from lowcost.checkpoint.install import resolve_blocks
@@ -19,16 +20,17 @@ from lowcost.patch.ranks import wrapper_of
 
 
 def shard_model(model: nn.Module, *, mesh=None, mp_policy=None, reshard_after_forward: bool = True,
-                offload_policy=None, blocks: Optional[list] = None) -> nn.Module:
+                blocks: Optional[list] = None, **fully_shard_kwargs) -> nn.Module:
     """Applies ``fully_shard`` to each block of ``model`` and then to ``model``; returns ``model``.
 
     Args:
         model: a (lowcost-patched) model; its blocks come from the model-family table unless ``blocks``.
-        mesh: a 1-D DeviceMesh; default: all ranks of the default process group on this host's device type.
+        mesh: a 1-D DeviceMesh; default: every rank of the default process group, on CUDA when the
+            backend is NCCL, else on the device of the model's parameters.
         mp_policy: an FSDP2 ``MixedPrecisionPolicy`` (e.g. bf16 params, fp32 reduce) or None.
         reshard_after_forward: FSDP2's setting for the blocks (the root keeps its parameters gathered).
-        offload_policy: an FSDP2 ``CPUOffloadPolicy`` or None.
         blocks: the modules to shard one by one (default: the model's decoder blocks).
+        **fully_shard_kwargs: passed to every ``fully_shard`` call (e.g. ``offload_policy``).
     """
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -39,11 +41,9 @@ def shard_model(model: nn.Module, *, mesh=None, mp_policy=None, reshard_after_fo
     if wrapper is not None:
         raise RuntimeError(f"shard_model: the model is already wrapped by {wrapper}")
     mesh = mesh if mesh is not None else _default_mesh(model)
-    kwargs = {"mesh": mesh}
+    kwargs = {"mesh": mesh, **fully_shard_kwargs}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    if offload_policy is not None:
-        kwargs["offload_policy"] = offload_policy
     units = list(blocks) if blocks is not None else [block for _, block in resolve_blocks(model)]
     for block in units:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
@@ -55,6 +55,9 @@ def _default_mesh(model: nn.Module):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = next((p.device for p in model.parameters()), None)
-    device_type = device.type if device is not None else "cpu"
+    if torch.cuda.is_available() and "nccl" in str(dist.get_backend()):
+        device_type = "cuda"
+    else:
+        device = next((p.device for p in model.parameters()), None)
+        device_type = device.type if device is not None else "cpu"
     return init_device_mesh(device_type, (dist.get_world_size(),))

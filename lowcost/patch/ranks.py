@@ -100,12 +100,12 @@ def _short(value, limit: int = 160) -> str:
 
 
 def differences(reference: dict, other: dict) -> list[str]:
-    """'key: rank 0 has X, this rank has Y' lines, one per key whose value differs (or is missing)."""
+    """'key: <reference's value> vs <other's value>' for each key whose value differs (or is missing)."""
     lines = []
     for key in sorted(set(reference) | set(other)):
-        mine, theirs = reference.get(key, "<missing>"), other.get(key, "<missing>")
-        if mine != theirs:
-            lines.append(f"{key}: {_short(mine)} vs {_short(theirs)}")
+        first, second = reference.get(key, "<missing>"), other.get(key, "<missing>")
+        if first != second:
+            lines.append(f"{key}: {_short(first)} vs {_short(second)}")
     return lines
 
 

@@ -11,8 +11,8 @@ wrapped model trains as usual. This package holds what the usual recipe is missi
     lowcost.save_adapter(model, "out/")                       # every rank calls; rank 0 writes full tensors
     lowcost.distributed.save_training_state("ckpt/", model, optimizer, step)   # resumable at any world size
 
-Under an initialised process group ``lowcost.apply`` (and ``load_adapter`` on an unpatched model) is
-collective: every rank must call it. To patch a model on one rank alone (evaluation on rank 0 after
+Under an initialised process group ``lowcost.apply`` (and ``add_adapter``) is collective: every rank must
+call it. To patch a model on one rank alone (evaluation on rank 0 after
 training), call it inside ``with lowcost.distributed.this_rank_only():``.
 
 Importing it does not import FSDP or DCP; they are imported when first used.

@@ -1,4 +1,6 @@
-"""Modules whose forward is one op call."""
+"""Modules whose forward is one op call, holding one or more named LoRA adapters (``lowcost.nn.adapters``)."""
+from lowcost.nn.adapters import AdapterSpec, LoRAAdapter
+from lowcost.nn.lora_embedding import LoRAEmbedding
 from lowcost.nn.lora_linear import LoRALinear
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "LoRAEmbedding", "LoRAAdapter", "AdapterSpec"]

@@ -1,22 +1,25 @@
-"""``LoRALinear``: a frozen ``nn.Linear`` plus a low-rank adapter, whose forward is one fused op call.
+"""``LoRALinear``: a frozen ``nn.Linear`` plus low-rank adapters, whose forward is one fused op call.
 
     y = x Wᵀ + s · (D ⊙ x) Aᵀ Bᵀ + b,   s = alpha / r   (alpha / sqrt(r) with rsLoRA)
 
 x: (..., in_features) → y: (..., out_features); A = ``lora_A``: (r, in_features), B = ``lora_B``:
 (out_features, r). The base ``weight`` and ``bias`` are the *same Parameter objects* as the wrapped
 ``nn.Linear``'s, frozen. A transformers ``Conv1D`` (GPT-2) is accepted too: its weight is stored
-(in_features, out_features), so the op receives the ``weight.t()`` view (strides, no copy). Init follows PEFT: A Kaiming-uniform (a = √5, i.e. U(±1/√in_features)), B zero,
-so a fresh adapter leaves the layer's output unchanged.
+(in_features, out_features), so the op receives the ``weight.t()`` view (strides, no copy). Init follows PEFT:
+A Kaiming-uniform (a = √5, i.e. U(±1/√in_features)), B zero, so a fresh adapter leaves the output unchanged.
+
+Several named adapters (``lowcost.nn.adapters``): the first running adapter goes through the fused op with the
+base GEMM; each further running adapter adds s·B A (D ⊙ x) in plain torch (as PEFT computes it).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from lowcost.nn.adapters import AdapterSlots, AdapterSpec, extra_lora_term, kaiming_a_zero_b
 from lowcost.ops.lora_linear import lora_linear
 
 
@@ -26,44 +29,43 @@ def is_conv1d(module: nn.Module) -> bool:
             and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterSlots, nn.Module):
     """A LoRA-adapted linear layer. Build it with ``LoRALinear.from_linear(linear, r=…, alpha=…)``."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 adapter_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
+                 adapter_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None,
+                 adapter_name: str = "default"):
         super().__init__()
         conv1d = is_conv1d(base)
         if not isinstance(base, nn.Linear) and not conv1d:
             raise TypeError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be an int >= 1, got {r!r}")
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        spec = AdapterSpec(r, alpha, dropout, use_rslora)
         self.fan_in_fan_out = conv1d          # weight stored (in, out): the op gets weight.t()
         self._base_cls = type(base)
         self.in_features, self.out_features = (base.nx, base.nf) if conv1d else (base.in_features,
                                                                                   base.out_features)
-        self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), use_rslora
         self.backend = backend
-        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
         self.weight = base.weight.requires_grad_(False)
         self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
-        factory = {"device": base.weight.device, "dtype": adapter_dtype or base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        self.merged = False
-        self.reset_lora_parameters()
+        self._init_slots(adapter_name, spec, {"device": base.weight.device,
+                                              "dtype": adapter_dtype or base.weight.dtype})
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, **kwargs) -> "LoRALinear":
         return cls(linear, r=r, alpha=alpha, **kwargs)
 
+    def _init_factors(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        kaiming_a_zero_b(lora_a, lora_b)
+
     def reset_lora_parameters(self) -> None:
-        """PEFT's init: A ~ Kaiming-uniform with a = √5, B = 0."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        """PEFT's init for the first adapter: A ~ Kaiming-uniform with a = √5, B = 0."""
+        kaiming_a_zero_b(self.lora_A, self.lora_B)
+
+    def base_param(self) -> torch.Tensor:
+        return self.weight
+
+    def _delta_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.t() if self.fan_in_fan_out else delta
 
     def to_linear(self) -> nn.Module:
         """The wrapped layer back (``nn.Linear``, or a ``Conv1D`` for one), holding the same weight and bias
@@ -84,35 +86,19 @@ class LoRALinear(nn.Module):
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in_features) → (..., out_features); one ``lowcost.ops.lora_linear`` call."""
-        if self.merged:
+        """x: (..., in_features) → (..., out_features); one ``lowcost.ops.lora_linear`` call per layer (plus a
+        plain-torch term for each further running adapter)."""
+        names = self.running_adapters()
+        if not names:
             return F.linear(x, self.base_weight(), self.bias)
-        return lora_linear(x, self.base_weight(), self.lora_A, self.lora_B, self.scaling, bias=self.bias,
-                           dropout=self.dropout if self.training else 0.0, backend=self.backend)
-
-    @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """s · B A in float32, in the stored weight's layout: (out, in), or (in, out) for a Conv1D."""
-        delta = (self.lora_B.float() @ self.lora_A.float()).mul_(self.scaling)
-        return delta.t() if self.fan_in_fan_out else delta
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W ← round(W + s·B A), accumulated in float32 and rounded once; forward becomes a plain linear."""
-        if self.merged:
-            raise RuntimeError("LoRALinear.merge(): the adapter is already merged")
-        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """W ← round(W − s·B A) in float32; exact in fp32 up to one rounding, lossy by ≤ 1 ulp in bf16."""
-        if not self.merged:
-            raise RuntimeError("LoRALinear.unmerge(): the adapter is not merged")
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-        self.merged = False
+        first = self.factors(names[0])
+        y = lora_linear(x, self.base_weight(), first.lora_A, first.lora_B, first.scaling, bias=self.bias,
+                        dropout=first.dropout if self.training else 0.0, backend=self.backend)
+        for name in names[1:]:
+            y = y + extra_lora_term(x, self.factors(name), self.training).to(y.dtype)
+        return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, rslora={self.use_rslora}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, adapters={self.adapter_names}")

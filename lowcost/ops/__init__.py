@@ -1,5 +1,6 @@
 """Dispatcher-registered ops with autograd. The only layer that picks a backend (``lowcost.ops.backend``)."""
 from lowcost.ops.backend import BACKENDS, resolve_backend
+from lowcost.ops.lora_embedding import lora_embedding
 from lowcost.ops.lora_linear import lora_linear
 
-__all__ = ["lora_linear", "resolve_backend", "BACKENDS"]
+__all__ = ["lora_linear", "lora_embedding", "resolve_backend", "BACKENDS"]

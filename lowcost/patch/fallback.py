@@ -3,50 +3,44 @@
 Used for ``nn.Linear`` subclasses that override ``forward`` (quantised or instrumented layers) and for
 weights in a dtype the op does not take. The base module keeps running its own forward:
 
-    y = base(x) + s · B A (D ⊙ x)      x: (..., in) → y: (..., out); A: (r, in), B: (out, r)
+    y = base(x) + Σ_a s_a · B_a A_a (D_a ⊙ x)      x: (..., in) → y: (..., out); A: (r, in), B: (out, r)
 
-Not fused: autograd keeps x, D ⊙ x (dropout > 0) and A x̃ like PEFT does.
+Not fused: autograd keeps x, D ⊙ x (dropout > 0) and A x̃ like PEFT does. Named adapters as in
+``lowcost.nn.adapters``.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
-import torch.nn.functional as F
+
+from lowcost.nn.adapters import AdapterSlots, AdapterSpec, extra_lora_term, kaiming_a_zero_b
 
 
-class LoRAFallback(nn.Module):
+class LoRAFallback(AdapterSlots, nn.Module):
     """Plain-torch LoRA around ``base_layer`` (an ``nn.Linear`` subclass, weight (out, in))."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 adapter_dtype: Optional[torch.dtype] = None):
+                 adapter_dtype: Optional[torch.dtype] = None, adapter_name: str = "default"):
         super().__init__()
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), use_rslora
-        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
         dtype = adapter_dtype or (base.weight.dtype if base.weight.is_floating_point() else torch.float32)
-        factory = {"device": base.weight.device, "dtype": dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.merged = False
+        self._init_slots(adapter_name, AdapterSpec(r, alpha, dropout, use_rslora),
+                         {"device": base.weight.device, "dtype": dtype})
+
+    def _init_factors(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        kaiming_a_zero_b(lora_a, lora_b)
+
+    def base_param(self) -> torch.Tensor:
+        return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if self.merged:
-            return y
-        h = x.to(self.lora_A.dtype)
-        if self.training and self.dropout > 0:
-            h = F.dropout(h, self.dropout)
-        return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
-
-    @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """s · B A in float32: (out, in)."""
-        return (self.lora_B.float() @ self.lora_A.float()).mul_(self.scaling)
+        for name in self.running_adapters():
+            y = y + extra_lora_term(x, self.factors(name), self.training).to(y.dtype)
+        return y
 
     def merge_blocker(self) -> str:
         """Why the adapter cannot be folded into the base weight ("" when it can)."""
@@ -58,16 +52,8 @@ class LoRAFallback(nn.Module):
         return ""
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, names=None, safe: bool = False) -> None:
         blocker = self.merge_blocker()
         if blocker:
             raise TypeError(f"cannot merge this fallback LoRA layer: {blocker}")
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
-        self.merged = False
+        super().merge(names, safe=safe)

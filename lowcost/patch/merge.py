@@ -1,19 +1,24 @@
 """Fold LoRA into the base weights and say what the rounding kept.
 
-For each layer: ΔW = s·B A in float32, W' = round(W + ΔW) once, realised delta R = W' − W (float32).
-``retained`` = ⟨R, ΔW⟩ / ‖ΔW‖² (1.0 = all of the update survived rounding; bf16 loses small deltas) and
-``rel_error`` = ‖R − ΔW‖ / ‖ΔW‖. Logit drift compares the adapted model with the merged one on a probe.
+For each layer: ΔW = Σ_a s_a·B_a A_a (the adapters being merged) in float32, W' = round(W + ΔW) once,
+realised delta R = W' − W (float32). ``retained`` = ⟨R, ΔW⟩ / ‖ΔW‖² (1.0 = all of the update survived
+rounding; bf16 loses small deltas) and ``rel_error`` = ‖R − ΔW‖ / ‖ΔW‖. Logit drift compares the adapted
+model with the merged one on a probe.
+
+``safe``: every merged weight is first formed in a copy and checked finite; a NaN/inf anywhere raises before
+any base weight is written (PEFT's ``safe_merge`` checks layer by layer, after earlier layers are written).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from lowcost.patch.adapter_io import listing
 from lowcost.patch.swap import lora_layers, remove_lora
-
 
 @dataclass(frozen=True)
 class LayerDrift:
@@ -30,6 +35,7 @@ class DriftReport:
     logit_max_abs: Optional[float] = None
     logit_rel: Optional[float] = None
     probe: str = "none"
+    adapters: list[str] = field(default_factory=list)       # the adapters folded into the weights
 
     @property
     def min_retained(self) -> float:
@@ -40,11 +46,7 @@ class DriftReport:
                  f"logit drift max {self.logit_max_abs:.3e} (relative {self.logit_rel:.3e}) on {self.probe}")
         worst = min(self.layers, key=lambda layer: layer.retained, default=None)
         where = f", worst {worst.name} retained {worst.retained:.6f}" if worst else ""
-        return f"merged {len(self.layers)} layers: {drift}{where}"
-
-
-def _weight(layer: nn.Module) -> torch.Tensor:
-    return layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
+        return f"merged adapters {self.adapters} into {len(self.layers)} layers: {drift}{where}"
 
 
 def default_probe(model: nn.Module) -> Optional[dict]:
@@ -74,13 +76,11 @@ def probe_output(model: nn.Module, probe) -> Optional[torch.Tensor]:
 
 
 @torch.no_grad()
-def _merge_layer(name: str, layer: nn.Module) -> LayerDrift:
-    if layer.merged:
-        layer.unmerge()
-    weight = _weight(layer)
+def _merge_layer(name: str, layer: nn.Module, adapters: list[str]) -> LayerDrift:
+    weight = layer.base_param()
     original = weight.float().clone()
-    delta = layer.delta_weight()
-    layer.merge()
+    delta = sum(layer.delta_weight(a) for a in adapters)
+    layer.merge(adapters)
     realised = weight.float() - original
     norm2 = float((delta * delta).sum())
     if norm2 == 0.0:
@@ -89,17 +89,47 @@ def _merge_layer(name: str, layer: nn.Module) -> LayerDrift:
     return LayerDrift(name, norm2 ** 0.5, retained, float((realised - delta).norm()) / norm2 ** 0.5)
 
 
-def merge_model(model: nn.Module, probe=None) -> DriftReport:
-    """Merge every adapter in place and put plain modules back; returns the drift report."""
-    blocked = [f"{name!r} ({layer.merge_blocker()})" for name, layer in lora_layers(model).items()
-               if hasattr(layer, "merge_blocker") and layer.merge_blocker()]
+def _check_mergeable(layers: dict[str, nn.Module], plan: dict[str, list[str]], safe: bool) -> None:
+    """Raises before anything is written: layers that cannot fold an adapter, and (``safe``) weights that
+    would not be finite."""
+    blocked = [f"{name!r} ({layer.merge_blocker()})" for name, layer in layers.items()
+               if name in plan and hasattr(layer, "merge_blocker") and layer.merge_blocker()]
     if blocked:
-        raise TypeError(f"lowcost.merge: cannot fold the adapter of {', '.join(blocked)}; nothing was merged")
+        raise TypeError(f"lowcost.merge: cannot fold the adapter of {listing(blocked)}; nothing was merged")
+    if safe:
+        bad = [name for name, names in plan.items() if not torch.isfinite(layers[name].merged_weight(names)).all()]
+        if bad:
+            raise ValueError(f"lowcost.merge: merging gives weights that are not finite (NaN/inf in the "
+                             f"adapter) in {listing(bad)}; nothing was merged")
+
+
+def _warn_tied(model: nn.Module, plan: dict[str, list[str]], layers: dict[str, nn.Module]) -> None:
+    weights = {id(layers[name].base_param()): name for name in plan}
+    for other, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        owner = weights.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+        if owner is not None and other != owner and not other.startswith(owner + "."):
+            warnings.warn(f"lowcost.merge: {owner!r} shares its weight with {other!r} (tied "
+                          "weights), so the merged update reaches both, as it does in PEFT", stacklevel=3)
+
+
+def merge_model(model: nn.Module, adapters: Sequence[str], probe=None, safe: bool = True) -> DriftReport:
+    """Merge ``adapters`` (which must be the active ones, so that the probe sees them) in place and put plain
+    modules back; returns the drift report."""
+    layers = lora_layers(model)
+    for layer in layers.values():
+        if layer.merged:
+            layer.unmerge()
+    chosen = list(adapters)
+    plan = {name: [a for a in chosen if a in layer.adapter_names] for name, layer in layers.items()}
+    plan = {name: names for name, names in plan.items() if names}
+    _check_mergeable(layers, plan, safe)
+    _warn_tied(model, plan, layers)
     probe = default_probe(model) if probe is None else probe
     before = probe_output(model, probe)
-    report = DriftReport(probe="none" if probe is None else _describe(probe))
-    for name, layer in lora_layers(model).items():
-        report.layers.append(_merge_layer(name, layer))
+    report = DriftReport(probe="none" if probe is None else _describe(probe), adapters=chosen)
+    for name, names in plan.items():
+        report.layers.append(_merge_layer(name, layers[name], names))
     remove_lora(model, keep_merged=True)
     after = probe_output(model, probe)
     if before is not None:

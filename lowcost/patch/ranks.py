@@ -114,7 +114,7 @@ _LOCAL = threading.local()
 
 @contextmanager
 def this_rank_only():
-    """Inside it, ``lowcost.apply`` / ``load_adapter`` do not compare with the other ranks (not collective)."""
+    """Inside it, ``lowcost.apply`` / ``add_adapter`` do not compare with the other ranks (not collective)."""
     previous = getattr(_LOCAL, "alone", False)
     _LOCAL.alone = True
     try:

@@ -34,9 +34,11 @@ def test_config_is_frozen_and_normalised():
 
 
 @pytest.mark.parametrize("config,exc,message", [
-    (dict(targets=["q_proj", "nonexistent_proj"]), ValueError, "target 'nonexistent_proj' matches no module"),
+    (dict(targets=["nonexistent_proj", "other_proj"]), ValueError, r"targets \['nonexistent_proj', 'other_proj'\] "
+                                                                   "match no module"),
     (dict(targets=r"model\.layers\.7\..*"), ValueError, r"target pattern 'model\\\\.layers.*' matches no"),
-    (dict(targets=["embed_tokens"]), ValueError, "target 'embed_tokens' matches .*Embedding.*not an nn.Linear"),
+    (dict(targets=["norm"]), ValueError, r"target 'norm' matches \['model.norm'\] \(LlamaRMSNorm\), which is not an "
+                                         "nn.Linear, Conv1D or nn.Embedding"),
     (dict(targets=["q_proj"], exclude=["q_proj"]), ValueError, "every module matched by targets"),
     (dict(modules_to_save=["no_such_norm"]), ValueError, "modules_to_save entry 'no_such_norm' matches no"),
 ])

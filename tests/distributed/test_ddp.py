@@ -48,10 +48,9 @@ def test_mismatched_lora_configs_detected_at_apply(ddp):
 def test_a_rank_whose_apply_fails_fails_every_rank(ddp):
     """No rank is left waiting in a collective: rank 1's own error there, a RuntimeError naming it on rank 0."""
     _, ranks = ddp
-    assert ranks[1]["bad_input"]["one_rank_fails"] == \
-        "ValueError: target 'no_such_module' matches no module in the model"
-    assert ranks[0]["bad_input"]["one_rank_fails"].startswith("RuntimeError: lowcost.apply failed on rank 1 "
-                                                             "(ValueError: target 'no_such_module'")
+    own, reported = ranks[1]["bad_input"]["one_rank_fails"], ranks[0]["bad_input"]["one_rank_fails"]
+    assert own.startswith("ValueError: ") and "'no_such_module'" in own
+    assert reported.startswith(f"RuntimeError: lowcost.apply failed on rank 1 ({own}); every rank must run")
     assert all(rank["bad_input"]["one_rank_fails_left_unpatched"] for rank in ranks)
 
 

@@ -112,7 +112,7 @@ def test_load_adapter_at_any_world_size(fsdp):
 def test_fully_shard_before_apply_is_refused_with_the_order(fsdp):
     _, ranks = fsdp
     for rank in ranks:
-        for key in ("apply_after_fully_shard", "load_into_unpatched_sharded"):
+        for key, caller in (("apply_after_fully_shard", "apply"), ("load_into_unpatched_sharded", "load_adapter")):
             message = rank["load"][key]
-            assert message.startswith("RuntimeError: lowcost.apply: the model is already wrapped by fully_shard")
+            assert message.startswith(f"RuntimeError: lowcost.{caller}: the model is already wrapped by fully_shard")
             assert "call lowcost.apply(model, ...) first" in message and "fully_shard(model)" in message

@@ -127,8 +127,8 @@ def worker(out: Path, repeats: int) -> None:
             model = wrap(build(policy), wrapper)
             seed_rank(1234)
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-            row = {"world_size": world, "wrapper": wrapper, "policy": policy, "local_batch": batch["input_ids"].shape[0],
-                   "saved_bytes_per_rank": saved_bytes(model, batch), **gathers_per_step(model, batch)}
+            row = {"world_size": world, "wrapper": wrapper, "policy": policy,
+                   "local_batch": batch["input_ids"].shape[0], "saved_bytes_per_rank": saved_bytes(model, batch), **gathers_per_step(model, batch)}
             row.update({f"{k}_param_bytes_per_rank": v for k, v in parameter_bytes(model).items()})
             rows.append(row)
             providers[(wrapper, policy)] = _step(model, optimizer, batch)

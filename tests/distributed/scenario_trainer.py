@@ -47,7 +47,8 @@ def _arguments(out_dir, mode: str, world_size: int):
     from transformers import TrainingArguments
     extra = {"ddp_backend": "gloo"} if mode == "ddp" else {}
     return TrainingArguments(output_dir=str(out_dir / f"trainer-{mode}"),
-                             per_device_train_batch_size=GLOBAL_BATCH // world_size, max_steps=STEPS, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+                             per_device_train_batch_size=GLOBAL_BATCH // world_size, max_steps=STEPS,
+                             learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
                              logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
                              disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, **extra)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from lowcost.checkpoint import CheckpointConfig, apply_checkpointing, checkpointing_of, remove_checkpointing
 from lowcost.ops.backend import ENV_VAR, TRITON_MAX_RANK, cuda_kernels_usable, triton_importable
-from lowcost.patch import adapter_io
+from lowcost.patch import adapter_io, ranks
 from lowcost.patch.adapters import active_adapters, delete_adapter, disable_adapter, set_adapter
 from lowcost.patch.adapters import add_adapter as _add_adapter
 from lowcost.patch.merge import DriftReport, merge_model
@@ -179,9 +179,11 @@ def apply(model: nn.Module, lora: Optional[LoRAConfig] = None, checkpoint: Optio
         raise TypeError(f"checkpoint must be a lowcost.CheckpointConfig, got {type(checkpoint).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    ranks.refuse_wrapped(model, "lowcost.apply")
     if lora is not None:
         _check_backend_here(lora)
-    report = apply_lora(model, lora, adapter_name) if lora is not None else None
+    report = ranks.collectively("lowcost.apply", lambda: apply_lora(model, lora, adapter_name), _rank_summary(lora),
+                                undo=lambda: remove_lora(model)) if lora is not None else None
     if report is not None:
         _warn_unmatched(report)
     if checkpoint is None:
@@ -198,13 +200,26 @@ def apply(model: nn.Module, lora: Optional[LoRAConfig] = None, checkpoint: Optio
     return report
 
 
+def _rank_summary(config: LoRAConfig):
+    """What ranks must agree on after apply: the LoRA config and every adapted module (torch.distributed)."""
+    def describe(report: PatchReport) -> dict:
+        adapted = {f"module {m.name}": f"{m.kind} {m.in_features}->{m.out_features} r={m.r} alpha={m.alpha:g}"
+                   for m in report.adapted}
+        return {**{f"LoRAConfig.{k}": v for k, v in ranks.describe_config(config).items()}, **adapted,
+                "modules_to_save": repr(report.modules_to_save)}
+    return describe
+
+
 def add_adapter(model: nn.Module, adapter_name: str, lora: LoRAConfig) -> PatchReport:
     """A further named adapter on a patched model (inactive and frozen until ``set_adapter`` names it, as in
-    PEFT). Returns its report; nothing changes when it raises."""
+    PEFT). Returns its report; nothing changes when it raises. Like ``apply``: before DDP/FSDP wrap the
+    model, and compared across ranks under torch.distributed."""
     if not isinstance(lora, LoRAConfig):
         raise TypeError(f"lora must be a lowcost.LoRAConfig, got {type(lora).__name__}")
+    ranks.refuse_wrapped(model, "lowcost.add_adapter")
     _check_backend_here(lora)
-    report = _add_adapter(model, adapter_name, lora)
+    report = ranks.collectively("lowcost.add_adapter", lambda: _add_adapter(model, adapter_name, lora),
+                                _rank_summary(lora), undo=lambda: delete_adapter(model, adapter_name))
     _warn_unmatched(report)
     return report
 
@@ -212,6 +227,7 @@ def add_adapter(model: nn.Module, adapter_name: str, lora: LoRAConfig) -> PatchR
 def unapply(model: nn.Module) -> nn.Module:
     """The original modules back (same objects and parameters; merged adapters are taken out first) and
     any checkpointing installed by ``apply`` removed."""
+    ranks.refuse_wrapped(model, "lowcost.unapply")
     checkpointed = _has_checkpointing(model)
     if not checkpointed or patch_state(model) is not None:
         remove_lora(model)          # raises a clear error when there is nothing to undo at all
@@ -235,6 +251,7 @@ def merge(model: nn.Module, probe=None, inplace: bool = True, *, safe: bool = Tr
     are dropped. probe: a tensor or kwargs dict for the logit-drift check (HF models get random input_ids
     (2, 16)). inplace=False merges a deep copy and leaves ``model`` patched. safe (default): every merged
     weight is formed and checked finite before any is written; a NaN/inf raises and nothing changes."""
+    ranks.refuse_wrapped(model, "lowcost.merge")
     state = require_lowcost_state(model, "lowcost.merge")
     if state.disabled:
         raise RuntimeError("lowcost.merge: called inside lowcost.disable_adapter(model)")
@@ -274,16 +291,30 @@ def _adapter_dirs(state, directory, adapter_names) -> dict[str, Path]:
 def save_adapter(model: nn.Module, directory, *, adapter_names=None, overwrite: bool = False) -> None:
     """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's layout, atomically, for each
     adapter (default: all; "default" in ``directory``, others in ``directory/<name>``, as PEFT's
-    ``save_pretrained``). An existing adapter there is refused unless ``overwrite``."""
+    ``save_pretrained``). An existing adapter there is refused unless ``overwrite``.
+
+    Under torch.distributed only rank 0 writes. FSDP2-sharded adapters are gathered to full tensors first,
+    which is collective: then every rank must call it (all return once the files exist)."""
+    model = ranks.unwrap(model)
     state = require_lowcost_state(model, "lowcost.save_adapter")
     targets = _adapter_dirs(state, directory, adapter_names)
-    for path in targets.values():
-        adapter_io.check_destination(path, overwrite)
+    payloads = {}
+    for name in targets:
+        entry, layers = state.adapters[name], lora_layers(model, name)
+        payloads[name] = {**adapter_io.adapter_tensors(layers, name, entry.copies),
+                          **adapter_io.embedding_tables(layers)}
+    sharded = any(ranks.any_sharded(tensors.values()) for tensors in payloads.values())
+    if sharded or ranks.is_main():  # sharded: every rank checks before the gather, so none waits in it alone
+        for path in targets.values():
+            adapter_io.check_destination(path, overwrite)
     view_names = list(original_view(model))
     for name, path in targets.items():
-        entry, layers = state.adapters[name], lora_layers(model, name)
-        tensors = {**adapter_io.adapter_tensors(layers, name, entry.copies), **adapter_io.embedding_tables(layers)}
-        adapter_io.write_adapter(path, peft_config_for(entry, view_names, _base_name(model)), tensors)
+        tensors = ranks.full_tensors(payloads[name])
+        if ranks.is_main():
+            adapter_io.write_adapter(path, peft_config_for(state.adapters[name], view_names, _base_name(model)),
+                                     tensors)
+    if sharded:
+        ranks.barrier()
 
 
 def _config_from_peft(data: dict, model: nn.Module) -> LoRAConfig:
@@ -343,9 +374,13 @@ def load_adapter(model: nn.Module, directory, *, adapter_name: str = DEFAULT_ADA
     """Loads an adapter saved by ``save_adapter`` or by PEFT as adapter ``adapter_name``. An unpatched model is
     patched from the file's config first; on a patched model an existing adapter of that name gets the
     file's values, and a new name is added (inactive until ``set_adapter``, as PEFT's ``load_adapter``).
-    Nothing in the model changes when it raises."""
+    Nothing in the model changes when it raises. Under torch.distributed it is not collective; a model that
+    DDP or FSDP2 already wraps can only take values for an adapter it has (no new parameters)."""
+    model = ranks.unwrap(model)
     data, tensors = adapter_io.read_adapter(directory)
     state = patch_state(model)
+    if state is None or adapter_name not in state.adapters:
+        ranks.refuse_wrapped(model, "lowcost.load_adapter")
     config = _config_from_peft(data, model)
     if state is None:
         apply_lora(model, config, adapter_name)

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("warmstart", ("lowcost.warmstart",)),
     ("models", ("lowcost.models",)),
     ("patch", ("lowcost.patch",)),
-    ("api", ("lowcost.api",)),
+    ("api", ("lowcost.api", "lowcost.distributed")),
     ("plan", ("lowcost.plan",)),      # runs lowcost.apply on fake tensors to predict a step's memory
     ("cli", ("lowcost.cli",)),
 ]

@@ -47,6 +47,7 @@ from lowcost.checkpoint import tracking
 from lowcost.checkpoint.inputs import CallInputs
 from lowcost.checkpoint.options import Options, describe_divergence, resolve
 from lowcost.checkpoint.selective import SelectiveCache
+from lowcost.checkpoint.sharded import unshard_owner
 from lowcost.checkpoint.state import ForwardState, cuda_initialized
 
 Tensor = torch.Tensor
@@ -101,6 +102,7 @@ class _Call:
     def run(self, frame: "Frame", outputs_so_far: list[list], memo: dict) -> list:
         """Runs fn again on the kept inputs; returns the flat output leaves."""
         args, kwargs = tree_unflatten(self.inputs.decode(outputs_so_far, memo), self.spec)
+        unshard_owner(self.fn)  # FSDP2: an earlier block of a segment is still sharded (see sharded.py)
         with self.state.restore(), frame.mode_for_recompute(), self.contexts[1]:
             out = self.fn(*args, **kwargs)
         return tree_flatten(out)[0]

@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowcost.patch.ranks import copy_into
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.pkl")
@@ -169,4 +171,4 @@ def copy_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tenso
     found = {_strip_adapter_name(k): v for k, v in found.items()}
     for key, param in expected.items():
         if key in found:
-            param.copy_(found[key].to(device=param.device, dtype=param.dtype))
+            copy_into(param, found[key])  # a DTensor (FSDP2) parameter takes this rank's chunk

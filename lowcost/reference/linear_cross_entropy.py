@@ -56,13 +56,16 @@ DropoutFn = Callable[[Tensor, int, float], Tensor]
 
 def softmax_xent_rows(z: Tensor, labels: Tensor, row_weight: Optional[Tensor], spec: CrossEntropySpec) -> Tensor:
     """Loss of each row of the logits chunk z (C, V); when ``row_weight`` (C,) is given, z is overwritten in
-    place with dz_raw (the gradient of Σ_m w_m·loss_m with respect to the un-capped logits)."""
+    place with dz_raw (the gradient of Σ_m w_m·loss_m with respect to the un-capped logits).
+
+    z is the caller's scratch buffer: it is worked on in place (one more (C, V) buffer only for a dtype
+    upcast or the soft-cap, whose tanh the gradient needs)."""
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    zf = z.to(acc)
-    capped = None
+    zf = z if z.dtype == acc else z.to(acc)
+    tanh = None
     if spec.softcap:
-        capped = torch.tanh(zf / spec.softcap)
-        zf = capped * spec.softcap
+        tanh = zf.div_(spec.softcap).tanh_()
+        zf = tanh * spec.softcap
     V, eps = z.shape[1], spec.label_smoothing
     lse = torch.logsumexp(zf, dim=1)
     valid = labels != spec.ignore_index
@@ -70,17 +73,18 @@ def softmax_xent_rows(z: Tensor, labels: Tensor, row_weight: Optional[Tensor], s
     z_y = zf.gather(1, target[:, None]).squeeze(1)
     loss = lse - (1.0 - eps) * z_y
     if eps:
-        loss = loss - (eps / V) * zf.sum(dim=1)
+        loss -= (eps / V) * zf.sum(dim=1)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if row_weight is not None:
-        grad = torch.exp(zf - lse[:, None])
+        grad = zf.sub_(lse[:, None]).exp_()
         if eps:
             grad -= eps / V
         grad.scatter_add_(1, target[:, None], torch.full_like(z_y[:, None], eps - 1.0))
         grad *= torch.where(valid, row_weight.to(acc), torch.zeros_like(loss))[:, None]
-        if capped is not None:
-            grad *= 1.0 - capped * capped
-        z.copy_(grad)
+        if tanh is not None:
+            grad *= tanh.mul_(tanh).neg_().add_(1.0)
+        if grad is not z:
+            z.copy_(grad)
     return loss
 
 

@@ -169,13 +169,13 @@ def _grads_out(grads: dict, hidden: Tensor) -> tuple:
 def _lce_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], lora_a: Optional[Tensor],
             lora_b: Optional[Tensor], lora_scale: float, lora_dropout: float, seed: Tensor, ignore_index: int,
             label_smoothing: float, softcap: float, reduction: str, chunk: int, needs: Sequence[bool],
-            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            backend: str, loss_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = CrossEntropySpec(ignore_index, label_smoothing, softcap)
     lab = labels.reshape(-1).long()
     row_weight = _row_weights(hidden.new_ones(()), lab, spec, reduction) if any(needs) else None
     (loss_rows, grads), lab = _run(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, lora_dropout, seed,
                                    spec, chunk, backend, row_weight, needs)
-    loss = reduce_rows(loss_rows, lab, spec, reduction).to(hidden.dtype)
+    loss = reduce_rows(loss_rows, lab, spec, reduction).to(loss_dtype)
     return (loss.reshape(labels.shape) if reduction == "none" else loss,) + _grads_out(grads, hidden)
 
 
@@ -190,8 +190,8 @@ def _fake_grads(hidden, weight, bias, lora_a, lora_b, needs):
 
 @_lce_op.register_fake
 def _(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, lora_dropout, seed, ignore_index, label_smoothing,
-      softcap, reduction, chunk, needs, backend):
-    loss = hidden.new_empty(labels.shape if reduction == "none" else ())
+      softcap, reduction, chunk, needs, backend, loss_dtype):
+    loss = hidden.new_empty(labels.shape if reduction == "none" else (), dtype=loss_dtype)
     return (loss,) + _fake_grads(hidden, weight, bias, lora_a, lora_b, needs)
 
 
@@ -220,7 +220,7 @@ _SETTINGS = ("lora_scale", "lora_dropout", "ignore_index", "label_smoothing", "s
 
 def _setup_context(ctx, inputs, output) -> None:
     (hidden, weight, labels, bias, lora_a, lora_b, lora_scale, lora_dropout, seed, ignore_index, label_smoothing,
-     softcap, reduction, chunk, needs, backend) = inputs
+     softcap, reduction, chunk, needs, backend, _) = inputs
     ctx.mark_non_differentiable(*output[1:])
     ctx.in_forward, ctx.computed = any(needs), tuple(needs)
     ctx.settings = (lora_scale, lora_dropout, ignore_index, label_smoothing, softcap, reduction, chunk, backend)
@@ -244,7 +244,7 @@ def _backward(ctx, grad_loss, *_):
                                smoothing, softcap, reduction, chunk, wanted, backend)
         grads = [g if want else None for want, g in zip(wanted, out)]
     dh, dw, dbias, da, db = grads
-    return (dh, dw, None, dbias, da, db) + (None,) * 10
+    return (dh, dw, None, dbias, da, db) + (None,) * 11
 
 
 _lce_op.register_autograd(_backward, setup_context=_setup_context)
@@ -255,7 +255,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          chunk: Optional[int] = None, *, softcap: Optional[float] = None,
                          lora_a: Optional[Tensor] = None, lora_b: Optional[Tensor] = None, lora_scale: float = 1.0,
-                         lora_dropout: float = 0.0, seed=None, backend: Optional[str] = None) -> Tensor:
+                         lora_dropout: float = 0.0, seed=None, backend: Optional[str] = None,
+                         loss_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``F.cross_entropy(hidden @ weight.T + bias, labels, ...)`` without ever forming the logits.
 
     Args:
@@ -269,11 +270,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
         lora_a (r, K), lora_b (V, r), lora_scale, lora_dropout, seed: a LoRA adapter on the head, exactly
             as ``lowcost.ops.lora_linear`` computes it (same Philox mask for the same seed).
         backend: "torch", "triton" or None (``LOWCOST_BACKEND``, else the best available).
+        loss_dtype: the returned loss's dtype (default hidden's; transformers' losses are float32). The loss
+            is accumulated in float32 (float64 for float64 inputs) and rounded once.
     Returns:
-        the loss: 0-D for "mean"/"sum", labels' shape for "none"; in hidden's dtype.
+        the loss: 0-D for "mean"/"sum", labels' shape for "none".
     """
     _check_operands(hidden, weight, labels, bias, lora_a, lora_b)
     _check_settings(ignore_index, reduction, label_smoothing, softcap, chunk, lora_scale, lora_dropout)
+    if loss_dtype is not None and (not isinstance(loss_dtype, torch.dtype) or not loss_dtype.is_floating_point):
+        raise TypeError(f"loss_dtype must be a floating torch.dtype or None, got {loss_dtype!r}")
     name = _resolve(backend, hidden.device)
     if hidden.dtype == torch.float64 and name != "torch":
         raise TypeError(f"hidden of dtype float64 runs only on backend='torch' (got backend={name!r})")
@@ -282,4 +287,5 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
         needs = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias, lora_a, lora_b))
     return _lce_op(hidden, weight, labels, bias, lora_a, lora_b, float(lora_scale), float(lora_dropout),
                    _seed_tensor(seed, lora_dropout if lora_a is not None else 0.0), ignore_index,
-                   float(label_smoothing), float(softcap or 0.0), reduction, int(chunk or 0), needs, name)[0]
+                   float(label_smoothing), float(softcap or 0.0), reduction, int(chunk or 0), needs, name,
+                   loss_dtype or hidden.dtype)[0]

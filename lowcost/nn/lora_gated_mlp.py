@@ -1,0 +1,83 @@
+"""``LoRAGatedMLP``: a gated MLP whose LoRA-adapted projections run as one ``lowcost.ops.lora_gated_mlp`` call.
+
+    y = down(act(gate(x)) ⊙ up(x))          x: (..., H) → y: (..., H)
+
+It wraps the original MLP module and holds the *same* ``LoRALinear`` children under the original attribute
+names (``gate_proj``/``up_proj``/``down_proj``, or Phi-3's packed ``gate_up_proj`` + ``down_proj``), so
+``state_dict`` keys, PEFT-format adapters and optimiser parameters do not change. The original module is
+kept (outside the module tree) and comes back on ``lowcost.unapply``.
+
+Dropout: each projection uses its own ``LoRALinear.dropout`` (in training mode) and draws its seed as its
+own forward would, in the order the unfused MLP calls them, so the masks are the unfused model's.
+When an adapter is merged, or a child is not a ``LoRALinear``, the original module's forward runs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lowcost.nn.lora_linear import LoRALinear
+from lowcost.ops.lora_gated_mlp import lora_gated_mlp
+from lowcost.ops.lora_linear import _seed_tensor
+
+
+class LoRAGatedMLP(nn.Module):
+    """Build with ``LoRAGatedMLP(original, activation, down=("down_proj", layer), gate=(...), up=(...))`` or
+    ``gate_up=("gate_up_proj", layer)`` for a packed projection whose output is [gate | up]."""
+
+    def __init__(self, original: nn.Module, activation: str, down: tuple[str, nn.Module],
+                 gate: Optional[tuple[str, nn.Module]] = None, up: Optional[tuple[str, nn.Module]] = None,
+                 gate_up: Optional[tuple[str, nn.Module]] = None):
+        super().__init__()
+        if (gate_up is None) == (gate is None or up is None):
+            raise ValueError("LoRAGatedMLP needs gate and up, or gate_up (packed), not both")
+        self.__dict__["original"] = original           # not a child: its parameters are the children's
+        self.activation = activation
+        self.packed = gate_up is not None
+        self.roles = {"gate_up": gate_up[0]} if self.packed else {"gate": gate[0], "up": up[0]}
+        self.roles["down"] = down[0]
+        for name, layer in (gate_up,) if self.packed else (gate, up):
+            self.add_module(name, layer)
+        self.add_module(down[0], down[1])
+        self.training = original.training
+
+    def layer(self, role: str) -> nn.Module:
+        return getattr(self, self.roles[role])
+
+    def _fusable(self) -> bool:
+        layers = [self.layer(role) for role in self.roles]
+        return all(isinstance(m, LoRALinear) and not m.merged for m in layers)
+
+    @staticmethod
+    def _dropout_and_seed(layer: LoRALinear) -> tuple[float, torch.Tensor]:
+        """The dropout the layer would apply now and the seed its own forward would draw (same RNG use)."""
+        p = layer.dropout if layer.training else 0.0
+        return p, _seed_tensor(None, p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable():
+            return self.original(x)
+        down = self.layer("down")
+        if self.packed:
+            gate_up = self.layer("gate_up")
+            p, seed = self._dropout_and_seed(gate_up)
+            p_down, seed_down = self._dropout_and_seed(down)
+            half = gate_up.out_features // 2
+            w, b = gate_up.base_weight(), gate_up.lora_B
+            gate = (w[:half], gate_up.lora_A, b[:half])
+            up = (w[half:], gate_up.lora_A, b[half:])
+            scales, dropouts = (gate_up.scaling, gate_up.scaling, down.scaling), (p, p, p_down)
+            seeds = torch.stack([seed, seed, seed_down])
+        else:
+            layers = (self.layer("gate"), self.layer("up"), down)
+            drawn = [self._dropout_and_seed(layer) for layer in layers]     # gate, up, down: the unfused order
+            gate, up = ((m.base_weight(), m.lora_A, m.lora_B) for m in layers[:2])
+            scales = tuple(m.scaling for m in layers)
+            dropouts, seeds = tuple(p for p, _ in drawn), torch.stack([s for _, s in drawn])
+        return lora_gated_mlp(x, gate, up, (down.base_weight(), down.lora_A, down.lora_B), scales,
+                              activation=self.activation, dropouts=dropouts, seeds=seeds)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}, packed={self.packed}"

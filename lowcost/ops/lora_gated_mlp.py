@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from lowcost.ops import _torch_backend
+from lowcost.ops.backend import resolve_backend
 from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _check_scalars, _check_tensor, _seed_tensor
 from lowcost.reference.lora_gated_mlp import ACTIVATIONS, Projection, gated_mlp_backward, gated_mlp_forward
 
@@ -85,14 +86,28 @@ def _seeds_tensor(seeds, dropouts) -> Tensor:
     return torch.stack([_seed_tensor(s, p) for s, p in zip(seeds, dropouts)])
 
 
-def _resolve(backend: Optional[str]) -> str:
-    if backend not in (None, "torch"):
-        raise ValueError(f"backend={backend!r} is not available for lora_gated_mlp: only 'torch' (the reference "
-                         "with torch's GEMMs, on any device) is implemented")
-    return "torch"
+def _resolve(backend: Optional[str], x: Tensor, ranks: Sequence[int]) -> str:
+    """"torch" or "triton" (no CUDA C++ kernel: on a GPU the default is Triton, else torch's GEMMs)."""
+    if backend == "cuda":
+        raise ValueError("backend='cuda' is not available for lora_gated_mlp: use 'triton' or 'torch'")
+    name = resolve_backend(backend, x.device, max(ranks))
+    if name == "triton" and x.dtype == torch.float64:
+        raise TypeError("x of dtype float64 runs only on backend='torch' (got backend='triton')")
+    return "torch" if name == "cuda" else name
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from lowcost.kernels import lora_gated_mlp as kernels  # triton: imported on first use
+        return kernels
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
+def _as_tuple(p: Projection) -> tuple:
+    return (p.weight, p.lora_a, p.lora_b, p.scale, p.dropout, p.seed)
+
+
 def _projections(params, scales, dropouts, seeds) -> list[Projection]:
     return [Projection(params[3 * i], params[3 * i + 1], params[3 * i + 2], scales[i], dropouts[i], int(seeds[i]))
             for i in range(3)]
@@ -106,7 +121,13 @@ def _gated_mlp_op(x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor, w_u
     params = (w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down)
     gate, up, down = _projections(params, scales, dropouts, seeds)
     x2 = x.reshape(-1, x.shape[-1])
-    y, gate_out, up_out, u_g, u_u, u_d = gated_mlp_forward(x2, gate, up, down, activation, _torch_backend._dropout)
+    kernels = _impl(backend)
+    if kernels is not None:
+        y, gate_out, up_out, u_g, u_u, u_d = kernels.gated_mlp_fwd(x2, *(_as_tuple(p) for p in (gate, up, down)),
+                                                                   activation)
+    else:
+        y, gate_out, up_out, u_g, u_u, u_d = gated_mlp_forward(x2, gate, up, down, activation,
+                                                               _torch_backend._dropout)
     return y.reshape(x.shape), gate_out, up_out, u_g, u_u, u_d
 
 
@@ -128,9 +149,14 @@ def _gated_mlp_backward_op(grad_y: Tensor, x: Tensor, w_gate: Tensor, a_gate: Te
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     params = (w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down)
     gate, up, down = _projections(params, scales, dropouts, seeds)
-    x2 = x.reshape(-1, x.shape[-1])
-    grads = gated_mlp_backward(grad_y.reshape(-1, grad_y.shape[-1]), x2, gate, up, down, gate_out, up_out, u_g, u_u,
-                               u_d, activation, tuple(needs), _torch_backend._dropout)
+    x2, g2 = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
+    kernels = _impl(backend)
+    if kernels is not None:
+        grads = kernels.gated_mlp_bwd(g2, x2, *(_as_tuple(p) for p in (gate, up, down)), gate_out, up_out, u_g, u_u,
+                                      u_d, activation, tuple(needs))
+    else:
+        grads = gated_mlp_backward(g2, x2, gate, up, down, gate_out, up_out, u_g, u_u, u_d, activation, tuple(needs),
+                                   _torch_backend._dropout)
     dx = grads[0].reshape(x.shape) if grads[0] is not None else None
     return tuple(g if g is not None else x.new_empty(0) for g in (dx,) + tuple(grads[1:]))
 
@@ -184,7 +210,7 @@ def lora_gated_mlp(x: Tensor, gate: Sequence[Tensor], up: Sequence[Tensor], down
         scales: (s_gate, s_up, s_down); dropouts: (p_gate, p_up, p_down), each in [0, 1).
         activation: "silu" (SwiGLU), "gelu_tanh" (GeGLU, tanh-approximated, Gemma) or "gelu" (exact).
         seeds: 3 ints / a (3,) int64 CPU tensor, or None (drawn as three ``lora_linear(seed=None)`` calls).
-        backend: "torch" or None.
+        backend: "torch", "triton" or None (``LOWCOST_BACKEND``, else the best available).
     Returns:
         y: (..., H) in x's dtype.
     """
@@ -195,7 +221,7 @@ def lora_gated_mlp(x: Tensor, gate: Sequence[Tensor], up: Sequence[Tensor], down
     for role, weight in zip(ROLES, params[0::3]):
         if weight.requires_grad:
             raise ValueError(f"{role} weight must be frozen (requires_grad=False): the fused MLP trains adapters only")
-    name = _resolve(backend)
+    name = _resolve(backend, x, [a.shape[0] for a in params[1::3]])
     seeds = _seeds_tensor(seeds, dropouts)
     return _gated_mlp_op(x, *params, [float(s) for s in scales], [float(p) for p in dropouts], seeds, activation,
                          name)[0]

@@ -187,7 +187,7 @@ def test_opcheck(reduction, train_w):
     weight = inputs["weight"].requires_grad_(train_w)
     needs = [False] * 5 if reduction == "none" or train_w else [True, False, False, True, True]
     args = (hidden, weight, inputs["labels"], inputs["bias"], a, b, 0.5, 0.2, torch.tensor(3), -100, 0.1, 2.0,
-            reduction, 3, needs, "torch")
+            reduction, 3, needs, "torch", torch.float32)
     result = torch.library.opcheck(_lce_op, args)
     assert all(v == "SUCCESS" for v in result.values()), result
     grad = torch.tensor(1.0) if reduction != "none" else torch.ones(7)

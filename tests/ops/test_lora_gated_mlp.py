@@ -7,12 +7,15 @@ import torch
 import torch.nn.functional as F
 
 import lowcost
+from lowcost.ops.backend import triton_usable
 from lowcost.ops.lora_gated_mlp import _gated_mlp_backward_op, _gated_mlp_op, lora_gated_mlp
 from lowcost.reference import dropout_keep_mask, keep_scale
 from helpers import TOLERANCE, assert_close_to_reference, max_normalized_error
 
 ACTS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu}
 ADAPTERS = ("a_gate", "b_gate", "a_up", "b_up", "a_down", "b_down")
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_usable(torch.device("cpu")),
+                                                                     reason="triton not installed"))]
 
 
 def make_inputs(M, H, inter, ranks=(3, 5, 7), dtype=torch.float32, adapter_dtype=None, seed=0):
@@ -56,8 +59,8 @@ def run_op(inputs, scales, dropouts, seeds, act, **kwargs):
     return y.detach(), {k: d[k].grad for k in ("x",) + ADAPTERS}
 
 
-def check(inputs, act, dropouts, dtype=torch.float32, scales=(1.5, 0.5, 2.0), seeds=(11, 22, 33)):
-    y, grads = run_op(inputs, scales, dropouts, seeds, act)
+def check(inputs, act, dropouts, dtype=torch.float32, scales=(1.5, 0.5, 2.0), seeds=(11, 22, 33), backend="torch"):
+    y, grads = run_op(inputs, scales, dropouts, seeds, act, backend=backend)
     y64, grads64 = truth64(inputs, scales, dropouts, seeds, act)
     assert_close_to_reference("y", y, y64, dtype)
     for name, g64 in grads64.items():
@@ -65,22 +68,27 @@ def check(inputs, act, dropouts, dtype=torch.float32, scales=(1.5, 0.5, 2.0), se
         assert_close_to_reference(f"d{name}", grads[name], g64, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("M,H,inter,ranks", [(1, 24, 40, (1, 5, 7)), (13, 20, 36, (16, 3, 9)), (0, 8, 12, (2, 2, 2))])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fp32_matches_float64(act, M, H, inter, ranks, dropout):
-    check(make_inputs(M, H, inter, ranks, seed=M + len(act)), act, (dropout, dropout, dropout))
+def test_fp32_matches_float64(backend, act, M, H, inter, ranks, dropout):
+    check(make_inputs(M, H, inter, ranks, seed=M + len(act)), act, (dropout, dropout, dropout), backend=backend)
 
 
-def test_each_projection_has_its_own_dropout():
-    check(make_inputs(9, 16, 28, seed=4), "silu", (0.0, 0.3, 0.15))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_projection_has_its_own_dropout(backend):
+    check(make_inputs(9, 16, 70, seed=4), "silu", (0.0, 0.3, 0.15), backend=backend)   # I=70: 2 tiles over I
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float16, None), (torch.bfloat16, None),
                                                  (torch.bfloat16, torch.float32)])
-def test_low_precision(dtype, adapter_dtype):
+def test_low_precision(backend, dtype, adapter_dtype):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bf16 arithmetic is broken under the Triton interpreter (TOOLCHAIN.md); covered on a GPU")
     inputs = make_inputs(17, 32, 48, dtype=dtype, adapter_dtype=adapter_dtype, seed=2)
-    check(inputs, "gelu_tanh", (0.1, 0.1, 0.1), dtype=dtype)
+    check(inputs, "gelu_tanh", (0.1, 0.1, 0.1), dtype=dtype, backend=backend)
 
 
 def unfused_lowcost(d, scales, dropouts, seeds, act):
@@ -90,8 +98,9 @@ def unfused_lowcost(d, scales, dropouts, seeds, act):
                                dropout=dropouts[2], seed=seeds[2])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seeds", [(5, 6, 7), None])
-def test_same_dropped_elements_as_three_lora_linears(seeds):
+def test_same_dropped_elements_as_three_lora_linears(backend, seeds):
     """Explicit seeds, and seeds=None drawn from torch's generator in the unfused order: identical results."""
     inputs = make_inputs(21, 24, 40, seed=8)
     results = []
@@ -99,15 +108,18 @@ def test_same_dropped_elements_as_three_lora_linears(seeds):
         d = {k: v.clone().requires_grad_(k == "x" or k in ADAPTERS) for k, v in inputs.items()}
         torch.manual_seed(1234)
         if fused:
-            y = lora_gated_mlp(d["x"], *projections(d), scales=(2.0, 2.0, 2.0), dropouts=(0.2, 0.2, 0.2), seeds=seeds)
+            y = lora_gated_mlp(d["x"], *projections(d), scales=(2.0, 2.0, 2.0), dropouts=(0.2, 0.2, 0.2), seeds=seeds,
+                               backend=backend)
         else:
             y = unfused_lowcost(d, (2.0, 2.0, 2.0), (0.2, 0.2, 0.2), seeds or (None, None, None), "silu")
         y.backward(d["grad_y"])
         results.append((y.detach(), {k: d[k].grad for k in ("x",) + ADAPTERS}))
     (y, grads), (y_ref, grads_ref) = results
-    assert torch.equal(y, y_ref)                    # same masks, same roundings: bit-identical forward
+    if backend == "torch":
+        assert torch.equal(y, y_ref)                # same masks, same roundings: bit-identical forward
+    assert max_normalized_error(y, y_ref)[0] <= TOLERANCE[torch.float32]   # a different mask is O(1) off
     for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert max_normalized_error(grads[name], grads_ref[name])[0] <= TOLERANCE[torch.float32], name
 
 
 def test_packed_gate_up_views_share_one_adapter():
@@ -189,6 +201,7 @@ BAD = [
     ("dropout", dict(dropouts=(0.1, 1.0, 0.0)), ValueError, "dropout must be a probability"),
     ("seeds", dict(seeds=(1, 2)), ValueError, "seeds must hold 3 seeds"),
     ("backend", dict(backend="cuda"), ValueError, "backend='cuda' is not available for lora_gated_mlp"),
+    ("float64 triton", dict(backend="triton", x64=True), TypeError, "float64 runs only on backend='torch'"),
     ("frozen", dict(train_w=True), ValueError, "gate weight must be frozen"),
 ]
 
@@ -199,6 +212,9 @@ def test_bad_input(case, change, error, message):
     gate, up, down = projections(d)
     if change.pop("down", None):
         down = (d["w_down"].t(), d["a_down"], d["b_down"])
+    if change.pop("x64", None):
+        d["x"] = d["x"].double()
+        gate, up, down = ((w.double(), a.double(), b.double()) for w, a, b in (gate, up, down))
     if change.pop("train_w", None):
         gate = (gate[0].requires_grad_(), gate[1], gate[2])
     kwargs = dict(scales=(1.0,) * 3)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import Variant, pointer_and_scalar_types
+
 Tensor = torch.Tensor
 BLOCK_V = 1024
 NUM_WARPS = 4
@@ -115,13 +117,13 @@ def softmax_xent_rows(z: Tensor, labels: Tensor, row_weight: Optional[Tensor], i
     return loss
 
 
-def aot_variants() -> Iterator[tuple[dict, dict]]:
-    """(signature, constexprs) of every variant the launcher compiles, for an sm_90 compile check."""
+def aot_launches() -> Iterator[Variant]:
+    """Every variant the launcher compiles (dtype x gradient x soft-cap), for the sm_90 compile check."""
     for dtype in ("fp32", "fp16", "bf16"):
         for has_grad in (False, True):
             for softcap in (False, True):
-                signature = {"z_ptr": f"*{dtype}", "labels_ptr": "*i64", "weight_ptr": "*fp32", "loss_ptr": "*fp32",
-                             "V": "i32", "stride_zm": "i32", "ignore_index": "i32", "smoothing": "fp32",
-                             "softcap": "fp32", "HAS_GRAD": "constexpr", "SOFTCAP": "constexpr",
-                             "BLOCK_V": "constexpr"}
-                yield signature, {"HAS_GRAD": has_grad, "SOFTCAP": softcap, "BLOCK_V": BLOCK_V}
+                types = pointer_and_scalar_types(_xent_rows_kernel, {"z_ptr": dtype, "labels_ptr": "i64",
+                                                                     "weight_ptr": "fp32", "loss_ptr": "fp32"},
+                                                 floats=("smoothing", "softcap"))
+                yield Variant(_xent_rows_kernel, types, {"HAS_GRAD": has_grad, "SOFTCAP": softcap, "BLOCK_V": BLOCK_V},
+                              NUM_WARPS, 2, f"xent_rows z={dtype} HAS_GRAD={has_grad} SOFTCAP={softcap}")

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import Variant, pointer_and_scalar_types
 from .lora_linear import lora_linear_bwd, lora_linear_fwd
 from .philox import dropout_multiplier, dropout_threshold, keep_scale, seed_words, uint32_as_int32
 from .tiles import dot_operand, grouped_tile, int64_step, load_tile, tile_mask, tile_ptrs
@@ -274,19 +275,30 @@ def gated_mlp_bwd(grad_y: Tensor, x: Tensor, gate_p, up_p, down_p, gate: Tensor,
     return dx, da_g, db_g, da_u, db_u, None if da_d is None else da_d.to(a_d.dtype), db_d
 
 
-def aot_variants() -> Iterator[tuple]:
-    """(kernel, signature, constexprs, num_warps) of every compiled variant, for the sm_90 compile check."""
+_FLOATS = ("scale", "keep_scale")
+
+
+def _types(kernel, dt: str) -> dict:
+    pointers = {name: dt for name in kernel.arg_names if name.endswith("_ptr")}
+    pointers.update({name: "fp32" for name in ("u_ptr", "du_ptr", "da_ptr") if name in pointers})
+    return pointer_and_scalar_types(kernel, pointers, _FLOATS)
+
+
+def aot_launches() -> Iterator[Variant]:
+    """The variants the launchers compile, for the sm_90 compile check: every (dropout, dA need) per dtype;
+    every activation for bf16 (the activation changes only elementwise code), SiLU for fp32 and fp16."""
     for dt in ("fp32", "fp16", "bf16"):
-        step = 32 if dt == "fp32" else 64
-        for act in ACT_CODES.values():
+        blocks = _blocks({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt])
+        for act in ACT_CODES.values() if dt == "bf16" else (0,):
+            base = {"ACT": act, "DOT_PRECISION": "ieee", "UPCAST": False}
+            u, y, dh = ({k: v for k, v in blocks[n].items() if k != "num_warps"} for n in ("u", "y", "dh"))
+            yield Variant(_gated_down_y_kernel, _types(_gated_down_y_kernel, dt), {**base, "RANK_STEP": RANK_STEP, **y},
+                          label=f"gated_down_y {dt} ACT={act}")
             for drop in (False, True):
-                base = {"ACT": act, "DOT_PRECISION": "ieee", "UPCAST": False}
-                yield (_gated_down_u_kernel, "u", dt, {**base, "HAS_DROPOUT": drop, "R_PAD": 16, "BLOCK_M": 32,
-                                                        "BLOCK_K": step})
+                yield Variant(_gated_down_u_kernel, _types(_gated_down_u_kernel, dt),
+                              {**base, "HAS_DROPOUT": drop, "R_PAD": 16, **u}, label=f"gated_down_u {dt} ACT={act} "
+                              f"HAS_DROPOUT={drop}")
                 for need_da in (False, True):
-                    yield (_gated_dh_kernel, "dh", dt, {**base, "NEED_DA": need_da, "HAS_DROPOUT": drop,
-                                                         "RANK_STEP": RANK_STEP, "BLOCK_M": 64, "BLOCK_N": step,
-                                                         "BLOCK_K": 64, "GROUP_M": 8})
-            yield (_gated_down_y_kernel, "y", dt, {"ACT": act, "DOT_PRECISION": "ieee", "UPCAST": False,
-                                                    "RANK_STEP": RANK_STEP, "BLOCK_M": 64, "BLOCK_N": 64,
-                                                    "BLOCK_K": step, "GROUP_M": 8})
+                    yield Variant(_gated_dh_kernel, _types(_gated_dh_kernel, dt),
+                                  {**base, "NEED_DA": need_da, "HAS_DROPOUT": drop, "RANK_STEP": RANK_STEP, **dh},
+                                  label=f"gated_dh {dt} ACT={act} HAS_DROPOUT={drop} NEED_DA={need_da}")

@@ -29,7 +29,9 @@ SM90_MAX_SHARED = 232448  # bytes of shared memory one block may opt into on sm_
 def _launches(text: str):
     sys.path.insert(0, REPO)
     from kernels.lora_linear import aot_launches
-    return [launch for launch in aot_launches() if text in launch.label]
+    from kernels import linear_cross_entropy, lora_gated_mlp  # the fused loss and MLP kernels (issue #12)
+    launches = [*aot_launches(), *linear_cross_entropy.aot_launches(), *lora_gated_mlp.aot_launches()]
+    return [launch for launch in launches if text in launch.label]
 
 
 def _compile_one(index_and_filter: tuple[int, str]) -> tuple[str, bool, str]:

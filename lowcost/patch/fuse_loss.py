@@ -69,15 +69,12 @@ def _head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, redu
                                 loss_dtype=torch.float32)
 
 
-def _output(model: nn.Module, loss: torch.Tensor, outputs):
-    """A ``CausalLMOutputWithPast`` with the loss, logits None and the decoder's other outputs."""
+def _output_class():
+    """(``CausalLMOutputWithPast``, the names of its fields other than loss and logits), read once outside
+    any compiled region (dataclass introspection breaks a torch.compile graph)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    values = {"loss": loss, "logits": None}
-    for name in fields - {"loss", "logits"}:
-        if getattr(outputs, name, None) is not None:
-            values[name] = getattr(outputs, name)
-    return CausalLMOutputWithPast(**values)
+    return CausalLMOutputWithPast, tuple(f.name for f in dataclasses.fields(CausalLMOutputWithPast)
+                                         if f.name not in ("loss", "logits"))
 
 
 def make_fused_forward(model: nn.Module):
@@ -85,6 +82,7 @@ def make_fused_forward(model: nn.Module):
     original = type(model).forward
     names = [n for n in inspect.signature(original).parameters if n != "self"]
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    output_cls, passed_on = _output_class()
 
     def forward(*args, labels=None, return_logits: bool = False, **kwargs):
         keep = kwargs.get("logits_to_keep", 0)
@@ -104,9 +102,21 @@ def make_fused_forward(model: nn.Module):
         loss = _head_loss(model.lm_head, hidden, shift_labels, reduction, ignore_index, softcap)
         if num_items is not None:
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
-        return _output(model, loss, outputs)
+        values = {name: getattr(outputs, name, None) for name in passed_on}
+        return output_cls(loss=loss, logits=None, **{k: v for k, v in values.items() if v is not None})
 
+    forward.__signature__ = _signature_with_return_logits(original.__get__(model))
     return forward
+
+
+def _signature_with_return_logits(bound) -> inspect.Signature:
+    """The original forward's signature plus ``return_logits``: callers that read it (the HF Trainer keeps
+    only the dataset columns the forward names) see the same parameters as before."""
+    sig = inspect.signature(bound)
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter("return_logits", inspect.Parameter.KEYWORD_ONLY, default=False)
+    at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+    return sig.replace(parameters=params[:at] + [extra] + params[at:])
 
 
 def install_fused_loss(model: nn.Module) -> None:

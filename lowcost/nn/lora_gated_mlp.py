@@ -9,7 +9,8 @@ kept (outside the module tree) and comes back on ``lowcost.unapply``.
 
 Dropout: each projection uses its own ``LoRALinear.dropout`` (in training mode) and draws its seed as its
 own forward would, in the order the unfused MLP calls them, so the masks are the unfused model's.
-When an adapter is merged, or a child is not a ``LoRALinear``, the original module's forward runs.
+When an adapter is merged, a child is not a ``LoRALinear``, or a base weight requires grad, the original
+module's forward runs (the same children, unfused).
 """
 from __future__ import annotations
 
@@ -47,8 +48,10 @@ class LoRAGatedMLP(nn.Module):
         return getattr(self, self.roles[role])
 
     def _fusable(self) -> bool:
+        """Fused path only for unmerged LoRALinear children with frozen base weights (a weight made trainable
+        later, e.g. by a warm-start schedule, needs dW: the original forward computes it)."""
         layers = [self.layer(role) for role in self.roles]
-        return all(isinstance(m, LoRALinear) and not m.merged for m in layers)
+        return all(isinstance(m, LoRALinear) and not m.merged and not m.weight.requires_grad for m in layers)
 
     @staticmethod
     def _dropout_and_seed(layer: LoRALinear) -> tuple[float, torch.Tensor]:

@@ -217,3 +217,13 @@ def test_merge_runs_the_original_modules():
 def test_bad_fused_argument():
     with pytest.raises(ValueError, match="fused must be a subset of"):
         lowcost.apply(llama(), lora=lowcost.LoRAConfig(), fused=("mlp", "attention"))
+
+
+def test_trainable_base_weight_runs_the_original_forward():
+    model = llama()
+    lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4))
+    mlp = model.model.layers[0].mlp
+    mlp.gate_proj.weight.requires_grad_(True)        # e.g. a warm-start schedule training a new block whole
+    ids = _ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert mlp.gate_proj.weight.grad is not None and mlp.up_proj.lora_A.grad is not None

@@ -148,11 +148,11 @@ def main(argv=None) -> None:
                "saved_bytes": result["saved_bytes"], "peak_bytes": result["peak_bytes"],
                "saved_vs_logits": round(result["saved_bytes"] / logits_bytes, 4),
                "peak_vs_logits": round(result["peak_bytes"] / logits_bytes, 3),
-               "median_ms": round(timing["median_ms"], 1) if timing else "",
-               "p20_ms": round(timing["p20_ms"], 1) if timing else "", "p80_ms": round(timing["p80_ms"], 1) if timing else "",
+               **{key: round(timing[key], 1) if timing else "" for key in ("median_ms", "p20_ms", "p80_ms")},
                "loss": round(result["loss"], 6)}
         rows.append(row)
-        time_text = f"{row['median_ms']:8.1f} ms [{row['p20_ms']}, {row['p80_ms']}]" if timing else "  (interpreter: bytes only)"
+        time_text = (f"{row['median_ms']:8.1f} ms [{row['p20_ms']}, {row['p80_ms']}]" if timing
+                     else "  (interpreter: bytes only)")
         print(f"  {name:15s} saved {result['saved_bytes'] / 2**20:8.2f} MiB ({row['saved_vs_logits']:.4f} logits)  "
               f"peak +{result['peak_bytes'] / 2**20:8.1f} MiB ({row['peak_vs_logits']:.2f} logits)  {time_text}  "
               f"loss {result['loss']:.5f}", flush=True)

@@ -38,7 +38,7 @@ import triton.language as tl
 from .aot import Variant, pointer_and_scalar_types
 from .lora_linear import lora_linear_bwd, lora_linear_fwd
 from .philox import dropout_multiplier, dropout_threshold, keep_scale, seed_words, uint32_as_int32
-from .tiles import dot_operand, grouped_tile, int64_step, load_tile, tile_mask, tile_ptrs
+from .tiles import dot_operand, grouped_tile, load_tile, tile_mask, tile_ptrs
 
 Tensor = torch.Tensor
 ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}

@@ -116,7 +116,6 @@ def linear_cross_entropy_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bi
     hidden (M, K), weight (V, K), labels (M,) int64, bias (V,) or None; ``chunk`` rows per logits buffer.
     """
     M, acc = hidden.shape[0], accumulation_dtype(hidden)
-    need_dh, need_dw, need_dbias, need_da, need_db = needs if row_weight is not None else (False,) * 5
     x_tilde = _lora_input(hidden, lora, dropout_fn) if lora is not None else None
     u = x_tilde.to(acc) @ lora.lora_a.to(acc).t() if lora is not None else None
     grads = _grad_buffers(hidden, weight, lora, needs if row_weight is not None else (False,) * 5)

@@ -9,8 +9,9 @@ kept (outside the module tree) and comes back on ``lowcost.unapply``.
 
 Dropout: each projection uses its own ``LoRALinear.dropout`` (in training mode) and draws its seed as its
 own forward would, in the order the unfused MLP calls them, so the masks are the unfused model's.
-When an adapter is merged, a child is not a ``LoRALinear``, or a base weight requires grad, the original
-module's forward runs (the same children, unfused).
+When a child is not a ``LoRALinear``, does not run exactly one adapter (merged, ``disable_adapter``, several
+active), or has a base weight that requires grad, the original module's forward runs (the same children,
+unfused).
 """
 from __future__ import annotations
 
@@ -48,16 +49,20 @@ class LoRAGatedMLP(nn.Module):
         return getattr(self, self.roles[role])
 
     def _fusable(self) -> bool:
-        """Fused path only for unmerged LoRALinear children with frozen base weights (a weight made trainable
-        later, e.g. by a warm-start schedule, needs dW: the original forward computes it)."""
+        """Fused path only for LoRALinear children running exactly one adapter (not merged, not disabled, not
+        several active) with frozen base weights (a weight made trainable later, e.g. by a warm-start
+        schedule, needs dW: the original forward computes it)."""
         layers = [self.layer(role) for role in self.roles]
-        return all(isinstance(m, LoRALinear) and not m.merged and not m.weight.requires_grad for m in layers)
+        return all(isinstance(m, LoRALinear) and len(m.running_adapters()) == 1 and not m.weight.requires_grad
+                   for m in layers)
 
     @staticmethod
-    def _dropout_and_seed(layer: LoRALinear) -> tuple[float, torch.Tensor]:
-        """The dropout the layer would apply now and the seed its own forward would draw (same RNG use)."""
-        p = layer.dropout if layer.training else 0.0
-        return p, _seed_tensor(None, p)
+    def _factors(layer: LoRALinear):
+        """(A, B, scaling, dropout now, seed) of the layer's running adapter; the seed is drawn as the layer's
+        own forward would draw it (same RNG use)."""
+        f = layer.factors(layer.running_adapters()[0])
+        p = f.dropout if layer.training else 0.0
+        return f.lora_A, f.lora_B, f.scaling, p, _seed_tensor(None, p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable():
@@ -65,22 +70,21 @@ class LoRAGatedMLP(nn.Module):
         down = self.layer("down")
         if self.packed:
             gate_up = self.layer("gate_up")
-            p, seed = self._dropout_and_seed(gate_up)
-            p_down, seed_down = self._dropout_and_seed(down)
+            a, b, s, p, seed = self._factors(gate_up)
+            a_d, b_d, s_d, p_d, seed_d = self._factors(down)
             half = gate_up.out_features // 2
-            w, b = gate_up.base_weight(), gate_up.lora_B
-            gate = (w[:half], gate_up.lora_A, b[:half])
-            up = (w[half:], gate_up.lora_A, b[half:])
-            scales, dropouts = (gate_up.scaling, gate_up.scaling, down.scaling), (p, p, p_down)
-            seeds = torch.stack([seed, seed, seed_down])
+            w = gate_up.base_weight()
+            gate, up = (w[:half], a, b[:half]), (w[half:], a, b[half:])
+            scales, dropouts, seeds = (s, s, s_d), (p, p, p_d), torch.stack([seed, seed, seed_d])
         else:
             layers = (self.layer("gate"), self.layer("up"), down)
-            drawn = [self._dropout_and_seed(layer) for layer in layers]     # gate, up, down: the unfused order
-            gate, up = ((m.base_weight(), m.lora_A, m.lora_B) for m in layers[:2])
-            scales = tuple(m.scaling for m in layers)
-            dropouts, seeds = tuple(p for p, _ in drawn), torch.stack([s for _, s in drawn])
-        return lora_gated_mlp(x, gate, up, (down.base_weight(), down.lora_A, down.lora_B), scales,
-                              activation=self.activation, dropouts=dropouts, seeds=seeds)
+            drawn = [self._factors(layer) for layer in layers]              # gate, up, down: the unfused order
+            gate, up = ((m.base_weight(), f[0], f[1]) for m, f in zip(layers[:2], drawn))
+            a_d, b_d = drawn[2][:2]
+            scales, dropouts = tuple(f[2] for f in drawn), tuple(f[3] for f in drawn)
+            seeds = torch.stack([f[4] for f in drawn])
+        return lora_gated_mlp(x, gate, up, (down.base_weight(), a_d, b_d), scales, activation=self.activation,
+                              dropouts=dropouts, seeds=seeds, backend=down.backend)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}, packed={self.packed}"

@@ -55,15 +55,20 @@ def loss_problem(model: nn.Module) -> str:
     return ""
 
 
+def _head_fusable(head: nn.Module) -> bool:
+    """A LoRA head is fused when it runs at most one adapter (several active adapters: original forward)."""
+    return not isinstance(head, LoRALinear) or len(head.running_adapters()) <= 1
+
+
 def _head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, reduction: str,
                ignore_index: int, softcap: Optional[float]) -> torch.Tensor:
     """The op on the head's parameters (a LoRA head: its adapter, dropout and a seed drawn as it would)."""
-    if isinstance(head, LoRALinear) and not head.merged:
-        p = head.dropout if head.training else 0.0
+    if isinstance(head, LoRALinear) and head.running_adapters():
+        f = head.factors(head.running_adapters()[0])
+        p = f.dropout if head.training else 0.0
         return linear_cross_entropy(hidden, head.base_weight(), labels, head.bias, ignore_index, reduction,
-                                    softcap=softcap, lora_a=head.lora_A, lora_b=head.lora_B,
-                                    lora_scale=head.scaling, lora_dropout=p, backend=head.backend,
-                                    loss_dtype=torch.float32)
+                                    softcap=softcap, lora_a=f.lora_A, lora_b=f.lora_B, lora_scale=f.scaling,
+                                    lora_dropout=p, backend=head.backend, loss_dtype=torch.float32)
     weight = head.base_weight() if isinstance(head, LoRALinear) else head.weight
     return linear_cross_entropy(hidden, weight, labels, head.bias, ignore_index, reduction, softcap=softcap,
                                 loss_dtype=torch.float32)
@@ -86,7 +91,8 @@ def make_fused_forward(model: nn.Module):
 
     def forward(*args, labels=None, return_logits: bool = False, **kwargs):
         keep = kwargs.get("logits_to_keep", 0)
-        if labels is None or return_logits or not (isinstance(keep, int) and keep == 0):
+        if labels is None or return_logits or not (isinstance(keep, int) and keep == 0) \
+                or not _head_fusable(model.lm_head):
             return original(model, *args, labels=labels, **kwargs)
         kwargs.update(zip(names, args))
         kwargs.pop("logits_to_keep", None)

@@ -227,3 +227,38 @@ def test_trainable_base_weight_runs_the_original_forward():
     ids = _ids()
     model(input_ids=ids, labels=ids).loss.backward()
     assert mlp.gate_proj.weight.grad is not None and mlp.up_proj.lora_A.grad is not None
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_disabled_and_several_active_adapters_match_the_unfused_model():
+    """disable_adapter (no adapter runs) and two active adapters take the original forward: same as unfused."""
+    models = []
+    for fused in (("mlp", "loss"), None):
+        model = llama()
+        lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4, targets=["gate_proj", "up_proj", "down_proj",
+                                                                            "lm_head"]), fused=fused)
+        lowcost.add_adapter(model, "second", lowcost.LoRAConfig(r=2, alpha=4, targets=["gate_proj", "up_proj",
+                                                                                      "down_proj", "lm_head"]))
+        torch.manual_seed(5)
+        for module in model.modules():
+            if isinstance(module, lowcost.LoRALinear):
+                for name in module.adapter_names:
+                    torch.nn.init.normal_(module.factors(name).lora_B, std=0.1)
+        models.append(model)
+    ids = _ids()
+    with lowcost.disable_adapter(models[0]), lowcost.disable_adapter(models[1]):
+        with torch.no_grad():
+            torch.testing.assert_close(models[0](input_ids=ids, labels=ids).loss, models[1](input_ids=ids, labels=ids).loss)
+    for model in models:
+        lowcost.set_adapter(model, ["default", "second"])
+    (loss, grads), (loss_ref, grads_ref) = (_loss_and_grads(m, ids) for m in models)
+    torch.testing.assert_close(loss, loss_ref)
+    assert grads.keys() == grads_ref.keys() and len(grads) > 0
+    for name in grads_ref:
+        assert rel_err(grads[name], grads_ref[name]) <= TOL, name

@@ -21,6 +21,7 @@ from lowcost.ops.backend import ENV_VAR, TRITON_MAX_RANK, cuda_kernels_usable, t
 from lowcost.patch import adapter_io, ranks
 from lowcost.patch.adapters import active_adapters, delete_adapter, disable_adapter, set_adapter
 from lowcost.patch.adapters import add_adapter as _add_adapter
+from lowcost.patch.fuse import FUSIONS, apply_fusions, normalize_fused, remove_fusions
 from lowcost.patch.merge import DriftReport, merge_model
 from lowcost.patch.peft_accel import accelerate_peft
 from lowcost.patch.peft_config import lora_kwargs_from_peft, peft_config_for
@@ -162,9 +163,15 @@ def _warn_unmatched(report: PatchReport) -> None:
 
 
 def apply(model: nn.Module, lora: Optional[LoRAConfig] = None, checkpoint: Optional[CheckpointConfig] = None,
-          *, profile_step=None, adapter_name: str = DEFAULT_ADAPTER):
+          *, profile_step=None, adapter_name: str = DEFAULT_ADAPTER,
+          fused: Union[None, str, Sequence[str]] = FUSIONS):
     """Freeze ``model`` and swap fused LoRA layers into it per ``lora`` (an adapter named ``adapter_name``),
     and/or install activation checkpointing on its blocks per ``checkpoint``.
+
+    ``fused`` (with ``lora``; default all of ``("mlp", "norm", "qkv", "loss")``, ``None`` for none): the
+    fusion passes of ``lowcost.patch.fuse``, each taken where the structure matches and refused with the
+    reason elsewhere; ``report.fusion`` lists both. A fused causal-LM forward with labels returns the loss
+    and ``logits=None`` (pass ``return_logits=True`` to the forward for logits).
 
     Returns the LoRA ``PatchReport`` (its ``checkpoint`` field holds the ``CheckpointReport``), or the
     ``CheckpointReport`` alone when only ``checkpoint`` is given. ``profile_step`` (a zero-argument callable
@@ -180,18 +187,26 @@ def apply(model: nn.Module, lora: Optional[LoRAConfig] = None, checkpoint: Optio
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     ranks.refuse_wrapped(model, "lowcost.apply")
+    fused = normalize_fused(fused)
     if lora is not None:
         _check_backend_here(lora)
     report = ranks.collectively("lowcost.apply", lambda: apply_lora(model, lora, adapter_name), _rank_summary(lora),
                                 undo=lambda: remove_lora(model)) if lora is not None else None
     if report is not None:
         _warn_unmatched(report)
+    if report is not None and fused:
+        try:
+            report.fusion = apply_fusions(model, fused, avoid=checkpoint.recompute if checkpoint else ())
+        except BaseException:
+            remove_lora(model)
+            raise
     if checkpoint is None:
         return report
     try:
         checkpoint_report = apply_checkpointing(model, checkpoint, profile_step=profile_step)
     except Exception:
         if report is not None:
+            remove_fusions(model)
             remove_lora(model)
         raise
     if report is None:
@@ -229,6 +244,7 @@ def unapply(model: nn.Module) -> nn.Module:
     any checkpointing installed by ``apply`` removed."""
     ranks.refuse_wrapped(model, "lowcost.unapply")
     checkpointed = _has_checkpointing(model)
+    remove_fusions(model)
     if not checkpointed or patch_state(model) is not None:
         remove_lora(model)          # raises a clear error when there is nothing to undo at all
     if checkpointed:
@@ -257,6 +273,7 @@ def merge(model: nn.Module, probe=None, inplace: bool = True, *, safe: bool = Tr
         raise RuntimeError("lowcost.merge: called inside lowcost.disable_adapter(model)")
     chosen = list(state.active) if adapters is None else [adapters] if isinstance(adapters, str) else list(adapters)
     target = model if inplace else copy.deepcopy(model)
+    remove_fusions(target)              # merged weights run through the original modules
     previous = list(state.active)
     if chosen != previous:
         set_adapter(target, chosen)

@@ -48,7 +48,9 @@ ATTENTION_OPS = _packets(["_scaled_dot_product_flash_attention_for_cpu", "_scale
 
 def _lowcost_ops() -> set:
     import lowcost.ops.lora_linear  # noqa: F401  (registers torch.ops.lowcost.lora_linear)
-    return {torch.ops.lowcost.lora_linear}
+    import lowcost.ops.lora_gated_mlp  # noqa: F401  (a fused MLP: three matmuls, kept like lora_linear)
+    import lowcost.ops.linear_cross_entropy  # noqa: F401  (the loss's matmuls, kept like lora_linear)
+    return {torch.ops.lowcost.lora_linear, torch.ops.lowcost.lora_gated_mlp, torch.ops.lowcost.linear_cross_entropy}
 
 
 def default_save_ops() -> set:

@@ -1,6 +1,7 @@
 """Modules whose forward is one op call, holding one or more named LoRA adapters (``lowcost.nn.adapters``)."""
 from lowcost.nn.adapters import AdapterSpec, LoRAAdapter
 from lowcost.nn.lora_embedding import LoRAEmbedding
+from lowcost.nn.lora_gated_mlp import LoRAGatedMLP
 from lowcost.nn.lora_linear import LoRALinear
 
-__all__ = ["LoRALinear", "LoRAEmbedding", "LoRAAdapter", "AdapterSpec"]
+__all__ = ["LoRALinear", "LoRAEmbedding", "LoRAGatedMLP", "LoRAAdapter", "AdapterSpec"]

@@ -1,6 +1,8 @@
 """Dispatcher-registered ops with autograd. The only layer that picks a backend (``lowcost.ops.backend``)."""
 from lowcost.ops.backend import BACKENDS, resolve_backend
+from lowcost.ops.linear_cross_entropy import linear_cross_entropy
 from lowcost.ops.lora_embedding import lora_embedding
+from lowcost.ops.lora_gated_mlp import lora_gated_mlp
 from lowcost.ops.lora_linear import lora_linear
 
-__all__ = ["lora_linear", "lora_embedding", "resolve_backend", "BACKENDS"]
+__all__ = ["lora_linear", "lora_embedding", "linear_cross_entropy", "lora_gated_mlp", "resolve_backend", "BACKENDS"]

@@ -52,6 +52,7 @@ class PatchReport:
     checkpoint: Optional[object] = None          # CheckpointReport when apply(checkpoint=...) ran too
     adapter: str = "default"
     unmatched: list[str] = field(default_factory=list)   # target list entries that name no module
+    fusion: Optional[object] = None              # FusionReport when apply(fused=...) ran fusion passes
 
     @property
     def names(self) -> list[str]:
@@ -90,4 +91,6 @@ class PatchReport:
         lines += [f"  note: {note}" for note in self.notes]
         if self.checkpoint is not None:
             lines.append(str(self.checkpoint))
+        if self.fusion is not None:
+            lines += self.fusion.lines()
         return "\n".join(lines)

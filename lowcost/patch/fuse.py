@@ -1,0 +1,124 @@
+"""Fusion passes after the LoRA swap: ``lowcost.apply(model, lora=..., fused=...)``.
+
+    "mlp"   gated MLPs → one ``lowcost.ops.lora_gated_mlp`` (``fuse_mlp``)
+    "loss"  causal-LM loss → ``lowcost.ops.linear_cross_entropy``, no logits (``fuse_loss``)
+    "norm"  RMSNorm/LayerNorm folded into the adapted projections' inputs   (not implemented: refused)
+    "qkv"   q/k/v sharing one input as one grouped op                        (not implemented: refused)
+
+Every requested fusion is either taken (per module, with what it does) or refused (with the reason) in a
+``FusionReport``. The passes plan first and swap after; ``remove_fusions`` puts back the original modules
+and forward. The fused modules hold the same parameter objects under the same names, so state_dict keys,
+PEFT-format adapter files and merged weights are those of the unfused model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+from torch import nn
+
+from lowcost.patch.fuse_loss import install_fused_loss, loss_problem, remove_fused_loss
+from lowcost.patch.fuse_mlp import plan_mlp_fusions
+
+FUSIONS = ("mlp", "norm", "qkv", "loss")
+STATE_ATTR = "_lowcost_fusion"
+_NOT_BUILT = {"norm": "norm-fused LoRA inputs are not implemented in this build (the normed tensor is saved "
+                      "as in the unfused model)",
+              "qkv": "grouped q/k/v projections are not implemented in this build (each projection runs its "
+                     "own fused LoRA op)"}
+
+
+@dataclass(frozen=True)
+class Fusion:
+    kind: str          # one of FUSIONS
+    module: str        # module path ("" for the whole model, "*" for every candidate)
+    detail: str        # what was done, or why not
+
+
+@dataclass
+class FusionReport:
+    taken: list[Fusion] = field(default_factory=list)
+    refused: list[Fusion] = field(default_factory=list)
+
+    def kinds(self) -> set[str]:
+        return {f.kind for f in self.taken}
+
+    def lines(self) -> list[str]:
+        out = [f"  fused {f.kind:<5} {f.module or '(model)'}  ({f.detail})" for f in self.taken]
+        return out + [f"  not fused {f.kind:<5} {f.module or '(model)'}  ({f.detail})" for f in self.refused]
+
+    def __str__(self) -> str:
+        return "\n".join([f"lowcost fusions: {len(self.taken)} taken, {len(self.refused)} refused"] + self.lines())
+
+
+@dataclass
+class FusionState:
+    originals: dict = field(default_factory=dict)   # module path → original module
+    loss: bool = False
+
+
+def normalize_fused(fused: Union[None, str, Sequence[str]]) -> tuple[str, ...]:
+    """None/() → no fusion; "all" → every fusion; else a subset of FUSIONS (ValueError naming the stranger)."""
+    if fused is None:
+        return ()
+    if isinstance(fused, str):
+        fused = FUSIONS if fused == "all" else (fused,)
+    fused = tuple(fused)
+    unknown = [f for f in fused if f not in FUSIONS]
+    if unknown or not all(isinstance(f, str) for f in fused):
+        raise ValueError(f"fused must be a subset of {FUSIONS} (or 'all' / None), got {list(fused)!r}")
+    return tuple(f for f in FUSIONS if f in fused)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def apply_fusions(model: nn.Module, fused: Sequence[str], avoid: tuple[str, ...] = ()) -> FusionReport:
+    """Run the requested passes on a LoRA-patched model; ``avoid``: checkpoint recompute paths."""
+    if STATE_ATTR in model.__dict__:
+        raise RuntimeError("lowcost.apply: fusions are already installed; call lowcost.unapply(model) first")
+    report, state = FusionReport(), FusionState()
+    taken_mlps: dict = {}
+    if "mlp" in fused:
+        taken_mlps, refused = plan_mlp_fusions(model, avoid)
+        report.refused += [Fusion("mlp", path, why) for path, why in refused]
+    loss_why = loss_problem(model) if "loss" in fused else None
+    try:
+        for path, (module, detail) in taken_mlps.items():
+            state.originals[path] = model.get_submodule(path)
+            _set_module(model, path, module)
+            report.taken.append(Fusion("mlp", path, detail))
+        if loss_why == "":
+            install_fused_loss(model)
+            state.loss = True
+            report.taken.append(Fusion("loss", "", "linear_cross_entropy on lm_head; logits None with labels"))
+    except BaseException:
+        _restore(model, state)
+        raise
+    if loss_why:
+        report.refused.append(Fusion("loss", "", loss_why))
+    report.refused += [Fusion(kind, "*", _NOT_BUILT[kind]) for kind in ("norm", "qkv") if kind in fused]
+    model.__dict__[STATE_ATTR] = state
+    return report
+
+
+def _restore(model: nn.Module, state: FusionState) -> None:
+    if state.loss:
+        remove_fused_loss(model)
+    for path, original in state.originals.items():
+        _set_module(model, path, original)
+
+
+def remove_fusions(model: nn.Module) -> bool:
+    """Undo ``apply_fusions`` (original MLP modules and forward back); False when there was nothing to undo."""
+    state: Optional[FusionState] = model.__dict__.pop(STATE_ATTR, None)
+    if state is None:
+        return False
+    _restore(model, state)
+    return True
+
+
+def fusions_installed(model: nn.Module) -> bool:
+    return STATE_ATTR in model.__dict__

@@ -1,0 +1,122 @@
+"""Pure-torch fused LoRA gated MLP (SwiGLU / GeGLU): the ground truth and the CPU path.
+
+    gate = x W_gᵀ + s_g·u_g B_gᵀ,   u_g = (D_g⊙x) A_gᵀ            (M, I), (M, r_g)
+    up   = x W_uᵀ + s_u·u_u B_uᵀ,   u_u = (D_u⊙x) A_uᵀ            (M, I), (M, r_u)
+    h    = act(gate) ⊙ up                                          (M, I), never saved
+    y    = h W_dᵀ + s_d·u_d B_dᵀ,   u_d = (D_d⊙h) A_dᵀ            (M, H), (M, r_d)
+
+act ∈ {"silu", "gelu_tanh", "gelu"} (SwiGLU of Llama/Mistral/Qwen2/Phi-3; GeGLU of Gemma, tanh-approximated;
+exact erf GELU). Each projection is exactly ``lowcost.ops.lora_linear`` (``lowcost.reference.lora_linear``)
+with its own seed, so the same seeds drop the same elements as three separate LoRA linears.
+
+Saved for backward: x (the caller's tensor), gate, up, u_g, u_u, u_d and the seeds. Backward (g = dL/dy):
+    h      = act(gate) ⊙ up                                        recomputed
+    dB_d   = s_d·gᵀu_d;  du_d = s_d·g B_d;  dA_d = du_dᵀ(D_d⊙h);  dh = g W_d + D_d⊙(du_d A_d)
+    dgate  = (dh ⊙ up) ⊙ act'(gate);  dup = dh ⊙ act(gate)
+    dB_p   = s_p·dpᵀu_p;  du_p = s_p·dp B_p;  dA_p = du_pᵀ(D_p⊙x)   for p ∈ {gate, up}
+    dx     = dgate W_g + dup W_u + D_g⊙(du_g A_g) + D_u⊙(du_u A_u)   one accumulator (grouped input gradient)
+Roundings follow the unfused model: gate, up, h, dh, dgate and dup are rounded to x's dtype as autograd's
+tensors would be; the activation and its derivative are torch's own (``aten.silu_backward`` /
+``aten.gelu_backward``), so fp32 results equal the unfused path's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lowcost.reference.lora_linear import accumulation_dtype, lora_linear_backward, lora_linear_forward
+from lowcost.reference.philox import apply_dropout
+
+Tensor = torch.Tensor
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+DropoutFn = Callable[[Tensor, int, float], Tensor]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One adapted projection: weight W (N, K), lora_a A (r, K), lora_b B (N, r), scale s, dropout p, seed."""
+    weight: Tensor
+    lora_a: Tensor
+    lora_b: Tensor
+    scale: float
+    dropout: float
+    seed: int
+
+
+def activation(gate: Tensor, name: str) -> Tensor:
+    if name == "silu":
+        return F.silu(gate)
+    return F.gelu(gate, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+def activation_backward(grad: Tensor, gate: Tensor, name: str) -> Tensor:
+    """grad ⊙ act'(gate), with the kernels autograd runs for ``act`` (bit-identical to the unfused model)."""
+    if name == "silu":
+        return torch.ops.aten.silu_backward(grad, gate)
+    return torch.ops.aten.gelu_backward(grad, gate, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+def project(x: Tensor, p: Projection, dropout_fn: DropoutFn) -> tuple[Tensor, Tensor]:
+    """(x Wᵀ + s·(D⊙x) Aᵀ Bᵀ, u) exactly as ``lowcost.reference.lora_linear_forward`` (no bias)."""
+    return lora_linear_forward(x, p.weight, p.lora_a, p.lora_b, None, p.scale, p.dropout, p.seed, dropout_fn)
+
+
+def gated_mlp_forward(x: Tensor, gate: Projection, up: Projection, down: Projection, act: str,
+                      dropout_fn: DropoutFn = apply_dropout) -> tuple[Tensor, ...]:
+    """Returns (y (M, H), gate (M, I), up (M, I), u_g, u_u, u_d); h exists only inside this call."""
+    gate_out, u_g = project(x, gate, dropout_fn)
+    up_out, u_u = project(x, up, dropout_fn)
+    y, u_d = project(activation(gate_out, act) * up_out, down, dropout_fn)
+    return y, gate_out, up_out, u_g, u_u, u_d
+
+
+def grouped_input_grad(x: Tensor, grads: list[Tensor], projections: list[Projection], dus: list[Tensor],
+                       dropout_fn: DropoutFn) -> Tensor:
+    """dx = Σ_p g_p W_p + Σ_p D_p⊙(du_p A_p) for projections sharing the input x: one (M, K) accumulator."""
+    acc = accumulation_dtype(x)
+    dx = grads[0] @ projections[0].weight
+    for g, p in zip(grads[1:], projections[1:]):
+        dx = dx.addmm_(g, p.weight) if x.dtype == acc else dx + g @ p.weight
+    low_rank = None
+    for du, p in zip(dus, projections):
+        term = du @ p.lora_a.to(acc)
+        if p.dropout > 0:
+            term = dropout_fn(term, p.seed, p.dropout)
+        low_rank = term if low_rank is None else low_rank.add_(term)
+    return dx.add_(low_rank) if x.dtype == acc else (dx.to(acc) + low_rank).to(x.dtype)
+
+
+def adapter_grads(x: Tensor, grad: Tensor, p: Projection, u: Tensor, need_a: bool, need_b: bool,
+                  dropout_fn: DropoutFn) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+    """(dA, dB, du) of one projection from its output gradient; du = s·g B (M, r) in the accumulation dtype."""
+    acc = accumulation_dtype(x)
+    g = grad.to(acc)
+    du = (g @ p.lora_b.to(acc)).mul_(p.scale)
+    db = (g.t() @ u).mul_(p.scale).to(p.lora_b.dtype) if need_b else None
+    da = None
+    if need_a:
+        x_tilde = dropout_fn(x, p.seed, p.dropout) if p.dropout > 0 else x
+        da = (du.t() @ x_tilde.to(acc)).to(p.lora_a.dtype)
+    return da, db, du
+
+
+def gated_mlp_backward(grad_y: Tensor, x: Tensor, gate: Projection, up: Projection, down: Projection,
+                       gate_out: Tensor, up_out: Tensor, u_g: Tensor, u_u: Tensor, u_d: Tensor, act: str,
+                       needs: tuple, dropout_fn: DropoutFn = apply_dropout) -> tuple[Optional[Tensor], ...]:
+    """(dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d), None where ``needs`` (same order) says it is not wanted."""
+    need_dx, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = needs
+    act_gate = activation(gate_out, act)
+    h = act_gate * up_out
+    dh, da_d, db_d, _ = lora_linear_backward(grad_y, h, down.weight, down.lora_a, down.lora_b, u_d, down.scale,
+                                             down.dropout, down.seed, (True, need_ad, need_bd, False), dropout_fn)
+    del h
+    dgate = activation_backward(dh * up_out, gate_out, act)
+    dup = dh * act_gate
+    del dh, act_gate
+    da_g, db_g, du_g = adapter_grads(x, dgate, gate, u_g, need_ag, need_bg, dropout_fn)
+    da_u, db_u, du_u = adapter_grads(x, dup, up, u_u, need_au, need_bu, dropout_fn)
+    dx = grouped_input_grad(x, [dgate, dup], [gate, up], [du_g, du_u], dropout_fn) if need_dx else None
+    return dx, da_g, db_g, da_u, db_u, da_d, db_d

@@ -25,7 +25,10 @@ The recompute hooks also return what they save, so the recomputed graph can itse
 gradients flow only through the original graph, which is why no input needs ``requires_grad`` (LoRA
 parameters closed over inside fn get gradients as usual), why ``autograd.grad`` and ``backward(inputs=…)``
 work, and why a parameter used by several checkpointed blocks is accumulated once by its single
-``AccumulateGrad`` node (DDP-safe). A recomputation that saves another number of tensors, or (with
+``AccumulateGrad`` node (DDP-safe). Unlike torch, what that thrown-away graph holds (the tensors it saved;
+through its hooks, the frame with its inputs) is released when the recomputation ends, even if a hook's
+reference cycle keeps its nodes alive until the cycle collector runs (``_Recomputation``); differentiating
+it later is an error. A recomputation that saves another number of tensors, or (with
 ``determinism_check="default"``) one of another shape, dtype or device, raises ``CheckpointMismatchError``.
 
 A frame may hold several consecutive calls (a Chen et al. √n *segment* of blocks): the inputs of a later
@@ -141,10 +144,13 @@ class Frame:
         self.options = options if options is not None else Options(preserve_rng_state=preserve_rng)
         self.offloader = offloader
         self.label = label if label is not None else tracking.current_block()
-        self.selective = (SelectiveCache(selective, self.label, lambda: len(self.meta))
+        self.meta: list[tuple] = []            # (shape, dtype, device) of each tensor saved in forward
+        # the cache counts packs through the list itself: a closure over the frame would make a reference
+        # cycle (frame -> cache -> frame) that keeps the frame, its inputs and its cache alive past backward
+        # until the cycle collector happens to run
+        self.selective = (SelectiveCache(selective, self.label, self.meta.__len__)
                           if selective is not None else None)
         self.calls: list[_Call] = []
-        self.meta: list[tuple] = []            # (shape, dtype, device) of each tensor saved in forward
         self.live: dict[int, weakref.ref] = {}  # index -> weakref to the handle autograd holds
         self.recomputed: set = set()            # graph tasks this frame has recomputed for
         self.running = False                    # a call's fn is running (its forward is not complete)
@@ -213,29 +219,11 @@ class Frame:
         if not wanted:
             return
         stop_at = max(wanted) if self.options.early_stop else None
-        counter = [0]
-
-        def pack(tensor: Tensor):
-            i = counter[0]
-            counter[0] += 1
-            kept = tensor.detach() if tensor.requires_grad else tensor
-            if i >= len(self.meta):
-                if self.running:  # a recompute during the forward may run past what was saved so far
-                    return kept
-                raise self._mismatch(f"the recomputation saves more tensors for backward than the forward "
-                                     f"did ({len(self.meta)}); extra tensor #{i}: "
-                                     f"{_describe((tensor.shape, tensor.dtype, tensor.device))}")
-            self._check(i, tensor)
-            if i in wanted:
-                wanted[i].rebuilt[task] = kept
-            if stop_at is not None and i >= stop_at:
-                raise _StopRecompute
-            return kept
-
+        run = _Recomputation(self, task, wanted, stop_at)
         start = time.perf_counter()
         if self.offloader is not None:
             self.offloader.before_recompute(self)
-        with torch.autograd.graph.saved_tensors_hooks(pack, _identity), _recompute_scope(), torch.enable_grad():
+        with torch.autograd.graph.saved_tensors_hooks(run.pack, run.unpack), _recompute_scope(), torch.enable_grad():
             try:
                 outputs: list[list] = []
                 memo: dict = {}
@@ -243,9 +231,12 @@ class Frame:
                     outputs.append(call.run(self, outputs, memo))
             except _StopRecompute:
                 pass
+            finally:
+                saved = run.count
+                run.release()
         self.recomputations += 1
         tracking.note_recompute(self.label, time.perf_counter() - start)
-        self._check_count(counter[0], stop_at, wanted)
+        self._check_count(saved, stop_at, wanted)
 
     def _check_count(self, saved: int, stop_at: Optional[int], wanted: dict) -> None:
         """Every wanted tensor rebuilt (and, without early stop, exactly as many saved as in the forward)."""
@@ -276,8 +267,61 @@ def _unpack(handle: _Handle) -> Tensor:
     return handle.frame.unpack(handle)
 
 
-def _identity(tensor: Tensor) -> Tensor:
-    return tensor
+class _Recomputation:
+    """One recomputation of a frame for one graph task: its pack and unpack hooks.
+
+    ``pack`` puts the tensor saved at index i on the handle of i when that handle wants it, raises
+    ``_StopRecompute`` after index ``stop_at``, and gives autograd a box holding the tensor, so the graph
+    the recomputation builds can be differentiated while it runs (a ``grad`` inside fn).
+
+    That graph is garbage once the recomputation ends, but a reference cycle through it (a forward hook that
+    registers a gradient hook holding the node it hooks, as ``FlopCounterMode``'s module tracker does) keeps
+    its nodes, and the hooks they hold, alive until Python's cycle collector runs: with them every tensor
+    they saved (a block's activations) and, through the hooks, the frame (its kept inputs) and the handles,
+    piling up over backward, one block per recompute. ``release`` therefore empties the boxes and drops the
+    frame and the handles when the recomputation ends; such nodes then hold nothing but this empty object.
+    """
+
+    __slots__ = ("frame", "name", "task", "wanted", "stop_at", "count", "boxes")
+
+    def __init__(self, frame: "Frame", task, wanted: dict, stop_at: Optional[int]):
+        self.frame, self.name, self.task, self.wanted, self.stop_at = frame, frame.name, task, wanted, stop_at
+        self.count, self.boxes = 0, []
+
+    def pack(self, tensor: Tensor) -> list:
+        frame, i = self.frame, self.count
+        self.count += 1
+        kept = tensor.detach() if tensor.requires_grad else tensor
+        if i >= len(frame.meta):
+            if frame.running:  # a recompute during the forward may run past what was saved so far
+                return self._hold(kept)
+            raise frame._mismatch(f"the recomputation saves more tensors for backward than the forward "
+                                  f"did ({len(frame.meta)}); extra tensor #{i}: "
+                                  f"{_describe((tensor.shape, tensor.dtype, tensor.device))}")
+        frame._check(i, tensor)
+        if i in self.wanted:
+            self.wanted[i].rebuilt[self.task] = kept
+        if self.stop_at is not None and i >= self.stop_at:
+            raise _StopRecompute
+        return self._hold(kept)
+
+    def _hold(self, tensor: Tensor) -> list:
+        box = [tensor]
+        self.boxes.append(box)
+        return box
+
+    def unpack(self, box: list) -> Tensor:
+        if box[0] is None:
+            raise tuc.CheckpointError(f"lowcost.checkpoint({self.name}): the graph built by a recomputation was "
+                                      f"differentiated after that recomputation ended; its saved tensors are "
+                                      f"freed when it ends (keep no output of fn's recomputation)")
+        return box[0]
+
+    def release(self) -> None:
+        for box in self.boxes:
+            box[0] = None
+        self.boxes.clear()
+        self.frame = self.wanted = self.task = None
 
 
 # ------------------------------------------------------------------------------------------- public

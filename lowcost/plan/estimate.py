@@ -10,7 +10,7 @@ same bytes, FLOPs and parameters, and the peak is reached at the same point of t
 added blocks keep. The estimate therefore traces two shallow copies, d₁ ≥ 2 with d₁ ≡ L (mod p) and
 d₂ = d₁ + p (block 0 differs: its input needs no gradient), and extends the line to L. ``sqrt`` (segment
 lengths depend on L), configs with per-layer types, and ``exact=True`` trace the full depth.
-tests/plan/test_estimate.py checks the line against full-depth traces.
+tests/plan/test_plan_depth.py checks the line against full-depth traces.
 
 Memory of a step (bytes, the categories of ``Estimate``):
 - weights: every parameter and buffer, as stored;

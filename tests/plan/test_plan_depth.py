@@ -1,6 +1,6 @@
 """Depth extension: two shallow traces extended to the full depth give the figures a full-depth trace gives,
-for a uniform policy, a periodic one (every_k, period 2, odd depth), LoRA without checkpointing and full
-fine-tuning; sqrt (segments depend on the depth) is always traced in full."""
+for uniform policies (full, selective), a periodic one (every_k, period 2, odd depth), LoRA without
+checkpointing and full fine-tuning; sqrt (segments depend on the depth) is always traced in full."""
 import pytest
 import torch
 
@@ -16,6 +16,7 @@ LORA = lowcost.LoRAConfig(r=4, alpha=8, dropout=0.05)
 
 @pytest.mark.parametrize("setup", [Setup("LoRA", LORA), Setup("LoRA + every_k", LORA, CheckpointConfig("every_k", k=2)),
                                    Setup("LoRA + selective", LORA, CheckpointConfig("selective")),
+                                   Setup("LoRA + full", LORA, CheckpointConfig("full")),
                                    Setup("full fine-tuning")], ids=lambda s: s.name)
 def test_extended_equals_full_trace(setup):
     config = config_of(CONFIG)

@@ -9,7 +9,8 @@ else is refused with the reason.
 """
 from __future__ import annotations
 
-from typing import Optional
+import copy
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -73,8 +74,27 @@ def _structure_problem(mlp: nn.Module, roles: dict[str, str]) -> str:
     return ""
 
 
-def _same_output(mlp: nn.Module, fused: LoRAGatedMLP) -> bool:
-    """The original forward and the wrapper agree on a probe (eval mode: no dropout, no RNG use)."""
+def _cpu_twin(mlp: nn.Module) -> nn.Module:
+    """A CPU copy of a meta-device MLP (``lowcost plan`` patches models built on the meta device) with small
+    random weights and zero buffers: the structure check compares forwards, which needs values but not the
+    model's own values (B of a fresh adapter is zero, so random B checks the LoRA terms too)."""
+    twin = copy.deepcopy(mlp).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for buffer in twin.buffers():
+            buffer.zero_()
+        for parameter in twin.parameters():
+            if parameter.is_floating_point():
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return twin
+
+
+def _same_output(mlp: nn.Module, make_fused: Callable[[nn.Module], LoRAGatedMLP]) -> bool:
+    """The original forward and the wrapper (``make_fused(mlp)``) agree on a probe (eval mode: no dropout, no
+    RNG use). A meta-device MLP is checked on a CPU twin with random weights."""
+    if any(p.is_meta for p in mlp.parameters()):
+        mlp = _cpu_twin(mlp)
+    fused = make_fused(mlp)
     layer = fused.layer("down")
     weight = layer.weight
     probe = torch.randn(3, layer.out_features, generator=torch.Generator().manual_seed(0)).to(weight)
@@ -106,12 +126,16 @@ def build_mlp_fusion(model: nn.Module, path: str, roles: dict[str, str]) -> tupl
     act = _activation_name(act_module)
     if act is None:
         return None, f"activation {type(act_module).__name__} is none of {ACTIVATIONS}"
-    pairs = {role: (attr, getattr(mlp, attr)) for role, attr in roles.items()}
-    if "gate_up" in pairs and pairs["gate_up"][1].out_features % 2:
+    if "gate_up" in roles and getattr(mlp, roles["gate_up"]).out_features % 2:
         return None, "the packed gate_up projection has an odd number of outputs"
-    fused = LoRAGatedMLP(mlp, act, down=pairs["down"], gate=pairs.get("gate"), up=pairs.get("up"),
-                         gate_up=pairs.get("gate_up"))
-    if not _same_output(mlp, fused):
+
+    def make_fused(module: nn.Module) -> LoRAGatedMLP:
+        pairs = {role: (attr, getattr(module, attr)) for role, attr in roles.items()}
+        return LoRAGatedMLP(module, act, down=pairs["down"], gate=pairs.get("gate"), up=pairs.get("up"),
+                            gate_up=pairs.get("gate_up"))
+
+    fused = make_fused(mlp)
+    if not _same_output(mlp, make_fused):
         return None, "the MLP's forward is not down(act(gate(x)) * up(x)) (probe outputs differ)"
     return fused, f"{'packed gate_up' if fused.packed else 'gate/up/down'}, activation {act}"
 

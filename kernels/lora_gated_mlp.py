@@ -86,7 +86,7 @@ def _gated_down_u_kernel(
     M, K, R,
     stride_gm, stride_gk, stride_pm, stride_pk, stride_ar, stride_ak, stride_um, stride_ur,
     seed_lo, seed_hi, threshold, keep_scale,
-    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_VEC4: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """u_d = (D⊙h) A_dᵀ for BLOCK_M rows: h = act(gate) ⊙ up (M, K=I), A_d (R, K) -> u_d (M, R) float32."""
@@ -98,7 +98,7 @@ def _gated_down_u_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         ht = _h_tile(gate_ptr, up_ptr, offs_m, offs_k, stride_gm, stride_gk, stride_pm, stride_pk, M, K, ACT)
         if HAS_DROPOUT:
-            ht = ht * dropout_multiplier(offs_m, k0, K, seed_lo, seed_hi, threshold, keep_scale, BLOCK_K)
+            ht = ht * dropout_multiplier(offs_m, k0, K, seed_lo, seed_hi, threshold, keep_scale, BLOCK_K, MASK_VEC4)
         at = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, K, R)        # (BLOCK_K, R_PAD) tile of Aᵀ
         acc = tl.dot(dot_operand(ht, DT, UPCAST), dot_operand(at, DT, UPCAST), acc, input_precision=DOT_PRECISION)
     tl.store(tile_ptrs(u_ptr, offs_m, offs_r, stride_um, stride_ur), acc, mask=tile_mask(offs_m, offs_r, M, R))
@@ -141,7 +141,7 @@ def _gated_dh_kernel(
     stride_gm, stride_gn, stride_wn, stride_wk, stride_dum, stride_dur, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_dar, stride_dak,
     seed_lo, seed_hi, threshold, keep_scale,
-    ACT: tl.constexpr, NEED_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, RANK_STEP: tl.constexpr,
+    ACT: tl.constexpr, NEED_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_VEC4: tl.constexpr, RANK_STEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -160,7 +160,8 @@ def _gated_dh_kernel(
     up = load_tile(up_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K).to(tl.float32)
     a, da = act_and_grad(gate, ACT)
     if HAS_DROPOUT:
-        dt = dropout_multiplier(offs_m, pid_k * BLOCK_K, K, seed_lo, seed_hi, threshold, keep_scale, BLOCK_K)
+        dt = dropout_multiplier(offs_m, pid_k * BLOCK_K, K, seed_lo, seed_hi, threshold, keep_scale, BLOCK_K,
+                                MASK_VEC4)
     lr = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, RANK_STEP):
         offs_j = r0 + tl.arange(0, RANK_STEP)
@@ -221,7 +222,8 @@ def down_forward(gate: Tensor, up: Tensor, w_down: Tensor, a_down: Tensor, b_dow
     c = cfg["u"]
     _gated_down_u_kernel[(triton.cdiv(M, c["BLOCK_M"]),)](
         gate, up, a_down, u, M, inter, r, *sg, *sg, *sa, *u.stride(), **_dropout_args(dropout, seed),
-        HAS_DROPOUT=dropout > 0, R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=c["BLOCK_M"],
+        HAS_DROPOUT=dropout > 0, MASK_VEC4=dropout > 0 and inter % 4 == 0,
+        R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_M=c["BLOCK_M"],
         BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"], **meta)
     c = cfg["y"]
     grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(H, c["BLOCK_N"]),)
@@ -245,6 +247,7 @@ def down_backward(grad_y: Tensor, gate: Tensor, up: Tensor, w_down: Tensor, a_do
                            M, H, inter, r, *grad_y.stride(), *w_down.stride(), *du.stride(), *a_down.stride(),
                            *gate.stride(), *(a_down.stride() if da is None else da.stride()),
                            **_dropout_args(dropout, seed), NEED_DA=need_da, HAS_DROPOUT=dropout > 0,
+                           MASK_VEC4=dropout > 0 and inter % 4 == 0,
                            RANK_STEP=RANK_STEP, **{k: v for k, v in c.items() if k != "num_warps"},
                            num_warps=c["num_warps"], **meta)
     return dgate, dup, da
@@ -296,9 +299,10 @@ def aot_launches() -> Iterator[Variant]:
                           label=f"gated_down_y {dt} ACT={act}")
             for drop in (False, True):
                 yield Variant(_gated_down_u_kernel, _types(_gated_down_u_kernel, dt),
-                              {**base, "HAS_DROPOUT": drop, "R_PAD": 16, **u}, label=f"gated_down_u {dt} ACT={act} "
+                              {**base, "HAS_DROPOUT": drop, "MASK_VEC4": drop, "R_PAD": 16, **u}, label=f"gated_down_u {dt} ACT={act} "
                               f"HAS_DROPOUT={drop}")
                 for need_da in (False, True):
                     yield Variant(_gated_dh_kernel, _types(_gated_dh_kernel, dt),
-                                  {**base, "NEED_DA": need_da, "HAS_DROPOUT": drop, "RANK_STEP": RANK_STEP, **dh},
+                                  {**base, "NEED_DA": need_da, "HAS_DROPOUT": drop, "MASK_VEC4": drop,
+                                   "RANK_STEP": RANK_STEP, **dh},
                                   label=f"gated_dh {dt} ACT={act} HAS_DROPOUT={drop} NEED_DA={need_da}")

@@ -18,8 +18,8 @@ def _documents():
 def _readme_example() -> str:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    example = [b for b in blocks if "lowcost.load_pretrained(path)" in b]
-    assert len(example) == 1, "the README's Python example (with load_pretrained(path)) is missing"
+    example = [b for b in blocks if 'path = "path/to/hf-dir-or-file.gguf"' in b]   # the quick-start example
+    assert len(example) == 1, "the README's Python example (path = \"path/to/hf-dir-or-file.gguf\") is missing"
     return example[0]
 
 

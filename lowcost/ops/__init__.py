@@ -2,5 +2,6 @@
 from lowcost.ops.backend import BACKENDS, resolve_backend
 from lowcost.ops.lora_embedding import lora_embedding
 from lowcost.ops.lora_linear import lora_linear
+from lowcost.ops.qlora_linear import qlora_linear, quantized_linear
 
-__all__ = ["lora_linear", "lora_embedding", "resolve_backend", "BACKENDS"]
+__all__ = ["lora_linear", "lora_embedding", "qlora_linear", "quantized_linear", "resolve_backend", "BACKENDS"]

@@ -2,5 +2,6 @@
 from lowcost.nn.adapters import AdapterSpec, LoRAAdapter
 from lowcost.nn.lora_embedding import LoRAEmbedding
 from lowcost.nn.lora_linear import LoRALinear
+from lowcost.nn.quantized import QuantizedEmbedding, QuantizedLinear
 
-__all__ = ["LoRALinear", "LoRAEmbedding", "LoRAAdapter", "AdapterSpec"]
+__all__ = ["LoRALinear", "LoRAEmbedding", "LoRAAdapter", "AdapterSpec", "QuantizedLinear", "QuantizedEmbedding"]

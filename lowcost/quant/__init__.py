@@ -5,9 +5,10 @@ The formats' math and ``QuantizedWeight`` live in ``lowcost.reference.quant``; t
 bytes, and writes GGUF files back (``export_gguf``).
 """
 from lowcost.nn.quantized import QuantizedEmbedding, QuantizedLinear, is_quantized
+from lowcost.quant.export_gguf import export_gguf
 from lowcost.quant.quantize_model import quantize, quantize_weight
 from lowcost.quant.report import QuantizedModule, QuantReport
 from lowcost.reference.quant import QuantizedWeight
 
-__all__ = ["quantize", "quantize_weight", "QuantReport", "QuantizedModule", "QuantizedWeight", "QuantizedLinear",
+__all__ = ["quantize", "export_gguf", "quantize_weight", "QuantReport", "QuantizedModule", "QuantizedWeight", "QuantizedLinear",
            "QuantizedEmbedding", "is_quantized"]

@@ -14,11 +14,21 @@ Tensor = torch.Tensor
 Rows = Union[slice, Tensor]
 
 
+QUANTIZE_CHUNK_ELEMENTS = 1 << 20
+
+
 def quantize_int8(weight: Tensor) -> dict[str, Tensor]:
-    w = weight.float()
-    scale = w.abs().amax(dim=1) / 127.0
-    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    q = torch.round(w * inverse[:, None]).clamp_(-127, 127).to(torch.int8)
+    """{"qweight", "scale"} of ``weight`` (N, K), a chunk of rows at a time (bounded temporaries)."""
+    N, K = weight.shape
+    q = torch.empty((N, K), dtype=torch.int8, device=weight.device)
+    scale = torch.empty((N,), dtype=torch.float32, device=weight.device)
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // max(K, 1))
+    for start in range(0, N, step):
+        w = weight[start:start + step].float()
+        s = w.abs().amax(dim=1) / 127.0
+        inverse = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+        q[start:start + step] = torch.round(w * inverse[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[start:start + step] = s
     return {"qweight": q, "scale": scale}
 
 

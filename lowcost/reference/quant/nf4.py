@@ -33,6 +33,7 @@ Tensor = torch.Tensor
 Rows = Union[slice, Tensor]
 NF4_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DOUBLE_QUANT_GROUP = 256
+QUANTIZE_CHUNK_ELEMENTS = 1 << 20
 
 
 def padded_width(K: int, block_size: int) -> int:
@@ -64,20 +65,35 @@ def quantize_absmax_blockwise(values: Tensor, group: int = DOUBLE_QUANT_GROUP) -
     return nearest_index(normed.reshape(-1)[:n], dynamic_map().to(values.device)), scale
 
 
-def quantize_nf4(weight: Tensor, block_size: int = 64, double_quant: bool = False) -> dict[str, Tensor]:
-    """The NF4 tensors of ``weight`` (N, K) (see the module docstring); inputs of any float dtype."""
-    N, K = weight.shape
+def _row_slices(N: int, K: int, limit: int = QUANTIZE_CHUNK_ELEMENTS):
+    rows = max(1, limit // max(K, 1))
+    return [slice(start, min(start + rows, N)) for start in range(0, N, rows)]
+
+
+def _quantize_rows(weight: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """(codes (R, Kp/2) uint8, absmax (R, Kp/B) float32) of a few rows."""
+    R = weight.shape[0]
     blocks = _blocks(weight, block_size)
     absmax = blocks.abs().amax(dim=1)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1)
     index = torch.bucketize(scaled.reshape(-1), nf4_bounds(weight.device)).to(torch.uint8)
-    codes = ((index[0::2] << 4) | index[1::2]).reshape(N, -1)
-    nb = padded_width(K, block_size) // block_size
+    return ((index[0::2] << 4) | index[1::2]).reshape(R, -1), absmax.reshape(R, -1)
+
+
+def quantize_nf4(weight: Tensor, block_size: int = 64, double_quant: bool = False) -> dict[str, Tensor]:
+    """The NF4 tensors of ``weight`` (N, K) (see the module docstring); inputs of any float dtype. Rows are
+    quantized a chunk at a time, so the temporaries stay bounded by ``QUANTIZE_CHUNK_ELEMENTS``."""
+    N, K = weight.shape
+    Kp = padded_width(K, block_size)
+    codes = torch.empty((N, Kp // 2), dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty((N, Kp // block_size), dtype=torch.float32, device=weight.device)
+    for rows in _row_slices(N, Kp):
+        codes[rows], absmax[rows] = _quantize_rows(weight[rows], block_size)
     if not double_quant:
-        return {"codes": codes, "absmax": absmax.reshape(N, nb)}
+        return {"codes": codes, "absmax": absmax}
     offset = absmax.mean()
-    q, scale = quantize_absmax_blockwise(absmax - offset)
-    return {"codes": codes, "absmax_q": q.reshape(N, nb), "absmax_scale": scale, "absmax_offset": offset}
+    q, scale = quantize_absmax_blockwise(absmax.reshape(-1) - offset)
+    return {"codes": codes, "absmax_q": q.reshape(absmax.shape), "absmax_scale": scale, "absmax_offset": offset}
 
 
 def _row_index(rows: Rows, N: int, device) -> Tensor:

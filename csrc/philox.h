@@ -122,6 +122,18 @@ LOWCOST_HD uint32_t dropout_keep4(const DropoutParams& d, uint64_t i0) {
   return (bits >> phase) & 0xFu;
 }
 
+// Keep flags of the eight consecutive logical elements i0 .. i0+7 (bit t set = element i0+t kept).
+// Two generator calls when i0 is a multiple of 4, three otherwise.
+LOWCOST_HD uint32_t dropout_keep8(const DropoutParams& d, uint64_t i0) {
+  if (!d.enabled) return 0xFFu;
+  const uint64_t g = i0 >> 2;
+  const uint32_t phase = static_cast<uint32_t>(i0 & 3);
+  uint32_t bits = keep_bits(philox_group(d, g), d.threshold) |
+                  (keep_bits(philox_group(d, g + 1), d.threshold) << 4);
+  if (phase != 0) bits |= keep_bits(philox_group(d, g + 2), d.threshold) << 8;
+  return (bits >> phase) & 0xFFu;
+}
+
 // Applies the mask value rule to an fp32 value: keep ? v * keep_scale : 0 (a select, so NaN/inf in a
 // dropped element still gives 0).
 LOWCOST_HD float dropout_apply(const DropoutParams& d, bool keep, float v) {

@@ -10,8 +10,10 @@ Algorithm, for a (BLOCK_M, BLOCK_K) tile of the logical (M, K) matrix starting a
 One Philox call yields the words of four consecutive indices. When K % 4 == 0 (and k0 % 4 == 0, which holds
 because BLOCK_K is a multiple of 4) the four elements sharing a counter lie in one row of the tile, so the
 tile needs BLOCK_M * BLOCK_K / 4 Philox calls (``_keep_tile_vec4``). Otherwise each element runs its own
-call and keeps one word (``_keep_tile_scalar``). The choice is a runtime branch on K, so it does not
-multiply the compiled variants; both give the same bits.
+call and keeps one word (``_keep_tile_scalar``). Both give the same bits. The choice is the constexpr VEC4
+(= K % 4 == 0, set by the launcher), not a runtime branch: a boolean mask merged from the two branches of a
+runtime ``if`` made Triton 3.9 fail to compile ("shared-memory element type bit width must be a multiple of
+8; got 1"), and a constexpr keeps the unused path out of the compiled code.
 
 Scalar arguments: the launchers pass the seed halves and the threshold as int32 bit patterns
 (``uint32_as_int32``) so that every launch has the same signature; the kernels bitcast them back.
@@ -101,12 +103,13 @@ def _keep_tile_vec4(offs_m, k0, K, seed_lo, seed_hi, threshold, BLOCK_K: tl.cons
 
 
 @triton.jit
-def dropout_keep_tile(offs_m, k0, K, seed_lo, seed_hi, threshold, BLOCK_K: tl.constexpr):
+def dropout_keep_tile(offs_m, k0, K, seed_lo, seed_hi, threshold, BLOCK_K: tl.constexpr, VEC4: tl.constexpr):
     """Bool (len(offs_m), BLOCK_K) keep-mask of logical rows ``offs_m`` and columns [k0, k0 + BLOCK_K).
 
-    Columns past K (and rows past M) get values too; callers mask them out with their loads and stores.
+    VEC4 must equal K % 4 == 0. Columns past K (and rows past M) get values too; callers mask them out
+    with their loads and stores.
     """
-    if K % 4 == 0:
+    if VEC4:
         keep = _keep_tile_vec4(offs_m, k0, K, seed_lo, seed_hi, threshold, BLOCK_K)
     else:
         keep = _keep_tile_scalar(offs_m, k0 + tl.arange(0, BLOCK_K), K, seed_lo, seed_hi, threshold)
@@ -114,9 +117,10 @@ def dropout_keep_tile(offs_m, k0, K, seed_lo, seed_hi, threshold, BLOCK_K: tl.co
 
 
 @triton.jit
-def dropout_multiplier(offs_m, k0, K, seed_lo, seed_hi, threshold, keep_scale, BLOCK_K: tl.constexpr):
+def dropout_multiplier(offs_m, k0, K, seed_lo, seed_hi, threshold, keep_scale, BLOCK_K: tl.constexpr,
+                       VEC4: tl.constexpr):
     """Float32 (len(offs_m), BLOCK_K) tile of D: keep_scale where kept, 0 where dropped."""
-    keep = dropout_keep_tile(offs_m, k0, K, seed_lo, seed_hi, threshold, BLOCK_K)
+    keep = dropout_keep_tile(offs_m, k0, K, seed_lo, seed_hi, threshold, BLOCK_K, VEC4)
     return tl.where(keep, keep_scale, 0.0)
 
 
@@ -131,12 +135,12 @@ def _dropout_mask_kernel(
     # dropout (int32 bit patterns)
     seed_lo, seed_hi, threshold,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, VEC4: tl.constexpr,
 ):
     """out (M, K) int8: 1 where logical element (row_offset + m, k) of an (·, K) matrix is kept."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    keep = dropout_keep_tile(offs_m + row_offset, k0, K, seed_lo, seed_hi, threshold, BLOCK_K)
+    keep = dropout_keep_tile(offs_m + row_offset, k0, K, seed_lo, seed_hi, threshold, BLOCK_K, VEC4)
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))

@@ -4,8 +4,10 @@
 # Creates (if missing) .venv-cu with a CUDA build of torch, builds lowcost with LOWCOST_BUILD_CUDA=1
 # (a normal, non-editable install into .venv-cu; objects under build/cuda, apart from the CPU build),
 # imports lowcost._C outside the source tree and checks that every op has a CUDA kernel registered,
-# without running any. Fails loudly (non-zero exit, compiler errors printed) if anything does not
-# compile, link or register.
+# without running any. Then compiles the kernels for sm_90a and checks the kernel report's CUDA targets
+# at the benchmark shapes (tools/kernel_report_cuda.py --check: HMMA in the skinny kernels, no atomics,
+# no spills, >= 2 blocks per SM). Fails loudly (non-zero exit, compiler errors printed) if anything
+# does not compile, link or register, or a target is missed.
 #
 #   bash scripts/check_cuda_build.sh        # CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured
 set -euo pipefail
@@ -76,4 +78,9 @@ try:
 except ImportError as error:
     raise SystemExit(f"lowcost.kernels is not importable from the installed package: {error}")
 PY
+
+step "kernel report of the CUDA kernels at the benchmark shapes (sm_90a, tools/kernel_report_cuda.py --check)"
+cd "$ROOT"
+LOWCOST_CUDA_VENV="$ROOT/$VENV" "$VENV/bin/python" tools/kernel_report_cuda.py --check \
+  || fail "the CUDA kernels miss a kernel-report target or did not compile for sm_90a (see above)"
 step "OK"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything into .venv (CPU torch 2.13, pinned triton, the C++ ops) and runs the test suite:
-# pytest with the Triton kernels under the interpreter, then the sm_90 ahead-of-time compile of every
-# Triton kernel configuration (what the interpreter accepts but a GPU would reject).
+# pytest with the Triton kernels under the interpreter, then the kernel report: every Triton kernel
+# configuration compiled for sm_90a (what the interpreter accepts but a GPU would reject) and the report at
+# the benchmark shapes with its target check (tools/kernel_report.py; the CUDA kernels' rows join when
+# tools/kernel_report_cuda.py and its toolchain are there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_cpu.sh
@@ -9,5 +11,7 @@ bash scripts/install_cpu.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "== pytest (TRITON_INTERPRET=1 is set by tests/conftest.py when no GPU is present)"
 python -m pytest -q -ra "$@"
-echo "== Triton ahead-of-time compile check for sm_90"
-env -u TRITON_INTERPRET python tools/triton_aot_check.py
+echo "== kernel report (Triton $(python -c 'import triton; print(triton.__version__)')): every configuration compiles for sm_90a"
+python tools/kernel_report.py --all-configs
+echo "== kernel report at the benchmark shapes: the targets of issue #9 (--check)"
+python tools/kernel_report.py --check

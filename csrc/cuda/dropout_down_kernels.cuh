@@ -1,14 +1,22 @@
 // Kernels of philox_dropout and lora_down (launched from dropout_down.cu).
 //
-// lora_down computes u = (D (.) x) A^T, a skinny GEMM (r is small) that is bound by reading x.
-// One block owns BM = 64 rows of x and RT output columns of u (RT in {16, 32, 64}; ranks above 64
-// use gridDim.y chunks of 64, re-reading x once per chunk). It walks K in tiles of BK = 32:
-//   stage the x~ tile (BK x BM, float32, mask and keep_scale applied while loading x once, 4 elements
-//   per thread-load and one Philox call per 4 elements), stage the A tile (BK x RT, float32),
-//   then every thread accumulates a 4 x (RT/16) register tile of u.
+// lora_down: u = (D (.) x) A^T = keep_scale * (mask (.) x) A^T, a skinny GEMM bound by reading x once.
+// Block (row tile, K split, rank chunk) owns 64 rows of x, a contiguous range of 64-wide K tiles
+// (launch_plan.h: enough splits for 2 blocks per SM) and RT columns of u (RT in {16, 32, 64}; larger
+// ranks use grid.z chunks, re-reading x once per chunk). Per K tile, through a 3-stage cp.async pipeline:
+//   x tile (64 x 64) and A tile (RT x 64) land in shared memory (16-byte chunks);
+//   the mask zeroes dropped x elements in place (one Philox call per 4 elements; keep_scale is
+//   applied once to u at the end, so masking is exact in any dtype);
+//   warp w multiplies rows 16 (w % 4) .. +16 by k slices 2 (w / 4), +1 on the tensor cores
+//   (mma.cuh; FMAs for fp32), accumulating RT / 8 fragments.
+// The two k-halves are added in a fixed order (half 0 + half 1) through shared memory and the block
+// writes its fp32 partial of u: u itself with one split, else split blockIdx.y of the (splits, M, r)
+// workspace that sum_partials reduces.
 #pragma once
 
 #include "common.cuh"
+#include "mma.cuh"
+#include "tiles.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -19,7 +27,7 @@ namespace cuda {
 // --------------------------------------------------------------------------------------------
 // philox_dropout: one thread per group of 4 consecutive output elements (one Philox call each).
 template <typename xT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     philox_dropout_kernel(const xT* __restrict__ x, int64_t M, int64_t K, int64_t sx0, int64_t sx1,
                           bool flat_vec, DropoutParams d, xT* __restrict__ out) {
   const int64_t numel = M * K;
@@ -55,88 +63,77 @@ __global__ void __launch_bounds__(kThreads)
 
 // --------------------------------------------------------------------------------------------
 // lora_down
-constexpr int kDownBM = 64;   // rows of x per block
-constexpr int kDownBK = 32;   // K tile
-constexpr int kDownTM = 4;    // rows per thread
-
 template <typename xT, typename aT, int RT>
-__global__ void __launch_bounds__(kThreads)
-    lora_down_kernel(const xT* __restrict__ x, int64_t M, int64_t K, int64_t sx0, int64_t sx1,
-                     bool x_vec, const aT* __restrict__ a, int64_t r, int64_t sa0, int64_t sa1,
-                     DropoutParams d, float* __restrict__ u) {
-  constexpr int TN = RT / kColThreads;                      // u columns per thread
-  static_assert(kThreads == (kDownBM / kDownTM) * kColThreads, "thread tile mismatch");
-  __shared__ float xs[kDownBK][kDownBM + 1];                // x~ tile, transposed
-  __shared__ float as[kDownBK][RT + 1];                     // A tile, transposed
-
-  const int tid = threadIdx.x;
-  const int tc = tid % kColThreads;
-  const int tr = tid / kColThreads;
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    lora_down_kernel(const xT* __restrict__ x, int64_t M, int64_t K, int64_t sx0, int64_t sx1, bool x_vec,
+                     const aT* __restrict__ a, int64_t r, int64_t sa0, int64_t sa1, bool a_vec,
+                     DropoutParams d, float* __restrict__ u_parts) {
+  constexpr bool kMma = kUseMma<xT>;
+  constexpr DownLayout L = down_layout(RT, sizeof(xT), sizeof(aT));
+  constexpr int XLD = padded_ld(kDownBK, sizeof(xT));
+  constexpr int ALD = padded_ld(kDownBK, sizeof(aT));
+  LOWCOST_DYNAMIC_SMEM(smem);
+  const int warp = warp_id(), wm = warp % 4, wk = warp / 4;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kDownBM;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * RT;
-
-  float acc[kDownTM][TN];
-#pragma unroll
-  for (int i = 0; i < kDownTM; ++i)
-#pragma unroll
-    for (int c = 0; c < TN; ++c) acc[i][c] = 0.0f;
-
-  for (int64_t k0 = 0; k0 < K; k0 += kDownBK) {
-    // x tile: BM rows x BK columns = 512 groups of 4 columns, 2 per thread.
-#pragma unroll
-    for (int s = 0; s < (kDownBM * kDownBK / 4) / kThreads; ++s) {
-      const int q = tid + s * kThreads;
-      const int row = q / (kDownBK / 4);
-      const int kq = (q % (kDownBK / 4)) * 4;
-      const int64_t m = m0 + row;
-      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      if (m < M) load_masked4(x, m, k0 + kq, K, sx0, sx1, x_vec, d, v);
-#pragma unroll
-      for (int t = 0; t < 4; ++t) xs[kq + t][row] = v[t];
+  const int64_t j0 = static_cast<int64_t>(blockIdx.z) * RT;
+  const int64_t k_tiles = ceil_div(K, kDownBK);
+  const int64_t t0 = range_begin(k_tiles, gridDim.y, blockIdx.y);
+  const int64_t n_tiles = range_begin(k_tiles, gridDim.y, blockIdx.y + 1) - t0;
+  auto x_tile = [&](int64_t i) { return reinterpret_cast<xT*>(smem + (i % kDownStages) * L.stage); };
+  auto a_tile = [&](int64_t i) { return reinterpret_cast<aT*>(smem + (i % kDownStages) * L.stage + L.x_tile); };
+  auto load = [&](int64_t i) {  // this block's K tile i into stage i % kDownStages (one commit group)
+    if (i < n_tiles) {
+      const int64_t k0 = (t0 + i) * kDownBK;
+      stage_tile<xT, kDownBM, kDownBK>(x_tile(i), x, m0, k0, M, K, sx0, sx1, x_vec);
+      stage_tile<aT, RT, kDownBK>(a_tile(i), a, j0, k0, r, K, sa0, sa1, a_vec);
     }
-    // A tile: RT x BK, consecutive threads read consecutive k of one row of A.
-    for (int e = tid; e < RT * kDownBK; e += kThreads) {
-      const int j = e / kDownBK;
-      const int kk = e % kDownBK;
-      const int64_t jj = j0 + j;
-      const int64_t k = k0 + kk;
-      as[kk][j] = (jj < r && k < K) ? to_float(a[jj * sa0 + k * sa1]) : 0.0f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < kDownBK; ++kk) {
-      float xv[kDownTM], av[TN];
-#pragma unroll
-      for (int i = 0; i < kDownTM; ++i) xv[i] = xs[kk][tr * kDownTM + i];
-#pragma unroll
-      for (int c = 0; c < TN; ++c) av[c] = as[kk][tc + c * kColThreads];
-#pragma unroll
-      for (int i = 0; i < kDownTM; ++i)
-#pragma unroll
-        for (int c = 0; c < TN; ++c) acc[i][c] = fmaf(xv[i], av[c], acc[i][c]);
-    }
-    __syncthreads();
-  }
+    cp_async_commit();
+  };
 
+  FragC acc[RT / 8];
 #pragma unroll
-  for (int i = 0; i < kDownTM; ++i) {
-    const int64_t m = m0 + tr * kDownTM + i;
-    if (m >= M) continue;
+  for (int n = 0; n < RT / 8; ++n) zero(acc[n]);
 #pragma unroll
-    for (int c = 0; c < TN; ++c) {
-      const int64_t j = j0 + tc + c * kColThreads;
-      if (j < r) u[m * r + j] = acc[i][c];
+  for (int i = 0; i < kDownStages - 1; ++i) load(i);
+  for (int64_t i = 0; i < n_tiles; ++i) {
+    cp_async_wait<kDownStages - 2>();
+    __syncthreads();  // tile i has landed for every thread; every warp is done with tile i - 1
+    load(i + kDownStages - 1);  // into the stage tile i - 1 used
+    if (d.enabled) {
+      mask_tile<xT, kDownBM, kDownBK>(x_tile(i), m0, (t0 + i) * kDownBK, K, d);
+      __syncthreads();
+    }
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      const int kc = (2 * wk + kk) * 16;
+      const auto op_x = load_operand_a<kMma, XLD, 1>(x_tile(i) + wm * 16 * XLD + kc);
+#pragma unroll
+      for (int n = 0; n < RT / 8; ++n) {
+        mma(acc[n], op_x, load_operand_b<kMma, 1, ALD>(a_tile(i) + n * 8 * ALD + kc));  // B(k, j) = A[j][k]
+      }
     }
   }
-}
+  cp_async_wait<0>();
+  __syncthreads();  // the stages are free: the k-half 1 fragments go through them
 
-// Launch shapes, shared by the launchers and the host emulation test.
-inline int64_t philox_dropout_blocks(int64_t numel, int64_t sm_count) {
-  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(ceil_div(numel, 4), kThreads), sm_count * 16));
-}
-
-inline LaunchGrid lora_down_grid(int64_t M, int64_t r, int RT) {
-  return {ceil_div(M, kDownBM), std::max<int64_t>(1, ceil_div(r, RT))};
+  float* half1 = reinterpret_cast<float*>(smem) + (wm * 32 + lane_id()) * (RT / 8) * 4;
+  if (wk == 1) {
+#pragma unroll
+    for (int n = 0; n < RT / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) half1[n * 4 + e] = acc[n].x[e];
+  }
+  __syncthreads();
+  if (wk == 0) {
+    float* out = u_parts + static_cast<int64_t>(blockIdx.y) * M * r;
+#pragma unroll
+    for (int n = 0; n < RT / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t m = m0 + wm * 16 + frag_c_row(e), j = j0 + n * 8 + frag_c_col(e);
+        if (m < M && j < r) out[m * r + j] = d.keep_scale * (acc[n].x[e] + half1[n * 4 + e]);
+      }
+  }
 }
 
 }  // namespace cuda

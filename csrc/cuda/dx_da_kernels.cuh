@@ -1,151 +1,161 @@
 // Kernel of lora_dx_da (launched from dx_da.cu): dx_lora = D (.) (du A) in x.dtype (M, K) and
 // dA = du^T (D (.) x), float32 (r, K), with the dropout mask generated once per element, used twice.
+// Both are written as keep_scale * (mask (.) product): masking by zeroing is exact in any dtype.
 //
-// A block owns a strip of BK = 32 columns of K and walks row tiles of BM = 64 rows
-// (rt = blockIdx.y, blockIdx.y + gridDim.y, ...; gridDim.y is chosen to fill the GPU):
-//   x~ tile and its keep flags staged once (x read once, one Philox call per 4 elements);
-//   du tile staged; dx tile = du_tile A_strip (8 rows per thread, r reduced from shared memory),
-//   masked, rounded once and stored (a warp writes 32 consecutive elements of a row);
-//   dA strip += du_tile^T x~_tile, held in registers across the block's row tiles and added to
-//   global memory with one float32 atomicAdd per element at the end (dA is zeroed first).
-// Ranks above 64 loop over chunks of 64 inside the block (the x~ tile is reused); their dA partials
-// are flushed with atomicAdd after every row tile.
+// Block (strip, row segment) owns 64 columns of K (blockIdx.x) and a contiguous range of 64-row tiles
+// (blockIdx.y; launch_plan.h picks enough segments for 2 blocks per SM). Its A strip (RT x 64) is
+// staged once; per row tile, through a 3-stage cp.async pipeline:
+//   x tile (64 x 64) and du tile (64 x RT, fp32) land in shared memory;
+//   the mask zeroes dropped x elements (one Philox call per 4 elements); each thread keeps the keep
+//   bits of its two groups of 8 elements in a register;
+//   dx tile = du_tile A_strip: warp w owns rows 16 (w % 4) .. +16, columns 32 (w / 4) .. +32;
+//   dA strip += du_tile^T x~_tile: warp w owns columns 8 w .. +8, all RT rows (registers across the
+//   row tiles);
+//   the dx tile is scaled and staged in shared memory as fp32, then every thread applies its keep
+//   bits to its two groups of 8, rounds once and writes 16-byte stores.
+// At the end the block writes its dA strip to the partial of its row segment (dA itself with one
+// segment); sum_partials adds the partials in segment order.
+// Ranks above 64 loop over chunks of 64 inside the block (the masked x tile is reused): the du and A
+// chunks are staged synchronously and each chunk's dA is added to the block's own partial rows after
+// every row tile (the launcher zeroes them first; no other block touches them, so no atomics).
 #pragma once
 
 #include "common.cuh"
+#include "mma.cuh"
+#include "tiles.cuh"
 
-#include <algorithm>
 #include <cstdint>
 
 namespace lowcost {
 namespace cuda {
 
-constexpr int kDxBM = 64;    // rows per row tile
-constexpr int kDxBK = 32;    // columns per block strip (one warp's width)
-constexpr int kDxRows = 8;   // dx rows per thread: 8 warps x 8 rows = BM
-constexpr int kDxWarps = kThreads / 32;
-
+// Writes (or, with `accumulate`, adds) keep_scale * the warp's dA fragments: rows j_base + 16 t + ..,
+// columns k_base + ...
 template <int RT>
-__device__ __forceinline__ void flush_dA(float* __restrict__ dA, float (&acc)[RT / kDxWarps],
-                                         int64_t j0, int64_t r, int64_t k, int64_t K, int jq) {
-  if (k < K) {
+__device__ __forceinline__ void store_da(float* __restrict__ da, FragC (&acc)[RT / 16], int64_t j_base, int64_t r,
+                                         int64_t k_base, int64_t K, float keep_scale, bool accumulate) {
 #pragma unroll
-    for (int c = 0; c < RT / kDxWarps; ++c) {
-      const int64_t j = j0 + jq + kDxWarps * c;
-      if (j < r) atomicAdd(dA + j * K + k, acc[c]);
+  for (int t = 0; t < RT / 16; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t j = j_base + t * 16 + frag_c_row(e), k = k_base + frag_c_col(e);
+      if (j < r && k < K) {
+        float* p = da + j * K + k;
+        *p = (accumulate ? *p : 0.0f) + keep_scale * acc[t].x[e];
+      }
+    }
+}
+
+// The dx epilogue: the warp's fragments of the 64 x 64 tile (times keep_scale) go to the shared fp32
+// tile; after a barrier every thread masks its two groups of 8 with its keep bits, rounds once and
+// stores them (16-byte stores when `vec`).
+template <typename xT>
+__device__ __forceinline__ void write_dx_tile(const FragC (&acc)[4], float* dx_tile, int wa, int wb, float keep_scale,
+                                              uint32_t keep, int64_t m0, int64_t k0, int64_t M, int64_t K, bool vec,
+                                              xT* __restrict__ dx) {
+  constexpr int OLD = padded_ld(kDxBK, 4);
+  using G = RowGroups<kDxBM, kDxBK>;
+#pragma unroll
+  for (int n = 0; n < 4; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      dx_tile[(wa * 16 + frag_c_row(e)) * OLD + wb * 32 + n * 8 + frag_c_col(e)] = keep_scale * acc[n].x[e];
+    }
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < G::kPerThread; ++s) {
+    const int row = G::row(s), col = G::col(s);
+    const int64_t m = m0 + row, k = k0 + col;
+    if (m < M && k < K) {
+      float v[8];
+      load_row8(dx_tile + row * OLD + col, v);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) v[t] = ((keep >> (8 * s + t)) & 1u) ? v[t] : 0.0f;
+      store_row8(dx + m * K + k, v, K - k, vec);
     }
   }
-#pragma unroll
-  for (int c = 0; c < RT / kDxWarps; ++c) acc[c] = 0.0f;
 }
 
 template <typename xT, typename aT, int RT>
-__global__ void __launch_bounds__(kThreads)
-    lora_dx_da_kernel(const xT* __restrict__ x, int64_t M, int64_t K, int64_t sx0, int64_t sx1,
-                      bool x_vec, const float* __restrict__ du, int64_t r, int64_t sd0,
-                      int64_t sd1, const aT* __restrict__ a, int64_t sa0, int64_t sa1,
-                      DropoutParams d, xT* __restrict__ dx, float* __restrict__ dA) {
-  constexpr int TA = RT / kDxWarps;  // dA rows (of r) per thread
-  static_assert(kDxWarps * kDxRows == kDxBM, "dx thread tile mismatch");
-  __shared__ float as[RT][kDxBK + 1];   // A strip chunk: as[j][kk]
-  __shared__ float dus[kDxBM][RT + 1];  // du tile chunk
-  __shared__ float xs[kDxBM][kDxBK + 1];  // x~ tile
-  __shared__ unsigned char keep_s[kDxBM][kDxBK];
-
-  const int tid = threadIdx.x;
-  const int lane = tid % 32;   // column of the strip for dx and dA
-  const int warp = tid / 32;   // dx: rows warp*8 .. +7; dA: rows jq = warp, warp + 8, ...
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    lora_dx_da_kernel(const xT* __restrict__ x, int64_t M, int64_t K, int64_t sx0, int64_t sx1, bool x_vec,
+                      const float* __restrict__ du, int64_t r, int64_t sd0, int64_t sd1, bool du_vec,
+                      const aT* __restrict__ a, int64_t sa0, int64_t sa1, bool a_vec, DropoutParams d,
+                      xT* __restrict__ dx, bool dx_vec, float* __restrict__ da_parts) {
+  constexpr bool kMma = kUseMma<xT>;
+  constexpr DxDaLayout L = dx_da_layout(RT, sizeof(xT), sizeof(aT));
+  constexpr int XLD = padded_ld(kDxBK, sizeof(xT)), DLD = padded_ld(RT, 4), ALD = padded_ld(kDxBK, sizeof(aT));
+  LOWCOST_DYNAMIC_SMEM(smem);
+  const int warp = warp_id(), wa = warp % 4, wb = warp / 4;
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kDxBK;
-  const int64_t k = k0 + lane;
-  const int64_t n_row_tiles = (M + kDxBM - 1) / kDxBM;
-  const int n_chunks = static_cast<int>((r + RT - 1) / RT);
-
-  auto load_a_chunk = [&](int64_t j0) {
-    for (int e = tid; e < RT * kDxBK; e += kThreads) {
-      const int j = e / kDxBK, kk = e % kDxBK;
-      const int64_t jj = j0 + j, kc = k0 + kk;
-      as[j][kk] = (jj < r && kc < K) ? to_float(a[jj * sa0 + kc * sa1]) : 0.0f;
+  const int64_t row_tiles = ceil_div(M, kDxBM);
+  const int64_t rt0 = range_begin(row_tiles, gridDim.y, blockIdx.y);
+  const int64_t n_rt = range_begin(row_tiles, gridDim.y, blockIdx.y + 1) - rt0;
+  const int64_t n_chunks = ceil_div(r, RT);
+  float* da_out = da_parts + static_cast<int64_t>(blockIdx.y) * r * K;
+  aT* a_strip = reinterpret_cast<aT*>(smem + L.a_strip);
+  float* dx_tile = reinterpret_cast<float*>(smem + L.dx_stage);
+  auto x_tile = [&](int64_t i) { return reinterpret_cast<xT*>(smem + (i % kDxStages) * L.stage); };
+  auto du_tile = [&](int64_t i) { return reinterpret_cast<float*>(smem + (i % kDxStages) * L.stage + L.du_tile); };
+  auto load = [&](int64_t i) {  // row tile rt0 + i (and, with one rank chunk, the A strip with tile 0)
+    if (i < n_rt) {
+      const int64_t m0 = (rt0 + i) * kDxBM;
+      stage_tile<xT, kDxBM, kDxBK>(x_tile(i), x, m0, k0, M, K, sx0, sx1, x_vec);
+      stage_tile<float, kDxBM, RT>(du_tile(i), du, m0, 0, M, r, sd0, sd1, du_vec);
+      if (i == 0 && n_chunks == 1) stage_tile<aT, RT, kDxBK>(a_strip, a, 0, k0, r, K, sa0, sa1, a_vec);
     }
+    cp_async_commit();
   };
 
-  float acc_a[TA];
+  FragC da[RT / 16];
 #pragma unroll
-  for (int c = 0; c < TA; ++c) acc_a[c] = 0.0f;
-  if (n_chunks == 1) load_a_chunk(0);
-
-  for (int64_t rt = blockIdx.y; rt < n_row_tiles; rt += gridDim.y) {
-    const int64_t m0 = rt * kDxBM;
-    __syncthreads();  // the previous row tile's readers are done with xs / keep_s / dus / as
-    // x~ tile: BM rows x BK columns = 512 groups of 4, 2 per thread.
+  for (int t = 0; t < RT / 16; ++t) zero(da[t]);
 #pragma unroll
-    for (int s = 0; s < (kDxBM * kDxBK / 4) / kThreads; ++s) {
-      const int q = tid + s * kThreads;
-      const int row = q / (kDxBK / 4);
-      const int kq = (q % (kDxBK / 4)) * 4;
-      const int64_t m = m0 + row;
-      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      uint32_t bits = 0;
-      if (m < M) bits = load_masked4(x, m, k0 + kq, K, sx0, sx1, x_vec, d, v);
+  for (int i = 0; i < kDxStages - 1; ++i) load(i);
+  for (int64_t i = 0; i < n_rt; ++i) {
+    cp_async_wait<kDxStages - 2>();
+    __syncthreads();  // row tile i has landed; every warp is done with tile i - 1 and the dx tile
+    load(i + kDxStages - 1);
+    const int64_t m0 = (rt0 + i) * kDxBM;
+    const uint32_t keep = d.enabled ? mask_tile<xT, kDxBM, kDxBK>(x_tile(i), m0, k0, K, d) : ~0u;
+    if (d.enabled) __syncthreads();
+    FragC acc[4];
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        xs[row][kq + t] = v[t];
-        keep_s[row][kq + t] = static_cast<unsigned char>((bits >> t) & 1u);
+    for (int n = 0; n < 4; ++n) zero(acc[n]);
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      float* dus = du_tile(i);
+      if (n_chunks > 1) {  // stage chunk c of A (and of du past chunk 0) synchronously
+        __syncthreads();
+        stage_tile<aT, RT, kDxBK>(a_strip, a, c * RT, k0, r, K, sa0, sa1, false);
+        if (c > 0) stage_tile<float, kDxBM, RT>(dus, du, m0, c * RT, M, r, sd0, sd1, false);
+        __syncthreads();
       }
-    }
-
-    float acc_dx[kDxRows];
+      if (dx != nullptr) {  // dx tile += du_tile A_strip
+#pragma unroll 1
+        for (int kk = 0; kk < RT; kk += 16) {
+          const auto op_du = load_operand_a<kMma, DLD, 1>(dus + wa * 16 * DLD + kk);
 #pragma unroll
-    for (int i = 0; i < kDxRows; ++i) acc_dx[i] = 0.0f;
-
-    for (int chunk = 0; chunk < n_chunks; ++chunk) {
-      const int64_t j0 = static_cast<int64_t>(chunk) * RT;
-      if (chunk > 0) __syncthreads();  // readers of the previous chunk are done
-      if (n_chunks > 1) load_a_chunk(j0);
-      for (int e = tid; e < kDxBM * RT; e += kThreads) {
-        const int row = e / RT, jj = e % RT;
-        const int64_t m = m0 + row, j = j0 + jj;
-        dus[row][jj] = (m < M && j < r) ? du[m * sd0 + j * sd1] : 0.0f;
-      }
-      __syncthreads();
-
-      if (dx != nullptr) {
-#pragma unroll
-        for (int i = 0; i < kDxRows; ++i) {
-          const int row = warp * kDxRows + i;
-          float s = acc_dx[i];
-#pragma unroll 16
-          for (int jj = 0; jj < RT; ++jj) s = fmaf(dus[row][jj], as[jj][lane], s);
-          acc_dx[i] = s;
+          for (int n = 0; n < 4; ++n) {
+            mma(acc[n], op_du, load_operand_b<kMma, ALD, 1>(a_strip + kk * ALD + wb * 32 + n * 8));
+          }
         }
       }
-#pragma unroll 8
-      for (int row = 0; row < kDxBM; ++row) {
-        const float xv = xs[row][lane];
+#pragma unroll 1
+      for (int kk = 0; kk < kDxBM; kk += 16) {  // dA strip += du_tile^T x~_tile
+        const auto op_x = load_operand_b<kMma, XLD, 1>(x_tile(i) + kk * XLD + warp * 8);
 #pragma unroll
-        for (int c = 0; c < TA; ++c) acc_a[c] = fmaf(dus[row][warp + kDxWarps * c], xv, acc_a[c]);
+        for (int t = 0; t < RT / 16; ++t) mma(da[t], load_operand_a<kMma, 1, DLD>(dus + kk * DLD + t * 16), op_x);
       }
-      if (n_chunks > 1) flush_dA<RT>(dA, acc_a, j0, r, k, K, warp);
-    }
-
-    if (dx != nullptr && k < K) {
+      if (n_chunks > 1) {
+        store_da<RT>(da_out, da, c * RT, r, k0 + warp * 8, K, d.keep_scale, true);
 #pragma unroll
-      for (int i = 0; i < kDxRows; ++i) {
-        const int row = warp * kDxRows + i;
-        const int64_t m = m0 + row;
-        if (m < M) dx[m * K + k] = from_float<xT>(dropout_apply(d, keep_s[row][lane] != 0, acc_dx[i]));
+        for (int t = 0; t < RT / 16; ++t) zero(da[t]);
       }
     }
+    if (dx != nullptr) write_dx_tile(acc, dx_tile, wa, wb, d.keep_scale, keep, m0, k0, M, K, dx_vec, dx);
   }
-  if (n_chunks == 1) flush_dA<RT>(dA, acc_a, 0, r, k, K, warp);
-}
-
-// Column strips on x; row segments on y, enough blocks for about 4 per SM.
-inline LaunchGrid lora_dx_da_grid(int64_t M, int64_t K, int64_t sm_count) {
-  const int64_t strips = ceil_div(K, kDxBK);
-  const int64_t row_tiles = ceil_div(M, kDxBM);
-  const int64_t segments = std::max<int64_t>(
-      1, std::min<int64_t>({ceil_div(sm_count * 4, strips), row_tiles, int64_t{65535}}));
-  return {strips, segments};
+  cp_async_wait<0>();
+  if (n_chunks == 1) store_da<RT>(da_out, da, 0, r, k0 + warp * 8, K, d.keep_scale, false);
 }
 
 }  // namespace cuda

@@ -26,10 +26,22 @@ struct GpuExec {
 
   int64_t sms() const { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
+  // Launches kernel<<<grid, kThreads, smem>>>(args...) on the current stream. The kernels use
+  // cp.async and bf16 mma.sync (compute capability 8.0+); dynamic shared memory above the default
+  // 48 KiB is opted into per kernel.
   template <typename Kernel, typename... Args>
-  void launch(const LaunchGrid& grid, const char* op, Kernel kernel, Args... args) const {
+  void launch(const LaunchGrid& grid, int64_t smem, const char* op, Kernel kernel, Args... args) const {
     check_grid(grid, op);
-    kernel<<<to_dim3(grid), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args...);
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    TORCH_CHECK(prop->major >= 8, "lowcost::", op, ": the CUDA kernels need compute capability 8.0 or newer ",
+                "(cp.async, bf16 mma.sync); this GPU is ", prop->major, ".", prop->minor,
+                "; use backend='triton' or 'torch'");
+    TORCH_CHECK(smem <= static_cast<int64_t>(prop->sharedMemPerBlockOptin), "lowcost::", op, ": needs ", smem,
+                " bytes of shared memory per block; this GPU allows ", prop->sharedMemPerBlockOptin);
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    kernel<<<to_dim3(grid), kThreads, static_cast<size_t>(smem), at::cuda::getCurrentCUDAStream()>>>(args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

@@ -1,13 +1,17 @@
-// The host side of each CUDA op, written once: argument checks, output allocation, early exits, dtype
-// and rank-tile dispatch, launch grids. `Exec` supplies only what differs between the real GPU
-// (csrc/cuda/gpu_exec.cuh, used by the .cu files) and the host emulator
-// (csrc/tests/test_cuda_emulated.cpp), so the emulator test exercises this code as the GPU runs it:
+// The host side of each CUDA op, written once: argument checks, output and workspace allocation,
+// early exits, dtype and rank-tile dispatch, launch plans (launch_plan.h) and the fixed-order
+// reductions. `Exec` supplies only what differs between the real GPU (csrc/cuda/gpu_exec.cuh, used by
+// the .cu files) and the host emulator (csrc/tests/test_cuda_emulated.cpp), so the emulator test
+// exercises this code as the GPU runs it:
 //
 //   static constexpr c10::DeviceType kDevice;              // the device the argument checks expect
 //   auto guard(const c10::Device&);                         // held for the op (CUDAGuard on the GPU)
 //   at::Tensor empty(at::IntArrayRef, const at::TensorOptions&);  // uninitialised output
 //   int64_t sms();                                          // streaming multiprocessors to fill
-//   void launch(const LaunchGrid&, const char* op, kernel, args...);  // run kernel(args...) on grid
+//   void launch(const LaunchGrid&, int64_t smem, const char* op, kernel, args...);  // run it
+//
+// No kernel uses atomics: reductions split across blocks go through fp32 workspaces and
+// sum_partials, so every output is bitwise reproducible for a given shape and device.
 //
 // Include after the kernels' headers have been made compilable for the target (nvcc, or the
 // emulator's macros).
@@ -15,6 +19,7 @@
 
 #include "dropout_down_kernels.cuh"
 #include "dx_da_kernels.cuh"
+#include "reduce_kernels.cuh"
 #include "up_grad_kernels.cuh"
 
 #include "../checks.h"
@@ -25,11 +30,41 @@
 #include <ATen/ops/zeros.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace lowcost {
 namespace cuda {
+
+// Adds the partials of each job with count > 1 (a job with count 1 wrote its output directly).
+template <typename Exec>
+void sum_partials(Exec& exec, std::initializer_list<ReduceJob> jobs) {
+  ReduceJobs table{};
+  int used = 0;
+  int64_t blocks = 0;
+  for (const ReduceJob& job : jobs) {
+    if (!reduce_job_active(job.n, job.count)) continue;
+    table.job[used] = job;
+    table.first_block[used] = blocks;
+    blocks += reduce_blocks(job.n);
+    ++used;
+  }
+  if (used == 0) return;
+  for (int i = used; i <= kReduceJobs; ++i) table.first_block[i] = blocks;
+  exec.launch(LaunchGrid{blocks, 1, 1}, kReduceSmem, "sum_partials", sum_partials_kernel<kReduceJobs>,
+              table);
+}
+
+// The (count, shape...) workspace of a split reduction, or the output itself when count is 1.
+template <typename Exec>
+at::Tensor partials_or_output(Exec& exec, const at::Tensor& output, int64_t count, bool zeroed) {
+  if (count == 1) return zeroed ? output.zero_() : output;
+  std::vector<int64_t> shape{count};
+  for (int64_t s : output.sizes()) shape.push_back(s);
+  return zeroed ? at::zeros(shape, output.options()) : exec.empty(shape, output.options());
+}
 
 template <typename Exec>
 at::Tensor run_philox_dropout(const at::Tensor& x, int64_t seed, double p, Exec& exec) {
@@ -39,13 +74,13 @@ at::Tensor run_philox_dropout(const at::Tensor& x, int64_t seed, double p, Exec&
   if (out.numel() == 0) return out;
   const DropoutParams d = make_dropout_params(seed, p);
   if (!d.enabled) return out.copy_(x);
-  const LaunchGrid grid{philox_dropout_blocks(out.numel(), exec.sms()), 1};
+  const LaunchGrid grid{philox_dropout_blocks(out.numel(), exec.sms()), 1, 1};
   dispatch_act(x.scalar_type(), "philox_dropout", [&](auto xv) {
     using xT = decltype(xv);
     const xT* xp = x.data_ptr<xT>();
     const bool flat_vec = rows_are_flat_vectorizable(xp, dims.M, dims.K, x.stride(0), x.stride(1));
-    exec.launch(grid, "philox_dropout", philox_dropout_kernel<xT>, xp, dims.M, dims.K, x.stride(0),
-                x.stride(1), flat_vec, d, out.data_ptr<xT>());
+    exec.launch(grid, 0, "philox_dropout", philox_dropout_kernel<xT>, xp, dims.M, dims.K, x.stride(0), x.stride(1),
+                flat_vec, d, out.data_ptr<xT>());
   });
   return out;
 }
@@ -61,14 +96,18 @@ at::Tensor run_lora_down(const at::Tensor& x, const at::Tensor& lora_a, int64_t 
   dispatch_act_adapter(x.scalar_type(), lora_a.scalar_type(), "lora_down", [&](auto xv, auto av) {
     using xT = decltype(xv);
     using aT = decltype(av);
+    const DownPlan plan = plan_lora_down(dims.M, dims.K, dims.r, exec.sms(), sizeof(xT), sizeof(aT));
+    const at::Tensor parts = partials_or_output(exec, u, plan.splits, false);
     const xT* xp = x.data_ptr<xT>();
-    const bool x_vec = rows_vectorizable(xp, x.stride(0), x.stride(1));
-    dispatch_rank_tile(dims.r, [&](auto tile) {
+    const aT* ap = lora_a.data_ptr<aT>();
+    dispatch_rank_tile(plan.rt, [&](auto tile) {
       constexpr int RT = decltype(tile)::value;
-      exec.launch(lora_down_grid(dims.M, dims.r, RT), "lora_down", lora_down_kernel<xT, aT, RT>, xp, dims.M,
-                  dims.K, x.stride(0), x.stride(1), x_vec, lora_a.data_ptr<aT>(), dims.r, lora_a.stride(0),
-                  lora_a.stride(1), d, u.data_ptr<float>());
+      exec.launch(plan.grid, plan.smem, "lora_down", lora_down_kernel<xT, aT, RT>, xp, dims.M, dims.K, x.stride(0),
+                  x.stride(1), rows_vec16(xp, dims.M, x.stride(0), x.stride(1)), ap, dims.r, lora_a.stride(0),
+                  lora_a.stride(1), rows_vec16(ap, dims.r, lora_a.stride(0), lora_a.stride(1)), d,
+                  parts.data_ptr<float>());
     });
+    sum_partials(exec, {{parts.data_ptr<float>(), u.data_ptr<float>(), dims.M * dims.r, plan.splits}});
   });
   return u;
 }
@@ -81,16 +120,19 @@ at::Tensor run_lora_up(const at::Tensor& u, const at::Tensor& lora_b, const std:
   at::Tensor out = exec.empty({dims.M, dims.N}, u.options().dtype(dtype));
   if (out.numel() == 0) return out;
   const bool has_bias = bias.has_value() && bias->defined();
-  const LaunchGrid grid = lora_up_grid(dims.M, dims.N);
   dispatch_act_adapter(dtype, lora_b.scalar_type(), "lora_up", [&](auto ov, auto bv) {
     using oT = decltype(ov);
     using bT = decltype(bv);
+    const UpPlan plan = plan_lora_up(dims.M, dims.N, sizeof(bT));
     oT* op = out.data_ptr<oT>();
-    const bool out_vec = dims.N % 4 == 0 && is_aligned4(op);
-    exec.launch(grid, "lora_up", lora_up_kernel<oT, bT>, u.data_ptr<float>(), dims.M, dims.r, u.stride(0),
-                u.stride(1), lora_b.data_ptr<bT>(), dims.N, lora_b.stride(0), lora_b.stride(1),
+    const float* up = u.data_ptr<float>();
+    const bT* bp = lora_b.data_ptr<bT>();
+    exec.launch(plan.grid, plan.smem, "lora_up", lora_up_kernel<oT, bT>, up, dims.M, dims.r, u.stride(0), u.stride(1),
+                rows_vec16(up, dims.M, u.stride(0), u.stride(1)), bp, dims.N, lora_b.stride(0), lora_b.stride(1),
+                rows_vec16(bp, dims.N, lora_b.stride(0), lora_b.stride(1)),
                 has_bias ? bias->data_ptr<oT>() : static_cast<const oT*>(nullptr),
-                has_bias ? bias->stride(0) : int64_t{0}, static_cast<float>(scale), out_vec, op);
+                has_bias ? bias->stride(0) : int64_t{0}, static_cast<float>(scale), rows_vec16(op, dims.M, dims.N, 1),
+                op);
   });
   return out;
 }
@@ -102,25 +144,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_lora_grad_pass(const at::Tens
   const LoraDims dims = check_lora_grad_pass_args(grad_y, u, lora_b, Exec::kDevice);
   [[maybe_unused]] const auto guard = exec.guard(grad_y.device());
   const auto f32 = grad_y.options().dtype(at::kFloat);
-  at::Tensor dB = at::zeros({dims.N, dims.r}, f32);  // the kernel accumulates into it atomically
-  at::Tensor dbias = need_dbias ? at::zeros({dims.N}, f32) : at::empty({0}, f32);
   if (dims.M == 0 || dims.N == 0 || (dims.r == 0 && !need_dbias)) {
-    return {at::zeros({dims.M, dims.r}, f32), dB, dbias};
+    return {at::zeros({dims.M, dims.r}, f32), at::zeros({dims.N, dims.r}, f32),
+            need_dbias ? at::zeros({dims.N}, f32) : at::empty({0}, f32)};
   }
-  at::Tensor du = exec.empty({dims.M, dims.r}, f32);  // every element is written by the kernel
+  at::Tensor du = exec.empty({dims.M, dims.r}, f32);  // every element is written by the kernels
+  at::Tensor dB = exec.empty({dims.N, dims.r}, f32);
+  at::Tensor dbias = need_dbias ? exec.empty({dims.N}, f32) : at::empty({0}, f32);
   dispatch_act_adapter(grad_y.scalar_type(), lora_b.scalar_type(), "lora_grad_pass", [&](auto gv, auto bv) {
     using gT = decltype(gv);
     using bT = decltype(bv);
+    const GradPassPlan plan = plan_lora_grad_pass(dims.M, dims.N, dims.r, exec.sms(), sizeof(gT), sizeof(bT));
+    const at::Tensor du_parts = partials_or_output(exec, du, plan.col_segments, false);
+    const at::Tensor db_parts = partials_or_output(exec, dB, plan.row_segments, false);
+    const at::Tensor bias_parts = need_dbias ? partials_or_output(exec, dbias, plan.row_segments, false) : dbias;
     const gT* gp = grad_y.data_ptr<gT>();
-    const bool g_vec = rows_vectorizable(gp, grad_y.stride(0), grad_y.stride(1));
-    dispatch_rank_tile(dims.r, [&](auto tile) {
+    const float* up = u.data_ptr<float>();
+    const bT* bp = lora_b.data_ptr<bT>();
+    dispatch_rank_tile(plan.rt, [&](auto tile) {
       constexpr int RT = decltype(tile)::value;
-      exec.launch(lora_grad_pass_grid(dims.M, dims.r, RT), "lora_grad_pass", lora_grad_pass_kernel<gT, bT, RT>,
-                  gp, dims.M, dims.N, grad_y.stride(0), grad_y.stride(1), g_vec, u.data_ptr<float>(), dims.r,
-                  u.stride(0), u.stride(1), lora_b.data_ptr<bT>(), lora_b.stride(0), lora_b.stride(1),
-                  static_cast<float>(scale), du.data_ptr<float>(), dB.data_ptr<float>(),
-                  need_dbias ? dbias.data_ptr<float>() : static_cast<float*>(nullptr));
+      exec.launch(plan.grid, plan.smem, "lora_grad_pass", lora_grad_pass_kernel<gT, bT, RT>, gp, dims.M, dims.N,
+                  grad_y.stride(0), grad_y.stride(1), rows_vec16(gp, dims.M, grad_y.stride(0), grad_y.stride(1)),
+                  up, dims.r, u.stride(0), u.stride(1), rows_vec16(up, dims.M, u.stride(0), u.stride(1)), bp,
+                  lora_b.stride(0), lora_b.stride(1), rows_vec16(bp, dims.N, lora_b.stride(0), lora_b.stride(1)),
+                  static_cast<float>(scale), du_parts.data_ptr<float>(), db_parts.data_ptr<float>(),
+                  need_dbias ? bias_parts.data_ptr<float>() : static_cast<float*>(nullptr));
     });
+    sum_partials(exec, {{du_parts.data_ptr<float>(), du.data_ptr<float>(), dims.M * dims.r, plan.col_segments},
+                        {db_parts.data_ptr<float>(), dB.data_ptr<float>(), dims.N * dims.r, plan.row_segments},
+                        {need_dbias ? bias_parts.data_ptr<float>() : nullptr,
+                         need_dbias ? dbias.data_ptr<float>() : nullptr, need_dbias ? dims.N : 0,
+                         plan.row_segments}});
   });
   return {du, dB, dbias};
 }
@@ -132,26 +186,33 @@ std::tuple<at::Tensor, at::Tensor> run_lora_dx_da(const at::Tensor& x, const at:
   const LoraDims dims = check_lora_dx_da_args(x, du, lora_a, seed, p, Exec::kDevice);
   [[maybe_unused]] const auto guard = exec.guard(x.device());
   at::Tensor dx = need_dx ? exec.empty({dims.M, dims.K}, x.options()) : at::empty({0}, x.options());
-  at::Tensor dA = at::zeros({dims.r, dims.K}, x.options().dtype(at::kFloat));  // atomics add into it
-  if (dims.M == 0 || dims.K == 0) return {dx, dA};
+  const auto f32 = x.options().dtype(at::kFloat);
+  if (dims.M == 0 || dims.K == 0) return {dx, at::zeros({dims.r, dims.K}, f32)};
   if (dims.r == 0) {
     if (need_dx) dx.zero_();
-    return {dx, dA};
+    return {dx, at::empty({0, dims.K}, f32)};
   }
+  at::Tensor dA = exec.empty({dims.r, dims.K}, f32);
   const DropoutParams d = make_dropout_params(seed, p);
-  const LaunchGrid grid = lora_dx_da_grid(dims.M, dims.K, exec.sms());
   dispatch_act_adapter(x.scalar_type(), lora_a.scalar_type(), "lora_dx_da", [&](auto xv, auto av) {
     using xT = decltype(xv);
     using aT = decltype(av);
+    const DxDaPlan plan = plan_lora_dx_da(dims.M, dims.K, dims.r, exec.sms(), sizeof(xT), sizeof(aT));
+    // Several rank chunks add into the block's partial rows, so those start at zero.
+    const at::Tensor parts = partials_or_output(exec, dA, plan.row_segments, plan.chunks > 1);
     const xT* xp = x.data_ptr<xT>();
-    const bool x_vec = rows_vectorizable(xp, x.stride(0), x.stride(1));
-    dispatch_rank_tile(dims.r, [&](auto tile) {
+    const float* dup = du.data_ptr<float>();
+    const aT* ap = lora_a.data_ptr<aT>();
+    xT* dxp = need_dx ? dx.data_ptr<xT>() : static_cast<xT*>(nullptr);
+    dispatch_rank_tile(plan.rt, [&](auto tile) {
       constexpr int RT = decltype(tile)::value;
-      exec.launch(grid, "lora_dx_da", lora_dx_da_kernel<xT, aT, RT>, xp, dims.M, dims.K, x.stride(0),
-                  x.stride(1), x_vec, du.data_ptr<float>(), dims.r, du.stride(0), du.stride(1),
-                  lora_a.data_ptr<aT>(), lora_a.stride(0), lora_a.stride(1), d,
-                  need_dx ? dx.data_ptr<xT>() : static_cast<xT*>(nullptr), dA.data_ptr<float>());
+      exec.launch(plan.grid, plan.smem, "lora_dx_da", lora_dx_da_kernel<xT, aT, RT>, xp, dims.M, dims.K, x.stride(0),
+                  x.stride(1), rows_vec16(xp, dims.M, x.stride(0), x.stride(1)), dup, dims.r, du.stride(0),
+                  du.stride(1), rows_vec16(dup, dims.M, du.stride(0), du.stride(1)), ap, lora_a.stride(0),
+                  lora_a.stride(1), rows_vec16(ap, dims.r, lora_a.stride(0), lora_a.stride(1)), d, dxp,
+                  need_dx && rows_vec16(dxp, dims.M, dims.K, 1), parts.data_ptr<float>());
     });
+    sum_partials(exec, {{parts.data_ptr<float>(), dA.data_ptr<float>(), dims.r * dims.K, plan.row_segments}});
   });
   return {dx, dA};
 }

@@ -1,20 +1,29 @@
-// Kernels of lora_up and lora_grad_pass (launched from up_grad.cu).
+// Kernels of lora_up and lora_grad_pass (launched from up_grad.cu). Tiles, grids and shared-memory
+// layouts come from launch_plan.h; operands and the mma from mma.cuh.
 //
-// lora_up: c = scale * u B^T + bias, (M, N) in the output dtype. A block computes a 64 x 64 tile of
-// c (4 x 4 per thread) over r in chunks of 16 (u and B chunks staged in shared memory as float32),
-// then adds the bias and rounds once; rows are written 4 elements at a time when N % 4 == 0.
+// lora_up: c = s u B^T + bias, (M, N) in the output dtype. A block computes a 64 x 128 tile: r in
+// chunks of 32 (u and B chunks staged in shared memory), warp w owns rows 16 (w % 4) .. +16 and
+// columns 64 (w / 4) .. +64 (8 accumulator fragments). The fp32 tile (scaled, bias added) is staged
+// through shared memory and leaves in rows of 8 elements, rounded once, as 16-byte stores.
 //
-// lora_grad_pass: one read of grad_y. A block owns BM = 64 rows and walks N in tiles of BN = 32:
-//   g tile (float32, shared), B tile (float32, shared), the block's u rows staged once;
-//   du rows of the block accumulate in registers across all N tiles (written once, no atomics);
-//   the tile's dB = g^T u partial (BN x RT) and dbias partial are added to global memory with
-//   float32 atomicAdd (so dB and dbias are not bitwise deterministic across runs; du is).
-// Ranks above 64 use gridDim.y chunks of 64 columns, re-reading grad_y once per chunk.
+// lora_grad_pass: one read of g. Block (column segment, row segment, rank chunk) walks the 64 x 64
+// tiles of its segment, column tiles outer and row tiles inner, through a 2-stage cp.async pipeline
+// (g tile, the B rows of its columns, the u rows of its rows). Warp w = (wa, wb) = (w % 4, w / 4):
+//   du rows 16 wa .. +16, ranks RT/2 wb .. +RT/2:   g_tile B_tile, added into the segment's du
+//                                                   accumulator in shared memory (each element
+//                                                   owned by one thread, so no race and no atomic);
+//   dB rows (columns of g) 16 wa .. +16, same ranks: g_tile^T u_tile in registers across the row
+//                                                   tiles; dbias (wb = 0) as g_tile^T times ones.
+// When a column tile's row loop ends, its dB and dbias are written to the block's partial (row
+// segment blockIdx.y); when the block ends, its du rows to the partial of column segment blockIdx.x.
+// With one segment the partial is the output itself; otherwise sum_partials adds the partials in
+// segment order, so dB, dbias and du are bitwise reproducible.
 #pragma once
 
 #include "common.cuh"
+#include "mma.cuh"
+#include "tiles.cuh"
 
-#include <algorithm>
 #include <cstdint>
 
 namespace lowcost {
@@ -22,205 +31,190 @@ namespace cuda {
 
 // --------------------------------------------------------------------------------------------
 // lora_up
-constexpr int kUpBM = 64;
-constexpr int kUpBN = 64;
-constexpr int kUpRK = 16;  // r chunk
-constexpr int kUpT = 4;    // 4 x 4 outputs per thread
-
 template <typename oT, typename bT>
-__global__ void __launch_bounds__(kThreads)
-    lora_up_kernel(const float* __restrict__ u, int64_t M, int64_t r, int64_t su0, int64_t su1,
-                   const bT* __restrict__ b, int64_t N, int64_t sb0, int64_t sb1,
-                   const oT* __restrict__ bias, int64_t sbias, float scale, bool out_vec,
-                   oT* __restrict__ out) {
-  __shared__ float us[kUpRK][kUpBM + 1];
-  __shared__ float bs[kUpRK][kUpBN + 1];
-  const int tid = threadIdx.x;
-  const int tx = tid % (kUpBN / kUpT);  // 16 column groups of 4
-  const int ty = tid / (kUpBN / kUpT);  // 16 row groups of 4
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kUpBM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kUpBN;
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    lora_up_kernel(const float* __restrict__ u, int64_t M, int64_t r, int64_t su0, int64_t su1, bool u_vec,
+                   const bT* __restrict__ b, int64_t N, int64_t sb0, int64_t sb1, bool b_vec,
+                   const oT* __restrict__ bias, int64_t sbias, float scale, bool out_vec, oT* __restrict__ out) {
+  constexpr bool kMma = kUseMma<oT>;
+  constexpr UpLayout L = up_layout(sizeof(bT));
+  constexpr int ULD = padded_ld(kUpRK, 4), BLD = padded_ld(kUpRK, sizeof(bT)), OLD = padded_ld(kUpBN, 4);
+  LOWCOST_DYNAMIC_SMEM(smem);
+  float* us = reinterpret_cast<float*>(smem);
+  bT* bs = reinterpret_cast<bT*>(smem + L.b_tile);
+  float* tile = reinterpret_cast<float*>(smem);  // after the r loop: the output tile
+  const int warp = warp_id(), wm = warp % 4, wn = warp / 4;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kUpBM, n0 = static_cast<int64_t>(blockIdx.y) * kUpBN;
 
-  float acc[kUpT][kUpT];
+  FragC acc[8];
 #pragma unroll
-  for (int i = 0; i < kUpT; ++i)
-#pragma unroll
-    for (int c = 0; c < kUpT; ++c) acc[i][c] = 0.0f;
-
+  for (int n = 0; n < 8; ++n) zero(acc[n]);
   for (int64_t j0 = 0; j0 < r; j0 += kUpRK) {
-    for (int e = tid; e < kUpRK * kUpBM; e += kThreads) {
-      const int row = e / kUpRK, jj = e % kUpRK;
-      const int64_t m = m0 + row, j = j0 + jj;
-      us[jj][row] = (m < M && j < r) ? u[m * su0 + j * su1] : 0.0f;
-    }
-    for (int e = tid; e < kUpRK * kUpBN; e += kThreads) {
-      const int col = e / kUpRK, jj = e % kUpRK;
-      const int64_t n = n0 + col, j = j0 + jj;
-      bs[jj][col] = (n < N && j < r) ? to_float(b[n * sb0 + j * sb1]) : 0.0f;
-    }
+    __syncthreads();  // every warp is done with the previous chunk
+    stage_tile<float, kUpBM, kUpRK>(us, u, m0, j0, M, r, su0, su1, u_vec);
+    stage_tile<bT, kUpBN, kUpRK>(bs, b, n0, j0, N, r, sb0, sb1, b_vec);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
+    for (int kk = 0; kk < kUpRK && j0 + kk < r; kk += 16) {
+      const auto op_u = load_operand_a<kMma, ULD, 1>(us + wm * 16 * ULD + kk);
 #pragma unroll
-    for (int jj = 0; jj < kUpRK; ++jj) {
-      float uv[kUpT], bv[kUpT];
-#pragma unroll
-      for (int i = 0; i < kUpT; ++i) uv[i] = us[jj][ty * kUpT + i];
-#pragma unroll
-      for (int c = 0; c < kUpT; ++c) bv[c] = bs[jj][tx * kUpT + c];
-#pragma unroll
-      for (int i = 0; i < kUpT; ++i)
-#pragma unroll
-        for (int c = 0; c < kUpT; ++c) acc[i][c] = fmaf(uv[i], bv[c], acc[i][c]);
-    }
-    __syncthreads();
-  }
-
-  const int64_t n = n0 + tx * kUpT;
-  float bias_v[kUpT];
-#pragma unroll
-  for (int c = 0; c < kUpT; ++c) {
-    bias_v[c] = (bias != nullptr && n + c < N) ? to_float(bias[(n + c) * sbias]) : 0.0f;
-  }
-#pragma unroll
-  for (int i = 0; i < kUpT; ++i) {
-    const int64_t m = m0 + ty * kUpT + i;
-    if (m >= M || n >= N) continue;
-    float v[kUpT];
-#pragma unroll
-    for (int c = 0; c < kUpT; ++c) v[c] = fmaf(scale, acc[i][c], bias_v[c]);
-    oT* dst = out + m * N + n;
-    if (out_vec) {  // N % 4 == 0, so n < N implies n + 3 < N, and dst is aligned
-      store4(dst, v);
-    } else {
-#pragma unroll
-      for (int c = 0; c < kUpT; ++c) {
-        if (n + c < N) dst[c] = from_float<oT>(v[c]);
+      for (int n = 0; n < 8; ++n) {
+        mma(acc[n], op_u, load_operand_b<kMma, 1, BLD>(bs + (wn * 64 + n * 8) * BLD + kk));  // B(j, n) = B[n][j]
       }
+    }
+  }
+  __syncthreads();  // the operand buffers become the output tile
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = wm * 16 + frag_c_row(e), col = wn * 64 + n * 8 + frag_c_col(e);
+      const int64_t gn = n0 + col;
+      const float add = (bias != nullptr && gn < N) ? to_float(bias[gn * sbias]) : 0.0f;
+      tile[row * OLD + col] = fmaf(scale, acc[n].x[e], add);
+    }
+  __syncthreads();
+  using G = RowGroups<kUpBM, kUpBN>;
+#pragma unroll
+  for (int s = 0; s < G::kPerThread; ++s) {
+    const int row = G::row(s), col = G::col(s);
+    const int64_t m = m0 + row, n = n0 + col;
+    if (m < M && n < N) {
+      float v[8];
+      load_row8(tile + row * OLD + col, v);
+      store_row8(out + m * N + n, v, N - n, out_vec);
     }
   }
 }
 
 // --------------------------------------------------------------------------------------------
 // lora_grad_pass
-constexpr int kGpBM = 64;  // rows of grad_y per block
-constexpr int kGpBN = 32;  // N tile
-constexpr int kGpTM = 4;   // du rows per thread
-
-template <typename gT, typename bT, int RT>
-__global__ void __launch_bounds__(kThreads)
-    lora_grad_pass_kernel(const gT* __restrict__ g, int64_t M, int64_t N, int64_t sg0, int64_t sg1,
-                          bool g_vec, const float* __restrict__ u, int64_t r, int64_t su0,
-                          int64_t su1, const bT* __restrict__ b, int64_t sb0, int64_t sb1,
-                          float scale, float* __restrict__ du, float* __restrict__ dB,
-                          float* __restrict__ dbias) {
-  constexpr int TN = RT / kColThreads;  // du columns per thread
-  constexpr int TB = RT / 8;            // dB columns per thread (8 warps x 32 lanes = BN x 8)
-  static_assert(kThreads == (kGpBM / kGpTM) * kColThreads, "du thread tile mismatch");
-  static_assert(kThreads == kGpBN * 8, "dB thread tile mismatch");
-  __shared__ float us[kGpBM][RT + 1];
-  __shared__ float gs[kGpBN][kGpBM + 1];  // transposed g tile
-  __shared__ float bs[kGpBN][RT + 1];
-
-  const int tid = threadIdx.x;
-  const int tc = tid % kColThreads, tr = tid / kColThreads;  // du mapping
-  const int lane_n = tid % kGpBN, jq = tid / kGpBN;           // dB mapping
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kGpBM;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * RT;
-  const bool do_bias = dbias != nullptr && blockIdx.y == 0;
-
-  for (int e = tid; e < kGpBM * RT; e += kThreads) {
-    const int row = e / RT, jj = e % RT;
-    const int64_t m = m0 + row, j = j0 + jj;
-    us[row][jj] = (m < M && j < r) ? u[m * su0 + j * su1] : 0.0f;
+// Writes a finished column tile's dB rows (scaled) and, for warps that computed it, its dbias; then
+// clears the accumulators. n_base: the first dB row (column of g) of this warp's 16; j_base its first rank.
+template <int RT>
+__device__ __forceinline__ void flush_db_tile(FragC (&db)[RT / 16], FragC& dbias, bool do_bias, float* __restrict__ db_out,
+                                              float* __restrict__ bias_out, int64_t n_base, int64_t j_base,
+                                              int64_t N, int64_t r, float scale) {
+#pragma unroll
+  for (int n = 0; n < RT / 16; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t nn = n_base + frag_c_row(e), j = j_base + n * 8 + frag_c_col(e);
+      if (nn < N && j < r) db_out[nn * r + j] = scale * db[n].x[e];
+    }
+  if (do_bias && frag_c_col(0) == 0) {  // every column of the ones product holds the row sum
+    if (n_base + frag_c_row(0) < N) bias_out[n_base + frag_c_row(0)] = dbias.x[0];
+    if (n_base + frag_c_row(2) < N) bias_out[n_base + frag_c_row(2)] = dbias.x[2];
   }
+#pragma unroll
+  for (int n = 0; n < RT / 16; ++n) zero(db[n]);
+  zero(dbias);
+}
 
-  float acc_du[kGpTM][TN];
+// Writes rows [m0, m0 + rows) of the shared du accumulator (rows x RT), scaled, to du_out (M, r) columns
+// j0 .. j0 + RT, in rows of 8 (16-byte stores when r % 4 == 0).
+template <int RT>
+__device__ __forceinline__ void write_du_rows(const float* du_acc, int64_t rows, int64_t m0, int64_t j0, int64_t M,
+                                              int64_t r, float scale, float* __restrict__ du_out) {
+  for (int q = threadIdx.x; q < rows * RT / 8; q += kThreads) {
+    const int row = q / (RT / 8), col = q % (RT / 8) * 8;
+    const int64_t m = m0 + row, j = j0 + col;
+    if (m < M && j < r) {
+      float v[8];
+      load_row8(du_acc + row * RT + col, v);
 #pragma unroll
-  for (int i = 0; i < kGpTM; ++i)
-#pragma unroll
-    for (int c = 0; c < TN; ++c) acc_du[i][c] = 0.0f;
-
-  for (int64_t n0 = 0; n0 < N; n0 += kGpBN) {
-    // g tile: BM rows x BN columns = 512 groups of 4, 2 per thread; read once.
-#pragma unroll
-    for (int s = 0; s < (kGpBM * kGpBN / 4) / kThreads; ++s) {
-      const int q = tid + s * kThreads;
-      const int row = q / (kGpBN / 4);
-      const int nq = (q % (kGpBN / 4)) * 4;
-      const int64_t m = m0 + row, n = n0 + nq;
-      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      if (m < M) {
-        const gT* grow = g + m * sg0;
-        if (g_vec && n + 3 < N) {
-          load4(grow + n, v);
-        } else {
-#pragma unroll
-          for (int t = 0; t < 4; ++t) v[t] = (n + t < N) ? to_float(grow[(n + t) * sg1]) : 0.0f;
-        }
-      }
-#pragma unroll
-      for (int t = 0; t < 4; ++t) gs[nq + t][row] = v[t];
-    }
-    for (int e = tid; e < kGpBN * RT; e += kThreads) {
-      const int nn = e / RT, jj = e % RT;
-      const int64_t n = n0 + nn, j = j0 + jj;
-      bs[nn][jj] = (n < N && j < r) ? to_float(b[n * sb0 + j * sb1]) : 0.0f;
-    }
-    __syncthreads();
-
-    // du rows += g_tile B_tile
-#pragma unroll 8
-    for (int nn = 0; nn < kGpBN; ++nn) {
-      float gv[kGpTM], bv[TN];
-#pragma unroll
-      for (int i = 0; i < kGpTM; ++i) gv[i] = gs[nn][tr * kGpTM + i];
-#pragma unroll
-      for (int c = 0; c < TN; ++c) bv[c] = bs[nn][tc + c * kColThreads];
-#pragma unroll
-      for (int i = 0; i < kGpTM; ++i)
-#pragma unroll
-        for (int c = 0; c < TN; ++c) acc_du[i][c] = fmaf(gv[i], bv[c], acc_du[i][c]);
-    }
-
-    // dB[n, :] += g_tile^T u_rows, dbias[n] += column sums
-    float acc_b[TB];
-#pragma unroll
-    for (int c = 0; c < TB; ++c) acc_b[c] = 0.0f;
-    float acc_bias = 0.0f;
-#pragma unroll 8
-    for (int row = 0; row < kGpBM; ++row) {
-      const float gv = gs[lane_n][row];
-      acc_bias += gv;
-#pragma unroll
-      for (int c = 0; c < TB; ++c) acc_b[c] = fmaf(gv, us[row][jq + 8 * c], acc_b[c]);
-    }
-    const int64_t n = n0 + lane_n;
-    if (n < N) {
-#pragma unroll
-      for (int c = 0; c < TB; ++c) {
-        const int64_t j = j0 + jq + 8 * c;
-        if (j < r) atomicAdd(dB + n * r + j, scale * acc_b[c]);
-      }
-      if (do_bias && jq == 0) atomicAdd(dbias + n, acc_bias);
-    }
-    __syncthreads();
-  }
-
-#pragma unroll
-  for (int i = 0; i < kGpTM; ++i) {
-    const int64_t m = m0 + tr * kGpTM + i;
-    if (m >= M) continue;
-#pragma unroll
-    for (int c = 0; c < TN; ++c) {
-      const int64_t j = j0 + tc + c * kColThreads;
-      if (j < r) du[m * r + j] = scale * acc_du[i][c];
+      for (int t = 0; t < 8; ++t) v[t] *= scale;
+      store_row8(du_out + m * r + j, v, r - j, r % 4 == 0);
     }
   }
 }
 
-inline LaunchGrid lora_up_grid(int64_t M, int64_t N) { return {ceil_div(M, kUpBM), ceil_div(N, kUpBN)}; }
+template <typename gT, typename bT, int RT>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    lora_grad_pass_kernel(const gT* __restrict__ g, int64_t M, int64_t N, int64_t sg0, int64_t sg1, bool g_vec,
+                          const float* __restrict__ u, int64_t r, int64_t su0, int64_t su1, bool u_vec,
+                          const bT* __restrict__ b, int64_t sb0, int64_t sb1, bool b_vec, float scale,
+                          float* __restrict__ du_parts, float* __restrict__ db_parts,
+                          float* __restrict__ dbias_parts) {
+  constexpr bool kMma = kUseMma<gT>;
+  constexpr GradPassLayout L = grad_pass_layout(RT, sizeof(gT), sizeof(bT));
+  constexpr int GLD = padded_ld(kGpBN, sizeof(gT)), BLD = padded_ld(RT, sizeof(bT)), ULD = padded_ld(RT, 4);
+  constexpr int kHalf = RT / 2;  // ranks per warp column
+  LOWCOST_DYNAMIC_SMEM(smem);
+  const int warp = warp_id(), wa = warp % 4, wb = warp / 4;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.z) * RT;
+  const int64_t col_tiles = ceil_div(N, kGpBN), row_tiles = ceil_div(M, kGpBM);
+  const int64_t ct0 = range_begin(col_tiles, gridDim.x, blockIdx.x);
+  const int64_t n_ct = range_begin(col_tiles, gridDim.x, blockIdx.x + 1) - ct0;
+  const int64_t rt0 = range_begin(row_tiles, gridDim.y, blockIdx.y);
+  const int64_t n_rt = range_begin(row_tiles, gridDim.y, blockIdx.y + 1) - rt0;
+  const bool do_bias = dbias_parts != nullptr && blockIdx.z == 0 && wb == 0;  // warp-uniform
+  auto stage = [&](int64_t i) { return smem + (i % kGpStages) * L.stage; };
+  auto load = [&](int64_t i) {  // step i = (column tile ct0 + i / n_rt, row tile rt0 + i % n_rt)
+    if (i < n_ct * n_rt) {
+      const int64_t n0 = (ct0 + i / n_rt) * kGpBN, m0 = (rt0 + i % n_rt) * kGpBM;
+      stage_tile<gT, kGpBM, kGpBN>(reinterpret_cast<gT*>(stage(i)), g, m0, n0, M, N, sg0, sg1, g_vec);
+      stage_tile<bT, kGpBN, RT>(reinterpret_cast<bT*>(stage(i) + L.b_tile), b, n0, j0, N, r, sb0, sb1, b_vec);
+      stage_tile<float, kGpBM, RT>(reinterpret_cast<float*>(stage(i) + L.u_tile), u, m0, j0, M, r, su0, su1, u_vec);
+    }
+    cp_async_commit();
+  };
 
-inline LaunchGrid lora_grad_pass_grid(int64_t M, int64_t r, int RT) {
-  return {ceil_div(M, kGpBM), std::max<int64_t>(1, ceil_div(r, RT))};
+  float* du_acc = reinterpret_cast<float*>(smem + L.du_acc);  // (n_rt * 64) x RT, row-major
+  for (int e = threadIdx.x; e < n_rt * kGpBM * RT; e += kThreads) du_acc[e] = 0.0f;
+  FragC db[RT / 16], dbias;
+#pragma unroll
+  for (int n = 0; n < RT / 16; ++n) zero(db[n]);
+  zero(dbias);
+
+  load(0);
+  for (int64_t i = 0; i < n_ct * n_rt; ++i) {
+    cp_async_wait<0>();
+    __syncthreads();  // step i has landed; every warp is done with step i - 1
+    load(i + 1);
+    const gT* gs = reinterpret_cast<const gT*>(stage(i));
+    const bT* bs = reinterpret_cast<const bT*>(stage(i) + L.b_tile);
+    const float* us = reinterpret_cast<const float*>(stage(i) + L.u_tile);
+    // du rows += g_tile B_tile
+    FragC du[RT / 16];
+#pragma unroll
+    for (int n = 0; n < RT / 16; ++n) zero(du[n]);
+#pragma unroll
+    for (int kk = 0; kk < kGpBN; kk += 16) {
+      const auto op_g = load_operand_a<kMma, GLD, 1>(gs + wa * 16 * GLD + kk);
+#pragma unroll
+      for (int n = 0; n < RT / 16; ++n) {
+        mma(du[n], op_g, load_operand_b<kMma, BLD, 1>(bs + kk * BLD + wb * kHalf + n * 8));
+      }
+    }
+    float* acc_rows = du_acc + (i % n_rt) * kGpBM * RT;
+#pragma unroll
+    for (int n = 0; n < RT / 16; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc_rows[(wa * 16 + frag_c_row(e)) * RT + wb * kHalf + n * 8 + frag_c_col(e)] += du[n].x[e];
+      }
+    // dB += g_tile^T u_tile; dbias += g_tile^T 1
+#pragma unroll
+    for (int kk = 0; kk < kGpBM; kk += 16) {
+      const auto op_gt = load_operand_a<kMma, 1, GLD>(gs + kk * GLD + wa * 16);
+#pragma unroll
+      for (int n = 0; n < RT / 16; ++n) {
+        mma(db[n], op_gt, load_operand_b<kMma, ULD, 1>(us + kk * ULD + wb * kHalf + n * 8));
+      }
+      if (do_bias) mma(dbias, op_gt, ones_operand_b<kMma>());
+    }
+    if (i % n_rt == n_rt - 1) {  // the column tile is complete: write its dB / dbias partial
+      flush_db_tile<RT>(db, dbias, do_bias, db_parts + static_cast<int64_t>(blockIdx.y) * N * r,
+                        do_bias ? dbias_parts + static_cast<int64_t>(blockIdx.y) * N : nullptr,
+                        (ct0 + i / n_rt) * kGpBN + wa * 16, j0 + wb * kHalf, N, r, scale);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // du_acc is complete
+  write_du_rows<RT>(du_acc, n_rt * kGpBM, rt0 * kGpBM, j0, M, r, scale,
+                    du_parts + static_cast<int64_t>(blockIdx.x) * M * r);
 }
 
 }  // namespace cuda

@@ -1,17 +1,21 @@
 // Runs the CUDA kernels of csrc/cuda/*_kernels.cuh on the host and compares them with the CPU ops.
 //
 // The machines that build lowcost in CI have no GPU, so the kernels are compiled here as plain C++
-// with a minimal emulation of the CUDA execution model: each block runs as 256 std::threads that
-// share the kernel's `__shared__` arrays (function statics; one block at a time), `__syncthreads()`
-// is a barrier, `atomicAdd` takes a lock, and threadIdx / blockIdx / blockDim / gridDim are
-// (thread-local) globals. This checks the kernels' index arithmetic, tiling, masks, barriers and
-// reductions, not their speed or warp-level behaviour. The ops' host side (checks, allocation, early
-// exits, dispatch, launch grids) is csrc/cuda/host_launchers.h, the same code the .cu files run;
-// outputs the GPU would leave uninitialised start as NaN here, so an element no thread writes is caught.
+// under the emulated execution model of cuda_emulation.h: one cooperative fiber per CUDA thread,
+// barriers, dynamic shared memory filled with NaN, cp.async queued until its wait, and the warp-level
+// mma.sync computed from the lanes' fragments exactly as the PTX ISA lays them out. This checks the
+// kernels' index arithmetic, tiling, fragment layouts, masks, pipelines, barriers and fixed-order
+// reductions, not their speed. The ops' host side (checks, allocation, workspaces, early exits,
+// dispatch, launch plans) is csrc/cuda/host_launchers.h, the same code the .cu files run; outputs and
+// workspaces the GPU would leave uninitialised start as NaN here, so an element no thread writes is
+// caught. A first test checks the emulated mma and the operand loaders against plain matrix products.
 #include "../checks.h"
 #include "../cpu/ops_cpu.h"
 #include "../dispatch.h"
 #include "../philox.h"
+#include "cuda_emulation.h"
+
+#include "../cuda/host_launchers.h"  // the kernels' headers and the ops' host side, as the .cu files use them
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,115 +23,37 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <limits>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
-// ---- the emulated execution model --------------------------------------------------------------
-namespace lowcost_emu {
+// ---- the hooks mma.cuh declares for the emulator ------------------------------------------------
+namespace lowcost {
+namespace cuda {
 
-struct Dim3 {
-  unsigned x = 1, y = 1, z = 1;
-};
-thread_local Dim3 thread_idx, block_idx;
-Dim3 block_dim, grid_dim;
-
-class Barrier {
- public:
-  explicit Barrier(int count) : count_(count) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const unsigned long long generation = generation_;
-    if (++waiting_ == count_) {
-      waiting_ = 0;
-      ++generation_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return generation_ != generation; });
-    }
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int count_;
-  int waiting_ = 0;
-  unsigned long long generation_ = 0;
-};
-thread_local Barrier* block_barrier = nullptr;
-std::mutex atomic_mutex;
-
-inline void syncthreads() { block_barrier->wait(); }
-
-inline float atomic_add(float* address, float value) {
-  std::lock_guard<std::mutex> lock(atomic_mutex);
-  const float old = *address;
-  *address = old + value;
-  return old;
+MmaLaneOperands* emulated_warp_slots() {
+  static MmaLaneOperands slots[kWarps][2][32];
+  lowcost_emu::Fiber& f = lowcost_emu::self();
+  return slots[f.thread_idx.x / 32][f.mma_calls++ % 2];
 }
+void emulated_cp_async(void* smem, const void* gmem, int src_bytes) { lowcost_emu::cp_async(smem, gmem, src_bytes); }
+void emulated_cp_async_commit() { lowcost_emu::cp_async_commit(); }
+void emulated_cp_async_wait(int pending) { lowcost_emu::cp_async_wait(pending); }
 
-}  // namespace lowcost_emu
-
-#define LOWCOST_CUDA_EMULATION 1
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__ static
-#define __syncthreads() ::lowcost_emu::syncthreads()
-#define atomicAdd ::lowcost_emu::atomic_add
-#define threadIdx ::lowcost_emu::thread_idx
-#define blockIdx ::lowcost_emu::block_idx
-#define blockDim ::lowcost_emu::block_dim
-#define gridDim ::lowcost_emu::grid_dim
-
-#include "../cuda/host_launchers.h"  // the kernels' headers and the ops' host side, as the .cu files use them
-
-#undef threadIdx
-#undef blockIdx
-#undef blockDim
-#undef gridDim
+}  // namespace cuda
+}  // namespace lowcost
 
 namespace {
 
 using lowcost::cuda::LaunchGrid;
-using lowcost::cuda::kThreads;
-
-// Runs `kernel()` for every block of `grid`, one block at a time, on kThreads host threads; a barrier
-// after each block keeps the next block from touching shared memory early.
-void run_blocks(const LaunchGrid& grid, const std::function<void()>& kernel) {
-  lowcost_emu::block_dim = {static_cast<unsigned>(kThreads), 1, 1};
-  lowcost_emu::grid_dim = {static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y), 1};
-  lowcost_emu::Barrier barrier(kThreads);
-  std::vector<std::thread> threads;
-  threads.reserve(kThreads);
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      lowcost_emu::thread_idx = {static_cast<unsigned>(t), 1, 1};
-      lowcost_emu::block_barrier = &barrier;
-      for (int64_t by = 0; by < grid.y; ++by) {
-        for (int64_t bx = 0; bx < grid.x; ++bx) {
-          lowcost_emu::block_idx = {static_cast<unsigned>(bx), static_cast<unsigned>(by), 1};
-          kernel();
-          barrier.wait();
-        }
-      }
-    });
-  }
-  for (std::thread& th : threads) th.join();
-}
 
 // The emulator's side of csrc/cuda/host_launchers.h: CPU tensors, outputs the GPU would leave
 // uninitialised start as NaN (so an element no thread writes is caught), a chosen SM count, and
-// launches on host threads.
+// launches on fibers.
 struct EmuExec {
   static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
   int64_t sm_count = 132;
@@ -141,20 +67,24 @@ struct EmuExec {
   int64_t sms() const { return sm_count; }
 
   template <typename Kernel, typename... Args>
-  void launch(const LaunchGrid& grid, const char* op, Kernel kernel, Args... args) const {
+  void launch(const LaunchGrid& grid, int64_t smem, const char* op, Kernel kernel, Args... args) const {
     lowcost::cuda::check_grid(grid, op);
-    run_blocks(grid, [&] { kernel(args...); });
+    const lowcost_emu::Dim3 dims{static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y),
+                                 static_cast<unsigned>(grid.z)};
+    lowcost_emu::run_grid(dims, static_cast<size_t>(smem), [&] { kernel(args...); });
   }
 };
 
 // ---- the ops, through the same host code as csrc/cuda/*.cu ----------------------------------------
+// `sms` sets the SM count the launch plans fill: 132 (H200) splits small problems into many blocks and
+// partials; 1 gives few blocks with several tiles each.
 at::Tensor emu_philox_dropout(const at::Tensor& x, int64_t seed, double p, int64_t sms) {
   EmuExec exec{sms};
   return lowcost::cuda::run_philox_dropout(x, seed, p, exec);
 }
 
-at::Tensor emu_lora_down(const at::Tensor& x, const at::Tensor& lora_a, int64_t seed, double p) {
-  EmuExec exec;
+at::Tensor emu_lora_down(const at::Tensor& x, const at::Tensor& lora_a, int64_t seed, double p, int64_t sms) {
+  EmuExec exec{sms};
   return lowcost::cuda::run_lora_down(x, lora_a, seed, p, exec);
 }
 
@@ -166,8 +96,8 @@ at::Tensor emu_lora_up(const at::Tensor& u, const at::Tensor& lora_b, const std:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emu_lora_grad_pass(const at::Tensor& grad_y, const at::Tensor& u,
                                                                   const at::Tensor& lora_b, double scale,
-                                                                  bool need_dbias) {
-  EmuExec exec;
+                                                                  bool need_dbias, int64_t sms) {
+  EmuExec exec{sms};
   return lowcost::cuda::run_lora_grad_pass(grad_y, u, lora_b, scale, need_dbias, exec);
 }
 
@@ -237,6 +167,87 @@ const DtypePair kPairs[] = {{at::kFloat, at::kFloat},
                             {at::kHalf, at::kHalf},
                             {at::kBFloat16, at::kFloat}};
 
+// ---- the warp-level mma and its operands --------------------------------------------------------
+// Element i of a lane's fragments, written from the PTX ISA's text for mma.m16n8k16 (.bf16, fp32
+// accumulators) independently of mma.cuh: (row, column) of a_i (i < 8), b_i (i < 4) and c_i (i < 4).
+int isa_a_row(int lane, int i) { return (lane >> 2) + ((i < 2 || (i >= 4 && i < 6)) ? 0 : 8); }
+int isa_a_col(int lane, int i) { return (lane % 4) * 2 + (i & 1) + (i >= 4 ? 8 : 0); }
+int isa_b_row(int lane, int i) { return (lane % 4) * 2 + (i & 1) + (i >= 2 ? 8 : 0); }
+int isa_b_col(int lane, int) { return lane >> 2; }
+int isa_c_row(int lane, int i) { return (lane >> 2) + (i >= 2 ? 8 : 0); }
+int isa_c_col(int lane, int i) { return (lane % 4) * 2 + (i & 1); }
+
+uint32_t bf16_pair(const c10::BFloat16* m, int ld, int r0, int c0, int r1, int c1) {
+  return static_cast<uint32_t>(m[r0 * ld + c0].x) | (static_cast<uint32_t>(m[r1 * ld + c1].x) << 16);
+}
+
+// D = C + A B (16 x 16 times 16 x 8) by one emulated mma whose fragments follow the ISA text.
+void test_mma_fragment_layout() {
+  const at::Tensor A = at::randn({16, 16}, at::kDouble).to(at::kBFloat16);
+  const at::Tensor B = at::randn({16, 8}, at::kDouble).to(at::kBFloat16);
+  const at::Tensor C = at::randn({16, 8}, at::kFloat);
+  at::Tensor D = at::full({16, 8}, std::numeric_limits<float>::quiet_NaN(), at::kFloat);
+  const auto* a = A.data_ptr<c10::BFloat16>();
+  const auto* b = B.data_ptr<c10::BFloat16>();
+  lowcost_emu::run_grid({1, 1, 1}, 0, [&] {
+    const int lane = static_cast<int>(threadIdx.x);
+    if (lane >= 32) return;  // warp 0 only (warp-uniform)
+    lowcost::cuda::FragA fa;
+    lowcost::cuda::FragB fb;
+    lowcost::cuda::FragC fc;
+    for (int k = 0; k < 4; ++k) {
+      fa.x[k] = bf16_pair(a, 16, isa_a_row(lane, 2 * k), isa_a_col(lane, 2 * k), isa_a_row(lane, 2 * k + 1),
+                          isa_a_col(lane, 2 * k + 1));
+    }
+    for (int k = 0; k < 2; ++k) {
+      fb.x[k] = bf16_pair(b, 8, isa_b_row(lane, 2 * k), isa_b_col(lane, 2 * k), isa_b_row(lane, 2 * k + 1),
+                          isa_b_col(lane, 2 * k + 1));
+    }
+    for (int i = 0; i < 4; ++i) fc.x[i] = C.data_ptr<float>()[isa_c_row(lane, i) * 8 + isa_c_col(lane, i)];
+    lowcost::cuda::mma_bf16_16816(fc, fa, fb);
+    for (int i = 0; i < 4; ++i) D.data_ptr<float>()[isa_c_row(lane, i) * 8 + isa_c_col(lane, i)] = fc.x[i];
+  });
+  expect_close("mma.m16n8k16 fragments (PTX ISA layout)", D, (C.to(at::kDouble) + at::mm(A.to(at::kDouble), B.to(at::kDouble))).to(at::kFloat), at::kFloat);
+}
+
+// The operand loaders of mma.cuh: a 16 x 16 A block and a 16 x 8 B block of T staged row-major or
+// transposed with padded leading dimensions, multiplied by mma() (tensor-core terms, or FMAs when
+// Mma is false), against the float64 product of the same values.
+template <typename T, bool Mma, bool TransA, bool TransB>
+void check_operands(c10::ScalarType dt) {
+  constexpr int LD = 24;  // padded leading dimension of both staged blocks
+  const at::Tensor A = at::randn({16, 16}, at::kDouble).to(dt), B = at::randn({16, 8}, at::kDouble).to(dt);
+  std::vector<T> sa(16 * LD), sb(16 * LD);
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < 16; ++k) sa[TransA ? k * LD + i : i * LD + k] = A.data_ptr<T>()[i * 16 + k];
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < 8; ++n) sb[TransB ? n * LD + k : k * LD + n] = B.data_ptr<T>()[k * 8 + n];
+  at::Tensor D = at::full({16, 8}, std::numeric_limits<float>::quiet_NaN(), at::kFloat);
+  lowcost_emu::run_grid({1, 1, 1}, 0, [&] {
+    if (threadIdx.x >= 32) return;
+    lowcost::cuda::FragC acc;
+    lowcost::cuda::zero(acc);
+    const auto op_a = lowcost::cuda::load_operand_a<Mma, TransA ? 1 : LD, TransA ? LD : 1>(sa.data());
+    const auto op_b = lowcost::cuda::load_operand_b<Mma, TransB ? 1 : LD, TransB ? LD : 1>(sb.data());
+    lowcost::cuda::mma(acc, op_a, op_b);
+    for (int i = 0; i < 4; ++i) D.data_ptr<float>()[lowcost::cuda::frag_c_row(i) * 8 + lowcost::cuda::frag_c_col(i)] = acc.x[i];
+  });
+  const std::string what = std::string("operands ") + c10::toString(dt) + (Mma ? " mma" : " fma") +
+                           (TransA ? " A^T" : " A") + (TransB ? " B^T" : " B");
+  expect_close(what, D, at::mm(A.to(at::kDouble), B.to(at::kDouble)).to(at::kFloat), at::kFloat);
+}
+
+void test_mma_operands() {
+  check_operands<c10::BFloat16, true, false, false>(at::kBFloat16);
+  check_operands<c10::BFloat16, true, true, true>(at::kBFloat16);
+  check_operands<c10::Half, true, false, true>(at::kHalf);
+  check_operands<c10::Half, true, true, false>(at::kHalf);
+  check_operands<float, true, false, false>(at::kFloat);  // fp32 split into bf16 hi + lo
+  check_operands<float, true, true, true>(at::kFloat);
+  check_operands<float, false, true, false>(at::kFloat);  // the FMA path
+  check_operands<float, false, false, true>(at::kFloat);
+}
+
 void test_philox_dropout() {
   const int64_t seeds[] = {0, (int64_t{1} << 32) + 17};
   const int64_t shapes[][2] = {{1, 1}, {7, 13}, {129, 33}, {3, 1000}, {64, 64}};
@@ -254,8 +265,12 @@ void test_philox_dropout() {
   }
 }
 
+// Shapes: M = 0 and 1, ranks 1, 7, 16, 20, 64 and 70 (two rank chunks), K and N off the tiles,
+// odd K (rows not 16-byte aligned: the scalar staging path) and K a multiple of 8 with a partial last
+// tile (16-byte chunks, zero-filled past K).
 void test_lora_down() {
-  const int64_t cases[][3] = {{1, 13, 1}, {7, 45, 7}, {129, 33, 16}, {64, 100, 64}, {70, 24, 70}, {130, 64, 20}};
+  const int64_t cases[][3] = {{0, 13, 4},   {1, 13, 1},    {7, 45, 7},   {129, 33, 16},
+                              {64, 136, 64}, {70, 24, 70}, {130, 200, 20}};
   for (const DtypePair& dp : kPairs) {
     for (const auto& c : cases) {
       for (bool transposed : {false, true}) {
@@ -263,8 +278,12 @@ void test_lora_down() {
           const at::Tensor x = make(c[0], c[1], dp.act, transposed);
           const at::Tensor a = make(c[2], c[1], dp.adapter, false);
           const int64_t seed = (int64_t{5} << 32) + 3;
-          expect_close(name("lora_down", c[0], c[1], c[2], dp.act, dp.adapter, transposed, p),
-                       emu_lora_down(x, a, seed, p), lowcost::cpu::lora_down(x, a, seed, p), at::kFloat);
+          const at::Tensor want = lowcost::cpu::lora_down(x, a, seed, p);
+          for (int64_t sms : {1, 132}) {  // one K split; several (partials + sum_partials)
+            expect_close(name("lora_down", c[0], c[1], c[2], dp.act, dp.adapter, transposed, p) + " sms " +
+                             std::to_string(sms),
+                         emu_lora_down(x, a, seed, p, sms), want, at::kFloat);
+          }
         }
       }
     }
@@ -272,7 +291,7 @@ void test_lora_down() {
 }
 
 void test_lora_up() {
-  const int64_t cases[][3] = {{1, 9, 1}, {7, 33, 7}, {129, 50, 16}, {65, 64, 20}, {3, 64, 70}};
+  const int64_t cases[][3] = {{0, 9, 4}, {1, 9, 1}, {7, 33, 7}, {129, 50, 16}, {65, 136, 20}, {3, 64, 70}, {70, 200, 64}};
   for (const DtypePair& dp : kPairs) {
     for (const auto& c : cases) {
       for (bool with_bias : {false, true}) {
@@ -288,7 +307,8 @@ void test_lora_up() {
 }
 
 void test_lora_grad_pass() {
-  const int64_t cases[][3] = {{1, 9, 1}, {7, 33, 7}, {129, 50, 16}, {65, 20, 64}, {9, 11, 70}, {130, 64, 16}};
+  const int64_t cases[][3] = {{0, 9, 4},     {1, 9, 1},    {7, 33, 7},     {129, 50, 16},
+                              {65, 20, 64},  {9, 11, 70},  {130, 200, 16}, {300, 136, 20}};
   for (const DtypePair& dp : kPairs) {
     for (const auto& c : cases) {
       for (bool transposed : {false, true}) {
@@ -296,13 +316,16 @@ void test_lora_grad_pass() {
         const at::Tensor u = make(c[0], c[2], at::kFloat, false);
         const at::Tensor b = make(c[1], c[2], dp.adapter, false);
         at::Tensor du, dB, dbias, du_c, dB_c, dbias_c;
-        std::tie(du, dB, dbias) = emu_lora_grad_pass(g, u, b, 1.5, true);
         std::tie(du_c, dB_c, dbias_c) = lowcost::cpu::lora_grad_pass(g, u, b, 1.5, true);
         const std::string n = name("lora_grad_pass", c[0], c[1], c[2], dp.act, dp.adapter, transposed, 0.0);
-        expect_close(n + " du", du, du_c, at::kFloat);
-        expect_close(n + " dB", dB, dB_c, at::kFloat);
-        expect_close(n + " dbias", dbias, dbias_c, at::kFloat);
-        std::tie(du, dB, dbias) = emu_lora_grad_pass(g, u, b, 1.5, false);
+        for (int64_t sms : {1, 132}) {  // few segments (several tiles each); many (partials)
+          const std::string ns = n + " sms " + std::to_string(sms);
+          std::tie(du, dB, dbias) = emu_lora_grad_pass(g, u, b, 1.5, true, sms);
+          expect_close(ns + " du", du, du_c, at::kFloat);
+          expect_close(ns + " dB", dB, dB_c, at::kFloat);
+          expect_close(ns + " dbias", dbias, dbias_c, at::kFloat);
+        }
+        std::tie(du, dB, dbias) = emu_lora_grad_pass(g, u, b, 1.5, false, 132);
         expect_close(n + " dB without dbias", dB, dB_c, at::kFloat);
         ++g_checks;
         if (dbias.numel() != 0) {
@@ -315,7 +338,8 @@ void test_lora_grad_pass() {
 }
 
 void test_lora_dx_da() {
-  const int64_t cases[][3] = {{1, 13, 1}, {7, 45, 7}, {129, 33, 16}, {300, 100, 64}, {5, 24, 70}, {200, 64, 20}};
+  const int64_t cases[][3] = {{0, 13, 4},   {1, 13, 1},   {7, 45, 7},    {129, 33, 16},
+                              {300, 100, 64}, {5, 24, 70}, {200, 64, 20}, {130, 136, 16}};
   for (const DtypePair& dp : kPairs) {
     for (const auto& c : cases) {
       for (bool transposed : {false, true}) {
@@ -346,16 +370,36 @@ void test_lora_dx_da() {
   }
 }
 
+// Two runs of the backward ops give bitwise identical results (no atomics: fixed reduction order).
+void test_backward_bitwise_reproducible() {
+  const at::Tensor g = make(300, 136, at::kBFloat16, false), u = make(300, 16, at::kFloat, false);
+  const at::Tensor b = make(136, 16, at::kBFloat16, false), x = make(300, 200, at::kBFloat16, false);
+  const at::Tensor a = make(16, 200, at::kBFloat16, false);
+  const auto grads1 = emu_lora_grad_pass(g, u, b, 2.0, true, 132);
+  const auto grads2 = emu_lora_grad_pass(g, u, b, 2.0, true, 132);
+  expect_equal("lora_grad_pass du run to run", std::get<0>(grads1), std::get<0>(grads2));
+  expect_equal("lora_grad_pass dB run to run", std::get<1>(grads1), std::get<1>(grads2));
+  expect_equal("lora_grad_pass dbias run to run", std::get<2>(grads1), std::get<2>(grads2));
+  const auto dx_da1 = emu_lora_dx_da(x, std::get<0>(grads1), a, 3, 0.1, true, 132);
+  const auto dx_da2 = emu_lora_dx_da(x, std::get<0>(grads1), a, 3, 0.1, true, 132);
+  expect_equal("lora_dx_da dx run to run", std::get<0>(dx_da1), std::get<0>(dx_da2));
+  expect_equal("lora_dx_da dA run to run", std::get<1>(dx_da1), std::get<1>(dx_da2));
+}
+
 }  // namespace
 
-int main() {
+// test_cuda_emulated [NAME]: every test, or those whose name contains NAME.
+int main(int argc, char** argv) {
   at::manual_seed(0);
-  at::set_num_threads(1);  // the emulation already runs 256 threads per block
-  test_philox_dropout();
-  test_lora_down();
-  test_lora_up();
-  test_lora_grad_pass();
-  test_lora_dx_da();
+  at::set_num_threads(1);  // the emulation runs on one host thread
+  const std::pair<const char*, void (*)()> tests[] = {
+      {"mma_fragment_layout", test_mma_fragment_layout}, {"mma_operands", test_mma_operands},
+      {"philox_dropout", test_philox_dropout},           {"lora_down", test_lora_down},
+      {"lora_up", test_lora_up},                         {"lora_grad_pass", test_lora_grad_pass},
+      {"lora_dx_da", test_lora_dx_da},                   {"bitwise_reproducible", test_backward_bitwise_reproducible}};
+  for (const auto& test : tests) {
+    if (argc < 2 || std::string(test.first).find(argv[1]) != std::string::npos) test.second();
+  }
   if (g_failures != 0) {
     std::fprintf(stderr, "%d of %d check(s) failed\n", g_failures, g_checks);
     return EXIT_FAILURE;

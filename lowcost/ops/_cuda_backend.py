@@ -8,6 +8,9 @@ backward: du, dB, dbias = lora_grad_pass(g, u, B)   one read of g
           dx = dx_lora + g W                         cuBLAS GEMM with beta = 1, in place
 cuBLAS offers no hook inside its tile loop, so the low-rank terms ride in the GEMMs' C operand: one extra
 read of an (M, N) and an (M, K) tensor compared with the Triton kernels, which add them in-tile.
+The skinny kernels (csrc/cuda/) run on the tensor cores (mma.sync, bf16/fp16 inputs) and split their
+reductions across blocks into fp32 partials that a fixed-order sum adds inside each op, so u, du, dA, dB
+and dbias are bitwise reproducible from run to run (no atomics); workspaces stay inside the ops.
 The same ops have C++ CPU kernels, so this composition is also tested on CPU tensors.
 """
 from __future__ import annotations

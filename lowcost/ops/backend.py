@@ -31,8 +31,16 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+CUDA_MIN_CAPABILITY = (8, 0)  # the skinny kernels use bf16 mma.sync m16n8k16 and cp.async (sm_80+)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def cuda_kernels_usable(device: torch.device) -> bool:
-    return device.type == "cuda" and has_kernel("lora_down", "CUDA")
+    return (device.type == "cuda" and has_kernel("lora_down", "CUDA")
+            and _capability(device) >= CUDA_MIN_CAPABILITY)
 
 
 def _unavailable_reason(name: str, device: torch.device, rank: int) -> str | None:
@@ -45,7 +53,11 @@ def _unavailable_reason(name: str, device: torch.device, rank: int) -> str | Non
     if name == "cuda" and not cuda_kernels_usable(device):
         if device.type != "cuda":
             return f"the CUDA kernels need CUDA tensors (tensors are on {device})"
-        return "lowcost._C was built without CUDA kernels (rebuild with a CUDA toolkit and a CUDA torch)"
+        if not has_kernel("lora_down", "CUDA"):
+            return "lowcost._C was built without CUDA kernels (rebuild with a CUDA toolkit and a CUDA torch)"
+        major, minor = _capability(device)
+        return (f"the CUDA kernels need compute capability >= 8.0 (bf16 mma.sync, cp.async); "
+                f"{device} has {major}.{minor}")
     return None
 
 

@@ -232,6 +232,23 @@ def test_lora_grad_pass_deterministic_on_cpu():
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+def test_backward_ops_bitwise_reproducible_on_cuda():
+    """lora_grad_pass and lora_dx_da twice on the GPU: bitwise equal (fixed-order partial sums, no atomics),
+    at a shape that splits every reduction across blocks."""
+    _check_registered("cuda")
+    t = _inputs(8192, 512, 1536, 16, torch.bfloat16, device="cuda")
+    u = torch.randn(8192, 16, device="cuda")
+    first = ops.lora_grad_pass(t["grad_y"], u, t["lora_b"], 1.5, True)
+    second = ops.lora_grad_pass(t["grad_y"], u, t["lora_b"], 1.5, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    dx_da_1 = ops.lora_dx_da(t["x"], first[0], t["lora_a"], 9, 0.1, True)
+    dx_da_2 = ops.lora_dx_da(t["x"], first[0], t["lora_a"], 9, 0.1, True)
+    for a, b in zip(dx_da_1, dx_da_2):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------------------
 # lora_dx_da
 @pytest.mark.parametrize("device", DEVICES)

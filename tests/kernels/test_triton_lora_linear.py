@@ -3,8 +3,10 @@
 Cases are listed, not a cartesian product: together they cover M in {0, 1, 7, 33, 129}, K and N not powers
 of two (K % 4 != 0 takes the one-word-per-call mask path), r in {1, 7, 16, 24, 64, 128} (every R_PAD),
 bias on/off, dropout 0 and 0.1 with seeds past 2**32, transposed x and strided grad_y, fp32/fp16/bf16 with
-adapters in x's dtype or fp32, and every block configuration the launchers pick (checked below). Under
-the interpreter bf16 dots run in fp32 (UPCAST); on a GPU the same tests run natively.
+adapters in x's dtype or fp32, and every code path the launchers plan (checked below): TMA descriptors for
+aligned operands and pointer loads otherwise, both GEMM tiles, persistent programs with several tiles,
+one and several partials per reduction. Under the interpreter bf16 dots run in fp32 (UPCAST); on a GPU the
+same tests run natively.
 """
 import pytest
 import torch
@@ -40,6 +42,8 @@ CASES = {
     "bf16-fp32adapters": (129, 100, 200, 7, BF16, F32, True, 0.1, False, 123),
     "bf16-fp32adapters-r1-M1-strided": (1, 48, 48, 1, BF16, F32, False, 0.0, True, 0),
     "bf16-oddK-r64": (129, 50, 100, 64, BF16, None, True, 0.1, False, 9),
+    "bf16-tma-wide-dropout": (129, 264, 264, 16, BF16, None, True, 0.1, False, 2**40 + 1),
+    "fp16-tma-fp32adapters-r24": (129, 96, 80, 24, F16, F32, True, 0.0, False, 0),
 }
 
 
@@ -123,16 +127,98 @@ def test_dropout_through_forward():
     assert torch.equal(u != 0, mask[:, :r]), "forward mask differs from dropout_keep_mask"
 
 
-def test_cases_reach_every_block_config():
-    """The listed shapes make the launchers pick every block configuration and every R_PAD that the AOT
-    check compiles (on the interpreter, whose SM count is fixed at 2)."""
-    device = torch.device(DEVICE)
-    if device.type == "cuda":
-        pytest.skip("the config choice depends on the GPU's SM count")
-    outputs = {"fwd_u": lambda M, K, N, r: (M, r), "bwd_g": lambda M, K, N, r: (M, r),
-               "fwd_y": lambda M, K, N, r: (M, N), "bwd_dx": lambda M, K, N, r: (M, K)}
-    for kind, shape in outputs.items():
-        picked = {triton_lora.pick_config(kind, *shape(M, K, N, r), dtype, device).name
-                  for M, K, N, r, dtype, *_ in CASES.values() if M > 0}
-        assert picked == {c.name for c in triton_lora.block_configs(kind, F32)}, kind
-    assert {triton_lora.rank_pad(case[3]) for case in CASES.values()} == set(triton_lora.AOT_RANKS)
+def _planned(case) -> list:
+    """The launches the launchers plan for a case (forward, then backward with every gradient)."""
+    M, K, N, r, dtype, adapter_dtype, bias, dropout, noncontiguous, seed = case
+    inp = _inputs(M, K, N, r, dtype, adapter_dtype, bias, noncontiguous)
+    sms = triton_lora.sm_count(torch.device(DEVICE))
+    fwd, _, u = triton_lora.plan_forward(inp["x"], inp["weight"], inp["lora_a"], inp["lora_b"], inp["bias"], 1.0,
+                                         dropout, seed, sms)
+    bwd, _ = triton_lora.plan_backward(inp["grad_y"], inp["x"], inp["weight"], inp["lora_a"], inp["lora_b"], u,
+                                       1.0, dropout, seed, ALL, sms)
+    return fwd + bwd
+
+
+def test_cases_reach_every_code_path():
+    """The listed shapes make the launchers plan every path the kernel report compiles: TMA and pointer
+    operands for every kernel, both GEMM tiles, the low-rank K-steps on and off, every R_PAD, both mask
+    paths, several partials per reduction and persistent programs that own more than one tile."""
+    if torch.device(DEVICE).type == "cuda":
+        pytest.skip("the plans depend on the GPU's SM count")
+    seen = set()
+    for case in CASES.values():
+        if case[0] == 0:
+            continue
+        for launch in _planned(case):
+            meta, kind = launch.constexprs, launch.label
+            seen.add((kind, "TMA", meta.get("TMA")))
+            seen.update((kind, flag, meta[flag]) for flag in ("R_PAD", "MASK_VEC4", "LOWRANK", "DX_LOWRANK",
+                                                              "BLOCK_N") if flag in meta)
+            if kind.startswith("reduce"):
+                seen.add((kind, "parts>1", launch.args["n_parts"] > 1))
+            if launch.persistent:
+                tiles = -(-launch.args["M"] // meta["BLOCK_M"]) * -(-launch.args["K" if kind == "bwd_dx" else "N"]
+                                                                    // meta["BLOCK_N"])
+                seen.add((kind, "tiles>programs", tiles > launch.grid[0]))
+    wide, narrow = (c.block_n for c in triton_lora.block_configs("gemm", BF16))
+    expected = {(k, "TMA", v) for k in ("fwd_u", "fwd_y", "bwd_g", "bwd_dx", "bwd_x") for v in (True, False)}
+    expected |= {("fwd_u", "R_PAD", p) for p in triton_lora.AOT_RANKS} | {("bwd_x", "MASK_VEC4", v) for v in (0, 1)}
+    expected |= {("bwd_dx", "LOWRANK", v) for v in (0, 1)} | {("bwd_x", "DX_LOWRANK", v) for v in (0, 1)}
+    expected |= {(k, "BLOCK_N", n) for k in ("fwd_y", "bwd_dx") for n in (wide, narrow)}
+    expected |= {(f"reduce_{n}", "parts>1", True) for n in ("u", "du", "dB", "dbias", "dA")}
+    expected |= {(k, "tiles>programs", True) for k in ("fwd_y", "bwd_dx")}
+    assert not expected - seen, f"paths no case reaches: {sorted(expected - seen, key=str)}"
+
+
+def test_tma_only_for_aligned_operands():
+    """Contiguous operands with 16-byte rows go through TMA descriptors; a transposed x, an odd K in bf16
+    or a strided grad_y fall back to pointer loads (and still match the reference: the cases above)."""
+    def tma_of(case):
+        return {launch.label: launch.constexprs["TMA"] for launch in _planned(case) if "TMA" in launch.constexprs}
+    assert all(tma_of(CASES["bf16-tma-wide-dropout"]).values())
+    assert not any(tma_of(CASES["bf16-oddK-r64"]).values())  # K = 50: 100-byte rows
+    strided = tma_of(CASES["fp32-dropout-strided"])          # x transposed, grad_y every other column
+    assert not strided["fwd_u"] and not strided["bwd_g"] and not strided["bwd_dx"]
+
+
+def test_backward_is_bitwise_reproducible():
+    """Two backward runs give bitwise equal gradients (no atomics: per-block partials summed in a fixed
+    order). On a GPU this is what catches atomics; on the interpreter programs run in order, so the test
+    below adds the CPU-side guard that every partial is written before it is summed."""
+    case = CASES["bf16-tma-wide-dropout"]
+    M, K, N, r, dtype, adapter_dtype, bias, dropout, noncontiguous, seed = case
+    inp = _inputs(M, K, N, r, dtype, adapter_dtype, bias, noncontiguous)
+    _, u = _forward(inp, 0.5, dropout, seed, triton_lora.lora_linear_fwd)
+    first = _backward(inp, u, 0.5, dropout, seed, ALL, triton_lora.lora_linear_bwd)
+    second = _backward(inp, u, 0.5, dropout, seed, ALL, triton_lora.lora_linear_bwd)
+    for name, a, b in zip(("dx", "dA", "dB", "dbias"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two backward runs"
+
+
+def test_every_partial_is_written_before_it_is_summed(monkeypatch):
+    """With every float buffer the launchers allocate pre-filled with NaN, results are unchanged: no kernel
+    reads memory that another has not written (an unwritten partial would turn a gradient into NaN)."""
+    case = CASES["fp16-tma-fp32adapters-r24"]
+    M, K, N, r, dtype, adapter_dtype, bias, dropout, noncontiguous, seed = case
+    inp = _inputs(M, K, N, r, dtype, adapter_dtype, bias, noncontiguous)
+    clean_y, clean_u = _forward(inp, 0.5, 0.1, seed, triton_lora.lora_linear_fwd)
+    clean = _backward(inp, clean_u, 0.5, 0.1, seed, ALL, triton_lora.lora_linear_bwd)
+    empty = torch.empty
+
+    def poisoned(*shape, **kwargs):
+        out = empty(*shape, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+    monkeypatch.setattr(torch, "empty", poisoned)
+    y, u = _forward(inp, 0.5, 0.1, seed, triton_lora.lora_linear_fwd)
+    grads = _backward(inp, u, 0.5, 0.1, seed, ALL, triton_lora.lora_linear_bwd)
+    assert torch.equal(y, clean_y) and torch.equal(u, clean_u)
+    for name, a, b in zip(("dx", "dA", "dB", "dbias"), grads, clean):
+        assert torch.equal(a, b), f"{name} changed when fresh buffers held NaN"
+
+
+def test_no_atomics_in_the_kernels():
+    """The kernel sources contain no atomic operation (the kernel report checks the compiled SASS too)."""
+    import inspect
+    from lowcost.kernels import lora_linear_bwd, lora_linear_fwd, reduce
+    for module in (lora_linear_fwd, lora_linear_bwd, reduce):
+        assert "atomic" not in inspect.getsource(module).replace("no atomics", ""), module.__name__

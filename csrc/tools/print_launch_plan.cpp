@@ -1,0 +1,109 @@
+// Prints, as JSON, the CUDA kernel launches the `cuda` backend makes for one fused LoRA forward and
+// backward (lowcost/ops/_cuda_backend.py: lora_down, lora_up, then lora_grad_pass, lora_dx_da, each
+// followed by sum_partials when it split a reduction), from the plans of csrc/cuda/launch_plan.h that
+// csrc/cuda/host_launchers.h launches with. Used by tools/kernel_report_cuda.py; plain C++17, no
+// CUDA and no torch.
+//
+//   print_launch_plan M K N r X_DTYPE ADAPTER_DTYPE SMS HAS_BIAS
+//   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE)
+#include "../cuda/launch_plan.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <initializer_list>
+#include <string>
+#include <utility>
+
+using namespace lowcost::cuda;
+
+namespace {
+
+struct Dtype {
+  const char* cpp;  // the C++ type in the kernels' template arguments
+  int bytes;
+};
+
+bool parse_dtype(const std::string& name, Dtype& out) {
+  if (name == "bf16") out = {"c10::BFloat16", 2};
+  else if (name == "fp16") out = {"c10::Half", 2};
+  else if (name == "fp32") out = {"float", 4};
+  else return false;
+  return true;
+}
+
+bool g_first = true;
+
+void print_launch(const std::string& op, const std::string& kernel, const LaunchGrid& grid, int64_t smem,
+                  const std::string& config) {
+  std::printf("%s\n  {\"op\": \"%s\", \"kernel\": \"%s\", \"grid\": [%lld, %lld, %lld], \"threads\": %d, "
+              "\"smem\": %lld, \"config\": \"%s\"}",
+              g_first ? "[" : ",", op.c_str(), kernel.c_str(), static_cast<long long>(grid.x),
+              static_cast<long long>(grid.y), static_cast<long long>(grid.z), kThreads,
+              static_cast<long long>(smem), config.c_str());
+  g_first = false;
+}
+
+// The sum_partials launch host_launchers.h makes for these (n, count) jobs, if any.
+void print_reduce(const std::string& after, std::initializer_list<std::pair<int64_t, int64_t>> jobs) {
+  int64_t blocks = 0;
+  std::string what;
+  for (const auto& job : jobs) {
+    if (!reduce_job_active(job.first, job.second)) continue;
+    blocks += reduce_blocks(job.first);
+    what += (what.empty() ? "" : " + ") + std::to_string(job.second) + " x " + std::to_string(job.first);
+  }
+  if (blocks > 0) {
+    print_launch("sum_partials", "lowcost::cuda::sum_partials_kernel<3>", {blocks, 1, 1}, kReduceSmem,
+                 "after " + after + ": " + what + " partials");
+  }
+}
+
+std::string kernel_name(const char* name, std::initializer_list<std::string> args) {
+  std::string out = std::string("lowcost::cuda::") + name + "<";
+  bool first = true;
+  for (const std::string& a : args) {
+    out += (first ? "" : ", ") + a;
+    first = false;
+  }
+  return out + ">";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Dtype x{}, a{};
+  if (argc != 9 || !parse_dtype(argv[5], x) || !parse_dtype(argv[6], a)) {
+    std::fprintf(stderr, "usage: %s M K N r X_DTYPE(bf16|fp16|fp32) ADAPTER_DTYPE SMS HAS_BIAS(0|1)\n", argv[0]);
+    return 2;
+  }
+  const int64_t M = std::atoll(argv[1]), K = std::atoll(argv[2]), N = std::atoll(argv[3]), r = std::atoll(argv[4]);
+  const int64_t sms = std::atoll(argv[7]);
+  const bool bias = std::atoi(argv[8]) != 0;
+  if (M < 1 || K < 1 || N < 1 || r < 1 || sms < 1 || (a.bytes != 4 && std::string(argv[6]) != argv[5])) {
+    std::fprintf(stderr, "M, K, N, r and SMS must be >= 1 and the adapter dtype fp32 or the x dtype\n");
+    return 2;
+  }
+
+  const DownPlan down = plan_lora_down(M, K, r, sms, x.bytes, a.bytes);
+  print_launch("lora_down", kernel_name("lora_down_kernel", {x.cpp, a.cpp, std::to_string(down.rt)}), down.grid,
+               down.smem, "64x64 x tiles, " + std::to_string(kDownStages) + " stages, K split " +
+                              std::to_string(down.splits));
+  print_reduce("lora_down", {{M * r, down.splits}});
+  const UpPlan up = plan_lora_up(M, N, a.bytes);
+  print_launch("lora_up", kernel_name("lora_up_kernel", {x.cpp, a.cpp}), up.grid, up.smem, "64x128 tiles");
+
+  const GradPassPlan gp = plan_lora_grad_pass(M, N, r, sms, x.bytes, a.bytes);
+  print_launch("lora_grad_pass", kernel_name("lora_grad_pass_kernel", {x.cpp, a.cpp, std::to_string(gp.rt)}),
+               gp.grid, gp.smem,
+               "64x64 g tiles, " + std::to_string(kGpStages) + " stages, " + std::to_string(gp.col_segments) +
+                   " column x " + std::to_string(gp.row_segments) + " row segments");
+  print_reduce("lora_grad_pass", {{M * r, gp.col_segments}, {N * r, gp.row_segments}, {bias ? N : 0, gp.row_segments}});
+  const DxDaPlan dxda = plan_lora_dx_da(M, K, r, sms, x.bytes, a.bytes);
+  print_launch("lora_dx_da", kernel_name("lora_dx_da_kernel", {x.cpp, a.cpp, std::to_string(dxda.rt)}), dxda.grid,
+               dxda.smem,
+               "64x64 x tiles, " + std::to_string(kDxStages) + " stages, " + std::to_string(dxda.row_segments) +
+                   " row segments");
+  print_reduce("lora_dx_da", {{r * K, dxda.row_segments}});
+  std::printf("\n]\n");
+  return 0;
+}

@@ -1,0 +1,119 @@
+"""tools/kernel_report_cuda.py: launch plans, parsers, occupancy and the target check.
+
+The launch-plan tests need only a host C++ compiler; the end-to-end report needs nvcc and the CUDA build of
+torch in .venv-cu (scripts/check_cuda_build.sh makes it) and skips with a reason without them. CI runs the
+full report with --check in scripts/check_cuda_build.sh.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+import kernel_report_cuda as krc  # noqa: E402
+
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                               reason="no host C++ compiler to build csrc/tools/print_launch_plan.cpp")
+
+
+def _toolchain_missing() -> str:
+    try:
+        krc._cuda_site_packages()
+        krc._nvcc()
+        krc._demangler()
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+@needs_cxx
+@pytest.mark.parametrize("N", [4096, 14336])
+def test_launch_plan_at_the_benchmark_shapes(N):
+    """The backend's launches at M=8192: every one fills 2 blocks per SM of an H200 (132 SMs)."""
+    launches = krc.launches(8192, 4096, N, 16, "bf16")
+    ops = [launch["op"] for launch in launches]
+    assert ops == ["lora_down", "sum_partials", "lora_up", "lora_grad_pass", "sum_partials", "lora_dx_da",
+                   "sum_partials"]
+    for launch in launches:
+        blocks = launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
+        assert blocks >= 2 * 132, launch
+        assert launch["threads"] == 256 and 0 < launch["smem"] <= 232448, launch
+    assert launches[0]["kernel"] == "lowcost::cuda::lora_down_kernel<c10::BFloat16, c10::BFloat16, 16>"
+
+
+@needs_cxx
+def test_launch_plan_small_and_unsplit():
+    """One row tile and few K tiles: no split needs a reduction for dA; ranks above 64 use chunks."""
+    launches = krc.launches(1, 64, 64, 70, "fp16", "fp32")
+    down = launches[0]
+    assert down["kernel"] == "lowcost::cuda::lora_down_kernel<c10::Half, float, 64>"
+    assert down["grid"] == [1, 1, 2]  # one K tile: no split; two rank chunks on z
+    assert [launch["op"] for launch in launches] == ["lora_down", "lora_up", "lora_grad_pass", "lora_dx_da"]
+
+
+def test_occupancy_on_sm90():
+    assert krc.occupancy(128, 256, 0) == (2, "regs")
+    assert krc.occupancy(61, 256, 67584) == (3, "smem")
+    assert krc.occupancy(40, 256, 512) == (6, "regs")
+    assert krc.occupancy(24, 256, 0) == (8, "threads")
+    assert krc.occupancy(32, 256, 240 * 1024) == (0, "smem")
+
+
+def test_ptxas_and_sass_parsers():
+    log = """ptxas info    : Compiling entry function '_Z1fv' for 'sm_90a'
+ptxas info    : Function properties for _Z1fv
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 96 registers, used 1 barriers, 512 bytes smem
+ptxas info    : Compiling entry function '_Z1gv' for 'sm_90a'
+ptxas info    : Function properties for _Z1gv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers
+"""
+    assert krc._ptxas_resources(log) == {"_Z1fv": {"regs": 96, "spills": 8, "static_smem": 512},
+                                         "_Z1gv": {"regs": 40, "spills": 0, "static_smem": 0}}
+    sass = """	code for sm_90a
+		Function : _Z1fv
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/              @!P0 RED.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R5 ;
+        /*0030*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+		Function : _Z1gv
+        /*0000*/                   EXIT ;
+"""
+    counts = krc._sass_counts(sass)
+    assert counts["_Z1fv"]["HMMA"] == 1 and counts["_Z1fv"]["RED"] == 1 and counts["_Z1fv"]["BAR"] == 1
+    assert krc._mma_kind(counts["_Z1fv"]) == "mma.sync" and krc._mma_kind(counts["_Z1gv"]) == "none"
+
+
+def test_check_flags_each_target():
+    good = {"kernel": "lora_dx_da_kernel<bf16, bf16, 16>", "config": "", "op": "lora_dx_da", "spills": 0,
+            "atomics": 0, "mma": "mma.sync", "grid": 320, "persistent": False}
+    assert krc.check_rows([good], 8192, "bf16") == []
+    bad = dict(good, spills=8, atomics=4, mma="none", grid=128)
+    failures = krc.check_rows([bad], 8192, "bf16")
+    assert len(failures) == 4 and any("atomic" in f for f in failures) and any("HMMA" in f for f in failures)
+    assert krc.check_rows([dict(good, mma="none")], 8192, "fp32") == []  # fp32 keeps FMAs by design
+    assert krc.check_rows([dict(good, grid=10)], 64, "bf16") == []  # the grid target is for M >= 8192
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        krc.cuda_kernel_rows(8, 8, 8, 4, "fp64", 0.0, "sm_90a")
+    with pytest.raises(ValueError, match="dropout must lie in"):
+        krc.cuda_kernel_rows(8, 8, 8, 4, "bf16", 1.0, "sm_90a")
+    with pytest.raises(SystemExit):  # argparse: --shape must be M,K,N,r
+        krc.main(["--shape", "8,8,8"])
+
+
+@pytest.mark.skipif(bool(_toolchain_missing()), reason=f"CUDA toolchain for the report: {_toolchain_missing()}")
+def test_report_rows_and_targets_at_the_benchmark_shape():
+    """Compiles csrc/cuda/*.cu for sm_90a (cached by the sources' hash) and checks the issue's targets."""
+    rows = krc.cuda_kernel_rows(8192, 4096, 4096, 16, "bf16", 0.05, "sm_90a")
+    assert all(tuple(row) == krc.KEYS for row in rows)
+    skinny = [row for row in rows if not row["kernel"].startswith("sum_partials")]
+    assert len(skinny) == 4 and all(row["mma"] == "mma.sync" for row in skinny)
+    assert all(row["atomics"] == 0 and row["spills"] == 0 and row["grid"] >= 264 for row in rows)
+    assert all(row["backend"] == "cuda" and row["role"] == "pass" and not row["persistent"] for row in rows)

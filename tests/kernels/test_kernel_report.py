@@ -1,0 +1,113 @@
+"""tools/kernel_report.py: occupancy arithmetic, SASS parsing, the issue #9 target checks, and one
+end-to-end compile of a small shape for sm_90a (a subprocess: the tool compiles for the GPU, so it must not
+inherit this process's Triton interpreter)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+
+from kernel_report_compile import occupancy, sass_opcodes  # noqa: E402
+from kernel_report_targets import violations  # noqa: E402
+
+JSON_KEYS = {"kernel", "backend", "role", "grid", "persistent", "regs", "spills", "smem", "ctas_per_sm", "mma",
+             "tma", "atomics", "barriers"}
+
+
+@pytest.mark.parametrize("regs,warps,smem,expected", [
+    (104, 8, 98304, (2, "regs")),      # 104 regs -> 3328 per warp -> 4 warps per sub-partition -> 16 warps
+    (64, 4, 0, (8, "regs")),           # 2048 regs per warp -> 8 per sub-partition -> 32 warps -> 8 CTAs
+    (24, 4, 0, (16, "threads")),       # 2048 threads / 128 (registers would allow 21)
+    (32, 1, 0, (32, "blocks")),        # the 32-CTA cap
+    (40, 4, 100 * 1024, (2, "smem")),  # (100 KiB + 1 KiB reserved) x 2 <= 228 KiB
+    (40, 4, 233 * 1024, (0, "smem")),  # over the 227 KiB a CTA may use: cannot launch
+])
+def test_occupancy(regs, warps, smem, expected):
+    assert occupancy(regs, warps, smem) == expected
+
+
+def test_sass_opcodes_ignore_predicates_and_modifiers():
+    sass = """
+        /*0090*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;
+        /*00a0*/              @!P0 RED.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR6][R2.64], R5 ;
+        /*00b0*/               @P1 UTMALDG.2D [UR8], [UR10] ;
+        /*00c0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00d0*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR12], R24 ;
+    """
+    ops = sass_opcodes(sass)
+    assert (ops["HGMMA"], ops["RED"], ops["UTMALDG"], ops["BAR"]) == (2, 1, 1, 1)
+
+
+def _row(**overrides):
+    row = {"kernel": "fwd_y", "backend": "triton", "role": "gemm", "grid": 132, "persistent": True, "regs": 160,
+           "spills": 0, "smem": 1000, "ctas_per_sm": 1, "mma": "wgmma", "tma": True, "atomics": 0, "barriers": 20,
+           "shape": "8192,4096,4096,16", "dropout": 0.05, "dtype": "bf16", "ok": True}
+    return {**row, **overrides}
+
+
+def test_targets_hold_for_a_clean_report():
+    rows = [_row(), _row(kernel="reference GEMM (fwd_y)", reference=True, regs=156),
+            _row(kernel="bwd_g", role="pass", persistent=False, grid=256, mma="mma.sync")]
+    assert violations(rows, 132) == []
+
+
+@pytest.mark.parametrize("overrides,reference_regs,message", [
+    ({"regs": 200}, 156, "registers 200 > 1.1 x 156"),
+    ({"mma": "mma.sync"}, 156, "MMA is mma.sync, target wgmma"),
+    ({"tma": False}, 156, "do not use TMA"),
+    ({"persistent": False, "grid": 4096}, 156, "not persistent"),
+    ({"spills": 8}, 156, "8 bytes of spills"),
+    ({"kernel": "bwd_g", "role": "pass", "persistent": False, "grid": 256, "atomics": 3}, 156, "3 atomic"),
+    ({"kernel": "fwd_u", "role": "pass", "persistent": False, "grid": 128}, 156, "launches 128 programs"),
+    ({"ok": False, "error": "CompileError: boom"}, 156, "does not compile: CompileError: boom"),
+])
+def test_each_violated_target_is_named(overrides, reference_regs, message):
+    rows = [_row(**overrides), _row(kernel="reference GEMM (fwd_y)", reference=True, regs=reference_regs)]
+    found = violations(rows, 132)
+    assert any(message in line and line.startswith(overrides.get("kernel", "fwd_y")) for line in found), found
+
+
+def test_report_compiles_a_small_shape_for_sm90a(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(REPO / "tools" / "kernel_report.py"), "--shape", "256,128,192,16", "--dropout",
+           "0.05", "--backend", "triton", "--json", "--jobs", "2", "--check"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+    assert all(JSON_KEYS <= set(row) and row["backend"] == "triton" for row in rows)
+    kernels = {row["kernel"] for row in rows}
+    assert {"fwd_u", "fwd_y", "bwd_g", "bwd_dx", "bwd_x", "reference GEMM (fwd_y)"} <= kernels
+    assert all(row["reference"] for row in rows if row["kernel"].startswith("reference"))
+    gemms = [row for row in rows if row["role"] == "gemm" and not row.get("reference")]
+    assert gemms and all(row["mma"] == "wgmma" and row["tma"] and row["persistent"] for row in gemms)
+    assert all(row["atomics"] == 0 and row["spills"] == 0 for row in rows)
+
+
+def test_cuda_rows_come_from_the_cuda_module_or_say_why_not(monkeypatch):
+    """--backend cuda|all takes the CUDA kernels' rows from tools/kernel_report_cuda.py (another module's
+    job); its RuntimeError (a missing toolchain) becomes a printed reason, not a crash."""
+    import types
+    import kernel_report
+
+    fake = types.ModuleType("kernel_report_cuda")
+    fake.cuda_kernel_rows = lambda M, K, N, r, dtype, dropout, arch: [
+        {"kernel": "lora_down", "backend": "cuda", "role": "pass", "grid": 264, "persistent": False, "regs": 40,
+         "spills": 0, "smem": 0, "ctas_per_sm": 8, "mma": "mma.sync", "tma": False, "atomics": 0, "barriers": 2}]
+    monkeypatch.setitem(sys.modules, "kernel_report_cuda", fake)
+    rows, error = kernel_report.cuda_rows([(8192, 4096, 4096, 16)], "bf16", [0.05], "sm_90a")
+    assert error == "" and rows[0]["kernel"] == "lora_down" and rows[0]["shape"] == "8192,4096,4096,16"
+    assert violations(rows, 132) == []
+
+    def missing(*args):
+        raise RuntimeError("nvcc not found")
+    fake.cuda_kernel_rows = missing
+    rows, error = kernel_report.cuda_rows([(8192, 4096, 4096, 16)], "bf16", [0.05], "sm_90a")
+    assert rows == [] and "nvcc not found" in error

@@ -1,0 +1,372 @@
+"""The CUDA half of the kernel report: the launches of the ``cuda`` backend, compiled for sm_90a, no GPU needed.
+
+    python tools/kernel_report_cuda.py --shape 8192,4096,4096,16 --dtype bf16 --dropout 0.05 [--json] [--check]
+
+``cuda_kernel_rows(M, K, N, r, dtype, dropout, arch)`` (imported by tools/kernel_report.py) returns one dict per
+kernel launch of a fused LoRA forward + backward on the ``cuda`` backend (lora_down, lora_up, lora_grad_pass,
+lora_dx_da, and sum_partials after each op that split a reduction; the two cuBLAS GEMMs are not ours), with the
+keys kernel, backend, role, grid (blocks), persistent, regs, spills (bytes stored + loaded), smem (static +
+dynamic bytes per block), ctas_per_sm and limiter (sm_90: registers, shared memory, threads, blocks), mma
+(wgmma | mma.sync | none, from HGMMA / HMMA in the SASS), tma (UTMALDG), atomics (RED/ATOM instructions) and
+barriers (BAR instructions).
+
+Where each figure comes from:
+  * the launches: csrc/tools/print_launch_plan.cpp prints the plans of csrc/cuda/launch_plan.h, the same
+    functions csrc/cuda/host_launchers.h launches with (template instantiation, grid, dynamic shared memory);
+  * the resources: every csrc/cuda/*.cu compiled with ``nvcc -cubin -arch=<arch> -Xptxas -v`` against the CUDA
+    build of torch in .venv-cu (scripts/check_cuda_build.sh makes it; or $LOWCOST_CUDA_VENV), ptxas's report
+    for registers, spills and static shared memory, ``cuobjdump -sass`` for the instruction counts.
+The dropout probability selects no different kernel (the mask is a runtime branch of the same kernels); it is
+accepted so the rows line up with the Triton report. Compiles are cached by the sources' hash in
+$LOWCOST_CACHE/kernel_report_cuda (default ~/.cache/lowcost). Missing tools or headers raise RuntimeError
+naming what is missing.
+
+``--check`` asserts the CUDA targets of issue #9 on the rows: HMMA in the skinny kernels' SASS (bf16/fp16),
+no atomic or reduction instruction in any kernel, 0 spills, and at least 2 x 132 blocks per launch at M >= 8192.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SM90_SMS = 132  # H100/H200 SXM
+SM90 = {"regs": 65536, "reg_unit": 256, "quadrants": 4, "threads": 2048, "blocks": 32, "smem": 233472,
+        "smem_block": 232448, "smem_reserved": 1024}
+DTYPES = ("bf16", "fp16", "fp32")
+SKINNY = ("lora_down", "lora_up", "lora_grad_pass", "lora_dx_da")
+KEYS = ("kernel", "backend", "role", "grid", "persistent", "regs", "spills", "smem", "ctas_per_sm", "limiter", "mma",
+        "tma", "atomics", "barriers")
+
+
+# ---------------------------------------------------------------------------------------------- toolchain
+def _cuda_site_packages() -> str:
+    """site-packages of a Python environment with a CUDA build of torch (.venv-cu, or $LOWCOST_CUDA_VENV)."""
+    venv = os.environ.get("LOWCOST_CUDA_VENV", os.path.join(REPO, ".venv-cu"))
+    found = sorted(glob.glob(os.path.join(venv, "lib", "python3*", "site-packages")))
+    for site in found:
+        if glob.glob(os.path.join(site, "torch", "include", "c10", "cuda", "impl", "cuda_cmake_macros.h")):
+            return site
+    raise RuntimeError(f"no CUDA build of torch in {venv} (needed for its CUDA headers); run "
+                       "`bash scripts/check_cuda_build.sh` to create .venv-cu, or set LOWCOST_CUDA_VENV")
+
+
+def _nvcc() -> str:
+    home = os.environ.get("CUDA_HOME")
+    candidates = [os.path.join(home, "bin", "nvcc")] if home else []
+    candidates.append(shutil.which("nvcc") or "")
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    raise RuntimeError("nvcc not found: install the CUDA toolkit (>= 12.0 for sm_90a) or set CUDA_HOME")
+
+
+def _tool(name: str, site: str) -> str:
+    """cuobjdump from the toolkit, or the copy Triton bundles (triton/backends/nvidia/bin)."""
+    nvcc_bin = os.path.dirname(os.path.realpath(_nvcc()))
+    for path in (os.path.join(nvcc_bin, name), os.path.join(site, "triton", "backends", "nvidia", "bin", name),
+                 shutil.which(name) or ""):
+        if path and os.access(path, os.X_OK):
+            return path
+    raise RuntimeError(f"{name} not found next to nvcc, in Triton's bundled tools ({site}/triton/backends/nvidia/bin) "
+                       "or on PATH")
+
+
+def _demangler() -> str:
+    for name in ("c++filt", "cu++filt"):
+        if shutil.which(name):
+            return shutil.which(name)
+    raise RuntimeError("c++filt (binutils) or cu++filt not found: needed to read the kernels' names")
+
+
+def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-30:])
+        raise RuntimeError(f"{what} failed ({' '.join(cmd[:3])} ...):\n{tail}")
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- launches
+def _cache_dir() -> str:
+    return os.path.join(os.environ.get("LOWCOST_CACHE", os.path.expanduser("~/.cache/lowcost")), "kernel_report_cuda")
+
+
+def _plan_printer() -> str:
+    """csrc/tools/print_launch_plan.cpp built once per version of it and of launch_plan.h (cached)."""
+    sources = [os.path.join(REPO, "csrc", "tools", "print_launch_plan.cpp"),
+               os.path.join(REPO, "csrc", "cuda", "launch_plan.h")]
+    digest = hashlib.sha256()
+    for path in sources:
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    exe = os.path.join(_cache_dir(), f"print_launch_plan-{digest.hexdigest()[:16]}")
+    if not os.path.exists(exe):
+        cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+        if cxx is None:
+            raise RuntimeError("no host C++ compiler (c++, g++ or clang++) to build csrc/tools/print_launch_plan.cpp")
+        os.makedirs(_cache_dir(), exist_ok=True)
+        tmp = f"{exe}.{os.getpid()}.tmp"
+        _run([cxx, "-std=c++17", "-O1", "-o", tmp, sources[0]], "building the launch-plan printer")
+        os.replace(tmp, exe)
+    return exe
+
+
+def launches(M: int, K: int, N: int, r: int, dtype: str, adapter_dtype: str | None = None, sms: int = SM90_SMS,
+             bias: bool = False) -> list[dict]:
+    """The launches host_launchers.h makes for one forward + backward (from csrc/cuda/launch_plan.h)."""
+    done = _run([_plan_printer(), str(M), str(K), str(N), str(r), dtype, adapter_dtype or dtype, str(sms),
+                 "1" if bias else "0"], "printing the launch plan")
+    return json.loads(done.stdout)
+
+
+# ---------------------------------------------------------------------------------------------- compile
+def _sources() -> list[str]:
+    return sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cu")))
+
+
+def _cache_key(arch: str, nvcc: str, site: str) -> str:
+    digest = hashlib.sha256()
+    files = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*")) + [os.path.join(REPO, "csrc", "philox.h"),
+                   os.path.join(REPO, "csrc", "checks.h"), os.path.join(REPO, "csrc", "dispatch.h"),
+                   os.path.abspath(__file__)])
+    for path in files:
+        with open(path, "rb") as handle:
+            digest.update(os.path.basename(path).encode() + b"\0" + handle.read())
+    version = _run([nvcc, "--version"], "nvcc --version").stdout
+    digest.update(f"{arch}\0{version}\0{site}".encode())
+    return digest.hexdigest()[:24]
+
+
+_FUNCTION = re.compile(r"Compiling entry function '([^']+)'")
+_SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def _ptxas_resources(log: str) -> dict[str, dict]:
+    """Per mangled kernel: registers, spill bytes (stores + loads), static shared memory, from ptxas -v."""
+    out, current = {}, None
+    for line in log.splitlines():
+        match = _FUNCTION.search(line)
+        if match:
+            current = out.setdefault(match.group(1), {"regs": 0, "spills": 0, "static_smem": 0})
+            continue
+        if current is None:
+            continue
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if spills:
+            current["spills"] = int(spills.group(1)) + int(spills.group(2))
+        regs = re.search(r"Used (\d+) registers", line)
+        if regs:
+            current["regs"] = int(regs.group(1))
+            smem = re.search(r"(\d+) bytes smem", line)
+            current["static_smem"] = int(smem.group(1)) if smem else 0
+    return out
+
+
+def _sass_counts(sass: str) -> dict[str, Counter]:
+    """Per mangled kernel: counts of SASS opcodes (without modifiers)."""
+    out, current = {}, None
+    for line in sass.splitlines():
+        match = re.match(r"\s*Function : (\S+)", line)
+        if match:
+            current = out.setdefault(match.group(1), Counter())
+        elif current is not None:
+            op = _SASS_OP.search(line)
+            if op:
+                current[op.group(1)] += 1
+    return out
+
+
+def _compile_one(source: str, arch: str, nvcc: str, site: str, workdir: str) -> tuple[str, str]:
+    includes = [os.path.join(site, "torch", "include"), os.path.join(site, "torch", "include", "torch", "csrc", "api",
+                                                                       "include")]
+    includes += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    cubin = os.path.join(workdir, os.path.basename(source) + ".cubin")
+    cmd = [nvcc, "-cubin", f"-arch={arch}", "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-Xptxas", "-v",
+           "-DLOWCOST_WITH_CUDA", *(f"-I{d}" for d in includes), "-o", cubin, source]
+    log = _run(cmd, f"compiling {os.path.relpath(source, REPO)} for {arch}")
+    sass = _run([_tool("cuobjdump", site), "-sass", cubin], "cuobjdump -sass").stdout
+    return log.stdout + log.stderr, sass
+
+
+def kernel_resources(arch: str = "sm_90a") -> dict[str, dict]:
+    """Per demangled kernel name (no parameters): regs, spills, static_smem and SASS opcode counts of every kernel
+    in csrc/cuda/*.cu compiled for ``arch`` (cached by the sources' hash)."""
+    site, nvcc = _cuda_site_packages(), _nvcc()
+    cache_dir = _cache_dir()
+    cache = os.path.join(cache_dir, f"{_cache_key(arch, nvcc, site)}.json")
+    if os.path.exists(cache):
+        with open(cache, encoding="utf-8") as handle:
+            return json.load(handle)
+    mangled = {}
+    with tempfile.TemporaryDirectory(prefix="lowcost-cubin-") as tmp, \
+            ThreadPoolExecutor(max_workers=max(1, min(len(_sources()), os.cpu_count() or 1))) as pool:
+        compiled = pool.map(lambda source: _compile_one(source, arch, nvcc, site, tmp), _sources())
+        for log, sass in compiled:
+            counts = _sass_counts(sass)
+            for name, res in _ptxas_resources(log).items():
+                mangled[name] = {**res, "ops": dict(counts.get(name, Counter()))}
+    demangled = subprocess.run([_demangler()], input="\n".join(mangled), capture_output=True, text=True,
+                               check=True).stdout
+    result = {}
+    for name, plain in zip(mangled, demangled.splitlines()):
+        key = plain.strip()
+        key = key[len("void "):] if key.startswith("void ") else key
+        result[key.split("(")[0]] = mangled[name]
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(result, handle)
+    os.replace(tmp_path, cache)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- rows
+def occupancy(regs: int, threads: int, smem: int) -> tuple[int, str]:
+    """(blocks per SM, what limits them) on sm_90 for a block of ``threads`` threads."""
+    warps = threads // 32
+    regs_per_warp = -(-max(regs, 1) * 32 // SM90["reg_unit"]) * SM90["reg_unit"]
+    warps_by_regs = SM90["quadrants"] * (SM90["regs"] // SM90["quadrants"] // regs_per_warp)
+    limits = {"regs": warps_by_regs // warps, "threads": SM90["threads"] // threads, "blocks": SM90["blocks"]}
+    if smem > 0:
+        limits["smem"] = 0 if smem > SM90["smem_block"] else SM90["smem"] // (smem + SM90["smem_reserved"])
+    order = ("regs", "smem", "threads", "blocks")
+    limiter = min(limits, key=lambda k: (limits[k], order.index(k)))
+    return limits[limiter], limiter
+
+
+def _mma_kind(ops: dict) -> str:
+    return "wgmma" if ops.get("HGMMA") else ("mma.sync" if ops.get("HMMA") else "none")
+
+
+def _short(kernel: str) -> str:
+    return kernel.replace("lowcost::cuda::", "").replace("c10::BFloat16", "bf16").replace("c10::Half", "fp16") \
+        .replace("float", "fp32")
+
+
+def launch_rows(M: int, K: int, N: int, r: int, dtype: str, dropout: float = 0.0, arch: str = "sm_90a",
+                adapter_dtype: str | None = None, bias: bool = False) -> list[dict]:
+    """cuda_kernel_rows plus ``op``, ``grid_dims`` and ``config`` (what the launch plan chose)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    if arch not in ("sm_90", "sm_90a"):
+        raise ValueError(f"arch must be sm_90 or sm_90a (the occupancy limits are sm_90's), got {arch!r}")
+    resources = kernel_resources(arch)
+    rows = []
+    for launch in launches(M, K, N, r, dtype, adapter_dtype, SM90_SMS, bias):
+        res = resources.get(launch["kernel"])
+        if res is None:
+            raise RuntimeError(f"{launch['kernel']} is launched but was not found in the compiled csrc/cuda/*.cu")
+        ops = res["ops"]
+        smem = res["static_smem"] + launch["smem"]
+        ctas, limiter = occupancy(res["regs"], launch["threads"], smem)
+        grid = launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
+        rows.append({"kernel": _short(launch["kernel"]), "backend": "cuda", "role": "pass", "grid": grid,
+                     "persistent": False, "regs": res["regs"], "spills": res["spills"], "smem": smem,
+                     "ctas_per_sm": ctas, "limiter": limiter, "mma": _mma_kind(ops), "tma": ops.get("UTMALDG", 0) > 0,
+                     "atomics": sum(ops.get(op, 0) for op in ("RED", "REDG", "ATOM", "ATOMG", "ATOMS")),
+                     "barriers": ops.get("BAR", 0), "op": launch["op"], "grid_dims": launch["grid"],
+                     "config": launch["config"]})
+    return rows
+
+
+def cuda_kernel_rows(M: int, K: int, N: int, r: int, dtype: str, dropout: float, arch: str) -> list[dict]:
+    """One dict per CUDA kernel launch of a fused LoRA forward + backward (keys: see the module docstring)."""
+    return [{k: row[k] for k in KEYS} for row in launch_rows(M, K, N, r, dtype, dropout, arch)]
+
+
+# ---------------------------------------------------------------------------------------------- check
+def check_rows(rows: list[dict], M: int, dtype: str) -> list[str]:
+    """The issue's CUDA targets, as failure messages (empty when all hold)."""
+    failures = []
+    for row in rows:
+        name = f"{row['kernel']} [{row['config']}]"
+        if row["spills"]:
+            failures.append(f"{name}: {row['spills']} bytes of spills (target 0)")
+        if row["atomics"]:
+            failures.append(f"{name}: {row['atomics']} atomic/reduction instructions (target 0: deterministic sums)")
+        if row["op"] in SKINNY and dtype != "fp32" and row["mma"] == "none":
+            failures.append(f"{name}: no HMMA/HGMMA in the SASS (target: tensor cores for {dtype})")
+        if M >= 8192 and not row["persistent"] and row["grid"] < 2 * SM90_SMS:
+            failures.append(f"{name}: {row['grid']} blocks at M={M} (target >= {2 * SM90_SMS})")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def format_table(rows: list[dict]) -> str:
+    header = ("kernel", "config", "grid", "regs", "spills", "smem KiB", "CTAs/SM (limit)", "MMA", "TMA", "atomics",
+              "barriers")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        dims = "x".join(str(d) for d in row["grid_dims"])
+        cells = (row["kernel"], row["config"], f"{row['grid']} ({dims})", row["regs"], row["spills"],
+                 f"{row['smem'] / 1024:.1f}", f"{row['ctas_per_sm']} ({row['limiter']})", row["mma"],
+                 "yes" if row["tma"] else "no", row["atomics"], row["barriers"])
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--shape must be M,K,N,r with positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", type=_shape, action="append",
+                        help="M,K,N,r (repeatable; default with --check: 8192,4096,4096,16 and 8192,4096,14336,16)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--dropout", type=float, action="append", help="repeatable; default 0.05 (with --check: 0 "
+                        "and 0.05)")
+    parser.add_argument("--arch", default="sm_90a", choices=("sm_90", "sm_90a"))
+    parser.add_argument("--json", action="store_true", help="print a JSON list, one object per kernel launch")
+    parser.add_argument("--check", action="store_true", help="exit 1 unless the issue's CUDA targets hold")
+    args = parser.parse_args(argv)
+    shapes = args.shape or ([(8192, 4096, 4096, 16), (8192, 4096, 14336, 16)] if args.check else [(8192, 4096, 4096, 16)])
+    dropouts = args.dropout or ([0.0, 0.05] if args.check else [0.05])
+    all_rows, failures = [], []
+    try:
+        for shape in shapes:
+            for p in dropouts:
+                rows = launch_rows(*shape, args.dtype, p, args.arch)
+                failures += [f"{','.join(map(str, shape))} p={p}: {f}" for f in check_rows(rows, shape[0], args.dtype)]
+                all_rows.append((shape, p, rows))
+    except (RuntimeError, ValueError) as exc:
+        print(f"kernel_report_cuda: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([{k: row[k] for k in KEYS} | {"shape": list(shape), "dropout": p}
+                          for shape, p, rows in all_rows for row in rows], indent=1))
+    else:
+        for shape, p, rows in all_rows:
+            M, K, N, r = shape
+            print(f"\ncuda backend, {args.dtype}, M={M} K={K} N={N} r={r}, p={p}, {args.arch}:")
+            print(format_table(rows))
+    if args.check:
+        for failure in failures:
+            print(f"TARGET MISSED: {failure}", file=sys.stderr)
+        print(f"kernel_report_cuda --check: {'FAILED' if failures else 'all targets hold'} "
+              f"({sum(len(rows) for _, _, rows in all_rows)} launches)", file=sys.stderr)
+        return 1 if failures else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,7 @@ import torch
 from lowcost.ops._torch_backend import _dropout
 from lowcost.ops.backend import BACKENDS, ENV_VAR, _unavailable_reason
 from lowcost.reference import qlora_linear as reference
-from lowcost.reference.quant import FORMATS, dequantize_packed
+from lowcost.reference.quant import FORMATS, dequantize_packed, dynamic_map, nf4_code
 
 TRITON_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1")
 QUANT_SUPPORT = {"torch": tuple(FORMATS), "triton": TRITON_FORMATS, "cuda": ()}
@@ -51,11 +51,20 @@ def _triton():
     return qlora_linear
 
 
+def _with_code_books(packed, scheme):
+    """The stored tensors plus the code books the Triton decoder reads (NF4 table; dynamic code for nf4-dq)."""
+    if not scheme.startswith("nf4"):
+        return list(packed)
+    device = packed[0].device
+    books = [nf4_code(device)] + ([dynamic_map().to(device)] if scheme == "nf4-dq" else [])
+    return list(packed) + books
+
+
 def forward(backend, x, packed, scheme, N, block_size, lora_a, lora_b, bias, scale, dropout, seed):
     """(y (M, N), u (M, r)) for 2-D x."""
     if backend == "triton":
-        return _triton().qlora_linear_fwd(x, packed, scheme, N, block_size, lora_a, lora_b, bias, scale, dropout,
-                                          seed)
+        books = _with_code_books(packed, scheme)
+        return _triton().qlora_linear_fwd(x, books, scheme, N, block_size, lora_a, lora_b, bias, scale, dropout, seed)
     dequant = _rows(scheme, packed, x.shape[1], block_size, x.dtype)
     return reference.qlora_linear_forward(x, dequant, N, lora_a, lora_b, bias, scale, dropout, seed, _dropout)
 
@@ -63,8 +72,9 @@ def forward(backend, x, packed, scheme, N, block_size, lora_a, lora_b, bias, sca
 def backward(backend, grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, seed, needs):
     """(dx, dA, dB, dbias), None where not needed."""
     if backend == "triton":
-        return _triton().qlora_linear_bwd(grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale,
-                                          dropout, seed, needs)
+        books = _with_code_books(packed, scheme)
+        return _triton().qlora_linear_bwd(grad_y, x, books, scheme, block_size, lora_a, lora_b, u, scale, dropout,
+                                          seed, needs)
     dequant = _rows(scheme, packed, x.shape[1], block_size, x.dtype)
     return reference.qlora_linear_backward(grad_y, x, dequant, lora_a, lora_b, u, scale, dropout, seed, needs,
                                            _dropout)
@@ -73,7 +83,7 @@ def backward(backend, grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, 
 def base_forward(backend, x, packed, scheme, N, block_size, bias):
     """x Wᵀ + bias (M, N) in x's dtype (a frozen quantized layer without adapter)."""
     if backend == "triton":
-        return _triton().quantized_linear_fwd(x, packed, scheme, N, block_size, bias)
+        return _triton().quantized_linear_fwd(x, _with_code_books(packed, scheme), scheme, N, block_size, bias)
     dequant = _rows(scheme, packed, x.shape[1], block_size, x.dtype)
     return reference.quantized_linear_forward(x, dequant, N, bias)
 
@@ -81,6 +91,6 @@ def base_forward(backend, x, packed, scheme, N, block_size, bias):
 def base_dgrad(backend, grad_y, packed, scheme, K, block_size):
     """g W (M, K) in g's dtype."""
     if backend == "triton":
-        return _triton().quantized_linear_dgrad(grad_y, packed, scheme, K, block_size)
+        return _triton().quantized_linear_dgrad(grad_y, _with_code_books(packed, scheme), scheme, K, block_size)
     dequant = _rows(scheme, packed, K, block_size, grad_y.dtype)
     return reference.quantized_base_dgrad(grad_y, dequant, K).to(grad_y.dtype)

@@ -8,8 +8,15 @@ import torch
 import lowcost
 from lowcost.reference import lora_linear_backward, lora_linear_forward
 from lowcost.reference import qlora_linear as qref
+from lowcost.ops._quant_backends import TRITON_FORMATS
+from lowcost.ops.backend import triton_usable
 from helpers import assert_close_to_reference
 from quant_cases import SCHEMES, k_for, make_quantized
+
+HAS_TRITON = triton_usable(torch.device("cpu"))
+CASES = [(scheme, "torch") for scheme in SCHEMES] + [
+    pytest.param(scheme, "triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))
+    for scheme in TRITON_FORMATS]
 
 GRADS = ("x", "lora_a", "lora_b", "bias")
 
@@ -38,27 +45,32 @@ def _run(t: dict, weight, scale, dropout, seed, backend="torch", **kwargs) -> di
     return {"y": y.detach(), **{k: leaves[k].grad for k in GRADS}}
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme, backend", CASES)
 @pytest.mark.parametrize("M, K, N, r, dropout", [(7, 100, 37, 5, 0.0), (1, 260, 19, 16, 0.1), (0, 70, 13, 3, 0.1),
                                                  (33, 320, 65, 7, 0.25)])
-def test_quantized_weight_matches_float64_reference(scheme, M, K, N, r, dropout):
+def test_quantized_weight_matches_float64_reference(scheme, backend, M, K, N, r, dropout):
+    """Output and every gradient; K = 100, 260, 70, 320 with NF4's 64-element blocks (padded rows), GGUF K
+    rounded down to whole blocks; the Triton cases dequantize inside the GEMMs (p = 0: du A in the dgrad GEMM,
+    p > 0: in the x-pass)."""
     K = k_for(scheme, K)
     weight = make_quantized(scheme, N, K, seed=1)
     t = _inputs(M, K, N, r, torch.float32)
-    got = _run(t, weight, 0.75, dropout, 11)
+    got = _run(t, weight, 0.75, dropout, 11, backend=backend)
     truth = _truth(t, weight.dequantize(torch.float64), 0.75, dropout, 11)
     for name, expected in truth.items():
         assert_close_to_reference(f"{scheme} {name}", got[name], expected, torch.float32)
 
 
-@pytest.mark.parametrize("scheme", ["nf4", "q4_k"])
+@pytest.mark.parametrize("scheme, backend", [("nf4", "torch"), ("q4_k", "torch"), pytest.param(
+    "nf4-dq", "triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")), pytest.param(
+    "q4_1", "triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))])
 @pytest.mark.parametrize("dtype, adapter", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
-def test_low_precision_activations(scheme, dtype, adapter):
+def test_low_precision_activations(scheme, backend, dtype, adapter):
     K = k_for(scheme, 300)
     weight = make_quantized(scheme, 41, K, seed=2)
     t = _inputs(9, K, 41, 8, dtype)
     t["lora_a"], t["lora_b"] = t["lora_a"].to(adapter), t["lora_b"].to(adapter)
-    got = _run(t, weight, 2.0, 0.1, 5)
+    got = _run(t, weight, 2.0, 0.1, 5, backend=backend)
     truth = _truth(t, weight.dequantize(torch.float64), 2.0, 0.1, 5)
     for name, expected in truth.items():
         assert_close_to_reference(f"{scheme} {name}", got[name], expected, dtype)
@@ -110,14 +122,15 @@ def test_saves_x_u_seed_and_the_stored_tensors_only():
     assert shapes == expected
 
 
-@pytest.mark.parametrize("scheme", ["nf4", "int8", "q6_k"])
-def test_frozen_quantized_linear(scheme):
+@pytest.mark.parametrize("scheme, backend", [("nf4", "torch"), ("int8", "torch"), ("q6_k", "torch"), pytest.param(
+    "q8_0", "triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed"))])
+def test_frozen_quantized_linear(scheme, backend):
     """quantized_linear: y = x Wᵀ + b and dx = g W, dbias = Σ g against float64."""
     K = k_for(scheme, 200)
     weight = make_quantized(scheme, 29, K, seed=6)
     t = _inputs(11, K, 29, 1, torch.float32)
     x, bias = t["x"].clone().requires_grad_(), t["bias"].clone().requires_grad_()
-    y = lowcost.ops.quantized_linear(x.reshape(1, 11, K), weight, bias)
+    y = lowcost.ops.quantized_linear(x.reshape(1, 11, K), weight, bias, backend=backend)
     y.backward(t["grad_y"].reshape(1, 11, 29))
     w64 = weight.dequantize(torch.float64)
     assert_close_to_reference("y", y.reshape(11, 29), t["x"].double() @ w64.t() + t["bias"].double(), torch.float32)

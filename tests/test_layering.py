@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("reference", ("lowcost.reference",)),
     ("ops", ("lowcost.ops",)),
     ("nn", ("lowcost.nn",)),
+    ("quant", ("lowcost.quant",)),
     ("checkpoint", ("lowcost.checkpoint",)),
     ("warmstart", ("lowcost.warmstart",)),
     ("models", ("lowcost.models",)),

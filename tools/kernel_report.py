@@ -3,6 +3,7 @@
     python tools/kernel_report.py [--shape M,K,N,r ...] [--dtype bf16] [--dropout P ...] [--arch sm_90a]
                                   [--backend triton|cuda|all] [--json | --markdown] [--check]
     python tools/kernel_report.py --all-configs        # compile every configuration the launchers can launch
+                                                       # (dense LoRA kernels and the dequantizing GEMMs)
     python tools/kernel_report.py --update-readme after   # rewrite the README table between its markers
 
 Per kernel launch at a shape (default: the benchmark shapes, bf16, M=8192, K=4096, N in {4096, 14336},
@@ -24,6 +25,7 @@ printed first, so CI logs show which one passed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -82,7 +84,9 @@ def _reference_config(spec) -> str:
 def all_config_jobs(text: str) -> list[dict]:
     _setup_paths()
     from kernels.lora_linear import aot_launches
-    return [{"launch": launch, "kernel": launch.label} for launch in aot_launches() if text in launch.label]
+    from kernels.qlora_linear import aot_launches as quantized_launches   # the dequantizing GEMMs (issue #13)
+    launches = itertools.chain(aot_launches(), quantized_launches())
+    return [{"launch": launch, "kernel": launch.label} for launch in launches if text in launch.label]
 
 
 _JOBS: dict = {}

@@ -50,11 +50,15 @@ def _lowcost_ops() -> set:
     import lowcost.ops.lora_linear  # noqa: F401  (registers torch.ops.lowcost.lora_linear)
     import lowcost.ops.lora_gated_mlp  # noqa: F401  (a fused MLP: three matmuls, kept like lora_linear)
     import lowcost.ops.linear_cross_entropy  # noqa: F401  (the loss's matmuls, kept like lora_linear)
-    return {torch.ops.lowcost.lora_linear, torch.ops.lowcost.lora_gated_mlp, torch.ops.lowcost.linear_cross_entropy}
+    import lowcost.ops.qlora_linear  # noqa: F401  (the ops over a quantized weight: also matmuls)
+    ops = torch.ops.lowcost
+    return {ops.lora_linear, ops.lora_gated_mlp, ops.linear_cross_entropy, ops.qlora_linear, ops.quantized_linear}
 
 
 def default_save_ops() -> set:
-    """Op packets whose outputs the selective policy keeps: matmuls, attention, ``lowcost::lora_linear``."""
+    """Op packets whose outputs the selective policy keeps: matmuls, attention, ``lowcost::lora_linear`` and
+    its quantized-weight forms (``qlora_linear``, ``quantized_linear``: replaying them also skips dequantizing
+    the weight again in backward)."""
     return MATMUL_OPS | ATTENTION_OPS | _lowcost_ops()
 
 
@@ -103,7 +107,8 @@ def match_modules(block: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
 
 def _is_linear(module: nn.Module) -> bool:
     from lowcost.nn.lora_linear import LoRALinear, is_conv1d
-    if isinstance(module, (nn.Linear, LoRALinear)) or is_conv1d(module):
+    from lowcost.nn.quantized import QuantizedLinear
+    if isinstance(module, (nn.Linear, LoRALinear, QuantizedLinear)) or is_conv1d(module):
         return True
     base = getattr(module, "base_layer", None)  # a PEFT LoRA layer wrapping a linear
     return isinstance(base, nn.Module) and _is_linear(base)

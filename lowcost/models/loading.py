@@ -45,11 +45,14 @@ class LoadInfo:
     tied: list = field(default_factory=list)   # [(name, name), …] parameters sharing storage
     weights_dir: str = ""
     seconds: float = 0.0
+    gguf_file: str = ""              # the GGUF file the weights came from (export_gguf copies its metadata)
+    quantization: str = ""           # e.g. "nf4: 210 modules, 0.273x of bf16" (load_pretrained(quantize=...))
 
     def __str__(self) -> str:
         tied = ", ".join(" = ".join(pair) for pair in self.tied) or "none"
+        quant = f", quantized {self.quantization}" if self.quantization else ""
         return (f"lowcost.load_pretrained: {self.architecture} ({self.model_type}), "
-                f"{self.parameters / 1e6:.1f}M parameters, {self.dtype}, tied: {tied}; "
+                f"{self.parameters / 1e6:.1f}M parameters, {self.dtype}{quant}, tied: {tied}; "
                 f"from {self.source} [{self.format}] in {self.seconds:.1f}s, frozen")
 
 
@@ -196,7 +199,8 @@ def _weights_dir(path: PathLike, cache_dir: Optional[PathLike]) -> tuple[str, Pa
 
 
 def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, *, cache_dir: Optional[PathLike] = None,
-                    model_class=None, freeze: bool = True, verbose: bool = True) -> nn.Module:
+                    model_class=None, freeze: bool = True, verbose: bool = True, quantize: Optional[str] = None,
+                    block_size: int = 64, double_quant: bool = False) -> nn.Module:
     """Loads a local checkpoint into a transformers model, frozen.
 
     Args:
@@ -207,11 +211,17 @@ def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, *, cach
         model_class: transformers class to instantiate; default from ``config.architectures``.
         freeze: set ``requires_grad=False`` on every parameter.
         verbose: print the ``LoadInfo`` line.
+        quantize: None (dense), "nf4" / "int8" (every linear layer but the output head quantized while
+            loading, one tensor at a time; ``block_size`` and ``double_quant`` as in ``lowcost.quantize``) or
+            "gguf" (a GGUF file's blocks kept as they are). See ``lowcost.models.quantized_loading``.
     Returns:
-        the model, with ``model.lowcost_load_info`` (a ``LoadInfo``).
+        the model, with ``model.lowcost_load_info`` (a ``LoadInfo``; with ``quantize``, also
+        ``model.lowcost_quant_report``).
     """
     from transformers import AutoConfig
     start = time.perf_counter()
+    if quantize is not None:
+        return _load_quantized(path, dtype, model_class, freeze, verbose, quantize, block_size, double_quant, start)
     kind, directory = _weights_dir(path, cache_dir)
     _check_safetensors(directory)
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
@@ -225,8 +235,52 @@ def load_pretrained(path: PathLike, dtype: Optional[torch.dtype] = None, *, cach
     info = LoadInfo(source=str(path), format=kind, architecture=type(model).__name__,
                     model_type=config.model_type, parameters=sum(p.numel() for p in model.parameters()),
                     dtype=str(first.dtype).replace("torch.", ""), tied=tied_parameters(model),
-                    weights_dir=str(directory), seconds=time.perf_counter() - start)
+                    weights_dir=str(directory), seconds=time.perf_counter() - start,
+                    gguf_file=str(resolve(path)[1]) if kind.startswith("gguf") else "")
     model.lowcost_load_info = info
+    if verbose:
+        print(info)
+    return model
+
+
+def _config_dtype(config) -> torch.dtype:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def _load_quantized(path, dtype, model_class, freeze, verbose, quantize, block_size, double_quant, start):
+    from transformers import AutoConfig
+    from lowcost.models.quantized_loading import load_gguf_quantized, load_hf_quantized
+    if quantize not in ("nf4", "int8", "gguf"):
+        raise ValueError(f"quantize must be None, 'nf4', 'int8' or 'gguf', got {quantize!r}")
+    if not freeze:
+        raise ValueError("quantize= loads frozen weights (a quantized weight is never trained); drop freeze=False")
+    kind, location = resolve(path)
+    if kind == "gguf":
+        config = AutoConfig.from_pretrained(location.parent, gguf_file=location.name, local_files_only=True)
+        config.quantization_config = None
+        cls = model_class or _model_class(config)
+        model, report = load_gguf_quantized(location, config, cls, dtype or torch.float32, quantize, block_size,
+                                            double_quant)
+    else:
+        if quantize == "gguf":
+            raise ValueError(f"quantize='gguf' keeps a GGUF file's blocks; {path} is an HF checkpoint "
+                             "(use quantize='nf4' or 'int8')")
+        _check_safetensors(location)
+        config = AutoConfig.from_pretrained(location, local_files_only=True)
+        cls = model_class or _model_class(config)
+        model, report = load_hf_quantized(location, config, cls, dtype or _config_dtype(config), quantize,
+                                          block_size, double_quant)
+    elements = sum(p.numel() for p in model.parameters()) + sum(m.shape[0] * m.shape[1] for m in report.modules)
+    ratio = report.bytes / report.bf16_bytes if report.bf16_bytes else 0.0
+    info = LoadInfo(source=str(path), format=f"{kind}+{quantize}", architecture=type(model).__name__,
+                    model_type=config.model_type, parameters=elements, dtype=str(dtype or _config_dtype(config))
+                    .replace("torch.", ""), tied=tied_parameters(model), weights_dir=str(location),
+                    seconds=time.perf_counter() - start, gguf_file=str(location) if kind == "gguf" else "",
+                    quantization=f"{report.scheme}: {len(report.modules)} modules, {ratio:.3f}x of bf16")
+    model.lowcost_load_info, model.lowcost_quant_report = info, report
     if verbose:
         print(info)
     return model

@@ -3,5 +3,7 @@ from lowcost.nn.adapters import AdapterSpec, LoRAAdapter
 from lowcost.nn.lora_embedding import LoRAEmbedding
 from lowcost.nn.lora_gated_mlp import LoRAGatedMLP
 from lowcost.nn.lora_linear import LoRALinear
+from lowcost.nn.quantized import QuantizedEmbedding, QuantizedLinear
 
-__all__ = ["LoRALinear", "LoRAEmbedding", "LoRAGatedMLP", "LoRAAdapter", "AdapterSpec"]
+__all__ = ["LoRALinear", "LoRAEmbedding", "LoRAGatedMLP", "LoRAAdapter", "AdapterSpec", "QuantizedLinear",
+           "QuantizedEmbedding"]

@@ -8,6 +8,10 @@ x: (..., in_features) → y: (..., out_features); A = ``lora_A``: (r, in_feature
 (in_features, out_features), so the op receives the ``weight.t()`` view (strides, no copy). Init follows PEFT:
 A Kaiming-uniform (a = √5, i.e. U(±1/√in_features)), B zero, so a fresh adapter leaves the output unchanged.
 
+A ``QuantizedLinear`` base (weight held as NF4, int8 or GGUF blocks) is wrapped the same way: ``weight`` is then
+its ``QuantizedWeight`` and the op dequantizes it inside (``lowcost.ops.qlora_linear``); such a layer cannot
+fold an adapter into its weight in place, ``merged_weight`` gives the dense sum instead.
+
 Several named adapters (``lowcost.nn.adapters``): the first running adapter goes through the fused op with the
 base GEMM; each further running adapter adds s·B A (D ⊙ x) in plain torch (as PEFT computes it).
 """
@@ -20,7 +24,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from lowcost.nn.adapters import AdapterSlots, AdapterSpec, extra_lora_term, kaiming_a_zero_b
+from lowcost.nn.quantized import QuantizedLinear, is_quantized
 from lowcost.ops.lora_linear import lora_linear
+from lowcost.ops.qlora_linear import quantized_linear
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -36,16 +42,17 @@ class LoRALinear(AdapterSlots, nn.Module):
                  adapter_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None,
                  adapter_name: str = "default"):
         super().__init__()
-        conv1d = is_conv1d(base)
-        if not isinstance(base, nn.Linear) and not conv1d:
-            raise TypeError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+        conv1d, quantized = is_conv1d(base), is_quantized(base)
+        if not isinstance(base, nn.Linear) and not conv1d and not quantized:
+            raise TypeError(f"base must be an nn.Linear, a transformers Conv1D or a lowcost QuantizedLinear, got "
+                            f"{type(base).__name__}")
         spec = AdapterSpec(r, alpha, dropout, use_rslora)
         self.fan_in_fan_out = conv1d          # weight stored (in, out): the op gets weight.t()
         self._base_cls = type(base)
         self.in_features, self.out_features = (base.nx, base.nf) if conv1d else (base.in_features,
                                                                                   base.out_features)
         self.backend = backend
-        self.weight = base.weight.requires_grad_(False)
+        self.weight = base.weight if quantized else base.weight.requires_grad_(False)
         self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
         self._init_slots(adapter_name, spec, {"device": base.weight.device,
                                               "dtype": adapter_dtype or base.weight.dtype})
@@ -67,9 +74,15 @@ class LoRALinear(AdapterSlots, nn.Module):
     def _delta_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t() if self.fan_in_fan_out else delta
 
+    @property
+    def quantized(self) -> bool:
+        return is_quantized(self)
+
     def to_linear(self) -> nn.Module:
-        """The wrapped layer back (``nn.Linear``, or a ``Conv1D`` for one), holding the same weight and bias
-        Parameter objects."""
+        """The wrapped layer back (``nn.Linear``, a ``Conv1D`` or a ``QuantizedLinear``), holding the same weight
+        and bias objects."""
+        if self.quantized:
+            return QuantizedLinear(self.weight, self.bias, backend=self.backend)
         if self.fan_in_fan_out:
             conv = self._base_cls.__new__(self._base_cls)
             nn.Module.__init__(conv)
@@ -89,6 +102,8 @@ class LoRALinear(AdapterSlots, nn.Module):
         """x: (..., in_features) → (..., out_features); one ``lowcost.ops.lora_linear`` call per layer (plus a
         plain-torch term for each further running adapter)."""
         names = self.running_adapters()
+        if not names and self.quantized:
+            return quantized_linear(x, self.weight, self.bias, backend=self.backend)
         if not names:
             return F.linear(x, self.base_weight(), self.bias)
         first = self.factors(names[0])
@@ -97,6 +112,23 @@ class LoRALinear(AdapterSlots, nn.Module):
         for name in names[1:]:
             y = y + extra_lora_term(x, self.factors(name), self.training).to(y.dtype)
         return y
+
+    @torch.no_grad()
+    def merged_weight(self, names) -> torch.Tensor:
+        """round(W + Σ_a s_a B_a A_a) in float32, rounded once (to the compute dtype for a quantized W)."""
+        if not self.quantized:
+            return super().merged_weight(names)
+        total = self.weight.dequantize(torch.float32)
+        for name in names:
+            total = total + self.delta_weight(name)
+        return total.to(self.weight.dtype)
+
+    def merge(self, names=None, safe: bool = False) -> None:
+        if self.quantized:
+            raise TypeError(f"this LoRALinear's base weight is quantized ({self.weight.scheme}), so an adapter cannot "
+                            "be folded into it in place; lowcost.merge(model) replaces the layer by a dense merged "
+                            "nn.Linear")
+        super().merge(names, safe=safe)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -181,7 +181,13 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
         backend: "torch", "triton", "cuda" or None (``LOWCOST_BACKEND``, else the best available).
     Returns:
         y: (..., N) in x's dtype.
+
+    A ``lowcost.reference.quant.QuantizedWeight`` as ``weight`` (NF4, int8, GGUF blocks) runs
+    ``lowcost.ops.qlora_linear``: the same op with the weight dequantized inside it.
     """
+    if not isinstance(weight, torch.Tensor) and hasattr(weight, "scheme"):
+        from lowcost.ops.qlora_linear import qlora_linear  # imports this module: bound here, not at the top
+        return qlora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, seed, backend)
     _check_shapes(x, weight, lora_a, lora_b, bias)
     _check_dtypes_devices(x, weight, lora_a, lora_b, bias)
     _check_scalars(scale, dropout)

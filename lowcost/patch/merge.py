@@ -5,6 +5,10 @@ realised delta R = W' − W (float32). ``retained`` = ⟨R, ΔW⟩ / ‖ΔW‖²
 rounding; bf16 loses small deltas) and ``rel_error`` = ‖R − ΔW‖ / ‖ΔW‖. Logit drift compares the adapted
 model with the merged one on a probe.
 
+A layer over a quantized weight (NF4, int8, GGUF blocks) cannot take the sum back in its format: it becomes a
+dense ``nn.Linear`` holding round(dequantized W + ΔW) in the compute dtype (W in the drift figures is the
+dequantized weight).
+
 ``safe``: every merged weight is first formed in a copy and checked finite; a NaN/inf anywhere raises before
 any base weight is written (PEFT's ``safe_merge`` checks layer by layer, after earlier layers are written).
 """
@@ -18,7 +22,7 @@ import torch
 from torch import nn
 
 from lowcost.patch.adapter_io import listing
-from lowcost.patch.swap import lora_layers, remove_lora
+from lowcost.patch.swap import lora_layers, remove_lora, set_module
 
 @dataclass(frozen=True)
 class LayerDrift:
@@ -75,18 +79,33 @@ def probe_output(model: nn.Module, probe) -> Optional[torch.Tensor]:
     return out.float()
 
 
+def _drift(name: str, original: torch.Tensor, delta: torch.Tensor, merged: torch.Tensor) -> LayerDrift:
+    realised = merged.float() - original
+    norm2 = float((delta * delta).sum())
+    if norm2 == 0.0:
+        return LayerDrift(name, 0.0, 1.0, 0.0)
+    retained = float((realised * delta).sum()) / norm2
+    return LayerDrift(name, norm2 ** 0.5, retained, float((realised - delta).norm()) / norm2 ** 0.5)
+
+
 @torch.no_grad()
 def _merge_layer(name: str, layer: nn.Module, adapters: list[str]) -> LayerDrift:
     weight = layer.base_param()
     original = weight.float().clone()
     delta = sum(layer.delta_weight(a) for a in adapters)
     layer.merge(adapters)
-    realised = weight.float() - original
-    norm2 = float((delta * delta).sum())
-    if norm2 == 0.0:
-        return LayerDrift(name, 0.0, 1.0, 0.0)
-    retained = float((realised * delta).sum()) / norm2
-    return LayerDrift(name, norm2 ** 0.5, retained, float((realised - delta).norm()) / norm2 ** 0.5)
+    return _drift(name, original, delta, weight)
+
+
+@torch.no_grad()
+def _merge_quantized(name: str, layer: nn.Module, adapters: list[str]) -> tuple[LayerDrift, nn.Linear]:
+    """The dense merged ``nn.Linear`` of a LoRA layer over a quantized weight, and its drift."""
+    merged = layer.merged_weight(adapters)
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = nn.Parameter(merged, requires_grad=False)
+    linear.bias = layer.bias
+    delta = sum(layer.delta_weight(a) for a in adapters)
+    return _drift(name, layer.weight.dequantize(torch.float32), delta, merged), linear
 
 
 def _check_mergeable(layers: dict[str, nn.Module], plan: dict[str, list[str]], safe: bool) -> None:
@@ -128,9 +147,16 @@ def merge_model(model: nn.Module, adapters: Sequence[str], probe=None, safe: boo
     probe = default_probe(model) if probe is None else probe
     before = probe_output(model, probe)
     report = DriftReport(probe="none" if probe is None else _describe(probe), adapters=chosen)
+    dense = {}
     for name, names in plan.items():
-        report.layers.append(_merge_layer(name, layers[name], names))
+        if getattr(layers[name], "quantized", False):
+            drift, dense[name] = _merge_quantized(name, layers[name], names)
+            report.layers.append(drift)
+        else:
+            report.layers.append(_merge_layer(name, layers[name], names))
     remove_lora(model, keep_merged=True)
+    for name, linear in dense.items():
+        set_module(model, name, linear)
     after = probe_output(model, probe)
     if before is not None:
         diff = float((after - before).abs().max())

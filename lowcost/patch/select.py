@@ -28,6 +28,8 @@ from torch import nn
 from lowcost._families import detect_family, output_head
 from lowcost.nn.lora_embedding import embedding_blocker
 from lowcost.nn.lora_linear import is_conv1d
+from lowcost.nn.quantized import QuantizedLinear
+from lowcost.ops._quant_backends import resolve_quant_backend
 
 ALL_LINEAR = "all-linear"
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -56,7 +58,7 @@ class Plan:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, QuantizedLinear)) or is_conv1d(module)
 
 
 def is_adaptable(module: nn.Module) -> bool:
@@ -181,6 +183,8 @@ def module_path(name: str, module: nn.Module, parent: nn.Module) -> tuple[str, s
         return ("skip", f"embedding LoRA needs a plain nn.Embedding: {blocker}") if blocker else ("embedding", "")
     if is_conv1d(module):
         return "fused-conv1d", ""
+    if isinstance(module, QuantizedLinear):
+        return "fused", f"quantized base ({module.weight.scheme})"
     weight = module.weight
     if type(module).forward is not nn.Linear.forward:
         return "fallback", f"{type(module).__name__} overrides forward; the adapter is added to its output"
@@ -212,6 +216,9 @@ def plan_lora(model: nn.Module, config, modules: Optional[dict] = None) -> Plan:
             continue
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.alpha)
+        if isinstance(modules[name], QuantizedLinear):   # a backend without this format fails here, not later
+            weight = modules[name].weight
+            resolve_quant_backend(getattr(config, "backend", None), weight.device, int(r), weight.scheme, repr(name))
         plan.modules.append(PlannedModule(name, type(modules[name]).__name__, path, reason, int(r),
                                           float(alpha)))
     if not plan.modules:

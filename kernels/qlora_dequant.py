@@ -1,0 +1,83 @@
+"""Dequantizing a tile of a quantized weight inside a Triton GEMM (lowcost/reference/quant is the ground truth).
+
+``dequant_tile(q, offs_n, offs_k, ...)`` returns the float32 tile W[offs_n, offs_k] (rows of W index N, columns
+K; zeros outside (N, K)) decoded from the stored bytes, so the forward GEMM uses it as the (BLOCK_N, BLOCK_K)
+tile of W (transposed for the dot) and the dgrad GEMM as the (BLOCK_K-over-N, BLOCK_N-over-K) tile it reads
+along W's rows: the same decoder serves both access orders. FMT selects the format (constexpr):
+
+    FMT  format   operands (p0, p1, p2, p3, p4)                            element (n, k)
+    0    nf4      codes u8 (N, Kp/2), absmax f32 (N, Kp/B), NF4 table        NF4[nibble] · absmax[n, k/B]
+    1    nf4-dq   codes, absmax_q u8 (N, Kp/B), NF4 table, absmax_scale f32, dynamic code f32 (256)
+                  absmax = DYN[absmax_q] · absmax_scale[(n·Kp/B + k/B) / 256] + offset
+    2    int8     qweight i8 (N, K), scale f32 (N,)                          q · scale[n]
+    3    q8_0     data u8 (N, K/32·34)                                       int8 q · f16 d
+    4    q4_0     data u8 (N, K/32·18)                                       f16 d · (nibble - 8)
+    5    q4_1     data u8 (N, K/32·20)                                       f16 d · nibble + f16 m
+
+The NF4 nibble of element k is the high half of byte k/2 for even k, the low half for odd k; the GGUF 4-bit
+blocks keep elements 0-15 of a block in the low nibbles of its 16 code bytes and 16-31 in the high ones. Row
+strides (``stride_0``, ``stride_1``) are in elements of p0 / p1.
+"""
+import triton
+import triton.language as tl
+
+NF4, NF4_DQ, INT8, Q8_0, Q4_0, Q4_1 = 0, 1, 2, 3, 4, 5
+FORMAT_IDS = {"nf4": NF4, "nf4-dq": NF4_DQ, "int8": INT8, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+
+
+@triton.jit
+def _f16_at(ptr):
+    """float32 of the little-endian float16 stored at the byte pointers ``ptr`` (any tile shape)."""
+    lo = tl.load(ptr).to(tl.uint16)
+    hi = tl.load(ptr + 1).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _nf4_tile(codes_ptr, table_ptr, rows, cols, ok, stride_0):
+    """NF4 code values (not yet scaled) of the tile."""
+    byte = tl.load(codes_ptr + rows * stride_0 + cols // 2, mask=ok, other=0).to(tl.int32)
+    nibble = tl.where(cols % 2 == 0, byte >> 4, byte & 15)
+    return tl.load(table_ptr + nibble)
+
+
+@triton.jit
+def _gguf_4bit(data_ptr, rows, cols, ok, stride_0, TYPE_SIZE: tl.constexpr, HEAD: tl.constexpr):
+    """(base pointer of each element's block, its 4-bit code) for Q4_0 / Q4_1 (HEAD: bytes before the codes)."""
+    block = data_ptr + rows * stride_0 + (cols // 32) * TYPE_SIZE
+    j = cols % 32
+    byte = tl.load(block + HEAD + (j % 16), mask=ok, other=0).to(tl.int32)
+    return block, tl.where(j < 16, byte & 15, byte >> 4)
+
+
+@triton.jit
+def dequant_tile(p0, p1, p2, p3, p4, offs_n, offs_k, N, K, NB, stride_0, stride_1, offset,
+                 FMT: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """float32 W[offs_n[:, None], offs_k[None, :]] of a quantized (N, K) weight; zeros outside it.
+    NB: blocks per row (NF4 absmax columns), BLOCK_SIZE: the NF4 block (unused otherwise)."""
+    rows = offs_n.to(tl.int64)[:, None]
+    cols = offs_k.to(tl.int64)[None, :]
+    ok = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    if FMT == 0:
+        value = _nf4_tile(p0, p2, rows, cols, ok, stride_0) * \
+            tl.load(p1 + rows * stride_1 + cols // BLOCK_SIZE, mask=ok, other=0.0)
+    elif FMT == 1:
+        flat = rows * NB + cols // BLOCK_SIZE
+        q8 = tl.load(p1 + rows * stride_1 + cols // BLOCK_SIZE, mask=ok, other=0).to(tl.int32)
+        absmax = tl.load(p4 + q8) * tl.load(p3 + flat // 256, mask=ok, other=0.0) + offset
+        value = _nf4_tile(p0, p2, rows, cols, ok, stride_0) * absmax
+    elif FMT == 2:
+        q = tl.load(p0 + rows * stride_0 + cols, mask=ok, other=0).to(tl.float32)
+        value = q * tl.load(p1 + rows, mask=offs_n[:, None] < N, other=0.0)
+    elif FMT == 3:
+        block = p0 + rows * stride_0 + (cols // 32) * 34
+        q = tl.load(block + 2 + cols % 32, mask=ok, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        value = q * tl.where(ok, _f16_at(tl.where(ok, block, p0)), 0.0)
+    elif FMT == 4:
+        block, code = _gguf_4bit(p0, rows, cols, ok, stride_0, 18, 2)
+        value = tl.where(ok, _f16_at(tl.where(ok, block, p0)), 0.0) * (code - 8).to(tl.float32)
+    else:
+        block, code = _gguf_4bit(p0, rows, cols, ok, stride_0, 20, 4)
+        safe = tl.where(ok, block, p0)
+        value = tl.where(ok, _f16_at(safe) * code.to(tl.float32) + _f16_at(safe + 2), 0.0)
+    return tl.where(ok, value, 0.0)

@@ -1,0 +1,96 @@
+"""Which backend runs a LoRA linear on a quantized weight, and the backends' entry points for it.
+
+Formats each backend takes (``QUANT_SUPPORT``): ``torch`` every format (``lowcost.reference.qlora_linear``,
+dequantizing one block of rows at a time); ``triton`` the formats its dequantizing GEMMs decode inside the
+tile loop (``lowcost.kernels.qlora_linear``); ``cuda`` none yet. Choice: explicit argument >
+``LOWCOST_BACKEND`` > the first of (triton, cuda, torch) that can run here and takes the format.
+"""
+from __future__ import annotations
+
+import os
+import torch
+
+from lowcost.ops._torch_backend import _dropout
+from lowcost.ops.backend import BACKENDS, ENV_VAR, _unavailable_reason
+from lowcost.reference import qlora_linear as reference
+from lowcost.reference.quant import FORMATS, dequantize_packed, dynamic_map, nf4_code
+
+TRITON_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1")
+QUANT_SUPPORT = {"torch": tuple(FORMATS), "triton": TRITON_FORMATS, "cuda": ()}
+
+
+def resolve_quant_backend(requested, device: torch.device, rank: int, scheme: str, where: str = "") -> str:
+    """Backend name for a quantized weight of format ``scheme``; a ValueError names the choice, the format and
+    ``where`` (e.g. the module) when the requested backend cannot run it."""
+    source, name = "backend", requested
+    if name is None and os.environ.get(ENV_VAR):
+        source, name = ENV_VAR, os.environ[ENV_VAR]
+    at = f" ({where})" if where else ""
+    if name is None:
+        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
+        return next(c for c in order if scheme in QUANT_SUPPORT[c] and _unavailable_reason(c, device, rank) is None)
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    if scheme not in QUANT_SUPPORT[name]:
+        takes = ", ".join(QUANT_SUPPORT[name]) or "no quantized format yet"
+        raise ValueError(f"{source}={name!r} has no kernel for a {scheme!r} weight{at} (it takes: {takes}); "
+                         "use backend='torch' (every format) or None")
+    reason = _unavailable_reason(name, device, rank)
+    if reason is not None:
+        raise ValueError(f"{source}={name!r} is not available{at}: {reason}")
+    return name
+
+
+def _rows(scheme, packed, K, block_size, dtype):
+    """rows (a slice) -> those rows of W, dequantized to ``dtype``."""
+    return lambda rows: dequantize_packed(scheme, packed, K, block_size, rows, dtype)
+
+
+def _triton():
+    from lowcost.kernels import qlora_linear  # imported on first use: triton is heavy to import
+    return qlora_linear
+
+
+def _with_code_books(packed, scheme):
+    """The stored tensors plus the code books the Triton decoder reads (NF4 table; dynamic code for nf4-dq)."""
+    if not scheme.startswith("nf4"):
+        return list(packed)
+    device = packed[0].device
+    books = [nf4_code(device)] + ([dynamic_map().to(device)] if scheme == "nf4-dq" else [])
+    return list(packed) + books
+
+
+def forward(backend, x, packed, scheme, N, block_size, lora_a, lora_b, bias, scale, dropout, seed):
+    """(y (M, N), u (M, r)) for 2-D x."""
+    if backend == "triton":
+        books = _with_code_books(packed, scheme)
+        return _triton().qlora_linear_fwd(x, books, scheme, N, block_size, lora_a, lora_b, bias, scale, dropout, seed)
+    dequant = _rows(scheme, packed, x.shape[1], block_size, x.dtype)
+    return reference.qlora_linear_forward(x, dequant, N, lora_a, lora_b, bias, scale, dropout, seed, _dropout)
+
+
+def backward(backend, grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, seed, needs):
+    """(dx, dA, dB, dbias), None where not needed."""
+    if backend == "triton":
+        books = _with_code_books(packed, scheme)
+        return _triton().qlora_linear_bwd(grad_y, x, books, scheme, block_size, lora_a, lora_b, u, scale, dropout,
+                                          seed, needs)
+    dequant = _rows(scheme, packed, x.shape[1], block_size, x.dtype)
+    return reference.qlora_linear_backward(grad_y, x, dequant, lora_a, lora_b, u, scale, dropout, seed, needs,
+                                           _dropout)
+
+
+def base_forward(backend, x, packed, scheme, N, block_size, bias):
+    """x Wᵀ + bias (M, N) in x's dtype (a frozen quantized layer without adapter)."""
+    if backend == "triton":
+        return _triton().quantized_linear_fwd(x, _with_code_books(packed, scheme), scheme, N, block_size, bias)
+    dequant = _rows(scheme, packed, x.shape[1], block_size, x.dtype)
+    return reference.quantized_linear_forward(x, dequant, N, bias)
+
+
+def base_dgrad(backend, grad_y, packed, scheme, K, block_size):
+    """g W (M, K) in g's dtype."""
+    if backend == "triton":
+        return _triton().quantized_linear_dgrad(grad_y, _with_code_books(packed, scheme), scheme, K, block_size)
+    dequant = _rows(scheme, packed, K, block_size, grad_y.dtype)
+    return reference.quantized_base_dgrad(grad_y, dequant, K).to(grad_y.dtype)

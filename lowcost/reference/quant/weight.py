@@ -1,0 +1,116 @@
+"""``QuantizedWeight``: a frozen (N, K) weight held as packed codes plus scales, dequantized on demand.
+
+It is an ``nn.Module`` whose buffers are the stored tensors (so ``.to(device)``, ``state_dict`` and
+``deepcopy`` work), plus the format name, the logical shape, the block size and the compute dtype that
+``dequantize()`` returns. Formats (``FORMATS``):
+
+    scheme   buffers                                             bytes per row of K
+    nf4      codes (N, Kp/2) u8, absmax (N, Kp/B) f32             Kp/2 + 4·Kp/B
+    nf4 dq   codes, absmax_q (N, Kp/B) u8, absmax_scale f32, absmax_offset f32     Kp/2 + Kp/B (+ 4 per 256 blocks)
+    int8     qweight (N, K) i8, scale (N,) f32                    K + 4
+    q8_0, q4_0, q4_1, q4_k, q6_k   data (N, row bytes) u8: the GGUF file's blocks as they are
+
+Casting the module (``model.to(torch.bfloat16)``) never touches the stored bytes: it changes the compute
+dtype only (``_apply`` keeps every buffer's dtype and follows only the device).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from lowcost.reference.quant.gguf_blocks import BLOCK_TYPES, dequantize_blocks
+from lowcost.reference.quant.int8 import dequantize_int8
+from lowcost.reference.quant.nf4 import dequantize_nf4
+
+Tensor = torch.Tensor
+Rows = Union[slice, Tensor]
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str
+    tensor_names: tuple[str, ...]      # buffers in the order the op passes them
+    dequantize: Callable[[dict, int, int, Rows], Tensor]    # (tensors, K, block_size, rows) -> float32 (R, K)
+    description: str
+
+
+def _gguf_format(name: str) -> QuantFormat:
+    kind = BLOCK_TYPES[name]
+    return QuantFormat(name, ("data",), lambda t, K, B, rows: dequantize_blocks(name, t, K, B, rows),
+                       f"GGUF {name.upper()} blocks ({kind.block} elements in {kind.type_size} bytes)")
+
+
+FORMATS: dict[str, QuantFormat] = {
+    "nf4": QuantFormat("nf4", ("codes", "absmax"), dequantize_nf4, "NF4, float32 block absmax"),
+    "nf4-dq": QuantFormat("nf4-dq", ("codes", "absmax_q", "absmax_scale", "absmax_offset"), dequantize_nf4,
+                          "NF4, double-quantized (8-bit) block absmax"),
+    "int8": QuantFormat("int8", ("qweight", "scale"), dequantize_int8, "int8, float32 absmax scale per row"),
+    **{name: _gguf_format(name) for name in BLOCK_TYPES},
+}
+
+
+def quant_format(scheme: str) -> QuantFormat:
+    if scheme not in FORMATS:
+        raise ValueError(f"unknown quantized format {scheme!r}; lowcost has {sorted(FORMATS)}")
+    return FORMATS[scheme]
+
+
+def dequantize_packed(scheme: str, tensors: Sequence[Tensor], K: int, block_size: int, rows: Rows = slice(None),
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """(R, K) in ``dtype`` of the selected rows, from the format's tensors in ``tensor_names`` order."""
+    fmt = quant_format(scheme)
+    out = fmt.dequantize(dict(zip(fmt.tensor_names, tensors)), K, block_size, rows)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+class QuantizedWeight(nn.Module):
+    """A frozen weight (N, K) in a quantized format; ``dequantize()`` → (N, K) in the compute dtype."""
+
+    def __init__(self, scheme: str, shape: Sequence[int], tensors: dict[str, Tensor], block_size: int = 0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        fmt = quant_format(scheme)
+        missing = [n for n in fmt.tensor_names if n not in tensors]
+        if missing:
+            raise ValueError(f"a {scheme} weight needs tensors {list(fmt.tensor_names)}, missing {missing}")
+        self.scheme, self.block_size, self.dtype = scheme, int(block_size), dtype
+        self.shape = torch.Size((int(shape[0]), int(shape[1])))
+        for name in fmt.tensor_names:
+            self.register_buffer(name, tensors[name])
+
+    @property
+    def packed(self) -> list[Tensor]:
+        return [getattr(self, n) for n in quant_format(self.scheme).tensor_names]
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed[0].device
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of the stored tensors."""
+        return sum(t.numel() * t.element_size() for t in self.packed)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None, rows: Rows = slice(None)) -> Tensor:
+        """The dense weight (or the rows selected by a slice / LongTensor), in ``dtype`` (default: compute)."""
+        return dequantize_packed(self.scheme, self.packed, self.shape[1], self.block_size, rows,
+                                 dtype or self.dtype)
+
+    def _apply(self, fn, recurse=True):
+        """Devices follow ``fn``; stored dtypes never change: a floating cast sets the compute dtype instead."""
+        for name in quant_format(self.scheme).tensor_names:
+            old = getattr(self, name)
+            new = fn(old)
+            if new.dtype != old.dtype:
+                if new.is_floating_point():
+                    self.dtype = new.dtype
+                new = old.to(new.device)
+            self._buffers[name] = new
+        return self
+
+    def extra_repr(self) -> str:
+        block = f", block_size={self.block_size}" if self.block_size else ""
+        return f"{self.scheme}, shape={tuple(self.shape)}{block}, dtype={self.dtype}, bytes={self.nbytes}"

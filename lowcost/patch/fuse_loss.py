@@ -50,6 +50,8 @@ def loss_problem(model: nn.Module) -> str:
     if isinstance(head, LoRALinear):
         if head.fan_in_fan_out or head.backend == "cuda":
             return "lm_head is a LoRALinear the fused loss does not take (Conv1D, or backend='cuda')"
+        if not isinstance(head.weight, torch.Tensor):
+            return "lm_head has a quantized base weight (the fused loss has no dequantizing path yet)"
     elif type(head) is not nn.Linear:
         return f"lm_head is a {type(head).__name__} (the fused loss takes nn.Linear or a fused LoRALinear)"
     return ""

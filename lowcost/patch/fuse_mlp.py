@@ -50,6 +50,8 @@ def _activation_name(act: nn.Module) -> Optional[str]:
 def _layer_problem(name: str, layer: nn.Module) -> str:
     if not isinstance(layer, LoRALinear):
         return f"{name} is a {type(layer).__name__}, not a fused LoRALinear"
+    if not isinstance(layer.weight, torch.Tensor):
+        return f"{name} has a quantized base weight (the fused MLP has no dequantizing path yet)"
     if layer.bias is not None:
         return f"{name} has a bias (the fused MLP takes bias-free projections)"
     if layer.fan_in_fan_out:

@@ -199,3 +199,14 @@ def test_triton_on_a_format_it_lacks_names_the_module_and_leaves_the_model_alone
     with pytest.raises(ValueError, match=r"backend='triton' has no kernel for a 'q6_k' weight \('model.layers.1.mlp.up_proj'\)"):
         lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, backend="triton"))
     assert _snapshot(model) == before and lowcost.patch.patch_state(model) is None
+
+
+def test_fusions_refuse_a_quantized_base_with_the_reason():
+    """The fused MLP has no dequantizing path: apply's default fusions leave quantized MLPs unfused and say why
+    (before this check the structure probe crashed on the quantized weight)."""
+    model = _frozen()
+    quantize(model, "nf4")
+    report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8))
+    refused = [f for f in report.fusion.refused if f.kind == "mlp"]
+    assert refused and all("quantized base weight" in f.detail for f in refused)
+    assert not [f for f in report.fusion.taken if f.kind == "mlp"]

@@ -1,6 +1,7 @@
 """Memory a kernel allocates and frees inside itself, which no dispatch mode sees (an estimate per op).
 
-Only ``lowcost::lora_linear`` and its backward are modelled: their ``torch`` backend (the CPU path,
+Modelled: ``lowcost::lora_linear``, ``lowcost::lora_gated_mlp`` and ``lowcost::linear_cross_entropy``, with their
+backward ops. For the LoRA linear, the ``torch`` backend (the CPU path,
 ``lowcost/reference/lora_linear.py``) makes full-size temporaries. With x: (M, K), W: (N, K), rank r, p the
 dropout probability, s the bytes of x's dtype and ``[p>0]`` 1 when dropout is on:
 
@@ -12,6 +13,17 @@ backward, x float32:  x̃ (made for dA when p>0, kept to the end) and du·A (for
                       p>0: ([dA] + [dx])·M·K·4;  p=0: [dx]·M·K·4 (du·A next to the output).
 backward, x 16-bit:   g in fp32 (M·N·4) plus x̃, its fp32 copy, du·A and the fp32 g·W sum
                       (≈ 3·M·K·4 + M·K·s·[p>0], when dx is wanted; x̃ and its copy alone otherwise).
+
+Fused gated MLP (x: (M, H), intermediate I, s the bytes of x's dtype; ``lowcost/reference/lora_gated_mlp.py``):
+forward:  act(gate) and h = act(gate)⊙up while the down projection runs, plus D⊙h when p_down > 0:
+          (2 + [p>0])·M·I·s (gate and up are outputs, already counted).
+backward: act(gate), h, dh, dh⊙up, and the activation's gradient temporaries are alive together before
+          dgate and dup exist: about 5·M·I·s.
+
+Fused linear cross-entropy (hidden (M, K), vocabulary V, C = the rows of one chunk, ``default_chunk``): the
+chunk's logits buffer in hidden's dtype, its fp32 copy for 16-bit hidden, and ``torch.logsumexp``'s
+temporary of the same size: C·V·s + C·V·4·[s < 4] + C·V·4, in the forward and again in a backward that
+recomputes the chunks.
 
 Aten kernels are assumed to need no workspace beyond their outputs (on CPU the flash-attention and
 GEMM kernels use per-thread tiles; cuBLAS workspaces are a few MiB). The Triton and CUDA backends fuse
@@ -45,7 +57,31 @@ def _lora_backward(args) -> int:
     return need_da * (M * K * 4 + on * M * K * s)
 
 
-_MODELS = {"lowcost::lora_linear": _lora_forward, "lowcost::lora_linear_backward": _lora_backward}
+def _gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, factor: int) -> int:
+    M, inter = math.prod(x.shape[:-1]), w_gate.shape[0]
+    return factor * M * inter * x.element_size()
+
+
+def _gated_forward(args) -> int:
+    x, w_gate, dropouts = args[0], args[1], args[11]
+    return _gated_mlp(x, w_gate, 2 + int(dropouts[2] > 0))
+
+
+def _gated_backward(args) -> int:
+    return _gated_mlp(args[1], args[2], 5)
+
+
+def _cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> int:
+    from lowcost.ops.linear_cross_entropy import default_chunk
+    M, V, s = math.prod(hidden.shape[:-1]), weight.shape[0], hidden.element_size()
+    rows = min(M, chunk or default_chunk(M, V))
+    return rows * V * (s + 4 + (4 if s < 4 else 0))
+
+
+_MODELS = {"lowcost::lora_linear": _lora_forward, "lowcost::lora_linear_backward": _lora_backward,
+           "lowcost::lora_gated_mlp": _gated_forward, "lowcost::lora_gated_mlp_backward": _gated_backward,
+           "lowcost::linear_cross_entropy": lambda args: _cross_entropy(args[0], args[1], args[13]),
+           "lowcost::linear_cross_entropy_backward": lambda args: _cross_entropy(args[1], args[2], args[14])}
 
 
 def kernel_workspace(func, args, kwargs, out) -> int:

@@ -13,6 +13,7 @@ Changes from upstream, each for a stated reason:
   involve a checkpoint implementation: run once, not per implementation.
 """
 import functools
+import itertools
 import gc
 import weakref
 
@@ -215,12 +216,20 @@ def test_function_with_more_than_one_output(ck):
     assert calls[0] == 1  # called in the forward only (upstream's older torch also counted the recompute)
 
 
+_OP_NAMES = itertools.count()
+
+
 def test_function_with_non_tensor_output(ck):
-    """A saved custom op returning (tensor, int) is not run a second time."""
+    """A saved custom op returning (tensor, int) is not run a second time.
+
+    The op gets a name of its own per run: re-registering one name after the other implementation's run
+    could leave ``torch.ops`` handing out the earlier, deregistered overload (the policy then compares
+    against a stale object and the op is recomputed), which made the second run fail now and then."""
+    name = f"sin_with_extra_{next(_OP_NAMES)}"
     with torch.library._scoped_library("lowcost_port", "FRAGMENT"):
         calls = [0]
 
-        @torch.library.custom_op("lowcost_port::sin_with_extra", mutates_args=())
+        @torch.library.custom_op(f"lowcost_port::{name}", mutates_args=())
         def sin_with_extra(x: torch.Tensor) -> tuple[torch.Tensor, int]:
             calls[0] += 1
             return x.sin(), 2
@@ -231,13 +240,13 @@ def test_function_with_non_tensor_output(ck):
         def backward(ctx, grad, _unused):
             return grad * ctx.saved_tensors[0].cos()
 
-        torch.library.register_autograd("lowcost_port::sin_with_extra", backward, setup_context=setup_context)
+        torch.library.register_autograd(f"lowcost_port::{name}", backward, setup_context=setup_context)
 
         def fn(x):
-            return (torch.ops.lowcost_port.sin_with_extra(x)[0] * x.sin().exp()).sin()
+            return (getattr(torch.ops.lowcost_port, name)(x)[0] * x.sin().exp()).sin()
 
         x = torch.randn(3, requires_grad=True)
-        context_fn = _contexts([torch.ops.lowcost_port.sin_with_extra.default])
+        context_fn = _contexts([getattr(torch.ops.lowcost_port, name).default])
         actual = torch.autograd.grad(ck(fn, x, context_fn=context_fn).sum(), (x,))
         assert calls[0] == 1
         torch.testing.assert_close(actual, torch.autograd.grad(fn(x).sum(), (x,)))

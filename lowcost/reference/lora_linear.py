@@ -48,11 +48,29 @@ def lora_linear_forward(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tenso
     return low_rank.to(x.dtype), u
 
 
+BaseDgrad = Callable[[Tensor, Tensor], Tensor]
+
+
 def lora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, u: Tensor,
                          scale: float, dropout: float, seed: int,
                          needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
                          dropout_fn: DropoutFn = apply_dropout) -> tuple[Optional[Tensor], ...]:
     """Returns (dx, dA, dB, dbias), each None where ``needs`` (dx, dA, dB, dbias) says it is not wanted."""
+    def dense_dgrad(g: Tensor, dx_low_rank: Tensor) -> Tensor:
+        if x.dtype == dx_low_rank.dtype:
+            return torch.addmm(dx_low_rank, g, weight)
+        return ((g @ weight).to(dx_low_rank.dtype) + dx_low_rank).to(x.dtype)
+
+    return adapter_backward(grad_y, x, dense_dgrad, lora_a, lora_b, u, scale, dropout, seed, needs, dropout_fn)
+
+
+def adapter_backward(grad_y: Tensor, x: Tensor, base_dgrad: BaseDgrad, lora_a: Tensor, lora_b: Tensor, u: Tensor,
+                     scale: float, dropout: float, seed: int, needs: tuple[bool, bool, bool, bool],
+                     dropout_fn: DropoutFn) -> tuple[Optional[Tensor], ...]:
+    """The backward above for any frozen base: ``base_dgrad(g, D ⊙ (du A))`` → dx = g W + D ⊙ (du A) in x.dtype.
+
+    The adapter terms (dA, dB, dbias and the low-rank part of dx) are the same whatever stores W; only the
+    base's g W differs (a dense GEMM here, a row-chunked dequantizing one in ``qlora_linear``)."""
     need_dx, need_da, need_db, need_dbias = needs
     acc = accumulation_dtype(x)
     g = grad_y.to(acc)
@@ -68,10 +86,7 @@ def lora_linear_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tens
             dx_low_rank = du @ lora_a.to(acc)
             if dropout > 0:
                 dx_low_rank = dropout_fn(dx_low_rank, seed, dropout)
-            if x.dtype == acc:
-                dx = torch.addmm(dx_low_rank, grad_y, weight)
-            else:
-                dx = ((grad_y @ weight).to(acc) + dx_low_rank).to(x.dtype)
+            dx = base_dgrad(grad_y, dx_low_rank)
     if need_dbias:
         dbias = g.sum(0).to(x.dtype)
     return dx, da, db, dbias

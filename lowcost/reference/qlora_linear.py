@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from lowcost.reference.lora_linear import DropoutFn, accumulation_dtype
+from lowcost.reference.lora_linear import DropoutFn, accumulation_dtype, adapter_backward
 from lowcost.reference.philox import apply_dropout
 
 Tensor = torch.Tensor
@@ -93,23 +93,9 @@ def qlora_linear_backward(grad_y: Tensor, x: Tensor, dequant: RowSource, lora_a:
                           u: Tensor, scale: float, dropout: float, seed: int,
                           needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
                           dropout_fn: DropoutFn = apply_dropout) -> tuple[Optional[Tensor], ...]:
-    """(dx, dA, dB, dbias), each None where ``needs`` (dx, dA, dB, dbias) says it is not wanted."""
-    need_dx, need_da, need_db, need_dbias = needs
-    acc = accumulation_dtype(x)
-    g = grad_y.to(acc)
-    dx = da = db = dbias = None
-    if need_db:
-        db = (g.t() @ u).mul_(scale).to(lora_b.dtype)
-    if need_dx or need_da:
-        du = (g @ lora_b.to(acc)).mul_(scale)
-        if need_da:
-            x_tilde = dropout_fn(x, seed, dropout) if dropout > 0 else x
-            da = (du.t() @ x_tilde.to(acc)).to(lora_a.dtype)
-        if need_dx:
-            low_rank = du @ lora_a.to(acc)
-            if dropout > 0:
-                low_rank = dropout_fn(low_rank, seed, dropout)
-            dx = quantized_base_dgrad(grad_y, dequant, x.shape[1], out=low_rank).to(x.dtype)
-    if need_dbias:
-        dbias = g.sum(0).to(x.dtype)
-    return dx, da, db, dbias
+    """(dx, dA, dB, dbias), each None where ``needs`` (dx, dA, dB, dbias) says it is not wanted: the dense
+    reference's backward with g W summed over dequantized row chunks."""
+    def chunked_dgrad(g: Tensor, dx_low_rank: Tensor) -> Tensor:
+        return quantized_base_dgrad(g, dequant, x.shape[1], out=dx_low_rank).to(x.dtype)
+
+    return adapter_backward(grad_y, x, chunked_dgrad, lora_a, lora_b, u, scale, dropout, seed, needs, dropout_fn)

@@ -41,9 +41,13 @@ def global_batch(step: int) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
-def patched(policy: str = "none", dropout: float = 0.1, rank_batch=None):
-    """The model every run starts from: same init, LoRA applied, the checkpoint policy installed."""
+def patched(policy: str = "none", dropout: float = 0.1, rank_batch=None, quantize=None):
+    """The model every run starts from: same init, (``quantize``: its linear layers quantized with that
+    scheme, deterministically, before LoRA), LoRA applied, the checkpoint policy installed."""
     model = build_llama()
+    if quantize is not None:
+        model.requires_grad_(False)  # quantized weights are frozen; apply freezes the rest anyway
+        lowcost.quantize(model, scheme=quantize)
     checkpoint = None if policy in (None, "none") else checkpoint_config(policy)
     profile = (lambda: model(**rank_batch).loss) if policy == "budget" else None
     lowcost.apply(model, lora=lora_config(dropout), checkpoint=checkpoint, profile_step=profile)
@@ -59,15 +63,16 @@ def sgd(model) -> torch.optim.Optimizer:
 
 
 def reference_run(world_size: int, dropout: float = 0.1, steps: int = STEPS, same_masks: bool = False,
-                  param_dtype: torch.dtype = torch.float32):
+                  param_dtype: torch.dtype = torch.float32, quantize=None):
     """One process reproducing a ``world_size``-rank data-parallel run exactly.
 
     Rank r's rows run with rank r's generator stream (``rank_seed(DROPOUT_SEED, r)``, or rank 0's for every
     r with ``same_masks``); each contributes loss_r / W, so the summed gradient is the ranks' average.
     ``param_dtype=torch.bfloat16`` reproduces FSDP2's MixedPrecisionPolicy(bf16 params, fp32 reduce): the
     parameters (not the buffers) compute in bf16, each rank's gradient is cast to fp32 before the sum and
-    the fp32 master adapters take the SGD step. Returns (final adapters, the global mean loss of each step)."""
-    model = patched("none", dropout)
+    the fp32 master adapters take the SGD step. ``quantize`` quantizes the base as ``patched`` does.
+    Returns (final adapters, the global mean loss of each step)."""
+    model = patched("none", dropout, quantize=quantize)
     master = {n: p.detach().clone().requires_grad_(True) for n, p in adapter_params(model).items()}
     optimizer = torch.optim.SGD(list(master.values()), lr=LR)
     for p in model.parameters():
@@ -104,8 +109,8 @@ def _accumulate_grads(model, master: dict) -> None:
         p.grad = None
 
 
-def initial_adapters() -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in adapter_params(patched("none")).items()}
+def initial_adapters(quantize=None) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in adapter_params(patched("none", quantize=quantize)).items()}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -13,16 +13,27 @@ along W's rows: the same decoder serves both access orders. FMT selects the form
     3    q8_0     data u8 (N, K/32·34)                                       int8 q · f16 d
     4    q4_0     data u8 (N, K/32·18)                                       f16 d · (nibble - 8)
     5    q4_1     data u8 (N, K/32·20)                                       f16 d · nibble + f16 m
+    6    q4_k     data u8 (N, K/256·144)                     f16 d · sc[j/32] · nibble − f16 dmin · mn[j/32]
+    7    q6_k     data u8 (N, K/256·210)                     f16 d · i8 sc[j/16] · (6-bit code − 32)
 
 The NF4 nibble of element k is the high half of byte k/2 for even k, the low half for odd k; the GGUF 4-bit
 blocks keep elements 0-15 of a block in the low nibbles of its 16 code bytes and 16-31 in the high ones. Row
 strides (``stride_0``, ``stride_1``) are in elements of p0 / p1.
+
+The k-quants hold 256 elements per block; j is the element's index in its block:
+- Q4_K (d, dmin, 12 bytes of 6-bit scales/mins, 128 code bytes): element j is the low nibble of code byte
+  32·(j/64) + j%32 when j%64 < 32, else its high nibble; sub-block j/32 has scale sc and min mn, packed as
+  ``lowcost.reference.quant.gguf_blocks.q4_k_scales`` unpacks them (6 bits, the top two of 4-7 borrowed).
+- Q6_K (128 low-nibble bytes, 64 high-bit bytes, 16 int8 scales, d at byte 208): with h = j/128, w = j%128,
+  the low 4 bits are byte 64h + w%64 (low nibble for w < 64, high otherwise), the top 2 bits are bits
+  2·(w/32) of byte 128 + 32h + w%32.
 """
 import triton
 import triton.language as tl
 
-NF4, NF4_DQ, INT8, Q8_0, Q4_0, Q4_1 = 0, 1, 2, 3, 4, 5
-FORMAT_IDS = {"nf4": NF4, "nf4-dq": NF4_DQ, "int8": INT8, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+NF4, NF4_DQ, INT8, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K = 0, 1, 2, 3, 4, 5, 6, 7
+FORMAT_IDS = {"nf4": NF4, "nf4-dq": NF4_DQ, "int8": INT8, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1,
+              "q4_k": Q4_K, "q6_k": Q6_K}
 
 
 @triton.jit
@@ -51,6 +62,34 @@ def _gguf_4bit(data_ptr, rows, cols, ok, stride_0, TYPE_SIZE: tl.constexpr, HEAD
 
 
 @triton.jit
+def _q4_k_tile(block, j, ok):
+    """Q4_K values of the elements j (index in the block) of the blocks at byte pointers ``block``."""
+    byte = tl.load(block + 16 + (j // 64) * 32 + j % 32, mask=ok, other=0).to(tl.int32)
+    code = tl.where(j % 64 < 32, byte & 15, byte >> 4).to(tl.float32)
+    sub = j // 32
+    low = sub % 4
+    sc_byte = tl.load(block + 4 + low, mask=ok, other=0).to(tl.int32)    # scale of sub (sub < 4), top bits (≥ 4)
+    mn_byte = tl.load(block + 8 + low, mask=ok, other=0).to(tl.int32)    # min likewise
+    high = tl.load(block + 12 + low, mask=ok, other=0).to(tl.int32)      # low 4 bits of scale/min 4-7
+    sc = tl.where(sub < 4, sc_byte & 63, (high & 15) | ((sc_byte >> 2) & 48)).to(tl.float32)
+    mn = tl.where(sub < 4, mn_byte & 63, (high >> 4) | ((mn_byte >> 2) & 48)).to(tl.float32)
+    return (_f16_at(block) * sc) * code - _f16_at(block + 2) * mn
+
+
+@triton.jit
+def _q6_k_tile(block, j, ok):
+    """Q6_K values of the elements j (index in the block) of the blocks at byte pointers ``block``."""
+    half = j // 128
+    w = j % 128
+    low = tl.load(block + 64 * half + w % 64, mask=ok, other=0).to(tl.int32)
+    low = tl.where(w < 64, low & 15, low >> 4)
+    high = (tl.load(block + 128 + 32 * half + w % 32, mask=ok, other=0).to(tl.int32) >> (2 * (w // 32))) & 3
+    code = ((low | (high << 4)) - 32).to(tl.float32)
+    sc = tl.load(block + 192 + j // 16, mask=ok, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    return (_f16_at(block + 208) * sc) * code
+
+
+@triton.jit
 def dequant_tile(p0, p1, p2, p3, p4, offs_n, offs_k, N, K, NB, stride_0, stride_1, offset,
                  FMT: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """float32 W[offs_n[:, None], offs_k[None, :]] of a quantized (N, K) weight; zeros outside it.
@@ -76,8 +115,14 @@ def dequant_tile(p0, p1, p2, p3, p4, offs_n, offs_k, N, K, NB, stride_0, stride_
     elif FMT == 4:
         block, code = _gguf_4bit(p0, rows, cols, ok, stride_0, 18, 2)
         value = tl.where(ok, _f16_at(tl.where(ok, block, p0)), 0.0) * (code - 8).to(tl.float32)
-    else:
+    elif FMT == 5:
         block, code = _gguf_4bit(p0, rows, cols, ok, stride_0, 20, 4)
         safe = tl.where(ok, block, p0)
         value = tl.where(ok, _f16_at(safe) * code.to(tl.float32) + _f16_at(safe + 2), 0.0)
+    elif FMT == 6:
+        block = tl.where(ok, p0 + rows * stride_0 + (cols // 256) * 144, p0)
+        value = _q4_k_tile(block, cols % 256, ok)
+    else:
+        block = tl.where(ok, p0 + rows * stride_0 + (cols // 256) * 210, p0)
+        value = _q6_k_tile(block, cols % 256, ok)
     return tl.where(ok, value, 0.0)

@@ -20,7 +20,7 @@ _qlora_bwd_dx_kernel (persistent, as _lora_bwd_dx_kernel; the transposed access)
         acc += g[rows, n-block] @ round(wt)
     acc += du @ A (when p = 0);  dx = acc                           (p > 0: the x-pass adds D ⊙ (du A))
 
-Formats: kernels/qlora_dequant.py (nf4, nf4-dq, int8, q8_0, q4_0, q4_1). Pointer loads (no TMA: the packed
+Formats: kernels/qlora_dequant.py (nf4, nf4-dq, int8, q8_0, q4_0, q4_1, q4_k, q6_k). Pointer loads (no TMA: the packed
 bytes are not a dense tile). Saved for backward: the op layer keeps x, u, the seed and the packed tensors.
 """
 from __future__ import annotations
@@ -289,7 +289,8 @@ def _placeholder_weight(scheme: str, N: int, K: int, block_size: int = 64) -> li
     shapes = {"nf4": [((N, K // 2), u8), ((N, nb), f32), ((16,), f32)],
               "nf4-dq": [((N, K // 2), u8), ((N, nb), u8), ((1,), f32), ((), f32), ((16,), f32), ((256,), f32)],
               "int8": [((N, K), torch.int8), ((N,), f32)],
-              "q8_0": [((N, K // 32 * 34), u8)], "q4_0": [((N, K // 32 * 18), u8)], "q4_1": [((N, K // 32 * 20), u8)]}
+              "q8_0": [((N, K // 32 * 34), u8)], "q4_0": [((N, K // 32 * 18), u8)], "q4_1": [((N, K // 32 * 20), u8)],
+              "q4_k": [((N, K // 256 * 144), u8)], "q6_k": [((N, K // 256 * 210), u8)]}
     return [torch.zeros(s, dtype=d) if s == () else torch.empty(s, dtype=d) for s, d in shapes[scheme]]
 
 

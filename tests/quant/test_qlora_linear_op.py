@@ -150,7 +150,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("backend, scheme, message", [
     ("cuda", "nf4", "backend='cuda' has no kernel for a 'nf4' weight"),
-    ("triton", "q4_k", "backend='triton' has no kernel for a 'q4_k' weight"),
+    ("cuda", "q4_k", "backend='cuda' has no kernel for a 'q4_k' weight"),
 ])
 def test_backend_without_the_format_is_a_clear_error(backend, scheme, message):
     weight = make_quantized(scheme, 8, 256)

@@ -3,7 +3,8 @@
 Model: HF Llama from a config (hidden 256, 4 layers, seq 128, vocab 2048), LoRA r=16 on every linear of
 the blocks (``lowcost.apply``), global batch 8 sequences: 8 on one process, 4 per rank on two. For
 wrapper ∈ {DDP, FSDP2 (``lowcost.distributed.shard_model``)} and checkpoint policy ∈ {none, full,
-selective}, at world size 1 and 2 (gloo, one thread per process as torchrun sets it):
+selective, every_k, sqrt, offload, budget (0.5 of the no-checkpoint saved bytes, planned from one profiled
+step)} (``--policies`` picks some), at world size 1 and 2 (gloo, one thread per process as torchrun sets it):
 
 - step time: zero_grad + forward + backward + SGD step, median and 20th/80th percentiles, providers
   timed round-robin (``harness.time_interleaved``); rank 0's clock (collectives keep the ranks in step);
@@ -14,7 +15,8 @@ selective}, at world size 1 and 2 (gloo, one thread per process as torchrun sets
   frozen and trainable, outside forward/backward;
 - all-gathers per step, forward and backward (``lowcost.distributed.AllGatherCounter``).
 
-    .venv/bin/python benchmarks/bench_distributed.py [--repeats 10]    # launches torchrun for 1 and 2 ranks
+    .venv/bin/python benchmarks/bench_distributed.py [--repeats 10] [--policies none full ...]
+    # launches torchrun for 1 and 2 ranks
 
 Rows are appended to benchmarks/results/distributed.csv.
 """
@@ -36,11 +38,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
 
 SHAPE = dict(hidden=256, layers=4, seq=128, global_batch=8, vocab=2048, intermediate=688, heads=4, r=16)
-POLICIES = ("none", "full", "selective")
+POLICIES = ("none", "full", "selective", "every_k", "sqrt", "offload", "budget")
 WRAPPERS = ("ddp", "fsdp2")
 
 
-def build(policy: str):
+def checkpoint_config(policy: str):
+    import lowcost
+    if policy == "none":
+        return None
+    if policy == "budget":
+        return lowcost.CheckpointConfig(budget=0.5)
+    return lowcost.CheckpointConfig(policy=policy)
+
+
+def build(policy: str, batch: dict):
     import lowcost
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -49,8 +60,9 @@ def build(policy: str):
                       num_key_value_heads=SHAPE["heads"], vocab_size=SHAPE["vocab"], use_cache=False,
                       attn_implementation="sdpa")
     model = LlamaForCausalLM(cfg).train()
-    checkpoint = None if policy == "none" else lowcost.CheckpointConfig(policy=policy)
-    lowcost.apply(model, lora=lowcost.LoRAConfig(r=SHAPE["r"], alpha=32, dropout=0.05), checkpoint=checkpoint)
+    profile = (lambda: model(**batch).loss) if policy == "budget" else None
+    lowcost.apply(model, lora=lowcost.LoRAConfig(r=SHAPE["r"], alpha=32, dropout=0.05),
+                  checkpoint=checkpoint_config(policy), profile_step=profile)
     return model
 
 
@@ -115,7 +127,7 @@ def gathers_per_step(model, batch) -> dict:
     return {"forward": gathers.counts["forward"], "backward": gathers.counts["backward"]}
 
 
-def worker(out: Path, repeats: int) -> None:
+def worker(out: Path, repeats: int, policies: list[str]) -> None:
     import torch.distributed as dist
     from lowcost.distributed import seed_rank
     dist.init_process_group("gloo")
@@ -123,8 +135,8 @@ def worker(out: Path, repeats: int) -> None:
     batch = local_batch(0)
     providers, rows = {}, []
     for wrapper in WRAPPERS:
-        for policy in POLICIES:
-            model = wrap(build(policy), wrapper)
+        for policy in policies:
+            model = wrap(build(policy, batch), wrapper)
             seed_rank(1234)
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
             row = {"world_size": world, "wrapper": wrapper, "policy": policy,
@@ -141,6 +153,7 @@ def worker(out: Path, repeats: int) -> None:
     if rank == 0:
         out.write_text(json.dumps(rows))
     dist.destroy_process_group()
+    os._exit(0)  # skip interpreter finalisation: see tests/distributed/worker.py (a gloo thread vs the GIL)
 
 
 def _step(model, optimizer, batch):
@@ -151,24 +164,27 @@ def _step(model, optimizer, batch):
     return step
 
 
-def launch(world: int, repeats: int) -> list[dict]:
+def launch(world: int, repeats: int, policies: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                        __file__, "--worker", str(out), "--repeats", str(repeats)], check=True, env=env)
+                        __file__, "--worker", str(out), "--repeats", str(repeats), "--policies", *policies],
+                       check=True, env=env)
         return json.loads(out.read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        return worker(args.worker, args.repeats)
+        return worker(args.worker, args.repeats, args.policies)
     shape = " ".join(f"{k}{v}" for k, v in SHAPE.items())
-    rows = [{**row, "shape": shape, "threads_per_rank": 1} for world in (1, 2) for row in launch(world, args.repeats)]
+    rows = [{**row, "shape": shape, "threads_per_rank": 1} for world in (1, 2)
+            for row in launch(world, args.repeats, args.policies)]
     path = harness.append_rows("distributed.csv", rows)
     for row in rows:
         print(f"world {row['world_size']} {row['wrapper']:<5} {row['policy']:<9} {row['median_ms']:8.1f} ms "

@@ -6,7 +6,8 @@ Each leaf of the call's ``(args, kwargs)`` is kept as one of
 - ``("keep", tensor, version)``: the caller's tensor object itself, so the recompute sees the same objects
   (``x`` passed twice is one object again, attributes and identity checks behave as in the forward);
 - ``("ref", call, leaf, weakref, version)``: an output of an earlier call of the same frame (a segment),
-  re-derived by the recompute instead of kept;
+  or an exact alias of one (same storage, dtype, shape, strides and offset: the new view FSDP2's pre-forward
+  hook hands the next block), re-derived by the recompute instead of kept;
 - ``("offload", host handle, requires_grad, weakref, version)``: a host copy (``offload.py``); one device copy
   per host buffer and recompute, so a tensor passed twice is one object again.
 
@@ -37,6 +38,21 @@ def _describe(tensor: torch.Tensor) -> str:
     return f"shape {tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')}"
 
 
+def _exact_alias(x: torch.Tensor, other: torch.Tensor) -> bool:
+    """True when ``x`` is ``other`` or a view of the very same elements (so it always holds the same values)
+    that autograd treats alike (``out.detach()`` is not one: the recompute would save other tensors)."""
+    if x is other:
+        return True
+    try:
+        storage = x.untyped_storage()
+        return (storage.nbytes() > 0 and storage.data_ptr() == other.untyped_storage().data_ptr()
+                and x.dtype == other.dtype and x.device == other.device and x.shape == other.shape
+                and x.stride() == other.stride() and x.storage_offset() == other.storage_offset()
+                and x.requires_grad == other.requires_grad)
+    except (RuntimeError, NotImplementedError):  # tensors without a plain storage (fake, functional, ...)
+        return False
+
+
 class CallInputs:
     """The kept inputs of one call (see the module docstring for the kinds)."""
 
@@ -51,7 +67,8 @@ class CallInputs:
             return ("const", x)
         for ci, call in enumerate(frame.calls):
             for li, ref in enumerate(call.outputs):
-                if ref is not None and ref() is x:
+                out = ref() if ref is not None else None
+                if out is not None and _exact_alias(x, out):
                     return ("ref", ci, li, weakref.ref(x), _version(x))
         if frame.offloader is not None and frame.offloader.wants(x):
             return ("offload", frame.offloader.offload(x, frame.label), x.requires_grad, weakref.ref(x), _version(x))

@@ -112,6 +112,49 @@ def test_sqrt_keeps_one_input_per_segment(ids):
     assert counts == {"full": 4, "sqrt": 2}
 
 
+def _hand_each_layer_a_view(model, detach: bool = False) -> list:
+    """Forward pre-hooks that replace each decoder layer's hidden states by a new view of them, as FSDP2's
+    pre-forward hook does (``detach``: by a detached alias instead); returns the handles."""
+    def hook(module, args, kwargs):
+        hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+        alias = hidden.detach() if detach else hidden.view_as(hidden)
+        return ((alias,) + tuple(args[1:]) if args else ()), ({**kwargs, "hidden_states": alias} if not args else kwargs)
+    return [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.base_model.model.model.layers]
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_sqrt_rederives_a_view_of_the_previous_output(ids, detach):
+    """Under FSDP2 the second block of a segment receives a new view of the first block's output. The segment
+    must re-derive it like the output itself (2 kept inputs for 4 blocks, not 3), with the same gradients as
+    without checkpointing. A detached alias is not the output for autograd, so it is kept (4 inputs)."""
+    model = build_llama(peft=True, layers=4)
+    handles = _hand_each_layer_a_view(model, detach)
+    hidden_bytes = ids.numel() * 32 * 4
+    try:
+        reference = _grads_or_none(model, ids)
+        apply_checkpointing(model, CheckpointConfig(policy="sqrt"))
+        try:
+            with track(list(model.parameters())) as kept:
+                grads = _grads_or_none(model, ids)
+        finally:
+            remove_checkpointing(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    inputs = sum(1 for n, _, kind, _ in kept.storages.values() if kind == "input" and n == hidden_bytes)
+    assert inputs == (4 if detach else 2)   # detached: the second block of each segment keeps its input too
+    assert reference.keys() == grads.keys()
+    for name, expected in reference.items():   # detached: the blocks before the last alias get no gradient
+        assert (expected is None and grads[name] is None) or torch.equal(expected, grads[name]), name
+
+
+def _grads_or_none(model, ids) -> dict:
+    torch.manual_seed(5)
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _offload_step(model, ids):
     """One step (RNG seeded as ``llama_grads`` seeds it) under ``offload``: (report, tracker, loss, grads)."""
     report = apply_checkpointing(model, CheckpointConfig(policy="offload"))

@@ -188,9 +188,14 @@ PEAK_SCRIPT = textwrap.dedent("""
 def test_peak_memory_never_holds_the_model_unquantized(tmp_path):
     """A 0.2 GB fp32 checkpoint loaded with quantize='nf4': the process's anonymous resident memory, sampled every
     2 ms during the load, stays well under the dense size (one tensor at a time: the quantized model plus one
-    dense tensor and its quantization temporaries). Measured 0.48-0.51x of the dense bytes on 2 loaded cores
-    (about 70 MB above the quantized model, origin not yet broken down); holding the model dense would be > 1.0x,
-    so the bound sits at 0.65x, away from both."""
+    dense tensor and its quantization temporaries). Holding the model dense would be > 1.0x.
+
+    Where the peak goes (204 MB dense, 28.9 MB quantized): with glibc's malloc thresholds fixed
+    (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=131072) the peak is 54 MB = the quantized model + the
+    largest dense tensor (11.5 MB, an MLP weight) + 12.6 MB of its row-chunk temporaries (quantizing that
+    tensor alone peaks 14.2 MB above its input). With the default allocator it varies from 64 to 100 MB
+    (0.31-0.51x): glibc raises its mmap threshold after the first large free, and later freed tensors stay
+    in the heap. The bound sits at 0.65x, above that variation and away from the dense 1.0x."""
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)

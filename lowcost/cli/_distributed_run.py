@@ -16,13 +16,20 @@ ranks agree), wraps it in ``DistributedDataParallel`` and trains on the same glo
   dropout depends on the world size), identical on recompute.
 - Only rank 0 prints, shows the progress bar and writes files. A checkpoint holds every rank's RNG state,
   so ``--resume`` continues exactly, at the same world size.
+
+``--distributed fsdp`` shards instead (``lowcost.distributed.shard_model``: FSDP2's ``fully_shard`` on every
+decoder block, then the root). The adapter is then gathered by ``save_adapter`` (collective, rank 0 writes)
+and the optimizer state, sharded like the parameters, goes into the checkpoint as
+``lowcost.distributed.save_training_state`` (DCP, safetensors) under ``training_state/``; every rank writes
+its shards into rank 0's temporary directory before rank 0 publishes it (``publish_together``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -59,6 +66,11 @@ class Ranks:
     world: int = 1
     comm_device: torch.device = torch.device("cpu")
     owns_group: bool = False         # the command created the process group (and destroys it at the end)
+    mode: str = "ddp"                # --distributed: "ddp" or "fsdp"
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1 and self.mode == "fsdp"
 
     @property
     def main(self) -> bool:
@@ -123,8 +135,9 @@ def _device(name: Optional[str], local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def start(device_name: Optional[str], batch: int) -> tuple[Ranks, torch.device]:
-    """(Ranks, this process's device): joins torchrun's process group when WORLD_SIZE > 1."""
+def start(device_name: Optional[str], batch: int, mode: str = "ddp") -> tuple[Ranks, torch.device]:
+    """(Ranks, this process's device): joins torchrun's process group when WORLD_SIZE > 1; ``mode``:
+    --distributed (ddp or fsdp)."""
     from lowcost.cli import _options as opt
     world = environment_world_size()
     if world == 1:
@@ -139,7 +152,7 @@ def start(device_name: Optional[str], batch: int) -> tuple[Ranks, torch.device]:
     if torch.distributed.get_world_size() != world:
         raise CLIError(f"WORLD_SIZE={world} but the process group has {torch.distributed.get_world_size()} ranks")
     comm = dev if dev.type == "cuda" else torch.device("cpu")
-    return Ranks(torch.distributed.get_rank(), world, comm, owns), dev
+    return Ranks(torch.distributed.get_rank(), world, comm, owns, mode), dev
 
 
 def stop(ranks: Ranks) -> None:
@@ -148,9 +161,13 @@ def stop(ranks: Ranks) -> None:
 
 
 def wrap(model, ranks: Ranks, dev: torch.device):
-    """The module the training loop runs: ``model`` itself in one process, DDP around it otherwise."""
+    """The module the training loop runs: ``model`` itself in one process or sharded in place by FSDP2
+    (its trainable parameters become DTensors: collect them again), DDP around it otherwise."""
     if ranks.world == 1:
         return model
+    if ranks.sharded:
+        from lowcost.distributed import shard_model
+        return shard_model(model)
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
@@ -165,3 +182,53 @@ def quiet_unless_main(ranks: Ranks):
     hf_logging.disable_progress_bar()              # "Loading weights" bars: rank 0's is enough
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         yield
+
+
+def _share(value):
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def publish_together(final: Path, ranks: Ranks, fill_all: Callable[[Path], None],
+                     fill_main: Optional[Callable[[Path], None]] = None) -> None:
+    """``_rundir.publish_dir`` for a directory that every rank writes into: rank 0 makes the temporary
+    directory, every rank runs ``fill_all(tmp)`` (collective writers), rank 0 runs ``fill_main(tmp)`` and
+    publishes it with one rename once every rank is done."""
+    from lowcost.cli._rundir import publish_dir
+    if not ranks.main:
+        fill_all(Path(_share(None)))
+        ranks.barrier()
+        return
+
+    def fill(tmp: Path) -> None:
+        _share(str(tmp))
+        fill_all(tmp)
+        ranks.barrier()
+        if fill_main is not None:
+            fill_main(tmp)
+    publish_dir(final, fill)
+
+
+def save_sharded_checkpoint(out: Path, step: int, model, optimizer, trainer_state: dict, state: dict,
+                            ranks: Ranks) -> None:
+    """A checkpoint of an FSDP2 run (collective): adapter (gathered), training_state/ (DCP: adapters,
+    optimizer shards, step, every rank's RNG), and trainer_state.pt / state.json from rank 0."""
+    import json
+    import shutil
+    from lowcost.api import save_adapter
+    from lowcost.cli._rundir import KEEP, checkpoints
+    from lowcost.distributed import save_training_state
+
+    def fill_all(tmp: Path) -> None:
+        save_adapter(model, tmp / "adapter")
+        save_training_state(tmp / "training_state", model, optimizer, step)
+
+    def fill_main(tmp: Path) -> None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    publish_together(out / "checkpoints" / f"step-{step:06d}", ranks, fill_all, fill_main)
+    if ranks.main:
+        for _, old in checkpoints(out)[:-KEEP]:
+            shutil.rmtree(old, ignore_errors=True)

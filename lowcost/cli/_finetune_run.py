@@ -34,6 +34,7 @@ class Setup:
     fresh: bool = True               # False: resuming from a checkpoint
     ranks: object = None             # _distributed_run.Ranks under torchrun (None: one process)
     trained: object = None           # the module the loop runs (DDP around ``model`` under torchrun)
+    counts: Optional[tuple] = None   # (trainable, all) parameters, counted before FSDP2 sharded them
 
 
 def _held_batches(seqs, batch: int, pad: int) -> list:
@@ -165,7 +166,12 @@ def _restore(args, setup: Setup, optimizer, scheduler) -> tuple[int, History]:
             history.evals.append({"step": 0, **setup.step0})
         return 0, history
     path, trainer_state, state = found
-    optimizer.load_state_dict(trainer_state["optimizer"])
+    _check_same_mode(path, state, ranks)
+    if "optimizer" in trainer_state:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+    else:                                         # --distributed fsdp: sharded optimizer state, saved with DCP
+        from lowcost.distributed import load_training_state
+        load_training_state(path / "training_state", setup.model, optimizer)
     scheduler.load_state_dict(trainer_state["scheduler"])
     set_rng_state(_this_rank_rng(path, trainer_state, state, ranks), setup.device)
     setup.measured.update(state.get("measured", {}))
@@ -173,6 +179,13 @@ def _restore(args, setup: Setup, optimizer, scheduler) -> tuple[int, History]:
         setup.new_tokens.update(state.get("new_tokens", {}))
     print(f"resuming from {path} (step {state['step']} of {setup.plan.total_steps})")
     return int(state["step"]), History.from_dict(state["history"])
+
+
+def _check_same_mode(path: Path, state: dict, ranks) -> None:
+    saved = state.get("distributed") or "ddp"
+    mode = ranks.mode if ranks is not None and ranks.world > 1 else "ddp"
+    if saved != mode:
+        raise CLIError(f"--resume: {path} was saved with --distributed {saved}; resume with the same --distributed")
 
 
 def _this_rank_rng(path: Path, trainer_state: dict, state: dict, ranks) -> dict:
@@ -198,19 +211,26 @@ def train(args, setup: Setup, out: Path) -> dict:
 
     ranks = setup.ranks
     world = ranks.world if ranks is not None else 1
+    sharded = ranks is not None and ranks.sharded
 
     def save(step: int) -> None:
         rank_rngs = ranks.rng_states(dev) if world > 1 else None   # collective: before the rank-0 test
-        if ranks is not None and not ranks.main:
-            return
         state = {"step": step, "micro_batches": step * plan.grad_accum, "history": history.as_dict(),
-                 "measured": setup.measured, "new_tokens": _json_safe(setup.new_tokens), "world_size": world}
-        save_checkpoint(out, step, _save_adapter(model), _trainer_state(optimizer, scheduler, dev, rank_rngs), state)
+                 "measured": setup.measured, "new_tokens": _json_safe(setup.new_tokens), "world_size": world,
+                 "distributed": ranks.mode if world > 1 else None}
+        trainer_state = _trainer_state(optimizer, scheduler, dev, rank_rngs)
+        if sharded:                               # every rank writes its optimizer shards
+            from lowcost.cli._distributed_run import save_sharded_checkpoint
+            del trainer_state["optimizer"]
+            save_sharded_checkpoint(out, step, model, optimizer, trainer_state, state, ranks)
+        elif ranks is None or ranks.main:
+            save_checkpoint(out, step, _save_adapter(model), trainer_state, state)
 
     held = (lambda step: evaluate(model, setup.held, dev, ranks=ranks)) if setup.held else None
     with PeakMemory(dev) as peak:
         run_steps(setup.trained or model, setup.params, setup.batches, plan, optimizer, scheduler, dev, history,
-                  start, held, save, first_forward if start == 0 else None, label="finetune", ranks=ranks)
+                  start, held, save, first_forward if start == 0 and not sharded else None, label="finetune",
+                  ranks=ranks)
     setup.measured["peak_memory_bytes_this_session"] = peak.bytes
     setup.measured["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
     return {"history": history.as_dict()}
@@ -220,25 +240,32 @@ def _json_safe(value):
     return json.loads(json.dumps(value, default=str)) if value is not None else None
 
 
-def _publish_adapter(model, out: Path) -> None:
+def publish_adapter(setup: Setup, out: Path) -> None:
+    """out/adapter, atomically. Every rank calls it (FSDP2 gathers the shards); rank 0 writes."""
     from lowcost.cli._rundir import publish_dir
+    model, ranks = setup.model, setup.ranks
 
-    def fill(tmp: Path) -> None:
+    def save(tmp: Path) -> None:
         _save_adapter(model)(tmp / "files")
+
+    def move_up(tmp: Path) -> None:
         for item in (tmp / "files").iterdir():
             os.rename(item, tmp / item.name)
         (tmp / "files").rmdir()
-    publish_dir(out / "adapter", fill)
+    if ranks is not None and ranks.sharded:
+        from lowcost.cli._distributed_run import publish_together
+        publish_together(out / "adapter", ranks, save, move_up)
+    elif ranks is None or ranks.main:
+        publish_dir(out / "adapter", lambda tmp: (save(tmp), move_up(tmp)))
 
 
 def finish(args, setup: Setup, out: Path, metrics: dict) -> None:
-    """Adapter (and tokenizer), metrics.json and loss.png."""
+    """Tokenizer (with new tokens), metrics.json and loss.png (``publish_adapter`` wrote the adapter)."""
     from lowcost.cli._plots import loss_curve
     from lowcost.cli._rundir import publish_dir, write_file
-    _publish_adapter(setup.model, out)
     if setup.new_tokens is not None:
         publish_dir(out / "tokenizer", lambda tmp: setup.tokenizer.save_pretrained(tmp))
-    n_train, n_all = trainable(setup.model)
+    n_train, n_all = setup.counts or trainable(setup.model)
     element = setup.params[0].element_size() if setup.params else 4
     metrics.update(model=args.model, data=args.data, options={k: v for k, v in vars(args).items() if k != "run"},
                    trainable_params=n_train, total_params=n_all, trainable_fraction=n_train / max(n_all, 1),

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace the run held in --out")
     opt.add_device_arguments(parser)
+    parser.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp"),
+                        help="under torchrun: DistributedDataParallel (default) or FSDP2 (fully_shard per block)")
 
 
 def _check_numbers(args) -> None:
@@ -105,7 +107,7 @@ def _validate(args):
 def run(args: argparse.Namespace) -> int:
     from lowcost.cli import _distributed_run as dist_run
     _check_numbers(args)
-    ranks, rank_device = dist_run.start(args.device, args.batch)   # torchrun: join the process group
+    ranks, rank_device = dist_run.start(args.device, args.batch, args.distributed)   # torchrun: join the group
     try:
         with dist_run.quiet_unless_main(ranks):
             return _run(args, ranks, rank_device)
@@ -135,7 +137,10 @@ def _run(args: argparse.Namespace, ranks, rank_device) -> int:
     fresh = not resuming
     setup = job.prepare(args, model, tokenizer, data, words, dev, fresh, ranks if ranks.world > 1 else None)
     job.patch(args, setup, lora, checkpoint)
+    from lowcost.cli._measure import trainable
+    setup.counts = trainable(model)
     setup.trained = dist_run.wrap(model, ranks, dev)
+    setup.params = [p for p in model.parameters() if p.requires_grad]   # FSDP2 replaced them by DTensors
     if not args.resume and ranks.main:
         from lowcost.cli._rundir import RUN_FILE, write_file
         run_info = {"options": _options_of(args), "python": platform.python_version(),
@@ -143,7 +148,8 @@ def _run(args: argparse.Namespace, ranks, rank_device) -> int:
         write_file(out / RUN_FILE, json.dumps(run_info, indent=1, default=str) + "\n")
     metrics = job.train(args, setup, out)
     metrics["seconds"] = time.perf_counter() - started
-    if ranks.main:                                 # the outputs: rank 0 alone (DDP: its adapter is everyone's)
+    job.publish_adapter(setup, out)                # every rank (FSDP2 gathers); rank 0 writes
+    if ranks.main:                                 # the other outputs: rank 0 alone
         metrics["world_size"] = ranks.world
         job.finish(args, setup, out, metrics)
         print(job.summary(setup, metrics, out))

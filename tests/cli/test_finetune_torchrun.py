@@ -1,6 +1,7 @@
-"""``lowcost finetune`` under torchrun: two gloo processes on the CPU train like one process on the same global
-batch, only rank 0 prints and writes, a --batch the world size does not divide is refused, and ``--resume``
-continues a two-process run exactly. One torchrun launch (torchrun_finetune.py runs all three commands).
+"""``lowcost finetune`` under torchrun: two gloo processes on the CPU, with DDP and with FSDP2
+(``--distributed fsdp``), train like one process on the same global batch, only rank 0 prints and writes, a
+--batch the world size does not divide is refused, and ``--resume`` continues a two-process run exactly.
+One torchrun launch (torchrun_finetune.py runs every command).
 
 Data: prompt/response records, so rows hold different numbers of target tokens (the ranks' losses must be
 weighted by their token shares, not averaged), and 53 training sequences in micro-batches of 4: the last
@@ -47,12 +48,17 @@ def _args(model, data) -> list[str]:
             "--save-every", "3", "--eval-every", "3", "--lr", "0.01"]
 
 
+MODES = ("ddp", "fsdp")
+
+
 @pytest.fixture(scope="module")
 def two(tiny_model, jsonl_files, tmp_path_factory):
-    root = tmp_path_factory.mktemp("torchrun")
-    report, logs = root / "report", root / "logs"
+    """(runs directory, each rank's report, each rank's {stdout, stderr} as torchrun logged them)."""
+    top = tmp_path_factory.mktemp("torchrun")
+    report, logs, root = top / "report", top / "logs", top / "runs"
     report.mkdir()
-    torchrun(ENTRY, [report, root / "out", root / "resumed", *_args(tiny_model, jsonl_files["pairs"])],
+    root.mkdir()
+    torchrun(ENTRY, [report, root, *_args(tiny_model, jsonl_files["pairs"])],
              timeout=600, torchrun_args=["--log-dir", logs, "--redirects", "3"])
     ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(2)]
     rank_logs = [{name: next(logs.glob(f"*/attempt_0/{r}/{name}.log")).read_text() for name in ("stdout", "stderr")}
@@ -83,10 +89,11 @@ def _close(actual: list, expected: list, rtol: float) -> None:
         assert abs(a - e) <= rtol * abs(e), (actual, expected)
 
 
-def test_two_processes_match_one_process(two, one):
+@pytest.mark.parametrize("mode", MODES)
+def test_two_processes_match_one_process(two, one, mode):
     root, ranks, _ = two
-    assert [r["code"] for r in ranks] == [[0, ""], [0, ""]]
-    a, b = _metrics(one), _metrics(root / "out")
+    assert [r[mode]["code"] for r in ranks] == [[0, ""], [0, ""]]
+    a, b = _metrics(one), _metrics(root / mode)
     assert (a["world_size"], b["world_size"]) == (1, 2)
     x, y = a["history"], b["history"]
     assert y["step"] == list(range(1, STEPS + 1))
@@ -96,60 +103,86 @@ def test_two_processes_match_one_process(two, one):
     assert [(e["step"], e["tokens"], e["chars"]) for e in y["evals"]] == \
         [(e["step"], e["tokens"], e["chars"]) for e in x["evals"]]
     _close([e["loss"] for e in y["evals"]], [e["loss"] for e in x["evals"]], LOSS_RTOL)
-    first, second = _adapter(one), _adapter(root / "out")
+    first, second = _adapter(one), _adapter(root / mode)
     assert first.keys() == second.keys()
     for key in first:
         scale = first[key].abs().max().item()
         assert (first[key] - second[key]).abs().max().item() <= ADAPTER_RTOL * scale, key
-    config = json.loads((root / "out" / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((root / mode / "adapter" / "adapter_config.json").read_text())
     assert config == json.loads((one / "adapter" / "adapter_config.json").read_text())
 
 
 def test_only_rank_0_prints_and_writes(two):
     root, ranks, logs = two
     summary = [line for line in logs[0]["stdout"].splitlines() if line.startswith("lowcost finetune: trained ")]
-    assert len(summary) == 2                                           # the run and the resumed run
+    assert len(summary) == 4                                           # 2 modes × (the run, the resumed run)
     assert "finetune: 100%" in logs[0]["stderr"]                       # rank 0's progress bar
     assert logs[1]["stdout"] == ""
     assert "finetune:" not in logs[1]["stderr"] and "Loading weights" not in logs[1]["stderr"], logs[1]["stderr"]
-    out = root / "out"
-    for name in ("run.json", "metrics.json", "loss.png", "adapter/adapter_model.safetensors",
-                 "adapter/adapter_config.json"):
-        assert (out / name).is_file(), name
-    # rank 1 only checked that --out is writable (creating it if missing, a probe file made and removed)
+    outs = [root / name for mode in MODES for name in (mode, f"{mode}-resumed")]
+    for out in outs:
+        for name in ("run.json", "metrics.json", "loss.png", "adapter/adapter_model.safetensors",
+                     "adapter/adapter_config.json"):
+            assert (out / name).is_file(), (out, name)
+    # rank 1 only checked that --out is writable (creating it if missing, a probe file made and removed) and,
+    # under FSDP2, wrote its own optimizer shard into rank 0's temporary checkpoint directory (DCP)
     probes = [(event, Path(path)) for event, path in ranks[1]["changes"]]
     assert probes, "the audit hook recorded nothing: it would not see a write either"
+    shards = []
     for event, path in probes:
-        assert path in (out, root / "resumed") and event == "os.mkdir" or \
-            path.name.startswith(".write-test-") and event in ("open", "os.remove"), (event, path)
+        if path.parent.name.startswith(".tmp-step-") and path.name == ".training_state.incomplete":
+            assert event == "os.mkdir" and path.parents[2].name.startswith("fsdp"), (event, path)
+        elif path.parent.name == ".training_state.incomplete":
+            shards.append((event, path.name, path.parents[3].name))
+        else:
+            assert path in outs and event == "os.mkdir" or \
+                path.name.startswith(".write-test-") and event in ("open", "os.remove"), (event, path)
+    # its shard of the checkpoints at steps 3, 6, 7 and of the resumed run's step 7: its own, and nothing else
+    assert shards == [("open", "shard-00002-model-00001-of-00001.safetensors", "fsdp")] * 3 + \
+        [("open", "shard-00002-model-00001-of-00001.safetensors", "fsdp-resumed")]
     assert not ranks[0]["changes"]                                     # rank 0 is not watched
 
 
-def test_checkpoints_hold_every_rank_rng(two):
+@pytest.mark.parametrize("mode", MODES)
+def test_checkpoints_hold_every_rank_rng(two, mode):
     root, _, _ = two
-    newest = sorted((root / "out" / "checkpoints").glob("step-*"))[-1]
+    newest = sorted((root / mode / "checkpoints").glob("step-*"))[-1]
     assert newest.name == f"step-{STEPS:06d}"
-    assert json.loads((newest / "state.json").read_text())["world_size"] == 2
+    saved = json.loads((newest / "state.json").read_text())
+    assert (saved["world_size"], saved["distributed"]) == (2, mode)
     state = torch.load(newest / "trainer_state.pt", weights_only=True)
     assert len(state["rank_rng"]) == 2 and torch.equal(state["rank_rng"][0]["cpu"], state["rng"]["cpu"])
+    assert not torch.equal(state["rank_rng"][0]["cpu"], state["rank_rng"][1]["cpu"])   # seed_rank: own streams
+    if mode == "ddp":                                                  # the same on every rank: rank 0's is whole
+        assert "optimizer" in state and not (newest / "training_state").exists()
+    else:                                                              # sharded: each rank's part, through DCP
+        assert "optimizer" not in state
+        assert sorted(p.name for p in (newest / "training_state").iterdir()) == [
+            "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors",
+            "training_state.json"]
+    assert not [p for p in (root / mode / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
-def test_resume_under_torchrun_continues_exactly(two):
+@pytest.mark.parametrize("mode", MODES)
+def test_resume_under_torchrun_continues_exactly(two, mode):
     root, ranks, _ = two
-    assert [r["resumed"][0] for r in ranks] == [0, 0], [r["resumed"][1] for r in ranks]
-    a, b = _metrics(root / "out")["history"], _metrics(root / "resumed")["history"]
+    assert [r[mode]["resumed"][0] for r in ranks] == [0, 0]
+    a, b = _metrics(root / mode)["history"], _metrics(root / f"{mode}-resumed")["history"]
     for key in ("step", "loss", "lr", "tokens", "evals"):             # exact: same world size, same ops
         assert b[key] == a[key], key
-    x, y = _adapter(root / "out"), _adapter(root / "resumed")
+    x, y = _adapter(root / mode), _adapter(root / f"{mode}-resumed")
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_resume_at_another_world_size_is_refused(two, tiny_model, jsonl_files, capsys):
+@pytest.mark.parametrize("mode, message", [("ddp", "was saved by 2 process(es), this run has 1; resume with the same "
+                                                     "world size (torchrun --nproc_per_node 2)"),
+                                           ("fsdp", "was saved with --distributed fsdp; resume with the same")])
+def test_resume_in_another_setting_is_refused(two, tiny_model, jsonl_files, capsys, mode, message):
     from lowcost.cli import main
     root, _, _ = two
-    code = main(["finetune", *_args(tiny_model, jsonl_files["pairs"]), "--out", str(root / "out"), "--resume"])
+    code = main(["finetune", *_args(tiny_model, jsonl_files["pairs"]), "--out", str(root / mode), "--resume"])
     err = capsys.readouterr().err
-    assert code == 2 and "was saved by 2 process(es), this run has 1" in err, err
+    assert code == 2 and message in err, err
 
 
 def test_batch_not_divisible_by_world_size_is_refused(two):
@@ -158,7 +191,7 @@ def test_batch_not_divisible_by_world_size_is_refused(two):
         code, err = rank["refused"]
         assert code == 2
         assert "--batch 3 is not divisible by the world size 2" in err and "use --batch 2 or 4" in err, err
-    assert not (root / "out-refused").exists()
+    assert not (root / "refused").exists()
 
 
 def test_check_batch_in_one_process():

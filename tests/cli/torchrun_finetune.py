@@ -1,13 +1,14 @@
-"""torchrun entry of test_finetune_torchrun.py: ``torchrun_finetune.py REPORT_DIR OUT RESUMED FINETUNE_ARGS...``.
+"""torchrun entry of test_finetune_torchrun.py: ``torchrun_finetune.py REPORT_DIR ROOT FINETUNE_ARGS...``.
 
 Every rank runs, in one launch (the process group is created here, so ``lowcost finetune`` joins it and
 leaves it alive between the calls):
 
-1. ``lowcost finetune FINETUNE_ARGS --batch 3 --out OUT-refused``: must be refused before any work;
-2. ``lowcost finetune FINETUNE_ARGS --out OUT``: the run. On ranks other than 0 a Python audit hook records
-   every file-system change under OUT (opening for writing, mkdir, rename, remove, chmod, rmtree);
-3. rank 0 copies OUT to RESUMED without its newest checkpoint and final outputs (as if the run had been
-   killed after the one before), then every rank runs step 2's command on RESUMED with ``--resume``.
+1. ``lowcost finetune FINETUNE_ARGS --batch 3 --out ROOT/refused``: must be refused before any work;
+2. for MODE in ddp, fsdp: ``lowcost finetune FINETUNE_ARGS --distributed MODE --out ROOT/MODE``. On ranks
+   other than 0 a Python audit hook records every file-system change under ROOT (opening for writing,
+   mkdir, rename, remove, chmod, rmtree);
+3. rank 0 copies ROOT/MODE to ROOT/MODE-resumed without its newest checkpoint and final outputs (as if the
+   run had been killed after the one before), then every rank runs step 2's command there with ``--resume``.
 
 Each rank writes ``REPORT_DIR/rank<r>.json``: exit codes, the refusal's message, the recorded changes.
 """
@@ -68,22 +69,28 @@ def _strip_last_checkpoint(out: Path, copy: Path) -> None:
         (copy / name).unlink()
 
 
+def _run_and_resume(args: list[str], out: Path, rank: int) -> dict:
+    result = {"code": _finetune([*args, "--out", str(out)])}
+    dist.barrier()
+    if rank == 0:
+        _strip_last_checkpoint(out, out.with_name(out.name + "-resumed"))
+    dist.barrier()
+    result["resumed"] = _finetune([*args, "--out", str(out.with_name(out.name + "-resumed")), "--resume"])
+    return result
+
+
 def main() -> None:
-    report, out, resumed, args = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
+    report, root, args = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     result: dict = {}
     try:
-        result["refused"] = _finetune([*args, "--batch", "3", "--out", f"{out}-refused"], capture=True)
+        result["refused"] = _finetune([*args, "--batch", "3", "--out", str(root / "refused")], capture=True)
         if rank != 0:
             sys.addaudithook(_audit)
-            _WATCHED.extend(os.path.abspath(p) for p in (out, resumed))
-        result["code"] = _finetune([*args, "--out", str(out)])
-        dist.barrier()
-        if rank == 0:
-            _strip_last_checkpoint(out, resumed)
-        dist.barrier()
-        result["resumed"] = _finetune([*args, "--out", str(resumed), "--resume"])
+            _WATCHED.append(os.path.abspath(root))
+        for mode in ("ddp", "fsdp"):
+            result[mode] = _run_and_resume([*args, "--distributed", mode], root / mode, rank)
         _WATCHED.clear()
         result["changes"] = _CHANGES
     finally:

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("patch", ("lowcost.patch",)),
     ("api", ("lowcost.api", "lowcost.distributed")),
     ("plan", ("lowcost.plan",)),      # runs lowcost.apply on fake tensors to predict a step's memory
-    ("cli", ("lowcost.cli",)),
+    ("cli", ("lowcost.cli", "lowcost.__main__")),   # python -m lowcost runs the command
 ]
 # Dependency-free helpers below every layer: anyone may import them (except the kernels, see below).
 HELPERS = ("lowcost._extension", "lowcost._families")

@@ -32,19 +32,22 @@ class Setup:
     params: list = field(default_factory=list)
     report: object = None
     fresh: bool = True               # False: resuming from a checkpoint
+    ranks: object = None             # _distributed_run.Ranks under torchrun (None: one process)
+    trained: object = None           # the module the loop runs (DDP around ``model`` under torchrun)
+    counts: Optional[tuple] = None   # (trainable, all) parameters, counted before FSDP2 sharded them
 
 
 def _held_batches(seqs, batch: int, pad: int) -> list:
     return [collate(seqs[i:i + batch], pad) for i in range(0, len(seqs), batch)]
 
 
-def _add_tokens(args, model, tokenizer, words, held_records, kind, dev, fresh: bool) -> dict:
+def _add_tokens(args, model, tokenizer, words, held_records, kind, dev, fresh: bool, ranks=None) -> dict:
     """Adds the --new-tokens words; returns counts and the step-0 held-out figures before and after."""
     from lowcost.warmstart import add_tokens
     result: dict = {"file": args.new_tokens}
     if held_records and fresh:
         seqs, _ = sequences(held_records, kind, tokenizer, args.seq_len)
-        result["before"] = evaluate(model, _held_batches(seqs, args.batch, pad_id(tokenizer)), dev)
+        result["before"] = evaluate(model, _held_batches(seqs, args.batch, pad_id(tokenizer)), dev, ranks=ranks)
     try:
         report = add_tokens(model, tokenizer, words)
     except (ValueError, RuntimeError) as exc:
@@ -54,13 +57,14 @@ def _add_tokens(args, model, tokenizer, words, held_records, kind, dev, fresh: b
     return result
 
 
-def prepare(args, model, tokenizer, data, words, dev, fresh: bool) -> Setup:
+def prepare(args, model, tokenizer, data, words, dev, fresh: bool, ranks=None) -> Setup:
     """Splits and encodes the data, adds new tokens, evaluates step 0 (``fresh``: no checkpoint to resume
-    from) and plans the steps."""
+    from) and plans the steps. ``ranks``: under torchrun (every rank prepares the same global data)."""
     from lowcost.cli._data import split
     from lowcost.cli.finetune import total_steps
     train_records, held_records = split(data, args.eval_fraction, args.seed)
-    new_tokens = _add_tokens(args, model, tokenizer, words, held_records, data.kind, dev, fresh) if words else None
+    new_tokens = (_add_tokens(args, model, tokenizer, words, held_records, data.kind, dev, fresh, ranks)
+                  if words else None)
     train, dropped = sequences(train_records, data.kind, tokenizer, args.seq_len)
     held, held_dropped = sequences(held_records, data.kind, tokenizer, args.seq_len)
     if not train:
@@ -78,9 +82,9 @@ def prepare(args, model, tokenizer, data, words, dev, fresh: bool) -> Setup:
             "train_sequences": len(train), "held_out_sequences": len(held), "dropped_too_long": dropped + held_dropped,
             "train_tokens": sum(len(s.ids) for s in train), "micro_batches_per_epoch": batches.per_epoch}
     setup = Setup(model, tokenizer, dev, batches, _held_batches(held, args.batch, pad), plan, info, new_tokens,
-                  fresh=fresh)
+                  fresh=fresh, ranks=ranks)
     if setup.held and fresh:
-        setup.step0 = evaluate(model, setup.held, dev)
+        setup.step0 = evaluate(model, setup.held, dev, ranks=ranks)
         if new_tokens is not None:
             new_tokens["after"] = setup.step0
     return setup
@@ -88,7 +92,8 @@ def prepare(args, model, tokenizer, data, words, dev, fresh: bool) -> Setup:
 
 def _first_batch(setup: Setup) -> dict:
     from lowcost.cli._train import to_device
-    return to_device(setup.batches.micro(0), setup.device)
+    batch = setup.batches.micro(0)
+    return to_device(setup.ranks.split(batch) if setup.ranks is not None else batch, setup.device)
 
 
 def patch(args, setup: Setup, lora, checkpoint) -> None:
@@ -131,9 +136,13 @@ def _describe(report) -> str:
             "blocks)")
 
 
-def _trainer_state(optimizer, scheduler, dev) -> dict:
+def _trainer_state(optimizer, scheduler, dev, rank_rngs: Optional[list] = None) -> dict:
+    """Optimizer, scheduler, RNG; under torchrun also ``rank_rng`` (every rank's RNG states, rank order)."""
     from lowcost.cli._rundir import rng_state
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(dev)}
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(dev)}
+    if rank_rngs is not None:
+        state["rank_rng"] = rank_rngs
+    return state
 
 
 def _save_adapter(model):
@@ -145,21 +154,47 @@ def _restore(args, setup: Setup, optimizer, scheduler) -> tuple[int, History]:
     """(first step to run, history so far): from the newest checkpoint, or a fresh start."""
     from lowcost.cli._rundir import latest_checkpoint, set_rng_state
     found = None if setup.fresh else latest_checkpoint(Path(args.out))
+    ranks = setup.ranks
     if found is None:
-        torch.manual_seed(args.seed + 1)          # the dropout stream starts from the seed, whatever ran before
+        if ranks is not None and ranks.world > 1:
+            from lowcost.distributed import seed_rank
+            seed_rank(args.seed + 1)              # each rank its own dropout stream
+        else:
+            torch.manual_seed(args.seed + 1)      # the dropout stream starts from the seed, whatever ran before
         history = History()
         if setup.step0 is not None:
             history.evals.append({"step": 0, **setup.step0})
         return 0, history
     path, trainer_state, state = found
-    optimizer.load_state_dict(trainer_state["optimizer"])
+    _check_same_mode(path, state, ranks)
+    if "optimizer" in trainer_state:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+    else:                                         # --distributed fsdp: sharded optimizer state, saved with DCP
+        from lowcost.distributed import load_training_state
+        load_training_state(path / "training_state", setup.model, optimizer)
     scheduler.load_state_dict(trainer_state["scheduler"])
-    set_rng_state(trainer_state["rng"], setup.device)
+    set_rng_state(_this_rank_rng(path, trainer_state, state, ranks), setup.device)
     setup.measured.update(state.get("measured", {}))
     if setup.new_tokens is not None:
         setup.new_tokens.update(state.get("new_tokens", {}))
     print(f"resuming from {path} (step {state['step']} of {setup.plan.total_steps})")
     return int(state["step"]), History.from_dict(state["history"])
+
+
+def _check_same_mode(path: Path, state: dict, ranks) -> None:
+    saved = state.get("distributed") or "ddp"
+    mode = ranks.mode if ranks is not None and ranks.world > 1 else "ddp"
+    if saved != mode:
+        raise CLIError(f"--resume: {path} was saved with --distributed {saved}; resume with the same --distributed")
+
+
+def _this_rank_rng(path: Path, trainer_state: dict, state: dict, ranks) -> dict:
+    """The RNG states this rank resumes with; the world size must be the one the checkpoint was saved at."""
+    saved, world = int(state.get("world_size", 1)), ranks.world if ranks is not None else 1
+    if saved != world:
+        raise CLIError(f"--resume: {path} was saved by {saved} process(es), this run has {world}; resume with "
+                       f"the same world size (torchrun --nproc_per_node {saved}) to continue its curve exactly")
+    return trainer_state["rank_rng"][ranks.rank] if world > 1 else trainer_state["rng"]
 
 
 def train(args, setup: Setup, out: Path) -> dict:
@@ -174,15 +209,28 @@ def train(args, setup: Setup, out: Path) -> dict:
         setup.measured["saved_activation_bytes"] = saved.bytes
         return loss
 
-    def save(step: int) -> None:
-        state = {"step": step, "micro_batches": step * plan.grad_accum, "history": history.as_dict(),
-                 "measured": setup.measured, "new_tokens": _json_safe(setup.new_tokens)}
-        save_checkpoint(out, step, _save_adapter(model), _trainer_state(optimizer, scheduler, dev), state)
+    ranks = setup.ranks
+    world = ranks.world if ranks is not None else 1
+    sharded = ranks is not None and ranks.sharded
 
-    held = (lambda step: evaluate(model, setup.held, dev)) if setup.held else None
+    def save(step: int) -> None:
+        rank_rngs = ranks.rng_states(dev) if world > 1 else None   # collective: before the rank-0 test
+        state = {"step": step, "micro_batches": step * plan.grad_accum, "history": history.as_dict(),
+                 "measured": setup.measured, "new_tokens": _json_safe(setup.new_tokens), "world_size": world,
+                 "distributed": ranks.mode if world > 1 else None}
+        trainer_state = _trainer_state(optimizer, scheduler, dev, rank_rngs)
+        if sharded:                               # every rank writes its optimizer shards
+            from lowcost.cli._distributed_run import save_sharded_checkpoint
+            del trainer_state["optimizer"]
+            save_sharded_checkpoint(out, step, model, optimizer, trainer_state, state, ranks)
+        elif ranks is None or ranks.main:
+            save_checkpoint(out, step, _save_adapter(model), trainer_state, state)
+
+    held = (lambda step: evaluate(model, setup.held, dev, ranks=ranks)) if setup.held else None
     with PeakMemory(dev) as peak:
-        run_steps(model, setup.params, setup.batches, plan, optimizer, scheduler, dev, history, start, held, save,
-                  first_forward if start == 0 else None, label="finetune")
+        run_steps(setup.trained or model, setup.params, setup.batches, plan, optimizer, scheduler, dev, history,
+                  start, held, save, first_forward if start == 0 and not sharded else None, label="finetune",
+                  ranks=ranks)
     setup.measured["peak_memory_bytes_this_session"] = peak.bytes
     setup.measured["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
     return {"history": history.as_dict()}
@@ -192,25 +240,32 @@ def _json_safe(value):
     return json.loads(json.dumps(value, default=str)) if value is not None else None
 
 
-def _publish_adapter(model, out: Path) -> None:
+def publish_adapter(setup: Setup, out: Path) -> None:
+    """out/adapter, atomically. Every rank calls it (FSDP2 gathers the shards); rank 0 writes."""
     from lowcost.cli._rundir import publish_dir
+    model, ranks = setup.model, setup.ranks
 
-    def fill(tmp: Path) -> None:
+    def save(tmp: Path) -> None:
         _save_adapter(model)(tmp / "files")
+
+    def move_up(tmp: Path) -> None:
         for item in (tmp / "files").iterdir():
             os.rename(item, tmp / item.name)
         (tmp / "files").rmdir()
-    publish_dir(out / "adapter", fill)
+    if ranks is not None and ranks.sharded:
+        from lowcost.cli._distributed_run import publish_together
+        publish_together(out / "adapter", ranks, save, move_up)
+    elif ranks is None or ranks.main:
+        publish_dir(out / "adapter", lambda tmp: (save(tmp), move_up(tmp)))
 
 
 def finish(args, setup: Setup, out: Path, metrics: dict) -> None:
-    """Adapter (and tokenizer), metrics.json and loss.png."""
+    """Tokenizer (with new tokens), metrics.json and loss.png (``publish_adapter`` wrote the adapter)."""
     from lowcost.cli._plots import loss_curve
     from lowcost.cli._rundir import publish_dir, write_file
-    _publish_adapter(setup.model, out)
     if setup.new_tokens is not None:
         publish_dir(out / "tokenizer", lambda tmp: setup.tokenizer.save_pretrained(tmp))
-    n_train, n_all = trainable(setup.model)
+    n_train, n_all = setup.counts or trainable(setup.model)
     element = setup.params[0].element_size() if setup.params else 4
     metrics.update(model=args.model, data=args.data, options={k: v for k, v in vars(args).items() if k != "run"},
                    trainable_params=n_train, total_params=n_all, trainable_fraction=n_train / max(n_all, 1),

@@ -98,9 +98,11 @@ def make_optimizer(params: list, plan: Plan):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict], device: torch.device, progress: Optional[str] = None) -> dict:
+def evaluate(model: nn.Module, batches: list[dict], device: torch.device, progress: Optional[str] = None,
+             ranks=None) -> dict:
     """Held-out loss (mean NLL per target token), perplexity and NLL per character of the covered text.
-    ``progress``: a label for a progress bar over the batches."""
+    ``progress``: a label for a progress bar over the batches. ``ranks`` (``_distributed_run.Ranks``): each
+    rank evaluates its rows of every batch and the sums are all-reduced (every rank must call it)."""
     was_training = model.training
     model.eval()
     nll = tokens = chars = 0.0
@@ -110,6 +112,7 @@ def evaluate(model: nn.Module, batches: list[dict], device: torch.device, progre
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for batch in batches:
+                batch = ranks.split(batch) if ranks is not None else batch
                 inputs = to_device(batch, device)
                 logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
                 labels = inputs["labels"][:, 1:]
@@ -121,6 +124,8 @@ def evaluate(model: nn.Module, batches: list[dict], device: torch.device, progre
                 chars += float((batch["chars"][:, 1:].to(device) * mask).sum())
     finally:
         model.train(was_training)
+    if ranks is not None:
+        nll, tokens, chars = ranks.sum([nll, tokens, chars])
     loss = nll / max(tokens, 1.0)
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"),
             "nats_per_char": nll / chars if chars else float("nan"), "tokens": int(tokens), "chars": int(chars)}
@@ -130,33 +135,54 @@ def _targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def train_step(model, micro_batches: list[dict], device, first_forward: Optional[Callable] = None) -> tuple[float, int]:
-    """Forward and backward over one step's micro-batches; returns (step loss, target tokens)."""
+def _no_target_loss(model, inputs: dict) -> torch.Tensor:
+    """A zero loss with a (zero) gradient for every parameter: a rank whose rows hold no target token still
+    runs forward and backward, as DDP needs (HF's mean over no tokens would be 0/0)."""
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    return logits.float().sum() * 0.0
+
+
+def train_step(model, micro_batches: list[dict], device, first_forward: Optional[Callable] = None,
+               ranks=None) -> tuple[float, int]:
+    """Forward and backward over one step's micro-batches; returns (step loss, target tokens).
+
+    ``ranks`` (``_distributed_run.Ranks``): the micro-batches are global; this rank runs its rows, its
+    mean loss weighted by its share of the step's targets times the world size (DDP averages gradients)."""
     total = max(1, sum(_targets(b) for b in micro_batches))
+    world = ranks.world if ranks is not None else 1
     step_loss = 0.0
     for i, batch in enumerate(micro_batches):
-        inputs = to_device(batch, device)
-        forward = lambda: model(**inputs).loss  # noqa: E731
+        local = ranks.split(batch) if ranks is not None else batch
+        inputs = to_device(local, device)
+        if _targets(local) == 0:
+            forward = lambda: _no_target_loss(model, inputs)  # noqa: E731
+        else:
+            forward = lambda: model(**inputs).loss  # noqa: E731
         loss = first_forward(forward) if (first_forward is not None and i == 0) else forward()
-        loss = loss * (_targets(batch) / total)
-        loss.backward()
+        loss = loss * (_targets(local) / total)
+        (loss * world if world > 1 else loss).backward()
         step_loss += float(loss.detach())
+    if world > 1:
+        step_loss = ranks.sum([step_loss])[0]
     return step_loss, total
 
 
 def run(model, params: list, batches: Batches, plan: Plan, optimizer, scheduler, device: torch.device,
         history: History, start_step: int = 0, evaluate_held_out: Optional[Callable] = None,
-        save: Optional[Callable] = None, first_forward: Optional[Callable] = None, label: str = "train") -> History:
+        save: Optional[Callable] = None, first_forward: Optional[Callable] = None, label: str = "train",
+        ranks=None) -> History:
     """Runs steps ``start_step`` … ``plan.total_steps - 1``; calls ``evaluate_held_out(step)`` and
-    ``save(step)`` (after the step, ``step`` counted from 1) when due and at the end."""
+    ``save(step)`` (after the step, ``step`` counted from 1) when due and at the end. ``ranks``: see
+    ``train_step``; the progress bar is shown on rank 0 only."""
     from tqdm.auto import tqdm
     model.train()
-    bar = tqdm(total=plan.total_steps, initial=start_step, desc=label, unit="step", dynamic_ncols=True)
+    quiet = {"disable": True} if ranks is not None and not ranks.main else {}
+    bar = tqdm(total=plan.total_steps, initial=start_step, desc=label, unit="step", dynamic_ncols=True, **quiet)
     try:
         for step in range(start_step, plan.total_steps):
             start = time.perf_counter()
             micro = [batches.micro(step * plan.grad_accum + i) for i in range(plan.grad_accum)]
-            loss, tokens = train_step(model, micro, device, first_forward if step == start_step else None)
+            loss, tokens = train_step(model, micro, device, first_forward if step == start_step else None, ranks)
             if plan.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, plan.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]

@@ -9,6 +9,8 @@ responses only). A held-out part (--eval-fraction) gives loss, perplexity and na
 DIR receives run.json, checkpoints/ (every --save-every steps: adapter, optimizer, scheduler, RNG state and
 data position, written atomically), adapter/ (PEFT layout), metrics.json and loss.png.
 --resume continues the run in DIR from its last checkpoint with the same loss curve as an uninterrupted run.
+Under torchrun --nproc_per_node N (lowcost finetune or python -m lowcost finetune) the N processes train with
+DDP on the same global batches as one process (--batch is global; N must divide it); rank 0 prints and writes.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     group.add_argument("--overwrite", action="store_true", help="replace the run held in --out")
     opt.add_device_arguments(parser)
+    parser.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp"),
+                        help="under torchrun: DistributedDataParallel (default) or FSDP2 (fully_shard per block)")
 
 
 def _check_numbers(args) -> None:
@@ -101,32 +105,54 @@ def _validate(args):
 
 
 def run(args: argparse.Namespace) -> int:
+    from lowcost.cli import _distributed_run as dist_run
+    _check_numbers(args)
+    ranks, rank_device = dist_run.start(args.device, args.batch, args.distributed)   # torchrun: join the group
+    try:
+        with dist_run.quiet_unless_main(ranks):
+            return _run(args, ranks, rank_device)
+    finally:
+        dist_run.stop(ranks)
+
+
+def _run(args: argparse.Namespace, ranks, rank_device) -> int:
     import torch
+    from lowcost.cli import _distributed_run as dist_run
     from lowcost.cli import _finetune_run as job
     from lowcost.cli._rundir import checkpoints
     started = time.perf_counter()
     dev, lora, checkpoint, data, words = _validate(args)
+    dev = rank_device                              # under torchrun: cuda:LOCAL_RANK on GPUs
     if data.skipped:
         print(f"skipped {data.skipped} bad line(s) of {data.path} (first: {data.first_skipped})")
     out = Path(args.out)
-    if args.overwrite:
+    resuming = args.resume and bool(checkpoints(out))
+    ranks.barrier()                                # every rank has checked --out before rank 0 writes there
+    if args.overwrite and ranks.main:
         from lowcost.cli._rundir import clear_outputs
         clear_outputs(out)
     torch.manual_seed(args.seed)
     model, tokenizer = opt.load_model(args.model, args.dtype, dev)
     opt.check_seq_len(model, args.seq_len)
-    fresh = not (args.resume and checkpoints(out))
-    setup = job.prepare(args, model, tokenizer, data, words, dev, fresh)
+    fresh = not resuming
+    setup = job.prepare(args, model, tokenizer, data, words, dev, fresh, ranks if ranks.world > 1 else None)
     job.patch(args, setup, lora, checkpoint)
-    if not args.resume:
+    from lowcost.cli._measure import trainable
+    setup.counts = trainable(model)
+    setup.trained = dist_run.wrap(model, ranks, dev)
+    setup.params = [p for p in model.parameters() if p.requires_grad]   # FSDP2 replaced them by DTensors
+    if not args.resume and ranks.main:
         from lowcost.cli._rundir import RUN_FILE, write_file
         run_info = {"options": _options_of(args), "python": platform.python_version(),
-                    "torch": torch.__version__, "pid": os.getpid()}
+                    "torch": torch.__version__, "pid": os.getpid(), "world_size": ranks.world}
         write_file(out / RUN_FILE, json.dumps(run_info, indent=1, default=str) + "\n")
     metrics = job.train(args, setup, out)
     metrics["seconds"] = time.perf_counter() - started
-    job.finish(args, setup, out, metrics)
-    print(job.summary(setup, metrics, out))
+    job.publish_adapter(setup, out)                # every rank (FSDP2 gathers); rank 0 writes
+    if ranks.main:                                 # the other outputs: rank 0 alone
+        metrics["world_size"] = ranks.world
+        job.finish(args, setup, out, metrics)
+        print(job.summary(setup, metrics, out))
     return 0
 
 

@@ -171,13 +171,13 @@ def _packages() -> tuple[list[str], dict[str, str]]:
 
 
 def _entry_points() -> dict[str, list[str]]:
-    """The ``lowcost`` command, once lowcost/cli/__init__.py defines main()."""
+    """The ``lowcost`` command, once lowcost/cli/__init__.py defines program()."""
     try:
         with open(os.path.join(ROOT, "lowcost", "cli", "__init__.py"), encoding="utf-8") as handle:
-            has_main = re.search(r"^def main\(", handle.read(), re.M) is not None
+            has_main = re.search(r"^def program\(", handle.read(), re.M) is not None
     except OSError:
         has_main = False
-    return {"console_scripts": ["lowcost = lowcost.cli:main"]} if has_main else {}
+    return {"console_scripts": ["lowcost = lowcost.cli:program"]} if has_main else {}
 
 
 # pip install --no-build-isolation ".[cli]": what the lowcost command and load_pretrained need; ".[demo]" adds

@@ -1,6 +1,4 @@
 """``python -m lowcost.cli`` is the ``lowcost`` command."""
-import sys
+from lowcost.cli import program
 
-from lowcost.cli import main
-
-sys.exit(main())
+program()

@@ -56,8 +56,8 @@ Tensor = torch.Tensor
 ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 RANK_STEP = 16
 MAX_RANK = 128
-SQRT_2_OVER_PI = 0.7978845608028654
-GELU_C = 0.044715
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # constexpr: a jit function reads only constexpr globals
+GELU_C = tl.constexpr(0.044715)
 
 
 @triton.jit

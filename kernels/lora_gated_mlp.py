@@ -222,7 +222,7 @@ def _blocks(dtype: torch.dtype) -> dict:
     """Fixed tile sizes (untuned without a GPU): fp32 halves the reduction step and the dA pass's columns."""
     f32 = dtype == torch.float32
     step = 32 if f32 else 64
-    return {"u": BlockConfig("u", 32, 0, step, 4, 3),
+    return {"u": BlockConfig("u", 32, 0, step, 4, 2),
             "y": BlockConfig("y", 64, 64, step, 4, 3),
             "dh": BlockConfig("dh", 64, step, 64, 4, 3),
             "da": BlockConfig("da", 32, 0, 64 if f32 else 128, 8, 3)}

@@ -42,7 +42,8 @@ def gated_mlp_launches(M: int, H: int, inter: int, r: int, dtype: torch.dtype, p
                        act: str = "silu", tf32: bool = False) -> list[Launch]:
     """The down projection's launches of one fused MLP forward + backward (dA_d needed)."""
     gate, up = torch.empty((M, inter), dtype=dtype), torch.empty((M, inter), dtype=dtype)
-    w, a, b = torch.empty((H, inter), dtype=dtype), torch.empty((r, inter), dtype=dtype), torch.empty((H, r), dtype=dtype)
+    w, a = torch.empty((H, inter), dtype=dtype), torch.empty((r, inter), dtype=dtype)
+    b = torch.empty((H, r), dtype=dtype)
     fwd, _, u = plan_down_forward(gate, up, w, a, b, 2.0, p, 1, act)
     bwd, _ = plan_down_backward(torch.empty((M, H), dtype=dtype), gate, up, w, a, torch.empty_like(u), p, 1, act,
                                 True, num_sms)

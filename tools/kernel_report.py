@@ -1,9 +1,10 @@
 """Kernel report: compile exactly what the LoRA kernels launch, for sm_90a without a GPU, and read the code.
 
     python tools/kernel_report.py [--shape M,K,N,r ...] [--dtype bf16] [--dropout P ...] [--arch sm_90a]
-                                  [--backend triton|cuda|all] [--json | --markdown] [--check]
+                                  [--backend triton|cuda|all] [--op OP ...] [--json | --markdown] [--check]
     python tools/kernel_report.py --all-configs        # compile every configuration the launchers can launch
-                                                       # (dense LoRA kernels and the dequantizing GEMMs)
+                                                       # (dense LoRA kernels, the dequantizing GEMMs, the
+                                                       # fused gated MLP and the fused loss)
     python tools/kernel_report.py --update-readme after   # rewrite the README table between its markers
 
 Per kernel launch at a shape (default: the benchmark shapes, bf16, M=8192, K=4096, N in {4096, 14336},
@@ -12,6 +13,12 @@ them, the MMA kind (wgmma / mma.sync / none, from the SASS), whether loads use T
 cp.async.bulk.tensor), global atomic/reduction instructions (RED/ATOM) and CTA barriers (BAR). Next to each
 big GEMM a plain reference GEMM of the same tile (tools/kernel_report_reference.py, ``reference: true``),
 so the cost of the fusion is visible.
+
+Ops (``--op``, default all): "lora_linear" at the shapes above; "lora_gated_mlp" (the down projection's
+kernels of the fused MLP, at Llama-3-8B's MLP: M=8192, H=4096, I=14336, r=16) and "linear_cross_entropy"
+(the fused loss's row kernel on one chunk at hidden 4096, vocabulary 128256), from
+``kernels.fused_launches``. A --shape is read by every selected op (M, K=H, N=I, r for the MLP; M, hidden,
+vocabulary for the loss).
 
 The Triton launches come from ``kernels.lora_linear.report_launches`` (the launchers' own planning code:
 same kernels, constexprs, grids and options) and are compiled the way a JIT launch compiles them (same

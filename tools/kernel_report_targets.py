@@ -68,7 +68,8 @@ def violations(rows: list[dict], num_sms: int) -> list[str]:
     """One line per (kernel, violated target); empty when every target holds."""
     groups: dict = {}
     for row in rows:
-        groups.setdefault((row.get("op", "lora_linear"), row["shape"], row["dropout"], row["dtype"]), {})[row["kernel"]] = row
+        key = (row.get("op", "lora_linear"), row["shape"], row["dropout"], row["dtype"])
+        groups.setdefault(key, {})[row["kernel"]] = row
     out = []
     for by_kernel in groups.values():
         for row in by_kernel.values():

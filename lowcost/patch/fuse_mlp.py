@@ -1,11 +1,11 @@
 """Fusion pass "mlp": gated MLPs whose projections are all fused LoRA linears become one ``LoRAGatedMLP``.
 
 Eligibility, per MLP (roles from the family table, ``lowcost._families``): gate/up/down (Llama, Mistral,
-Qwen2, Gemma) or gate_up/down (Phi-3) all adapted on the fused path (no bias, not Conv1D, one backend for all
-of them: None, "torch", or "triton" where the Triton kernels can run there), an MLP module with no parameters or buffers of its own and no children but those projections
-and its activation, an activation the op knows (checked numerically), and — the structure check — the
-wrapper computes what the original forward computes on a probe input (eval mode, no gradient). Anything
-else is refused with the reason.
+Qwen2, Gemma) or gate_up/down (Phi-3) all adapted on the fused path (no bias, not Conv1D, one backend for
+all of them: None, "torch", or "triton" where the Triton kernels can run there), an MLP module with no
+parameters or buffers of its own and no children but those projections and its activation, an activation
+the op knows (checked numerically), and — the structure check — the wrapper computes what the original
+forward computes on a probe input (eval mode, no gradient). Anything else is refused with the reason.
 """
 from __future__ import annotations
 

@@ -105,8 +105,8 @@ def test_fused_ops_all_configs_cover_every_kernel_once_with_the_benchmark_launch
     launches = list(aot_launches())
     labels = [launch.label for launch in launches]
     assert len(labels) == len(set(labels))
-    assert {getattr(launch.kernel, "fn", launch.kernel).__name__ for launch in launches} >= {"_gated_down_u_kernel", "_gated_down_y_kernel", "_gated_dh_kernel",
-                                        "_gated_da_kernel", "_xent_rows_kernel"}
+    assert {getattr(launch.kernel, "fn", launch.kernel).__name__ for launch in launches} >= {
+        "_gated_down_u_kernel", "_gated_down_y_kernel", "_gated_dh_kernel", "_gated_da_kernel", "_xent_rows_kernel"}
     bench = [launch for launch in launches if "bench" in launch.label]
     assert any(launch.label.startswith("mlp_dh") and launch.grid == (128 * 224,) for launch in bench)
     assert any(launch.label.startswith("xent_rows_grad") and launch.grid == (264,) for launch in bench)

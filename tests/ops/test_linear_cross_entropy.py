@@ -276,6 +276,10 @@ def test_triton_gradients_are_bitwise_reproducible_and_the_default_chunk_fills_t
     from lowcost.kernels.linear_cross_entropy import min_chunk_rows
     from lowcost.ops.linear_cross_entropy import default_chunk
     assert default_chunk(9, 2**22, min_chunk_rows(CPU)) == 6 and default_chunk(9, 2**22) == 2
+    from lowcost.kernels.fused_launches import gpu_chunk   # the kernel report's copy of the rule
+    for M, V in ((8192, 128256), (8192, 49152), (100, 50)):
+        assert gpu_chunk(M, V, 132) == default_chunk(M, V, 2 * 132)
+    assert gpu_chunk(8192, 128256, 132) == 264
     inputs = make_inputs(29, 17, 1100, r=3)
     grad = grad_of("mean", inputs["labels"])
     runs = [run_op(inputs, grad, True, "triton", lora_dropout=0.1, seed=5) for _ in range(2)]

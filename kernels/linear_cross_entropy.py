@@ -19,17 +19,18 @@ interpreter and every GPU run the same formula.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .aot import Variant, pointer_and_scalar_types
+from .lora_linear_plan import PROGRAMS_PER_SM, Launch, sm_count
 
 Tensor = torch.Tensor
 BLOCK_V = 1024
 NUM_WARPS = 4
+NUM_STAGES = 3  # Triton's default for a JIT launch without num_stages
 
 
 @triton.jit
@@ -102,28 +103,30 @@ def _check(z: Tensor, labels: Tensor, row_weight: Optional[Tensor]) -> None:
         f"Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before import (tensors are on {z.device})")
 
 
+def min_chunk_rows(device: torch.device) -> int:
+    """Rows a logits chunk should have at least on ``device``: one program per row, so PROGRAMS_PER_SM per
+    SM fill the GPU (the memory-sized default of the op, 2**23 logits, is 65 rows at vocab 128256: half an
+    H100/H200 would idle in this kernel, and the chunk's logits GEMM would have a 65-row M)."""
+    return PROGRAMS_PER_SM * sm_count(device)
+
+
+def plan_xent_rows(z: Tensor, labels: Tensor, row_weight: Optional[Tensor], loss: Tensor, ignore_index: int,
+                   label_smoothing: float, softcap: float) -> Launch:
+    """The launch of ``_xent_rows_kernel`` over the C rows of z (C, V): one program per row."""
+    C, V = z.shape
+    args = {"z_ptr": z, "labels_ptr": labels, "weight_ptr": loss if row_weight is None else row_weight,
+            "loss_ptr": loss, "V": V, "stride_zm": z.stride(0), "ignore_index": ignore_index,
+            "smoothing": float(label_smoothing), "softcap": float(softcap or 1.0)}
+    meta = {"HAS_GRAD": row_weight is not None, "SOFTCAP": bool(softcap), "BLOCK_V": BLOCK_V}
+    return Launch(_xent_rows_kernel, (C,), args, meta, NUM_WARPS, NUM_STAGES,
+                  "xent_rows_grad" if row_weight is not None else "xent_rows")
+
+
 def softmax_xent_rows(z: Tensor, labels: Tensor, row_weight: Optional[Tensor], ignore_index: int,
                       label_smoothing: float, softcap: float) -> Tensor:
     """Loss of each row of z (C, V) as float32 (C,); with ``row_weight`` (C,) float32, z ← dz in place."""
     _check(z, labels, row_weight)
-    C, V = z.shape
-    loss = torch.empty(C, dtype=torch.float32, device=z.device)
-    if C == 0:
-        return loss
-    _xent_rows_kernel[(C,)](z, labels, loss if row_weight is None else row_weight, loss, V, z.stride(0),
-                            ignore_index, float(label_smoothing), float(softcap or 1.0),
-                            HAS_GRAD=row_weight is not None, SOFTCAP=bool(softcap), BLOCK_V=BLOCK_V,
-                            num_warps=NUM_WARPS)
+    loss = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    if z.shape[0] > 0:
+        plan_xent_rows(z, labels, row_weight, loss, ignore_index, label_smoothing, softcap).run()
     return loss
-
-
-def aot_launches() -> Iterator[Variant]:
-    """Every variant the launcher compiles (dtype x gradient x soft-cap), for the sm_90 compile check."""
-    for dtype in ("fp32", "fp16", "bf16"):
-        for has_grad in (False, True):
-            for softcap in (False, True):
-                types = pointer_and_scalar_types(_xent_rows_kernel, {"z_ptr": dtype, "labels_ptr": "i64",
-                                                                     "weight_ptr": "fp32", "loss_ptr": "fp32"},
-                                                 floats=("smoothing", "softcap"))
-                yield Variant(_xent_rows_kernel, types, {"HAS_GRAD": has_grad, "SOFTCAP": softcap, "BLOCK_V": BLOCK_V},
-                              NUM_WARPS, 2, f"xent_rows z={dtype} HAS_GRAD={has_grad} SOFTCAP={softcap}")

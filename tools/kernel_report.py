@@ -1,9 +1,10 @@
 """Kernel report: compile exactly what the LoRA kernels launch, for sm_90a without a GPU, and read the code.
 
     python tools/kernel_report.py [--shape M,K,N,r ...] [--dtype bf16] [--dropout P ...] [--arch sm_90a]
-                                  [--backend triton|cuda|all] [--json | --markdown] [--check]
+                                  [--backend triton|cuda|all] [--op OP ...] [--json | --markdown] [--check]
     python tools/kernel_report.py --all-configs        # compile every configuration the launchers can launch
-                                                       # (dense LoRA kernels and the dequantizing GEMMs)
+                                                       # (dense LoRA kernels, the dequantizing GEMMs, the
+                                                       # fused gated MLP and the fused loss)
     python tools/kernel_report.py --update-readme after   # rewrite the README table between its markers
 
 Per kernel launch at a shape (default: the benchmark shapes, bf16, M=8192, K=4096, N in {4096, 14336},
@@ -12,6 +13,12 @@ them, the MMA kind (wgmma / mma.sync / none, from the SASS), whether loads use T
 cp.async.bulk.tensor), global atomic/reduction instructions (RED/ATOM) and CTA barriers (BAR). Next to each
 big GEMM a plain reference GEMM of the same tile (tools/kernel_report_reference.py, ``reference: true``),
 so the cost of the fusion is visible.
+
+Ops (``--op``, default all): "lora_linear" at the shapes above; "lora_gated_mlp" (the down projection's
+kernels of the fused MLP, at Llama-3-8B's MLP: M=8192, H=4096, I=14336, r=16) and "linear_cross_entropy"
+(the fused loss's row kernel on one chunk at hidden 4096, vocabulary 128256), from
+``kernels.fused_launches``. A --shape is read by every selected op (M, K=H, N=I, r for the MLP; M, hidden,
+vocabulary for the loss).
 
 The Triton launches come from ``kernels.lora_linear.report_launches`` (the launchers' own planning code:
 same kernels, constexprs, grids and options) and are compiled the way a JIT launch compiles them (same
@@ -40,6 +47,11 @@ BENCH_DROPOUTS = (0.0, 0.05)
 SM90_SMS = 132  # H100/H200 SXM: the SM count the report plans persistent grids and row tiles for
 SM90_MAX_SHARED = 232448
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+OPS = ("lora_linear", "lora_gated_mlp", "linear_cross_entropy")
+# lora_linear: M, K, N, r; lora_gated_mlp: M tokens, H = K, I = N, r (Llama-3-8B's MLP); linear_cross_entropy:
+# M tokens, hidden K, vocabulary N (Llama-3's 128256), r unused (the head's GEMMs are torch's)
+DEFAULT_SHAPES = {"lora_linear": BENCH_SHAPES, "lora_gated_mlp": ((8192, 4096, 14336, 16),),
+                  "linear_cross_entropy": ((8192, 4096, 128256, 16),)}
 JSON_KEYS = ("kernel", "backend", "role", "grid", "persistent", "regs", "spills", "smem", "ctas_per_sm", "mma",
              "tma", "atomics", "barriers")
 
@@ -51,28 +63,34 @@ def _setup_paths() -> None:
             sys.path.insert(0, path)
 
 
-def report_jobs(shapes, dtype_name: str, dropouts, num_sms: int) -> list[dict]:
-    """Every launch to compile for the report: one dict per kernel and per reference GEMM."""
+def report_jobs(shapes, dtype_name: str, dropouts, num_sms: int, ops=OPS) -> list[dict]:
+    """Every launch to compile for the report: one dict per kernel and per reference GEMM. ``shapes`` None:
+    each op at its own benchmark shapes (DEFAULT_SHAPES)."""
     _setup_paths()
     import torch
+    from kernels.fused_launches import report_launches as fused_launches
     from kernels.lora_linear import report_launches
     from kernel_report_reference import ReferenceSpec, reference_launch
 
     dtype = getattr(torch, DTYPES[dtype_name])
     jobs = []
-    for shape in shapes:
-        for p in dropouts:
-            for launch in report_launches(*shape, dtype, p, num_sms):
-                where = {"shape": ",".join(map(str, shape)), "dropout": p, "dtype": dtype_name}
-                jobs.append({**where, "launch": launch, "kernel": launch.label, "role": launch.role,
-                             "persistent": launch.persistent, "config": launch.config_text()})
-                if launch.reference is not None:
-                    spec = ReferenceSpec(dtype=dtype, **launch.reference)
-                    kernel, grid, args, meta = reference_launch(spec)
-                    jobs.append({**where, "kernel": f"reference GEMM ({launch.label})", "role": "gemm",
-                                 "reference": True, "persistent": spec.persistent, "raw": (kernel, grid, args, meta),
-                                 "options": (spec.num_warps, spec.num_stages),
-                                 "config": _reference_config(spec)})
+    for op in ops:
+        for shape in shapes or DEFAULT_SHAPES[op]:
+            # the loss's row kernel has no dropout: once, under the first p
+            for p in dropouts if op != "linear_cross_entropy" else dropouts[:1]:
+                launches = (report_launches(*shape, dtype, p, num_sms) if op == "lora_linear" else
+                            fused_launches(op, *shape, dtype, p, num_sms))
+                for launch in launches:
+                    where = {"op": op, "shape": ",".join(map(str, shape)), "dropout": p, "dtype": dtype_name}
+                    jobs.append({**where, "launch": launch, "kernel": launch.label, "role": launch.role,
+                                 "persistent": launch.persistent, "config": launch.config_text()})
+                    if launch.reference is not None:
+                        spec = ReferenceSpec(dtype=dtype, **launch.reference)
+                        kernel, grid, args, meta = reference_launch(spec)
+                        jobs.append({**where, "kernel": f"reference GEMM ({launch.label})", "role": "gemm",
+                                     "reference": True, "persistent": spec.persistent,
+                                     "raw": (kernel, grid, args, meta), "options": (spec.num_warps, spec.num_stages),
+                                     "config": _reference_config(spec)})
     return jobs
 
 
@@ -83,9 +101,10 @@ def _reference_config(spec) -> str:
 
 def all_config_jobs(text: str) -> list[dict]:
     _setup_paths()
+    from kernels.fused_launches import aot_launches as fused_launches      # gated MLP and loss (issue #12)
     from kernels.lora_linear import aot_launches
     from kernels.qlora_linear import aot_launches as quantized_launches   # the dequantizing GEMMs (issue #13)
-    launches = itertools.chain(aot_launches(), quantized_launches())
+    launches = itertools.chain(aot_launches(), quantized_launches(), fused_launches())
     return [{"launch": launch, "kernel": launch.label} for launch in launches if text in launch.label]
 
 
@@ -201,15 +220,24 @@ def _cell(row: dict, key: str) -> str:
 def _groups(rows: list[dict]):
     seen = {}
     for row in rows:
-        seen.setdefault((row["shape"], row["dropout"], row["dtype"]), []).append(row)
+        seen.setdefault((row.get("op", "lora_linear"), row["shape"], row["dropout"], row["dtype"]), []).append(row)
     return seen.items()
+
+
+def _title(op: str, shape: str, p: float, dtype: str) -> str:
+    M, K, N, r = shape.split(",")
+    if op == "lora_gated_mlp":
+        return (f"lora_gated_mlp, down projection's kernels (gate and up are the lora_linear launches at "
+                f"M={M} K={K} N={N}): M={M} H={K} I={N} r={r} {dtype} p={p}")
+    if op == "linear_cross_entropy":
+        return f"linear_cross_entropy, row kernel of one chunk: M={M} hidden={K} vocab={N} {dtype}"
+    return f"M={M} K={K} N={N} r={r} {dtype} p={p}"
 
 
 def format_table(rows: list[dict], markdown: bool) -> str:
     out = []
-    for (shape, p, dtype), group in _groups(rows):
-        M, K, N, r = shape.split(",")
-        title = f"M={M} K={K} N={N} r={r} {dtype} p={p}"
+    for (op, shape, p, dtype), group in _groups(rows):
+        title = _title(op, shape, p, dtype)
         cells = [[_cell(row, key) for key, _ in COLUMNS] for row in group]
         heads = [head for _, head in COLUMNS]
         if markdown:
@@ -225,7 +253,7 @@ def format_table(rows: list[dict], markdown: bool) -> str:
 
 
 def json_rows(rows: list[dict]) -> list[dict]:
-    extra = ("reference", "shape", "dropout", "dtype", "config", "limiter", "ok", "error")
+    extra = ("op", "reference", "shape", "dropout", "dtype", "config", "limiter", "ok", "error")
     return [{**{k: row.get(k) for k in JSON_KEYS}, **{k: row[k] for k in extra if k in row}} for row in rows]
 
 
@@ -260,6 +288,9 @@ def _parse_args(argv):
     parser.add_argument("--dropout", action="append", type=float, help="p (repeatable; default 0 and 0.05)")
     parser.add_argument("--arch", default="sm_90a", choices=["sm_90a"], help="compile target")
     parser.add_argument("--backend", default="all", choices=["triton", "cuda", "all"])
+    parser.add_argument("--op", action="append", choices=OPS,
+                        help="Triton ops to report (repeatable; default all). With --shape, each op reads it "
+                             "as it reads its default (see DEFAULT_SHAPES)")
     parser.add_argument("--num-sms", type=int, default=SM90_SMS, help="SM count the launches are planned for")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="a JSON list, one object per kernel")
@@ -273,6 +304,7 @@ def _parse_args(argv):
     parser.add_argument("--keep-cache", action="store_true",
                         help="use the normal Triton cache (default: a fresh one, so everything really compiles)")
     args = parser.parse_args(argv)
+    args.ops = tuple(args.op) if args.op else OPS
     try:
         args.shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else BENCH_SHAPES
     except ValueError:
@@ -301,7 +333,8 @@ def all_configs(args) -> int:
 def report(args) -> int:
     rows, notes = [], []
     if args.backend in ("triton", "all"):
-        key = ("report", tuple(args.shapes), args.dtype, args.dropouts, args.num_sms)
+        key = ("report", tuple(args.shapes) if args.shape else None, args.dtype, args.dropouts, args.num_sms,
+               args.ops)
         rows += run_jobs(key, len(report_jobs(*key[1:])), args.jobs, progress=not args.json)
     if args.backend in ("cuda", "all"):
         cuda, error = cuda_rows(args.shapes, args.dtype, args.dropouts, args.arch)

@@ -11,7 +11,7 @@ import os
 import torch
 
 from lowcost.ops._torch_backend import _dropout
-from lowcost.ops.backend import BACKENDS, ENV_VAR, _unavailable_reason
+from lowcost.ops.backend import BACKENDS, ENV_VAR, unavailable_reason
 from lowcost.reference import qlora_linear as reference
 from lowcost.reference.quant import FORMATS, dequantize_packed, dynamic_map, nf4_code
 
@@ -28,14 +28,14 @@ def resolve_quant_backend(requested, device: torch.device, rank: int, scheme: st
     at = f" ({where})" if where else ""
     if name is None:
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
-        return next(c for c in order if scheme in QUANT_SUPPORT[c] and _unavailable_reason(c, device, rank) is None)
+        return next(c for c in order if scheme in QUANT_SUPPORT[c] and unavailable_reason(c, device, rank) is None)
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if scheme not in QUANT_SUPPORT[name]:
         takes = ", ".join(QUANT_SUPPORT[name]) or "no quantized format yet"
         raise ValueError(f"{source}={name!r} has no kernel for a {scheme!r} weight{at} (it takes: {takes}); "
                          "use backend='torch' (every format) or None")
-    reason = _unavailable_reason(name, device, rank)
+    reason = unavailable_reason(name, device, rank)
     if reason is not None:
         raise ValueError(f"{source}={name!r} is not available{at}: {reason}")
     return name

@@ -43,7 +43,8 @@ def cuda_kernels_usable(device: torch.device) -> bool:
             and _capability(device) >= CUDA_MIN_CAPABILITY)
 
 
-def _unavailable_reason(name: str, device: torch.device, rank: int) -> str | None:
+def unavailable_reason(name: str, device: torch.device, rank: int) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` at LoRA rank ``rank``, or None when it can."""
     if name == "triton" and not triton_usable(device):
         if not triton_importable():
             return "triton is not installed"
@@ -69,12 +70,12 @@ def resolve_backend(requested: str | None, device: torch.device, rank: int = 1) 
         source, name = ENV_VAR, os.environ[ENV_VAR]
     if name is None:
         for candidate in (("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)):
-            if _unavailable_reason(candidate, device, rank) is None:
+            if unavailable_reason(candidate, device, rank) is None:
                 return candidate
         return "torch"
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    reason = _unavailable_reason(name, device, rank)
+    reason = unavailable_reason(name, device, rank)
     if reason is not None:
         raise ValueError(f"{source}={name!r} is not available: {reason}")
     return name

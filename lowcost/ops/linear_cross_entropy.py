@@ -42,9 +42,17 @@ CHUNK_ELEMENTS = 2**23          # default chunk: about 8M logits (32 MiB in floa
 NO_GRADS = (False,) * 5
 
 
-def default_chunk(rows: int, vocab: int) -> int:
-    """Rows per logits buffer: ~CHUNK_ELEMENTS logits, at least 1 row, at most all of them."""
-    return max(1, min(rows, CHUNK_ELEMENTS // max(vocab, 1)))
+def default_chunk(rows: int, vocab: int, min_rows: int = 1) -> int:
+    """Rows per logits buffer: ~CHUNK_ELEMENTS logits, at least ``min_rows`` (the Triton row kernel's rows
+    that fill the GPU; 1 on the torch backend) and at least 1 row, at most all of them."""
+    return max(1, min(rows, max(min_rows, CHUNK_ELEMENTS // max(vocab, 1))))
+
+
+def _min_chunk_rows(backend: str, device: torch.device) -> int:
+    if backend != "triton":
+        return 1
+    from lowcost.kernels.linear_cross_entropy import min_chunk_rows  # triton: heavy import
+    return min_chunk_rows(device)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -153,7 +161,7 @@ def _run(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, lora_dropout,
     lora = None if lora_a is None else HeadLoRA(lora_a, lora_b, lora_scale, lora_dropout, int(seed))
     h2, lab = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
     _check_label_range(lab, weight.shape[0], spec.ignore_index)
-    chunk = chunk or default_chunk(h2.shape[0], weight.shape[0])
+    chunk = chunk or default_chunk(h2.shape[0], weight.shape[0], _min_chunk_rows(backend, h2.device))
     return linear_cross_entropy_rows(h2, weight, lab, bias, lora, spec, chunk, row_weight, tuple(needs),
                                      _rows_fn(backend), _torch_backend._dropout), lab
 
@@ -265,7 +273,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
         labels: (...) int64 class indices in [0, V) or ``ignore_index``; hidden's leading shape.
         bias: (V,) or None. ignore_index, reduction ("mean" | "sum" | "none"), label_smoothing: as in
             ``F.cross_entropy`` ("mean" over the labels not ignored; NaN when all are ignored).
-        chunk: rows per logits buffer (default: about 2**23 logits per buffer).
+        chunk: rows per logits buffer (default: about 2**23 logits per buffer; on the Triton backend at least
+            2 rows per SM, so the row kernel fills the GPU: 264 rows on a 132-SM H100/H200).
         softcap: c for Gemma's final-logit soft-capping z ← c·tanh(z/c), or None.
         lora_a (r, K), lora_b (V, r), lora_scale, lora_dropout, seed: a LoRA adapter on the head, exactly
             as ``lowcost.ops.lora_linear`` computes it (same Philox mask for the same seed).

@@ -1,11 +1,11 @@
 """Fusion pass "mlp": gated MLPs whose projections are all fused LoRA linears become one ``LoRAGatedMLP``.
 
 Eligibility, per MLP (roles from the family table, ``lowcost._families``): gate/up/down (Llama, Mistral,
-Qwen2, Gemma) or gate_up/down (Phi-3) all adapted on the fused path (no bias, not Conv1D, backend None or
-"torch"), an MLP module with no parameters or buffers of its own and no children but those projections
-and its activation, an activation the op knows (checked numerically), and — the structure check — the
-wrapper computes what the original forward computes on a probe input (eval mode, no gradient). Anything
-else is refused with the reason.
+Qwen2, Gemma) or gate_up/down (Phi-3) all adapted on the fused path (no bias, not Conv1D, one backend for
+all of them: None, "torch", or "triton" where the Triton kernels can run there), an MLP module with no
+parameters or buffers of its own and no children but those projections and its activation, an activation
+the op knows (checked numerically), and — the structure check — the wrapper computes what the original
+forward computes on a probe input (eval mode, no gradient). Anything else is refused with the reason.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torch import nn
 from lowcost._families import module_roles
 from lowcost.nn.lora_gated_mlp import LoRAGatedMLP
 from lowcost.nn.lora_linear import LoRALinear
+from lowcost.ops.backend import triton_usable, unavailable_reason
 from lowcost.reference.lora_gated_mlp import ACTIVATIONS, activation as reference_activation
 
 _ACT_ATTRS = ("act_fn", "activation_fn", "act")
@@ -56,9 +57,27 @@ def _layer_problem(name: str, layer: nn.Module) -> str:
         return f"{name} has a bias (the fused MLP takes bias-free projections)"
     if layer.fan_in_fan_out:
         return f"{name} is a Conv1D"
-    if layer.backend not in (None, "torch"):
-        return f"{name} asks for backend={layer.backend!r}; the fused MLP runs on the torch backend only"
+    if layer.backend == "cuda":
+        return f"{name} asks for backend='cuda'; the fused MLP has no CUDA C++ kernels (its backends: torch, triton)"
     return ""
+
+
+def _backend_problem(layers: dict[str, LoRALinear]) -> str:
+    """Why the projections cannot share one fused-MLP backend ("" when they can). The op takes one backend;
+    on "triton" it runs the unfused layers' own LoRA-linear kernels and Philox masks, so it is exact
+    wherever those can run (CUDA, or TRITON_INTERPRET=1), for r <= TRITON_MAX_RANK and no float64."""
+    backends = {attr: layer.backend for attr, layer in layers.items()}
+    if len(set(backends.values())) > 1:
+        return f"the projections ask for different backends {backends}; the fused MLP runs one backend"
+    if set(backends.values()) != {"triton"}:
+        return ""
+    weight = next(iter(layers.values())).weight
+    if weight.dtype == torch.float64:
+        return "backend='triton' with float64 weights (the Triton kernels take fp32/fp16/bf16)"
+    rank = max(layer.lora_A.shape[0] for layer in layers.values())
+    # a meta-device model (lowcost plan) runs later on a device we cannot see: only the rank is checked
+    why = unavailable_reason("triton", torch.device("cuda") if weight.is_meta else weight.device, rank)
+    return f"backend='triton' cannot run here: {why}" if why else ""
 
 
 def _structure_problem(mlp: nn.Module, roles: dict[str, str]) -> str:
@@ -73,7 +92,7 @@ def _structure_problem(mlp: nn.Module, roles: dict[str, str]) -> str:
         problem = _layer_problem(attr, getattr(mlp, attr))
         if problem:
             return problem
-    return ""
+    return _backend_problem({attr: getattr(mlp, attr) for attr in roles.values()})
 
 
 def _cpu_twin(mlp: nn.Module) -> nn.Module:
@@ -81,6 +100,9 @@ def _cpu_twin(mlp: nn.Module) -> nn.Module:
     random weights and zero buffers: the structure check compares forwards, which needs values but not the
     model's own values (B of a fresh adapter is zero, so random B checks the LoRA terms too)."""
     twin = copy.deepcopy(mlp).to_empty(device="cpu")
+    for layer in twin.modules():  # the probe checks structure; Triton may not run on this CPU
+        if isinstance(layer, LoRALinear) and layer.backend == "triton" and not triton_usable(torch.device("cpu")):
+            layer.backend = None
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for buffer in twin.buffers():

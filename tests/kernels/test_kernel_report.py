@@ -86,9 +86,30 @@ def test_report_compiles_a_small_shape_for_sm90a(tmp_path):
     kernels = {row["kernel"] for row in rows}
     assert {"fwd_u", "fwd_y", "bwd_g", "bwd_dx", "bwd_x", "reference GEMM (fwd_y)"} <= kernels
     assert all(row["reference"] for row in rows if row["kernel"].startswith("reference"))
-    gemms = [row for row in rows if row["role"] == "gemm" and not row.get("reference")]
+    gemms = [row for row in rows if row["role"] == "gemm" and not row.get("reference") and row["op"] == "lora_linear"]
     assert gemms and all(row["mma"] == "wgmma" and row["tma"] and row["persistent"] for row in gemms)
     assert all(row["atomics"] == 0 and row["spills"] == 0 for row in rows)
+    fused = {row["op"]: set() for row in rows}
+    for row in rows:
+        fused[row["op"]].add(row["kernel"])
+    assert fused["lora_gated_mlp"] == {"mlp_down_u", "mlp_down_y", "mlp_dh", "mlp_da", "reduce_mlp_dA"}
+    assert fused["linear_cross_entropy"] == {"xent_rows", "xent_rows_grad"}
+    assert all(row["mma"] == "wgmma" for row in rows if row["op"] == "lora_gated_mlp" and row["role"] == "gemm")
+
+
+def test_fused_ops_all_configs_cover_every_kernel_once_with_the_benchmark_launches():
+    """--all-configs takes the fused MLP's and loss's launches from their planners: every kernel, each
+    configuration once, and the launches at the benchmark shapes (Llama-3-8B's MLP, vocab 128256)."""
+    sys.path.insert(0, str(REPO))
+    from kernels.fused_launches import aot_launches
+    launches = list(aot_launches())
+    labels = [launch.label for launch in launches]
+    assert len(labels) == len(set(labels))
+    assert {getattr(launch.kernel, "fn", launch.kernel).__name__ for launch in launches} >= {
+        "_gated_down_u_kernel", "_gated_down_y_kernel", "_gated_dh_kernel", "_gated_da_kernel", "_xent_rows_kernel"}
+    bench = [launch for launch in launches if "bench" in launch.label]
+    assert any(launch.label.startswith("mlp_dh") and launch.grid == (128 * 224,) for launch in bench)
+    assert any(launch.label.startswith("xent_rows_grad") and launch.grid == (264,) for launch in bench)
 
 
 def test_cuda_rows_come_from_the_cuda_module_or_say_why_not(monkeypatch):

@@ -266,3 +266,23 @@ def test_bad_input(case, change, error, message):
     kwargs.update(change)
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         linear_cross_entropy(**kwargs)
+
+
+@pytest.mark.skipif(not triton_usable(CPU), reason="triton not installed")
+def test_triton_gradients_are_bitwise_reproducible_and_the_default_chunk_fills_the_gpu():
+    """No atomics anywhere (the row kernel has one writer per element; the head's GEMMs are torch's): two
+    runs give the same bits. On Triton the default chunk has at least 2 rows per SM (3 SMs under the
+    interpreter: 6 rows), so at V=2**22 (default 2 rows) a 9-row batch is cut into chunks of 6 and 3."""
+    from lowcost.kernels.linear_cross_entropy import min_chunk_rows
+    from lowcost.ops.linear_cross_entropy import default_chunk
+    assert default_chunk(9, 2**22, min_chunk_rows(CPU)) == 6 and default_chunk(9, 2**22) == 2
+    from lowcost.kernels.fused_launches import gpu_chunk   # the kernel report's copy of the rule
+    for M, V in ((8192, 128256), (8192, 49152), (100, 50)):
+        assert gpu_chunk(M, V, 132) == default_chunk(M, V, 2 * 132)
+    assert gpu_chunk(8192, 128256, 132) == 264
+    inputs = make_inputs(29, 17, 1100, r=3)
+    grad = grad_of("mean", inputs["labels"])
+    runs = [run_op(inputs, grad, True, "triton", lora_dropout=0.1, seed=5) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for name, g in runs[0][1].items():
+        assert torch.equal(g, runs[1][1][name]), name

@@ -28,6 +28,9 @@ recomputes the chunks.
 Aten kernels are assumed to need no workspace beyond their outputs (on CPU the flash-attention and
 GEMM kernels use per-thread tiles; cuBLAS workspaces are a few MiB). The Triton and CUDA backends fuse
 the mask and keep less than this; the estimate is for the torch backend and is an upper bound for them.
+One exception, not modelled yet: the fused loss on Triton takes chunks of at least 2 rows per SM (264 on
+132 SMs) so that its row kernel fills the GPU; at vocabulary 128256 that chunk is 264 rows instead of the
+torch backend's 65, about 250 MB more workspace than this estimate in bf16.
 """
 from __future__ import annotations
 

@@ -142,3 +142,17 @@ def test_cli_quantize(tmp_path, capsys):
     rows = {s["setup"]: s for s in json.loads(capsys.readouterr().out)["setups"]}
     assert rows["int8 LoRA + selective"]["selected"] and rows["int8 LoRA + selective"]["quantize"] == "int8"
     assert rows["int8 LoRA"]["weights_bytes"] < rows["LoRA"]["weights_bytes"]
+
+
+@pytest.mark.parametrize("policy", [None, "selective"])
+def test_depth_extension_holds_on_a_quantized_base(policy):
+    """Two shallow traces extended to the depth equal one full-depth trace (every count, quantized bytes too)."""
+    from lowcost.plan.estimate import _COUNTS, estimate
+    config, batch, seq = SHAPES["tiny-llama"]
+    cfg = config_of({**config, "num_hidden_layers": 5})
+    setup = Setup("q", LORA, CheckpointConfig(policy=policy) if policy else None, "nf4")
+    extended = estimate(cfg, setup, batch, seq, torch.float32)
+    exact = estimate(cfg, setup, batch, seq, torch.float32, exact=True)
+    assert len(extended.depths) == 3 and exact.depths == (5,)
+    for name in _COUNTS:
+        assert getattr(extended, name) == getattr(exact, name), name

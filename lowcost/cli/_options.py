@@ -134,6 +134,14 @@ def check_quantize(scheme: Optional[str], model_path: str) -> None:
                            "file (use --quantize nf4 or int8)")
 
 
+def check_new_tokens_base(model, quantize: Optional[str]) -> None:
+    """--new-tokens grows the token embedding, which must then be dense (not a GGUF file's blocks)."""
+    from lowcost.nn.quantized import QuantizedEmbedding
+    if any(isinstance(m, QuantizedEmbedding) for m in model.modules()):
+        raise CLIError(f"--new-tokens with --quantize {quantize}: the token embedding is held quantized (the file's "
+                       "blocks) and cannot grow; use --quantize nf4 or int8, which keep the embedding dense")
+
+
 def load_model(path: str, dtype_name: str, dev: torch.device, quantize: Optional[str] = None):
     """(model on ``dev``, frozen, tokenizer); errors name --model (--quantize for a format it cannot keep)."""
     from lowcost.models import load_pretrained, load_tokenizer

@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = opt.load_model(args.model, args.dtype, dev, args.quantize)
     opt.check_seq_len(model, args.seq_len)
+    if words and args.quantize:
+        opt.check_new_tokens_base(model, args.quantize)
     fresh = not (args.resume and checkpoints(out))
     setup = job.prepare(args, model, tokenizer, data, words, dev, fresh)
     job.patch(args, setup, lora, checkpoint)

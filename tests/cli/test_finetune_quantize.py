@@ -2,7 +2,7 @@
 
 A few steps on the tiny Llama with an nf4 and an int8 base: the held-out loss falls, the adapter is saved in
 PEFT layout and loads onto the dense model with PEFT (the same adapter tensors, and they change its output);
-``--quantize gguf`` keeps a GGUF file's blocks; a scheme that does not exist, or gguf on an HF directory, is a
+``--quantize gguf`` keeps a GGUF file's blocks (and refuses --new-tokens: its embedding is quantized); a scheme that does not exist, or gguf on an HF directory, is a
 one-line error naming --quantize.
 """
 from __future__ import annotations
@@ -46,6 +46,8 @@ def test_quantized_base_trains_and_its_adapter_loads_on_the_dense_model(tiny_mod
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert saved and all(k.startswith("base_model.model.") for k in saved)
     dense = AutoModelForCausalLM.from_pretrained(tiny_model)
+    # the quantized weights count as the parameters they are (the summary's trainable share and bytes)
+    assert metrics["total_params"] == sum(p.numel() for p in dense.parameters()) + metrics["trainable_params"]
     peft_model = PeftModel.from_pretrained(dense, out / "adapter")
     loaded = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
     assert {k.replace(".default", "") for k in loaded} == set(saved)
@@ -68,6 +70,13 @@ def test_gguf_blocks_are_kept_and_trained_on(tmp_path, text_file, capsys):
     losses = json.loads((out / "metrics.json").read_text())["history"]["loss"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    words = tmp_path / "words.txt"
+    words.write_text("specified\n")
+    code, _, err = _finetune(capsys, "--model", model, "--data", text_file, "--out", tmp_path / "run2", "--steps", 1,
+                             "--quantize", "gguf", "--new-tokens", words, *FAST)
+    err = err.strip()
+    assert code == 2 and "--new-tokens with --quantize gguf: the token embedding is held quantized" in err
+    assert "\n" not in err and not (tmp_path / "run2" / "run.json").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

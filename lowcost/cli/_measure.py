@@ -147,7 +147,9 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def trainable(model: nn.Module) -> tuple[int, int]:
-    """(trainable parameters, all parameters), shared storages counted once."""
+    """(trainable parameters, all parameters), shared storages counted once; a quantized frozen weight
+    (``QuantizedWeight``, held as buffers) counts its N·K logical parameters, once when shared."""
+    from lowcost.reference.quant import QuantizedWeight
     seen, n_train, n_all = set(), 0, 0
     for param in model.parameters():
         key = param.untyped_storage().data_ptr()
@@ -156,6 +158,8 @@ def trainable(model: nn.Module) -> tuple[int, int]:
         seen.add(key)
         n_all += param.numel()
         n_train += param.numel() if param.requires_grad else 0
+    quantized = {id(m): m for m in model.modules() if isinstance(m, QuantizedWeight)}
+    n_all += sum(w.shape[0] * w.shape[1] for w in quantized.values())
     return n_train, n_all
 
 

@@ -12,6 +12,7 @@ from lowcost.cli import CLIError
 POLICIES = ("none", "full", "every_k", "sqrt", "selective", "offload")
 BACKENDS = ("torch", "triton", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZE = ("nf4", "int8", "gguf")
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser, r: int = 8, alpha: float = 16.0,
@@ -114,14 +115,42 @@ def check_model_path(path: str) -> None:
         raise CLIError(f"--model {path}: {exc}") from None
 
 
-def load_model(path: str, dtype_name: str, dev: torch.device):
-    """(model on ``dev``, frozen, tokenizer); errors name --model."""
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help="hold the frozen base quantized, quantizing while loading (streaming): nf4, int8, or "
+                             "gguf (a .gguf file's blocks kept as they are); LoRA trains on top (default: dense)")
+
+
+def check_quantize(scheme: Optional[str], model_path: str) -> None:
+    """--quantize names a scheme load_pretrained takes, and 'gguf' a .gguf model (checked before loading)."""
+    if scheme is None:
+        return
+    if scheme not in QUANTIZE:
+        raise CLIError(f"--quantize {scheme!r}: expected one of {', '.join(QUANTIZE)}")
+    if scheme == "gguf":
+        from lowcost.models.loading import resolve
+        if resolve(model_path)[0] != "gguf":
+            raise CLIError(f"--quantize gguf keeps a .gguf file's blocks, but --model {model_path} is not a .gguf "
+                           "file (use --quantize nf4 or int8)")
+
+
+def check_new_tokens_base(model, quantize: Optional[str]) -> None:
+    """--new-tokens grows the token embedding, which must then be dense (not a GGUF file's blocks)."""
+    from lowcost.nn.quantized import QuantizedEmbedding
+    if any(isinstance(m, QuantizedEmbedding) for m in model.modules()):
+        raise CLIError(f"--new-tokens with --quantize {quantize}: the token embedding is held quantized (the file's "
+                       "blocks) and cannot grow; use --quantize nf4 or int8, which keep the embedding dense")
+
+
+def load_model(path: str, dtype_name: str, dev: torch.device, quantize: Optional[str] = None):
+    """(model on ``dev``, frozen, tokenizer); errors name --model (--quantize for a format it cannot keep)."""
     from lowcost.models import load_pretrained, load_tokenizer
     try:
-        model = load_pretrained(path, dtype=DTYPES[dtype_name])
+        model = load_pretrained(path, dtype=DTYPES[dtype_name], quantize=quantize)
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as exc:
-        raise CLIError(f"--model {path}: {exc}") from None
+        where = f"--quantize {quantize} (--model {path})" if quantize and "quantize" in str(exc) else f"--model {path}"
+        raise CLIError(f"{where}: {exc}") from None
     can_generate = getattr(model, "can_generate", None)
     if not (callable(can_generate) and can_generate()):
         raise CLIError(f"--model {path}: {type(model).__name__} is not a causal language model")

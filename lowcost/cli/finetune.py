@@ -3,6 +3,7 @@
     lowcost finetune --model PATH --data FILE --out DIR [options]
 
 PATH is an HF-layout directory (config.json + *.safetensors) or a .gguf file; nothing is downloaded.
+--quantize nf4|int8|gguf holds the frozen base quantized (load_pretrained(quantize=...), one tensor at a time).
 FILE is plain text (.txt, packed into --seq-len windows) or JSON Lines with {"text"}, {"prompt",
 "response"} or {"messages": [...]} records (chats use the tokenizer's chat template; the loss counts the
 responses only). A held-out part (--eval-fraction) gives loss, perplexity and nats per character.
@@ -28,7 +29,7 @@ from lowcost.cli import _options as opt
 # Options that must not change when a run is resumed (they change the loss curve).
 SAME_ON_RESUME = ("model", "data", "lora_r", "alpha", "targets", "dropout", "steps", "epochs", "lr", "warmup",
                   "seq_len", "batch", "grad_accum", "max_grad_norm", "new_tokens", "seed", "eval_fraction",
-                  "skip_bad_lines", "dtype")
+                  "skip_bad_lines", "dtype", "quantize")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help=".txt or .jsonl training data")
     parser.add_argument("--out", required=True, help="output directory")
     opt.add_lora_arguments(parser)
+    opt.add_quantize_argument(parser)
     group = parser.add_argument_group("training")
     length = group.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs 1)")
@@ -99,6 +101,7 @@ def _validate(args):
     if args.resume:
         _check_resume(out, args)
     opt.check_model_path(args.model)
+    opt.check_quantize(args.quantize, args.model)
     data = read_data(args.data, args.skip_bad_lines)
     words = read_words(args.new_tokens) if args.new_tokens else None
     return dev, lora, checkpoint, data, words
@@ -132,8 +135,10 @@ def _run(args: argparse.Namespace, ranks, rank_device) -> int:
         from lowcost.cli._rundir import clear_outputs
         clear_outputs(out)
     torch.manual_seed(args.seed)
-    model, tokenizer = opt.load_model(args.model, args.dtype, dev)
+    model, tokenizer = opt.load_model(args.model, args.dtype, dev, args.quantize)
     opt.check_seq_len(model, args.seq_len)
+    if words and args.quantize:
+        opt.check_new_tokens_base(model, args.quantize)
     fresh = not resuming
     setup = job.prepare(args, model, tokenizer, data, words, dev, fresh, ranks if ranks.world > 1 else None)
     job.patch(args, setup, lora, checkpoint)

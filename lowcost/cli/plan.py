@@ -1,12 +1,13 @@
 """Predict a fine-tuning step's peak memory, cheapest GPU and time before you spend money.
 
     lowcost plan --model PATH|config.json --seq-len 2048 --batch 1 [--lora-r 16] [--checkpoint selective]
-                 [--gpu "H100 80GB"] [--json]
+                 [--quantize nf4|nf4-dq|int8] [--gpu "H100 80GB"] [--json]
 
 Runs the real lowcost code (model from its config, lowcost.apply with LoRA and each checkpoint policy, one
 forward + backward) on fake tensors: no weights are read and no GPU is needed. Compares full fine-tuning,
 LoRA, and LoRA with each checkpoint policy; for each names the cheapest GPU of the price table that holds
-it and ESTIMATES the time per step from its FLOPs. A Llama-3-8B config ships with lowcost:
+it and ESTIMATES the time per step from its FLOPs. ``--quantize`` adds LoRA on a quantized frozen base (the
+codes and scales, the dequantization workspace and FLOPs) with each policy. A Llama-3-8B config ships with lowcost:
 lowcost/plan/data/configs/llama-3-8b.json.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from lowcost.cli import CLIError
 
+QUANTIZE = ("nf4", "nf4-dq", "int8")
 POLICIES = ("none", "full", "every_k", "sqrt", "selective", "offload")
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
           "float32": "float32", "fp32": "float32"}
@@ -51,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
     parser.add_argument("--checkpoint", default=None, metavar="POLICY",
                         help=f"your checkpoint policy, marked * in the table: {', '.join(POLICIES)}")
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help="also plan LoRA on a quantized base: nf4, nf4-dq (double-quantized absmax) or int8")
     parser.add_argument("--k", type=_positive_int, default=2, help="every_k: checkpoint every k-th block")
     parser.add_argument("--dtype", default=None, help="weights' dtype: bf16, fp16, fp32 (default: the config's)")
     parser.add_argument("--gpu", default=None, metavar="NAME", help="judge this GPU of the table (name or prefix)")
@@ -84,6 +88,10 @@ def _check(args, config) -> None:
         raise CLIError(f"--seq-len {args.seq_len} is beyond the model's {limit} positions (max_position_embeddings)")
     if not 0.0 <= args.dropout < 1.0:
         raise CLIError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.quantize is not None and args.quantize not in QUANTIZE:
+        why = " (GGUF blocks depend on the file's tensor types, which a config does not say)" \
+            if args.quantize == "gguf" else ""
+        raise CLIError(f"--quantize {args.quantize!r}: expected one of {', '.join(QUANTIZE)}{why}")
     if args.dtype is not None and args.dtype.lower() not in DTYPES:
         raise CLIError(f"--dtype {args.dtype!r}: expected bf16, fp16 or fp32")
 
@@ -110,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = plan(config, str(path), args.batch, args.seq_len, dtype, lora, checkpoint=args.checkpoint,
                       k=args.k, table=table, gpu=args.gpu, headroom=args.headroom, utilization=args.utilization,
-                      exact=args.exact, progress=progress)
+                      exact=args.exact, progress=progress, quantize=args.quantize)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))

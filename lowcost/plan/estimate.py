@@ -13,7 +13,7 @@ lengths depend on L), configs with per-layer types, and ``exact=True`` trace the
 tests/plan/test_plan_depth.py checks the line against full-depth traces.
 
 Memory of a step (bytes, the categories of ``Estimate``):
-- weights: every parameter and buffer, as stored;
+- weights: every parameter and buffer, as stored (a quantized base: its codes and scales, ``quantized.py``);
 - optimizer: AdamW's two moments in float32 (8 B per trainable parameter), plus a float32 master copy (4 B)
   of trainable parameters stored in 16 bits (mixed precision);
 - the step's own peak (``StepTrace.peak``): saved activations, gradients as backward creates them, the
@@ -33,6 +33,7 @@ from lowcost.api import LoRAConfig
 from lowcost.checkpoint import CheckpointConfig
 from lowcost.plan.build import meta_model, patch, to_fake
 from lowcost.plan.fake import fake_world
+from lowcost.plan.quantized import check_plan_scheme, quantize_base
 from lowcost.plan.trace import trace_step
 
 PLANNED_POLICIES = ("full", "every_k", "sqrt", "selective", "offload")
@@ -40,10 +41,18 @@ PLANNED_POLICIES = ("full", "every_k", "sqrt", "selective", "offload")
 
 @dataclass(frozen=True)
 class Setup:
-    """One way to fine-tune: ``lora`` None means full fine-tuning; ``checkpoint`` None means none."""
+    """One way to fine-tune: ``lora`` None means full fine-tuning; ``checkpoint`` None means none;
+    ``quantize`` ("nf4", "nf4-dq", "int8"; LoRA only) the frozen base's format, None for a dense base."""
     name: str
     lora: Optional[LoRAConfig] = None
     checkpoint: Optional[CheckpointConfig] = None
+    quantize: Optional[str] = None
+
+    def __post_init__(self):
+        if self.quantize is not None:
+            check_plan_scheme(self.quantize)
+            if self.lora is None:
+                raise ValueError("a quantized base is frozen: quantize= needs LoRA (full fine-tuning trains W)")
 
     @property
     def period(self) -> Optional[int]:
@@ -74,6 +83,7 @@ class Estimate:
     update_peak: int
     flops: int
     depths: tuple = ()
+    quantized_weights: int = 0     # of ``weights``: the quantized layers' codes + scales (QuantReport.bytes)
 
     @property
     def saved(self) -> int:
@@ -91,7 +101,7 @@ class Estimate:
 
 _COUNTS = ("parameters", "trainable", "weights", "grads", "optimizer", "saved_blocks", "saved_outside",
            "host_offload", "step_peak", "peak_saved", "peak_grads", "peak_transient", "peak_workspace",
-           "update_peak", "flops")
+           "update_peak", "flops", "quantized_weights")
 
 
 def _optimizer_bytes(params) -> tuple[int, int]:
@@ -111,7 +121,9 @@ def _unique(tensors) -> list:
 def trace_setup(config, setup: Setup, batch: int, seq: int, dtype: torch.dtype, depth: int) -> Estimate:
     """One fake trace of ``setup`` on ``config`` cut to ``depth`` blocks."""
     config = type(config).from_dict({**config.to_dict(), "num_hidden_layers": depth})
-    model = patch(meta_model(config, dtype), setup.lora, setup.checkpoint)
+    model = meta_model(config, dtype)
+    quantized = quantize_base(model, setup.quantize).bytes if setup.quantize else 0
+    model = patch(model, setup.lora, setup.checkpoint)
     with fake_world():
         to_fake(model)
         ids = torch.zeros(batch, seq, dtype=torch.long)
@@ -126,7 +138,7 @@ def trace_setup(config, setup: Setup, batch: int, seq: int, dtype: torch.dtype, 
                     host_offload=trace.host_offload, step_peak=trace.peak, peak_saved=trace.peak_saved,
                     peak_grads=trace.peak_grads, peak_transient=trace.peak_transient,
                     peak_workspace=trace.peak_workspace, update_peak=trace.grads + update_temp,
-                    flops=trace.flops, depths=(depth,))
+                    flops=trace.flops, depths=(depth,), quantized_weights=quantized)
 
 
 def _extend(a: Estimate, b: Estimate, steps: int, depth: int) -> Estimate:
@@ -154,11 +166,21 @@ def estimate(config, setup: Setup, batch: int, seq: int, dtype: torch.dtype, exa
     return _extend(a, b, (depth - first) // period, depth)
 
 
-def standard_setups(lora: LoRAConfig, checkpoint: Optional[str] = None, k: int = 2) -> list[Setup]:
-    """Full fine-tuning (with ``checkpoint`` too when one is named), LoRA, and LoRA with each policy."""
+def standard_setups(lora: LoRAConfig, checkpoint: Optional[str] = None, k: int = 2,
+                    quantize: Optional[str] = None) -> list[Setup]:
+    """Full fine-tuning (with ``checkpoint`` too when one is named), LoRA, and LoRA with each policy.
+
+    With ``quantize``, the policies run on the quantized base ("nf4 LoRA + selective", ...) and the dense base
+    keeps two rows to compare with: LoRA, and LoRA + ``checkpoint`` when one is named."""
     setups = [Setup("full fine-tuning")]
-    if checkpoint not in (None, "none"):
+    named = checkpoint not in (None, "none")
+    if named:
         setups.append(Setup(f"full fine-tuning + {checkpoint}", None, CheckpointConfig(policy=checkpoint, k=k)))
     setups.append(Setup("LoRA", lora))
-    setups += [Setup(f"LoRA + {p}", lora, CheckpointConfig(policy=p, k=k)) for p in PLANNED_POLICIES]
-    return setups
+    if quantize is None:
+        return setups + [Setup(f"LoRA + {p}", lora, CheckpointConfig(policy=p, k=k)) for p in PLANNED_POLICIES]
+    if named:
+        setups.append(Setup(f"LoRA + {checkpoint}", lora, CheckpointConfig(policy=checkpoint, k=k)))
+    base = f"{quantize} LoRA"
+    setups.append(Setup(base, lora, None, quantize))
+    return setups + [Setup(f"{base} + {p}", lora, CheckpointConfig(policy=p, k=k), quantize) for p in PLANNED_POLICIES]

@@ -14,6 +14,7 @@ backward and any forward a checkpoint policy runs again. Added here:
 - ``lowcost::linear_cross_entropy`` (hidden (M, K), head (V, K)): the logits 2·M·K·V; when the op forms the
   gradients in the same pass (``needs``: dh, dW, dbias, dA, dB), dh = dz·W 2·M·V·K and dW = dzᵀ·h 2·V·M·K.
   Its backward recomputes the logits and forms the requested gradients the same way.
+- the ops on a quantized weight: ``quantized.py`` (the GEMMs above plus the dequantization);
 - CPU flash attention (``_scaled_dot_product_flash_attention_for_cpu`` and its backward), which torch's
   table lacks: q: (B, H, S, D), k/v: (B, Hkv, S', D): forward 4·B·H·S·S'·D (Q·Kᵀ and P·V), backward
   2.5× that (Q·Kᵀ again, then dV, dP, dQ, dK). Causal masking is not discounted (as torch's table does
@@ -87,12 +88,13 @@ def _attention_backward(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=
 
 
 def _custom_mapping() -> dict:
+    from lowcost.plan.quantized import flop_formulas
     import lowcost.ops  # noqa: F401  (registers torch.ops.lowcost.*)
     aten, ops = torch.ops.aten, torch.ops.lowcost
     mapping = {ops.lora_linear: _lora_forward, ops.lora_linear_backward: _lora_backward,
                ops.lora_gated_mlp: _gated_forward, ops.lora_gated_mlp_backward: _gated_backward,
                ops.linear_cross_entropy: _cross_entropy_forward,
-               ops.linear_cross_entropy_backward: _cross_entropy_backward}
+               ops.linear_cross_entropy_backward: _cross_entropy_backward, **flop_formulas()}
     for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _attention_forward),
                           ("_scaled_dot_product_flash_attention_for_cpu_backward", _attention_backward)):
         if hasattr(aten, name):

@@ -63,7 +63,8 @@ def _row_dict(row: Row, plan: Plan) -> dict:
     e = row.estimate
     return {"setup": e.setup.name, "selected": row.selected, "parameters": e.parameters,
             "trainable_parameters": e.trainable, "peak_bytes": e.peak, "at_peak_bytes": row.at_peak(),
-            "weights_bytes": e.weights, "gradients_bytes": e.grads, "optimizer_bytes": e.optimizer,
+            "quantize": e.setup.quantize, "weights_bytes": e.weights, "quantized_weights_bytes": e.quantized_weights,
+            "gradients_bytes": e.grads, "optimizer_bytes": e.optimizer,
             "saved_activation_bytes": {"blocks": e.saved_blocks, "outside_blocks_logits_loss": e.saved_outside,
                                        "total": e.saved},
             "offloaded_host_bytes": e.host_offload, "kernel_workspace_at_peak_bytes": e.peak_workspace,
@@ -115,13 +116,16 @@ def format_plan(plan: "Plan") -> str:
 
 def plan(config, model_name: str, batch: int, seq: int, dtype: torch.dtype, lora: LoRAConfig,
          checkpoint: Optional[str] = None, k: int = 2, table=None, gpu: Optional[str] = None,
-         headroom: float = 0.1, utilization: float = 0.4, exact: bool = False, progress=None) -> Plan:
-    """Estimates every standard setup (``estimate.standard_setups``) and picks GPUs from ``table``."""
+         headroom: float = 0.1, utilization: float = 0.4, exact: bool = False, progress=None,
+         quantize: Optional[str] = None) -> Plan:
+    """Estimates every standard setup (``estimate.standard_setups``; ``quantize`` "nf4", "nf4-dq" or "int8"
+    adds LoRA on a quantized base) and picks GPUs from ``table``."""
     table = table if table is not None else gpu_table.load_table()
     chosen = gpu_table.find(table, gpu) if gpu else None
-    selected = f"LoRA + {checkpoint}" if checkpoint not in (None, "none") else "LoRA"
+    lora_name = f"{quantize} LoRA" if quantize else "LoRA"
+    selected = f"{lora_name} + {checkpoint}" if checkpoint not in (None, "none") else lora_name
     rows = []
-    for setup in standard_setups(lora, checkpoint, k):
+    for setup in standard_setups(lora, checkpoint, k, quantize):
         if progress is not None:
             progress(setup)
         e = estimate(config, setup, batch, seq, dtype, exact=exact)
@@ -130,6 +134,11 @@ def plan(config, model_name: str, batch: int, seq: int, dtype: torch.dtype, lora
     if any(r.estimate.host_offload for r in rows):
         host = max(r.estimate.host_offload for r in rows)
         notes.append(f"offload keeps {_size(host)} of block inputs in host (CPU) memory, outside the GPU figures")
+    if quantize:
+        e = next(r.estimate for r in rows if r.estimate.setup.quantize)
+        notes.append(f"{quantize} rows: the linear layers but the output head quantized ({_size(e.quantized_weights)} "
+                     f"of codes + scales in 'weights'); the torch path's dequantization workspace (one block of "
+                     f"rows) is in 'transient' and its FLOPs in the time estimate")
     return Plan(model_name, batch, seq, dtype, rows, headroom, utilization, notes)
 
 

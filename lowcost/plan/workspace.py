@@ -25,6 +25,9 @@ chunk's logits buffer in hidden's dtype, its fp32 copy for 16-bit hidden, and ``
 temporary of the same size: C·V·s + C·V·4·[s < 4] + C·V·4, in the forward and again in a backward that
 recomputes the chunks.
 
+The LoRA linear on a quantized weight and the frozen quantized layer (``lowcost::qlora_linear``,
+``lowcost::quantized_linear`` and their backward ops) are modelled in ``quantized.py``.
+
 Aten kernels are assumed to need no workspace beyond their outputs (on CPU the flash-attention and
 GEMM kernels use per-thread tiles; cuBLAS workspaces are a few MiB). The Triton and CUDA backends fuse
 the mask and keep less than this; the estimate is for the torch backend and is an upper bound for them.
@@ -37,6 +40,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from lowcost.plan.quantized import WORKSPACE_MODELS
 
 
 def _lora_forward(args) -> int:
@@ -84,7 +89,8 @@ def _cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> in
 _MODELS = {"lowcost::lora_linear": _lora_forward, "lowcost::lora_linear_backward": _lora_backward,
            "lowcost::lora_gated_mlp": _gated_forward, "lowcost::lora_gated_mlp_backward": _gated_backward,
            "lowcost::linear_cross_entropy": lambda args: _cross_entropy(args[0], args[1], args[13]),
-           "lowcost::linear_cross_entropy_backward": lambda args: _cross_entropy(args[1], args[2], args[14])}
+           "lowcost::linear_cross_entropy_backward": lambda args: _cross_entropy(args[1], args[2], args[14]),
+           **WORKSPACE_MODELS}
 
 
 def kernel_workspace(func, args, kwargs, out) -> int:

@@ -1,6 +1,6 @@
 """Run in a fresh process: the resident-memory growth of one real CPU training step (the planner's check).
 
-    python tests/plan/rss_step.py '<json: {"shape": ..., "lora": bool, "policy": ...}>'   → prints JSON
+    python tests/plan/rss_step.py '<json: {"shape": ..., "lora": bool, "policy": ..., "quantize": ...}>'  → JSON
 
 Method. The parent starts this script with glibc's mmap threshold fixed at 64 KiB
 (``MALLOC_MMAP_THRESHOLD_``; fixing it also stops glibc from raising it after frees), so every tensor of
@@ -47,7 +47,11 @@ def main(spec: dict) -> dict:
     config, batch, seq = SHAPES[spec["shape"]] if "config" not in spec else (spec["config"], spec["batch"], spec["seq"])
     lora = lowcost.LoRAConfig(r=8, alpha=16, dropout=0.05) if spec["lora"] else None
     checkpoint = CheckpointConfig(policy=spec["policy"]) if spec.get("policy") else None
-    model = patch(real_model(config_of(config)), lora, checkpoint)
+    model = real_model(config_of(config))
+    if spec.get("quantize"):   # the frozen base quantized as the planner does (lowcost.quantize, all-linear)
+        from lowcost.plan.quantized import quantize_base
+        quantize_base(model, spec["quantize"])
+    model = patch(model, lora, checkpoint)
     ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     _step(model, ids, optimizer)

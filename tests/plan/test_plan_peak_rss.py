@@ -4,7 +4,7 @@ The step (forward, backward, AdamW update) runs in a fresh process (``rss_step.p
 fixed mmap threshold, one thread, a warm-up step, VmHWM reset through /proc/self/clear_refs). The
 prediction compared is what the step adds on top of weights and optimizer state
 (``Estimate.dynamic_peak``), for LoRA without checkpointing, with selective and full checkpointing, and
-for full fine-tuning, on a Llama-shaped model large enough (≈ 0.2 GiB of activations) that the process's
+for full fine-tuning (and LoRA on an nf4 / int8 base), on a Llama-shaped model large enough (≈ 0.2 GiB of activations) that the process's
 own noise (Python objects, page rounding) is small next to it.
 """
 import json
@@ -33,8 +33,8 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or sy
                                 reason="needs Linux /proc/self/clear_refs to reset the peak RSS counter")
 
 
-def _measure(lora: bool, policy) -> dict:
-    spec = {"config": SHAPE, "batch": BATCH, "seq": SEQ, "lora": lora, "policy": policy}
+def _measure(lora: bool, policy, quantize=None) -> dict:
+    spec = {"config": SHAPE, "batch": BATCH, "seq": SEQ, "lora": lora, "policy": policy, "quantize": quantize}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(HERE.parents[1]), os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, str(HERE / "rss_step.py"), json.dumps(spec)], env=env,
@@ -53,4 +53,22 @@ def test_predicted_peak_matches_measured_rss_growth(name):
     error = predicted.dynamic_peak / measured["delta"] - 1
     print(f"{name}: predicted {predicted.dynamic_peak / 2**20:.1f} MiB, measured {measured['delta'] / 2**20:.1f} MiB "
           f"({error:+.1%}); baseline RSS {measured['baseline'] / 2**20:.0f} MiB")
+    assert abs(error) <= 0.15, (name, predicted.dynamic_peak, measured)
+
+
+QUANTIZED = {"nf4 LoRA": ("nf4", None), "nf4 LoRA + selective": ("nf4", "selective"), "int8 LoRA": ("int8", None)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_quantized_base_peak_matches_measured_rss_growth(name):
+    """The same check on a quantized frozen base: the step's peak includes the torch path's dequantization
+    workspace (one block of rows, ``lowcost/plan/quantized.py``), which no dispatch mode sees."""
+    scheme, policy = QUANTIZED[name]
+    setup = Setup(name, LORA, CheckpointConfig(policy=policy) if policy else None, scheme)
+    predicted = trace_setup(config_of(SHAPE), setup, BATCH, SEQ, torch.float32, SHAPE["num_hidden_layers"])
+    measured = _measure(True, policy, scheme)
+    error = predicted.dynamic_peak / measured["delta"] - 1
+    print(f"{name}: predicted {predicted.dynamic_peak / 2**20:.1f} MiB (workspace at peak "
+          f"{predicted.peak_workspace / 2**20:.1f} MiB), measured {measured['delta'] / 2**20:.1f} MiB ({error:+.1%})")
     assert abs(error) <= 0.15, (name, predicted.dynamic_peak, measured)

@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 bash scripts/install_cpu.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# GGUF conversions made by the tests stay inside this checkout (build/), not in the user's ~/.cache/lowcost
+export LOWCOST_CACHE="${LOWCOST_CACHE:-$PWD/build/lowcost-cache}"
 echo "== pytest (TRITON_INTERPRET=1 is set by tests/conftest.py when no GPU is present)"
 python -m pytest -q -ra "$@"
 echo "== kernel report (Triton $(python -c 'import triton; print(triton.__version__)')): every configuration compiles for sm_90a"

@@ -9,7 +9,8 @@ Rules kept here:
 - no pickles: weights come from safetensors (a directory holding only ``*.bin`` is refused);
 - a GGUF file is dequantised once and cached as a safetensors directory under ``cache_dir``
   (``$LOWCOST_CACHE`` or ``~/.cache/lowcost``); the cache entry is written to a temporary directory and
-  renamed into place (``os.replace``), so a crash or a concurrent load never leaves half a checkpoint.
+  renamed into place (``os.replace``), so a crash or a concurrent load never leaves half a checkpoint;
+  a new entry removes the entries of the same file name whose source is gone or changed (bounded disk use).
   ``save_pretrained`` refuses GGUF-loaded models, so the conversion writes config, tokenizer and
   ``safetensors.torch.save_model`` (which handles tied tensors) itself.
 """
@@ -174,7 +175,31 @@ def convert_gguf(gguf: PathLike, cache_dir: Optional[PathLike] = None) -> Path:
         _atomic_publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _prune_stale_conversions(final)
     return final
+
+
+def _prune_stale_conversions(kept: Path) -> list[Path]:
+    """Removes the cache entries of ``kept``'s file name whose source GGUF is gone or has changed since.
+
+    An entry is keyed by the source's path, size and mtime, so a moved, rewritten or re-installed file (a new
+    virtual environment holding the same asset) gets a new entry; without pruning, each one leaves a full
+    float32 copy of the model behind. Entries whose marker cannot be read are not ours to judge and are kept.
+    Returns the removed entries.
+    """
+    stem = kept.name.rsplit("-", 1)[0]
+    removed = []
+    for entry in kept.parent.iterdir():
+        if entry == kept or entry.name.startswith(".") or entry.name.rsplit("-", 1)[0] != stem:
+            continue
+        try:
+            source = Path(json.loads((entry / _CONVERTED_MARK).read_text())["gguf"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not source.is_file() or _gguf_cache_dir(source, kept.parent.parent) != entry:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def tied_parameters(model: nn.Module) -> list[tuple[str, str]]:

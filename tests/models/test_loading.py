@@ -1,5 +1,6 @@
 """lowcost.load_pretrained / load_tokenizer: real offline assets, the GGUF cache, and clear errors."""
 import importlib.util
+import json
 import os
 import time
 
@@ -98,3 +99,35 @@ def test_cache_root_env(monkeypatch, tmp_path):
     monkeypatch.setenv("LOWCOST_CACHE", str(tmp_path))
     assert loading.cache_root() == tmp_path
     assert loading.cache_root(tmp_path / "x") == tmp_path / "x"
+
+
+def _fake_entry(root, gguf):
+    """A converted cache entry for ``gguf`` as convert_gguf leaves it (marker naming its source)."""
+    entry = loading._gguf_cache_dir(gguf, root)
+    entry.mkdir(parents=True)
+    (entry / loading._CONVERTED_MARK).write_text(json.dumps({"gguf": str(gguf.resolve())}))
+    return entry
+
+
+def test_new_conversion_prunes_entries_of_gone_or_changed_sources(tmp_path):
+    cache = tmp_path / "cache"
+    moved, changed, other = (tmp_path / d / "model.Q4_1.gguf" for d in ("a", "b", "c"))
+    for path in (moved, changed, other):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF v1")
+    gone_entry, stale_entry, other_entry = (_fake_entry(cache, p) for p in (moved, changed, other))
+    foreign = cache / "gguf" / "model.Q4_1-unreadable"
+    foreign.mkdir()
+    unrelated = _fake_entry(cache, _write(tmp_path / "d" / "other.gguf"))
+    moved.unlink()                                           # the venv holding it was removed
+    changed.write_bytes(b"GGUF v2, rewritten")               # same path, new size and mtime
+    kept = _fake_entry(cache, changed)
+    removed = loading._prune_stale_conversions(kept)
+    assert sorted(removed) == sorted([gone_entry, stale_entry])
+    assert kept.exists() and other_entry.exists() and foreign.exists() and unrelated.exists()
+
+
+def _write(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF")
+    return path

@@ -114,6 +114,7 @@ def make_fused_forward(model: nn.Module):
         return output_cls(loss=loss, logits=None, **{k: v for k, v in values.items() if v is not None})
 
     forward.__signature__ = _signature_with_return_logits(original.__get__(model))
+    forward.lowcost_fused_loss = True
     return forward
 
 
@@ -129,6 +130,11 @@ def _signature_with_return_logits(bound) -> inspect.Signature:
 
 def install_fused_loss(model: nn.Module) -> None:
     model.forward = make_fused_forward(model)
+
+
+def has_fused_loss(model: nn.Module) -> bool:
+    """Whether ``install_fused_loss`` replaced ``model``'s forward."""
+    return getattr(model.__dict__.get("forward"), "lowcost_fused_loss", False)
 
 
 def remove_fused_loss(model: nn.Module) -> None:

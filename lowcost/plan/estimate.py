@@ -21,6 +21,8 @@ Memory of a step (bytes, the categories of ``Estimate``):
 - the optimizer update: all gradients plus AdamW's temporaries for one parameter (2 × its float32 size,
   the single-tensor update; ``fused=True`` needs none).
 peak = weights + optimizer + max(step peak, gradients + update temporaries).
+On a GPU, ``peak_on(sms)`` adds what the Triton fused loss's larger chunk holds (``workspace.triton_loss_extra``;
+an upper bound: it is added even when the step's peak is not at the loss).
 """
 from __future__ import annotations
 
@@ -31,10 +33,12 @@ import torch
 
 from lowcost.api import LoRAConfig
 from lowcost.checkpoint import CheckpointConfig
+from lowcost.patch.fuse_loss import has_fused_loss
 from lowcost.plan.build import meta_model, patch, to_fake
 from lowcost.plan.fake import fake_world
 from lowcost.plan.quantized import check_plan_scheme, quantize_base
 from lowcost.plan.trace import trace_step
+from lowcost.plan.workspace import triton_loss_extra
 
 PLANNED_POLICIES = ("full", "every_k", "sqrt", "selective", "offload")
 
@@ -84,6 +88,7 @@ class Estimate:
     flops: int
     depths: tuple = ()
     quantized_weights: int = 0     # of ``weights``: the quantized layers' codes + scales (QuantReport.bytes)
+    fused_loss: tuple = ()         # (tokens, vocab, itemsize) of the fused loss's hidden; () without it
 
     @property
     def saved(self) -> int:
@@ -92,6 +97,10 @@ class Estimate:
     @property
     def peak(self) -> int:
         return self.weights + self.optimizer + max(self.step_peak, self.update_peak)
+
+    def peak_on(self, sms: int) -> int:
+        """``peak`` on a GPU with ``sms`` streaming multiprocessors: plus the Triton fused loss's larger chunk."""
+        return self.peak + (triton_loss_extra(*self.fused_loss, sms) if self.fused_loss else 0)
 
     @property
     def dynamic_peak(self) -> int:
@@ -138,7 +147,15 @@ def trace_setup(config, setup: Setup, batch: int, seq: int, dtype: torch.dtype, 
                     host_offload=trace.host_offload, step_peak=trace.peak, peak_saved=trace.peak_saved,
                     peak_grads=trace.peak_grads, peak_transient=trace.peak_transient,
                     peak_workspace=trace.peak_workspace, update_peak=trace.grads + update_temp,
-                    flops=trace.flops, depths=(depth,), quantized_weights=quantized)
+                    flops=trace.flops, depths=(depth,), quantized_weights=quantized,
+                    fused_loss=_fused_loss_operands(model, config, batch * seq, dtype))
+
+
+def _fused_loss_operands(model, config, tokens: int, dtype: torch.dtype) -> tuple:
+    """(tokens, vocab, itemsize) when ``lowcost.apply`` installed the fused loss on ``model``, else ()."""
+    if not has_fused_loss(model):
+        return ()
+    return tokens, int(config.vocab_size), torch.empty((), dtype=dtype).element_size()
 
 
 def _extend(a: Estimate, b: Estimate, steps: int, depth: int) -> Estimate:

@@ -4,16 +4,19 @@ A setup fits a GPU when its predicted peak is at most ``(1 − headroom)`` of th
 headroom (default 10 %) stands for what the plan does not trace — the CUDA context, the caching
 allocator's fragmentation, library workspaces. Time per step is an estimate: the step's FLOPs over the
 table's bf16 peak times ``utilization`` (default 0.4, a typical fraction of peak for fine-tuning steps).
+``sms`` (optional, streaming multiprocessors) sizes the Triton fused loss's chunk (``Estimate.peak_on``); an
+entry without it is planned with ``FALLBACK_SMS``, more than any GPU of the shipped table, so its fit errs safe.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 DEFAULT_TABLE = Path(__file__).resolve().parent / "data" / "gpus.json"
 _FIELDS = {"name": str, "memory_gib": (int, float), "bf16_tflops": (int, float), "usd_per_hour": (int, float)}
+FALLBACK_SMS = 160
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class GPU:
     memory_gib: float
     bf16_tflops: float
     usd_per_hour: float
+    sms: int = FALLBACK_SMS
 
     @property
     def memory_bytes(self) -> int:
@@ -48,8 +52,16 @@ def load_table(path=None) -> list[GPU]:
                 raise ValueError(f"GPU table {path}: entry {i} needs {key!r} "
                                  f"({'a name' if kind is str else 'a positive number'}), got {value!r}")
         table.append(GPU(entry["name"], float(entry["memory_gib"]), float(entry["bf16_tflops"]),
-                         float(entry["usd_per_hour"])))
+                         float(entry["usd_per_hour"]), _sms(path, i, entry)))
     return table
+
+
+def _sms(path, index: int, entry: dict) -> int:
+    sms = entry.get("sms", FALLBACK_SMS)
+    if not isinstance(sms, int) or isinstance(sms, bool) or sms < 1:
+        raise ValueError(f"GPU table {path}: entry {index} has 'sms' {sms!r}; expected a whole number >= 1 "
+                         f"(streaming multiprocessors) or no 'sms' key")
+    return sms
 
 
 def find(table: list[GPU], name: str) -> GPU:
@@ -70,9 +82,11 @@ def fits(gpu: GPU, peak: int, headroom: float) -> bool:
     return peak <= (1.0 - headroom) * gpu.memory_bytes
 
 
-def cheapest_fit(table: list[GPU], peak: int, headroom: float) -> Optional[GPU]:
-    """The lowest-priced GPU whose memory holds ``peak`` with the headroom (None: none does)."""
-    fitting = [g for g in table if fits(g, peak, headroom)]
+def cheapest_fit(table: list[GPU], peak: Union[int, Callable[[GPU], int]], headroom: float) -> Optional[GPU]:
+    """The lowest-priced GPU whose memory holds ``peak`` (bytes, or a function of the GPU giving them) with the
+    headroom (None: none does)."""
+    peak_on = peak if callable(peak) else (lambda gpu: peak)
+    fitting = [g for g in table if fits(g, peak_on(g), headroom)]
     return min(fitting, key=lambda g: (g.usd_per_hour, g.memory_gib)) if fitting else None
 
 

@@ -8,6 +8,7 @@ import torch
 
 from lowcost.api import LoRAConfig
 from lowcost.plan import gpus as gpu_table
+from lowcost.plan.workspace import TRITON_LOSS_ROWS_PER_SM
 from lowcost.plan.estimate import Estimate, Setup, estimate, standard_setups
 
 
@@ -55,7 +56,8 @@ def _gpu_dict(gpu, e: Estimate, plan: "Plan") -> Optional[dict]:
     if gpu is None:
         return None
     seconds = gpu_table.step_seconds(gpu, e.flops, plan.utilization)
-    return {"name": gpu.name, "fits": gpu_table.fits(gpu, e.peak, plan.headroom),
+    return {"name": gpu.name, "fits": gpu_table.fits(gpu, e.peak_on(gpu.sms), plan.headroom),
+            "peak_bytes_on_gpu": e.peak_on(gpu.sms),
             "step_seconds_estimate": seconds, "usd_per_1k_steps_estimate": seconds * gpu.usd_per_hour / 3.6}
 
 
@@ -87,7 +89,7 @@ _HEAD = ("setup", "trainable", "weights", "optimizer", "kept for bwd", "at peak:
 def _table_row(row: Row, plan: "Plan") -> tuple:
     e, parts = row.estimate, row.at_peak()
     gpu = row.chosen or row.cheapest
-    fit = gpu is not None and gpu_table.fits(gpu, e.peak, plan.headroom)
+    fit = gpu is not None and gpu_table.fits(gpu, e.peak_on(gpu.sms), plan.headroom)
     seconds = gpu_table.step_seconds(gpu, e.flops, plan.utilization) if gpu else None
     where = "none in the table" if gpu is None else gpu.name + ("" if fit else " (does NOT fit)")
     return (("* " if row.selected else "  ") + e.setup.name, _count(e.trainable), _size(parts["weights"]),
@@ -114,6 +116,19 @@ def format_plan(plan: "Plan") -> str:
     return "\n".join(lines)
 
 
+def _loss_chunk_notes(rows: list[Row]) -> list[str]:
+    """What the Triton loss's GPU-sized chunk adds on the GPU each fused-loss row is fitted to, one note per GPU."""
+    extra: dict[str, tuple] = {}
+    for row in rows:
+        gpu, e = row.chosen or row.cheapest, row.estimate
+        if gpu is not None and e.peak_on(gpu.sms) > e.peak:
+            names = extra.get(gpu.name, (gpu, 0, []))[2] + [e.setup.name]
+            extra[gpu.name] = (gpu, e.peak_on(gpu.sms) - e.peak, names)
+    return [f"on {gpu.name} the fused loss's Triton chunk ({TRITON_LOSS_ROWS_PER_SM} rows per SM x {gpu.sms} SMs) "
+            f"holds up to {_size(bytes_)} more than 'peak' ({', '.join(names)}); the fit counts it"
+            for gpu, bytes_, names in extra.values()]
+
+
 def plan(config, model_name: str, batch: int, seq: int, dtype: torch.dtype, lora: LoRAConfig,
          checkpoint: Optional[str] = None, k: int = 2, table=None, gpu: Optional[str] = None,
          headroom: float = 0.1, utilization: float = 0.4, exact: bool = False, progress=None,
@@ -129,11 +144,13 @@ def plan(config, model_name: str, batch: int, seq: int, dtype: torch.dtype, lora
         if progress is not None:
             progress(setup)
         e = estimate(config, setup, batch, seq, dtype, exact=exact)
-        rows.append(Row(e, gpu_table.cheapest_fit(table, e.peak, headroom), chosen, setup.name == selected))
+        rows.append(Row(e, gpu_table.cheapest_fit(table, lambda g, e=e: e.peak_on(g.sms), headroom), chosen,
+                        setup.name == selected))
     notes = []
     if any(r.estimate.host_offload for r in rows):
         host = max(r.estimate.host_offload for r in rows)
         notes.append(f"offload keeps {_size(host)} of block inputs in host (CPU) memory, outside the GPU figures")
+    notes += _loss_chunk_notes(rows)
     if quantize:
         e = next(r.estimate for r in rows if r.estimate.setup.quantize)
         notes.append(f"{quantize} rows: the linear layers but the output head quantized ({_size(e.quantized_weights)} "

@@ -31,9 +31,10 @@ The LoRA linear on a quantized weight and the frozen quantized layer (``lowcost:
 Aten kernels are assumed to need no workspace beyond their outputs (on CPU the flash-attention and
 GEMM kernels use per-thread tiles; cuBLAS workspaces are a few MiB). The Triton and CUDA backends fuse
 the mask and keep less than this; the estimate is for the torch backend and is an upper bound for them.
-One exception, not modelled yet: the fused loss on Triton takes chunks of at least 2 rows per SM (264 on
-132 SMs) so that its row kernel fills the GPU; at vocabulary 128256 that chunk is 264 rows instead of the
-torch backend's 65, about 250 MB more workspace than this estimate in bf16.
+One exception: the fused loss on Triton takes chunks of at least 2 rows per SM (264 on 132 SMs) so that its
+row kernel fills the GPU; at vocabulary 128256 that chunk is 264 rows instead of the torch backend's 65,
+about 250 MB more in bf16. That term depends on the GPU, so the trace keeps the torch chunk and the plan adds
+``triton_loss_extra`` per GPU when it checks the fit (``Estimate.peak_on``).
 """
 from __future__ import annotations
 
@@ -79,11 +80,28 @@ def _gated_backward(args) -> int:
     return _gated_mlp(args[1], args[2], 5)
 
 
+TRITON_LOSS_ROWS_PER_SM = 2    # kernels/lora_linear_plan.PROGRAMS_PER_SM (not imported: no Triton in the plan)
+
+
+def _loss_row_bytes(vocab: int, itemsize: int) -> int:
+    """Workspace per chunk row: logits in hidden's dtype, their fp32 copy when 16-bit, logsumexp's temporary."""
+    return vocab * (itemsize + 4 + (4 if itemsize < 4 else 0))
+
+
 def _cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> int:
     from lowcost.ops.linear_cross_entropy import default_chunk
-    M, V, s = math.prod(hidden.shape[:-1]), weight.shape[0], hidden.element_size()
+    M, V = math.prod(hidden.shape[:-1]), weight.shape[0]
     rows = min(M, chunk or default_chunk(M, V))
-    return rows * V * (s + 4 + (4 if s < 4 else 0))
+    return rows * _loss_row_bytes(V, hidden.element_size())
+
+
+def triton_loss_extra(tokens: int, vocab: int, itemsize: int, sms: int) -> int:
+    """Bytes the Triton fused loss's chunk (at least ``TRITON_LOSS_ROWS_PER_SM`` rows per SM) holds beyond the
+    torch-backend chunk the trace models, for ``tokens`` rows of hidden with ``itemsize`` bytes per element."""
+    from lowcost.ops.linear_cross_entropy import default_chunk
+    torch_rows = default_chunk(tokens, vocab)
+    triton_rows = default_chunk(tokens, vocab, TRITON_LOSS_ROWS_PER_SM * sms)
+    return (triton_rows - torch_rows) * _loss_row_bytes(vocab, itemsize)
 
 
 _MODELS = {"lowcost::lora_linear": _lora_forward, "lowcost::lora_linear_backward": _lora_backward,

@@ -130,9 +130,15 @@ def qgemm_configs(dtype: torch.dtype) -> tuple[BlockConfig, BlockConfig]:
     return BlockConfig("wide", 128, 128, 64, 8, 2), BlockConfig("narrow", 64, 64, 64, 4, 2)
 
 
-def pick_qgemm_config(rows: int, cols: int, dtype: torch.dtype, num_sms: int) -> BlockConfig:
-    """The wide tile when the (rows, cols) output has at least one such tile per SM, else the narrow one."""
+def pick_qgemm_config(rows: int, cols: int, dtype: torch.dtype, num_sms: int, dgrad: bool = False) -> BlockConfig:
+    """The wide tile when the (rows, cols) output has at least one such tile per SM, else the narrow one.
+
+    The 16-bit dgrad's wide tile steps N by 32, not 64: with 64, Triton 3.9 (not 3.6) gives the nf4, nf4-dq,
+    q4_k and q6_k dgrads 255 registers and 64-512 bytes of spills at the benchmark shapes; with 32 every
+    format compiles to at most 246 registers and no spills on both (tools/kernel_report.py --op qlora_linear)."""
     wide, narrow = qgemm_configs(dtype)
+    if dgrad and dtype != torch.float32:
+        wide = BlockConfig("wide", wide.block_m, wide.block_n, 32, wide.num_warps, wide.num_stages)
     tiles = triton.cdiv(rows, wide.block_m) * triton.cdiv(cols, wide.block_n)
     return wide if tiles >= num_sms else narrow
 
@@ -188,7 +194,7 @@ def plan_qbwd_dx(grad_y, qargs, K, block_size, du, lora_a, dx, num_sms) -> Launc
     lowrank = du is not None
     du = grad_y if du is None else du
     lora_a = grad_y if lora_a is None else lora_a
-    cfg = pick_qgemm_config(M, K, grad_y.dtype, num_sms)
+    cfg = pick_qgemm_config(M, K, grad_y.dtype, num_sms, dgrad=True)
     programs = _persistent_grid(M, K, cfg, num_sms)
     args = {"g_ptr": grad_y, **{k: v for k, v in qargs.items() if k != "FMT"}, "du_ptr": du, "a_ptr": lora_a,
             "dx_ptr": dx, "M": M, "N": N, "K": K, "R": lora_a.shape[0] if lowrank else 0,
@@ -279,6 +285,24 @@ def quantized_linear_dgrad(grad_y, packed, scheme, K, block_size):
         plan_qbwd_dx(grad_y, quant_args(packed, scheme), K, block_size, None, None, dx,
                      sm_count(grad_y.device)).run()
     return dx
+
+
+# ----------------------------------------------------------------------------------------- kernel report
+def report_launches(scheme: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, p: float,
+                    num_sms: int) -> list[Launch]:
+    """The dequantizing GEMMs of one LoRA step on a ``scheme`` weight (N, K), x (M, K), rank r: the forward
+    y = x Wᵀ + su Bᵀ and the dgrad dx = g W (+ du A, inlined when p == 0). The u-, g- and x-passes around them
+    are the dense op's launches (``kernels.lora_linear.report_launches``). Placeholder tensors, nothing runs."""
+    packed = _placeholder_weight(scheme, N, K)
+    x, y = torch.empty((M, K), dtype=dtype), torch.empty((M, N), dtype=dtype)
+    su, lora_b, lora_a = (torch.empty(shape, dtype=dtype) for shape in ((M, r), (N, r), (r, K)))
+    g, du, dx = torch.empty((M, N), dtype=dtype), torch.empty((M, r), dtype=dtype), torch.empty((M, K), dtype=dtype)
+    launches = [plan_qfwd_y(x, quant_args(packed, scheme), N, 64, su, lora_b, None, y, num_sms),
+                plan_qbwd_dx(g, quant_args(packed, scheme), K, 64, du if p == 0 else None,
+                             lora_a if p == 0 else None, dx, num_sms)]
+    for launch in launches:
+        launch.label = f"{launch.label} {scheme}"
+    return launches
 
 
 # ----------------------------------------------------------------------------------------- AOT coverage

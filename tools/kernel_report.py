@@ -48,9 +48,13 @@ SM90_SMS = 132  # H100/H200 SXM: the SM count the report plans persistent grids 
 SM90_MAX_SHARED = 232448
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 OPS = ("lora_linear", "lora_gated_mlp", "linear_cross_entropy")
+# qlora_linear (--op qlora_linear, not in the default report): the dequantizing GEMMs on a quantized weight,
+# at the lora_linear shapes, one group per --scheme (internally the op "qlora_linear:SCHEME")
+QLORA = "qlora_linear"
+QLORA_SCHEMES = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")   # kernels.qlora_dequant
 # lora_linear: M, K, N, r; lora_gated_mlp: M tokens, H = K, I = N, r (Llama-3-8B's MLP); linear_cross_entropy:
 # M tokens, hidden K, vocabulary N (Llama-3's 128256), r unused (the head's GEMMs are torch's)
-DEFAULT_SHAPES = {"lora_linear": BENCH_SHAPES, "lora_gated_mlp": ((8192, 4096, 14336, 16),),
+DEFAULT_SHAPES = {"lora_linear": BENCH_SHAPES, QLORA: BENCH_SHAPES, "lora_gated_mlp": ((8192, 4096, 14336, 16),),
                   "linear_cross_entropy": ((8192, 4096, 128256, 16),)}
 JSON_KEYS = ("kernel", "backend", "role", "grid", "persistent", "regs", "spills", "smem", "ctas_per_sm", "mma",
              "tma", "atomics", "barriers")
@@ -63,23 +67,31 @@ def _setup_paths() -> None:
             sys.path.insert(0, path)
 
 
+def _op_launches(op: str, shape, dtype, p: float, num_sms: int) -> list:
+    from kernels.fused_launches import report_launches as fused_launches
+    from kernels.lora_linear import report_launches
+    from kernels.qlora_linear import report_launches as quantized_launches
+    if op == "lora_linear":
+        return report_launches(*shape, dtype, p, num_sms)
+    if op.startswith(QLORA + ":"):
+        return quantized_launches(op.split(":", 1)[1], *shape, dtype, p, num_sms)
+    return fused_launches(op, *shape, dtype, p, num_sms)
+
+
 def report_jobs(shapes, dtype_name: str, dropouts, num_sms: int, ops=OPS) -> list[dict]:
     """Every launch to compile for the report: one dict per kernel and per reference GEMM. ``shapes`` None:
     each op at its own benchmark shapes (DEFAULT_SHAPES)."""
     _setup_paths()
     import torch
-    from kernels.fused_launches import report_launches as fused_launches
-    from kernels.lora_linear import report_launches
     from kernel_report_reference import ReferenceSpec, reference_launch
 
     dtype = getattr(torch, DTYPES[dtype_name])
     jobs = []
     for op in ops:
-        for shape in shapes or DEFAULT_SHAPES[op]:
+        for shape in shapes or DEFAULT_SHAPES[op.split(":")[0]]:
             # the loss's row kernel has no dropout: once, under the first p
             for p in dropouts if op != "linear_cross_entropy" else dropouts[:1]:
-                launches = (report_launches(*shape, dtype, p, num_sms) if op == "lora_linear" else
-                            fused_launches(op, *shape, dtype, p, num_sms))
+                launches = _op_launches(op, shape, dtype, p, num_sms)
                 for launch in launches:
                     where = {"op": op, "shape": ",".join(map(str, shape)), "dropout": p, "dtype": dtype_name}
                     jobs.append({**where, "launch": launch, "kernel": launch.label, "role": launch.role,
@@ -231,6 +243,9 @@ def _title(op: str, shape: str, p: float, dtype: str) -> str:
                 f"M={M} K={K} N={N}): M={M} H={K} I={N} r={r} {dtype} p={p}")
     if op == "linear_cross_entropy":
         return f"linear_cross_entropy, row kernel of one chunk: M={M} hidden={K} vocab={N} {dtype}"
+    if op.startswith(QLORA + ":"):
+        return (f"qlora_linear, dequantizing GEMMs on a {op.split(':')[1]} weight: M={M} K={K} N={N} r={r} "
+                f"{dtype} p={p}")
     return f"M={M} K={K} N={N} r={r} {dtype} p={p}"
 
 
@@ -288,9 +303,11 @@ def _parse_args(argv):
     parser.add_argument("--dropout", action="append", type=float, help="p (repeatable; default 0 and 0.05)")
     parser.add_argument("--arch", default="sm_90a", choices=["sm_90a"], help="compile target")
     parser.add_argument("--backend", default="all", choices=["triton", "cuda", "all"])
-    parser.add_argument("--op", action="append", choices=OPS,
-                        help="Triton ops to report (repeatable; default all). With --shape, each op reads it "
-                             "as it reads its default (see DEFAULT_SHAPES)")
+    parser.add_argument("--op", action="append", choices=OPS + (QLORA,),
+                        help="Triton ops to report (repeatable; default all but qlora_linear). With --shape, "
+                             "each op reads it as it reads its default (see DEFAULT_SHAPES)")
+    parser.add_argument("--scheme", action="append", choices=QLORA_SCHEMES,
+                        help="--op qlora_linear: weight formats (repeatable; default all)")
     parser.add_argument("--num-sms", type=int, default=SM90_SMS, help="SM count the launches are planned for")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="a JSON list, one object per kernel")
@@ -304,7 +321,9 @@ def _parse_args(argv):
     parser.add_argument("--keep-cache", action="store_true",
                         help="use the normal Triton cache (default: a fresh one, so everything really compiles)")
     args = parser.parse_args(argv)
-    args.ops = tuple(args.op) if args.op else OPS
+    ops = tuple(args.op) if args.op else OPS
+    schemes = tuple(args.scheme) if args.scheme else QLORA_SCHEMES
+    args.ops = tuple(o for op in ops for o in ((f"{QLORA}:{s}" for s in schemes) if op == QLORA else (op,)))
     try:
         args.shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else BENCH_SHAPES
     except ValueError:

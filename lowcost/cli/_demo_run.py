@@ -13,7 +13,8 @@ import torch
 from lowcost.cli import CLIError
 from lowcost.cli._demo_corpus import cut, domain_words, lee_documents, smollm2_gguf
 from lowcost.cli._encode import collate, pad_id, sequences
-from lowcost.cli._measure import PeakMemory, SavedBytes, hardware, mib, optimizer_state_bytes, trainable
+from lowcost.cli._measure import (PeakMemory, SavedBytes, hardware, mib, optimizer_state_bytes, resident_weight_bytes,
+                                  trainable)
 from lowcost.cli._train import Batches, History, Plan, evaluate, make_optimizer, run as run_steps
 from lowcost.cli.demo import Arm, dumps
 
@@ -69,6 +70,7 @@ def _train(arm: Arm, model, batches: Batches, settings: dict, args, dev, hf_chec
     arm.step_seconds, arm.losses = history.seconds, history.loss
     arm.optimizer_bytes = optimizer_state_bytes(optimizer)
     arm.trainable, arm.total = trainable(model)
+    arm.weight_bytes = resident_weight_bytes(model)
 
 
 def _after(arm: Arm, model, held: list, dev, steps: int) -> None:
@@ -92,15 +94,22 @@ def peft_arm(model, tokenizer, text: Text, settings: dict, args, dev, before: di
 
 
 def lowcost_arm(model, tokenizer, text: Text, settings: dict, args, dev, before: dict, checkpoint) -> Arm:
-    """(b) domain tokens (sub-token mean), then fused LoRA and lowcost's checkpointing in one apply."""
+    """(b) domain tokens (sub-token mean), the base quantized (--quantize nf4/int8; a gguf model comes
+    quantized), then fused LoRA and lowcost's checkpointing in one apply."""
     from lowcost.api import LoRAConfig, apply
+    from lowcost.quant import quantize
     from lowcost.warmstart import add_tokens
-    arm = Arm(LOWCOST_NAME, before=before, checkpointing=f"lowcost {checkpoint.policy}")
+    arm = Arm(LOWCOST_NAME, before=before, checkpointing=f"lowcost {checkpoint.policy}",
+              quantized=args.quantize or "")
     words = domain_words(text.train, tokenizer, settings["new_tokens"]) if settings["new_tokens"] else []
     if words:
         arm.new_tokens = add_tokens(model, tokenizer, words).total("added")
+    if args.quantize in ("nf4", "int8"):
+        quantize(model, args.quantize)                  # every linear layer but the output head, in place
     batches, held = text.batches(tokenizer, args.seed)
-    arm.step0 = evaluate(model, held, dev, progress="lowcost: held-out with the new tokens") if words else before
+    changed = " and ".join(w for w, on in (("the new tokens", words), (f"the {args.quantize} base", args.quantize))
+                           if on)
+    arm.step0 = evaluate(model, held, dev, progress=f"lowcost: held-out with {changed}") if changed else before
     lora = LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=args.dropout, targets="all-linear")
     first = {k: v.to(dev) for k, v in batches.micro(0).items() if k != "chars"}
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -118,11 +127,15 @@ def compare(args, settings: dict, dev, checkpoint) -> dict:
     _, held = text.batches(tokenizer, args.seed)
     before = evaluate(model, held, dev, progress="held-out before (original model)")
     peft = peft_arm(copy.deepcopy(model), tokenizer, text, settings, args, dev, before)
+    if args.quantize == "gguf":                          # the lowcost run keeps the file's blocks
+        model = load_model(str(gguf), "float32", dev, quantize="gguf")[0]
     ours = lowcost_arm(model, tokenizer, text, settings, args, dev, before, checkpoint)
+    base = {None: "dequantised to float32", "gguf": "lowcost's run keeps its Q4_1 blocks"}.get(
+        args.quantize, f"dequantised to float32; lowcost's run quantizes it to {args.quantize}")
     return {"settings": {**settings, "lr": args.lr, "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r,
                          "dropout": args.dropout, "checkpoint": checkpoint.policy, "seed": args.seed,
-                         "quick": args.quick},
-            "model": f"SmolLM2-135M-Instruct ({gguf.name}, dequantised to float32)",
+                         "quick": args.quick, "quantize": args.quantize},
+            "model": f"SmolLM2-135M-Instruct ({gguf.name}, {base})",
             "text": f"gensim Lee news corpus: {len(text.train)} stories for training, {len(text.held)} held out "
                     f"(each cut to {4 * settings['seq_len']} characters)",
             "hardware": hardware(dev), "torch": torch.__version__, "python": platform.python_version(),
@@ -135,6 +148,12 @@ def _ratio(ours, theirs) -> str:
 
 def _nats(result: dict) -> str:
     return f"{result['nats_per_char']:.4f}" if result else "—"
+
+
+def _before(ours: Arm) -> str:
+    changes = " and ".join(w for w, on in (("the new tokens", ours.new_tokens), (f"the {ours.quantized} base",
+                                                                                ours.quantized)) if on)
+    return f"{_nats(ours.before)} → {_nats(ours.step0)} with {changes}" if changes else _nats(ours.step0)
 
 
 def table(result: dict) -> tuple[list[str], list[list[str]]]:
@@ -152,12 +171,12 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
          _ratio(ours.peak_bytes, peft.peak_bytes)],
         ["step time (median)", seconds(peft.step_time()), seconds(ours.step_time()),
          _ratio(ours.step_time(), peft.step_time())],
-        ["held-out nats/char, before (step 0)", _nats(peft.step0),
-         f"{_nats(ours.before)} → {_nats(ours.step0)} with the new tokens" if ours.new_tokens else _nats(ours.step0),
-         ""],
+        ["held-out nats/char, before (step 0)", _nats(peft.step0), _before(ours), ""],
         [f"held-out nats/char, after {steps} steps", _nats(peft.after) if steps else "— (no step ran)",
          _nats(ours.after) if steps else "— (no step ran)", ""],
         ["new tokens", "0", str(ours.new_tokens), ""],
+        ["model weights, resident (base + adapters)", mib(peft.weight_bytes), mib(ours.weight_bytes) +
+         (f" ({ours.quantized} base)" if ours.quantized else ""), _ratio(ours.weight_bytes, peft.weight_bytes)],
     ]
     return ["", PEFT_NAME, LOWCOST_NAME, "lowcost / PEFT"], rows
 

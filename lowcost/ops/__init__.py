@@ -4,7 +4,8 @@ from lowcost.ops.linear_cross_entropy import linear_cross_entropy
 from lowcost.ops.lora_embedding import lora_embedding
 from lowcost.ops.lora_gated_mlp import lora_gated_mlp
 from lowcost.ops.lora_linear import lora_linear
+from lowcost.ops.qlora_gated_mlp import qlora_gated_mlp
 from lowcost.ops.qlora_linear import qlora_linear, quantized_linear
 
-__all__ = ["lora_linear", "lora_embedding", "linear_cross_entropy", "lora_gated_mlp", "qlora_linear",
+__all__ = ["lora_linear", "lora_embedding", "linear_cross_entropy", "lora_gated_mlp", "qlora_gated_mlp", "qlora_linear",
            "quantized_linear", "resolve_backend", "BACKENDS"]

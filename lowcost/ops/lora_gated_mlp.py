@@ -213,10 +213,15 @@ def lora_gated_mlp(x: Tensor, gate: Sequence[Tensor], up: Sequence[Tensor], down
         backend: "torch", "triton" or None (``LOWCOST_BACKEND``, else the best available).
     Returns:
         y: (..., H) in x's dtype.
+
+    Quantized frozen weights (three ``QuantizedWeight``) run ``lowcost.ops.qlora_gated_mlp`` (torch backend).
     """
     params = tuple(gate) + tuple(up) + tuple(down)
     if len(params) != 9:
         raise ValueError("gate, up and down must each be (weight, lora_a, lora_b)")
+    if any(not isinstance(w, Tensor) for w in params[0::3]):
+        from lowcost.ops.qlora_gated_mlp import qlora_gated_mlp  # imports this module: bound here
+        return qlora_gated_mlp(x, gate, up, down, scales, activation, dropouts, seeds, backend)
     _check_inputs(x, params, scales, dropouts, activation)
     for role, weight in zip(ROLES, params[0::3]):
         if weight.requires_grad:

@@ -10,6 +10,7 @@ forward computes on a probe input (eval mode, no gradient). Anything else is ref
 from __future__ import annotations
 
 import copy
+import os
 from typing import Callable, Optional
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from lowcost._families import module_roles
 from lowcost.nn.lora_gated_mlp import LoRAGatedMLP
 from lowcost.nn.lora_linear import LoRALinear
-from lowcost.ops.backend import triton_usable, unavailable_reason
+from lowcost.ops.backend import ENV_VAR, triton_usable, unavailable_reason
 from lowcost.reference.lora_gated_mlp import ACTIVATIONS, activation as reference_activation
 
 _ACT_ATTRS = ("act_fn", "activation_fn", "act")
@@ -51,8 +52,6 @@ def _activation_name(act: nn.Module) -> Optional[str]:
 def _layer_problem(name: str, layer: nn.Module) -> str:
     if not isinstance(layer, LoRALinear):
         return f"{name} is a {type(layer).__name__}, not a fused LoRALinear"
-    if not isinstance(layer.weight, torch.Tensor):
-        return f"{name} has a quantized base weight (the fused MLP has no dequantizing path yet)"
     if layer.bias is not None:
         return f"{name} has a bias (the fused MLP takes bias-free projections)"
     if layer.fan_in_fan_out:
@@ -92,7 +91,25 @@ def _structure_problem(mlp: nn.Module, roles: dict[str, str]) -> str:
         problem = _layer_problem(attr, getattr(mlp, attr))
         if problem:
             return problem
-    return _backend_problem({attr: getattr(mlp, attr) for attr in roles.values()})
+    layers = {attr: getattr(mlp, attr) for attr in roles.values()}
+    return _quantized_problem(layers, "gate_up" in roles) or _backend_problem(layers)
+
+
+def _quantized_problem(layers: dict[str, LoRALinear], packed: bool) -> str:
+    """Why quantized base weights cannot be fused ("" when none is quantized, or all three can be): the fused
+    MLP takes three dense or three quantized weights, unpacked, on the torch backend."""
+    quantized = [attr for attr, layer in layers.items() if not isinstance(layer.weight, torch.Tensor)]
+    if not quantized:
+        return ""
+    if len(quantized) != len(layers):
+        return f"{', '.join(quantized)} quantized but not the other projections (the fused MLP takes all or none)"
+    if packed:
+        return "a packed gate_up projection with a quantized base weight (its halves cannot be sliced)"
+    asked = {layer.backend or os.environ.get(ENV_VAR) for layer in layers.values()} - {None, "", "torch"}
+    if asked:
+        return (f"quantized base weights with backend={asked.pop()!r}: the fused MLP dequantizes on the torch "
+                "backend only")
+    return ""
 
 
 def _cpu_twin(mlp: nn.Module) -> nn.Module:
@@ -120,8 +137,9 @@ def _same_output(mlp: nn.Module, make_fused: Callable[[nn.Module], LoRAGatedMLP]
         mlp = _cpu_twin(mlp)
     fused = make_fused(mlp)
     layer = fused.layer("down")
-    weight = layer.weight
-    probe = torch.randn(3, layer.out_features, generator=torch.Generator().manual_seed(0)).to(weight)
+    weight = layer.weight                                   # a tensor, or a QuantizedWeight (dtype, device)
+    probe = torch.randn(3, layer.out_features, generator=torch.Generator().manual_seed(0)).to(weight.device,
+                                                                                                 weight.dtype)
     modes = [(m, m.training) for m in mlp.modules()]
     try:
         for m, _ in modes:

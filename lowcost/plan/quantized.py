@@ -1,6 +1,8 @@
 """The quantized base in a plan: the weights quantized on the meta device, and the workspace and FLOPs of the
 ops that dequantize them (``lowcost::qlora_linear``, ``lowcost::quantized_linear`` and their backward ops),
-which no dispatch mode sees inside.
+which no dispatch mode sees inside; and the fused gated MLP on quantized weights (``lowcost::qlora_gated_mlp``
+and its backward): the dense fused MLP's workspace and FLOPs plus the largest projection's dequantized block and
+each W's decode.
 
 Weights. ``quantize_base`` runs the real ``lowcost.quantize`` (the selection ``load_pretrained(quantize=...)``
 makes: every linear layer but the output head) on the meta-device model: the quantizers only shape their
@@ -132,8 +134,39 @@ def _frozen_dgrad(args) -> int:
     return _chunk(scheme, block_size, M, N, K, s, dgrad=True) + (M * K * 4 if s < 4 else 0)
 
 
+def _qgated_projections(x: torch.Tensor, args, first: int) -> list[tuple[str, int, int, int]]:
+    """(scheme, block size, N, K) of gate, up and down from the fused quantized MLP's arguments, the stored
+    tensors' list at ``first`` (forward: 1, backward: 2); N, K from the adapters (B is (N, r), A is (r, K))."""
+    schemes, blocks = args[first + 3:first + 6], args[first + 6]
+    a_b = args[first + 7:first + 13]
+    return [(schemes[i], blocks[i], a_b[2 * i + 1].shape[0], a_b[2 * i].shape[1]) for i in range(3)]
+
+
+def _qgated_forward(args) -> int:
+    """The dense fused MLP's act(gate), h (and D⊙h) while down runs, plus the largest projection's block of
+    dequantized rows (and its fp32 output for 16-bit x)."""
+    x, dropouts = args[0], args[15]
+    M, _, s = _sizes(x)
+    projections = _qgated_projections(x, args, 1)
+    inter = projections[0][2]
+    chunk = max(_chunk(sc, b, M, N, K, s, dgrad=False) + (M * N * 4 if s < 4 else 0) for sc, b, N, K in projections)
+    return (2 + int(dropouts[2] > 0)) * M * inter * s + chunk
+
+
+def _qgated_backward(args) -> int:
+    """The dense fused MLP backward's act(gate), h, dh and the activation's temporaries (5·M·I·s), plus the
+    largest projection's dgrad block (and the fp32 dx accumulator for 16-bit x)."""
+    x = args[1]
+    M, _, s = _sizes(x)
+    projections = _qgated_projections(x, args, 2)
+    inter = projections[0][2]
+    chunk = max(_chunk(sc, b, M, N, K, s, dgrad=True) + (M * K * 4 if s < 4 else 0) for sc, b, N, K in projections)
+    return 5 * M * inter * s + chunk
+
+
 WORKSPACE_MODELS = {"lowcost::qlora_linear": _qlora_forward, "lowcost::qlora_linear_backward": _qlora_backward,
-                    "lowcost::quantized_linear": _frozen_forward, "lowcost::quantized_linear_dgrad": _frozen_dgrad}
+                    "lowcost::quantized_linear": _frozen_forward, "lowcost::quantized_linear_dgrad": _frozen_dgrad,
+                    "lowcost::qlora_gated_mlp": _qgated_forward, "lowcost::qlora_gated_mlp_backward": _qgated_backward}
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -169,9 +202,39 @@ def _frozen_dgrad_flops(grad_shape, packed, scheme, n_cols, block_size, *args, o
     return 2 * M * N * n_cols + dequantize_flops(scheme, N, n_cols, block_size)
 
 
+def _qgated_shapes(adapters) -> tuple:
+    """(W_gate, W_up, W_down) shapes from (A_g, B_g, A_u, B_u, A_d, B_d) shapes: W is (B rows, A columns)."""
+    return tuple((adapters[2 * i + 1][0], adapters[2 * i][1]) for i in range(3))
+
+
+def _qgated_forward_flops(x_shape, packed_g, packed_u, packed_d, scheme_g, scheme_u, scheme_d, block_sizes,
+                          *args, out_shape=None, **kwargs) -> int:
+    from lowcost.plan.flops import _gated_forward
+    adapters = args[:6]
+    w = _qgated_shapes(adapters)
+    dense = _gated_forward(x_shape, w[0], adapters[0], adapters[1], w[1], adapters[2], adapters[3], w[2],
+                           adapters[4])
+    return dense + sum(dequantize_flops(sc, *shape, b) for sc, shape, b in
+                       zip((scheme_g, scheme_u, scheme_d), w, block_sizes))
+
+
+def _qgated_backward_flops(grad_shape, x_shape, packed_g, packed_u, packed_d, scheme_g, scheme_u, scheme_d,
+                           block_sizes, *args, out_shape=None, **kwargs) -> int:
+    from lowcost.plan.flops import _gated_backward
+    adapters, needs = args[:6], args[-1]
+    w = _qgated_shapes(adapters)
+    dense = _gated_backward(grad_shape, x_shape, w[0], adapters[0], adapters[1], w[1], adapters[2], adapters[3],
+                            w[2], adapters[4], adapters[5], None, None, None, None, None, None, None, None, None,
+                            needs)
+    decoded = (bool(needs[0]), bool(needs[0]), True)   # gate's and up's W for dx; down's for dh always
+    return dense + sum(dequantize_flops(sc, *shape, b) for sc, shape, b, on in
+                       zip((scheme_g, scheme_u, scheme_d), w, block_sizes, decoded) if on)
+
+
 def flop_formulas() -> dict:
     """The quantized ops → their FLOP formulas (for ``FlopCounterMode(custom_mapping=...)``)."""
     import lowcost.ops  # noqa: F401  (registers torch.ops.lowcost.*)
     ops = torch.ops.lowcost
     return {ops.qlora_linear: _qlora_forward_flops, ops.qlora_linear_backward: _qlora_backward_flops,
-            ops.quantized_linear: _frozen_forward_flops, ops.quantized_linear_dgrad: _frozen_dgrad_flops}
+            ops.quantized_linear: _frozen_forward_flops, ops.quantized_linear_dgrad: _frozen_dgrad_flops,
+            ops.qlora_gated_mlp: _qgated_forward_flops, ops.qlora_gated_mlp_backward: _qgated_backward_flops}

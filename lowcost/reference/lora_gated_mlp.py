@@ -15,7 +15,9 @@ Saved for backward: x (the caller's tensor), gate, up, u_g, u_u, u_d and the see
     dgate  = (dh ⊙ up) ⊙ act'(gate);  dup = dh ⊙ act(gate)
     dB_p   = s_p·dpᵀu_p;  du_p = s_p·dp B_p;  dA_p = du_pᵀ(D_p⊙x)   for p ∈ {gate, up}
     dx     = dgate W_g + dup W_u + D_g⊙(du_g A_g) + D_u⊙(du_u A_u)   one accumulator (grouped input gradient)
-Roundings follow the unfused model: gate, up, h, dh, dgate and dup are rounded to x's dtype as autograd's
+A projection's frozen W may be quantized (``Projection.dequant``, a row source as in
+``lowcost.reference.qlora_linear``): its x Wᵀ and g W are then summed over dequantized blocks of rows, so no
+dense W exists; every other step is unchanged. Roundings follow the unfused model: gate, up, h, dh, dgate and dup are rounded to x's dtype as autograd's
 tensors would be; the activation and its derivative are torch's own (``aten.silu_backward`` /
 ``aten.gelu_backward``), so fp32 results equal the unfused path's.
 """
@@ -28,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from lowcost.reference.lora_linear import accumulation_dtype, lora_linear_backward, lora_linear_forward
+from lowcost.reference.qlora_linear import (RowSource, qlora_linear_backward, qlora_linear_forward,
+                                            quantized_base_dgrad)
 from lowcost.reference.philox import apply_dropout
 
 Tensor = torch.Tensor
@@ -37,13 +41,19 @@ DropoutFn = Callable[[Tensor, int, float], Tensor]
 
 @dataclass(frozen=True)
 class Projection:
-    """One adapted projection: weight W (N, K), lora_a A (r, K), lora_b B (N, r), scale s, dropout p, seed."""
-    weight: Tensor
+    """One adapted projection: weight W (N, K), lora_a A (r, K), lora_b B (N, r), scale s, dropout p, seed.
+    A quantized W: ``weight`` None and ``dequant`` the row source (rows -> those rows of W in x's dtype)."""
+    weight: Optional[Tensor]
     lora_a: Tensor
     lora_b: Tensor
     scale: float
     dropout: float
     seed: int
+    dequant: Optional[RowSource] = None
+
+    @property
+    def n_out(self) -> int:
+        return self.lora_b.shape[0]
 
 
 def activation(gate: Tensor, name: str) -> Tensor:
@@ -60,8 +70,22 @@ def activation_backward(grad: Tensor, gate: Tensor, name: str) -> Tensor:
 
 
 def project(x: Tensor, p: Projection, dropout_fn: DropoutFn) -> tuple[Tensor, Tensor]:
-    """(x Wᵀ + s·(D⊙x) Aᵀ Bᵀ, u) exactly as ``lowcost.reference.lora_linear_forward`` (no bias)."""
+    """(x Wᵀ + s·(D⊙x) Aᵀ Bᵀ, u) exactly as ``lowcost.reference.lora_linear_forward`` (no bias), or as
+    ``qlora_linear_forward`` for a quantized W."""
+    if p.dequant is not None:
+        return qlora_linear_forward(x, p.dequant, p.n_out, p.lora_a, p.lora_b, None, p.scale, p.dropout, p.seed,
+                                    dropout_fn)
     return lora_linear_forward(x, p.weight, p.lora_a, p.lora_b, None, p.scale, p.dropout, p.seed, dropout_fn)
+
+
+def project_backward(grad: Tensor, x: Tensor, p: Projection, u: Tensor, needs: tuple,
+                     dropout_fn: DropoutFn) -> tuple[Optional[Tensor], ...]:
+    """(dx, dA, dB, dbias) of ``project``: the dense or the quantized LoRA linear's backward."""
+    if p.dequant is not None:
+        return qlora_linear_backward(grad, x, p.dequant, p.lora_a, p.lora_b, u, p.scale, p.dropout, p.seed, needs,
+                                     dropout_fn)
+    return lora_linear_backward(grad, x, p.weight, p.lora_a, p.lora_b, u, p.scale, p.dropout, p.seed, needs,
+                                dropout_fn)
 
 
 def gated_mlp_forward(x: Tensor, gate: Projection, up: Projection, down: Projection, act: str,
@@ -77,6 +101,8 @@ def grouped_input_grad(x: Tensor, grads: list[Tensor], projections: list[Project
                        dropout_fn: DropoutFn) -> Tensor:
     """dx = Σ_p g_p W_p + Σ_p D_p⊙(du_p A_p) for projections sharing the input x: one (M, K) accumulator."""
     acc = accumulation_dtype(x)
+    if any(p.dequant is not None for p in projections):
+        return _grouped_input_grad_quantized(x, grads, projections, dus, dropout_fn)
     dx = grads[0] @ projections[0].weight
     for g, p in zip(grads[1:], projections[1:]):
         dx = dx.addmm_(g, p.weight) if x.dtype == acc else dx + g @ p.weight
@@ -87,6 +113,23 @@ def grouped_input_grad(x: Tensor, grads: list[Tensor], projections: list[Project
             term = dropout_fn(term, p.seed, p.dropout)
         low_rank = term if low_rank is None else low_rank.add_(term)
     return dx.add_(low_rank) if x.dtype == acc else (dx.to(acc) + low_rank).to(x.dtype)
+
+
+def _grouped_input_grad_quantized(x: Tensor, grads: list[Tensor], projections: list[Projection], dus: list[Tensor],
+                                  dropout_fn: DropoutFn) -> Tensor:
+    """``grouped_input_grad`` with quantized weights: the low-rank terms first, in the accumulation dtype, then
+    each g_p W_p summed into them (a quantized W block of rows by block of rows); rounded to x's dtype once."""
+    acc = accumulation_dtype(x)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    for du, p in zip(dus, projections):
+        term = du @ p.lora_a.to(acc)
+        dx.add_(dropout_fn(term, p.seed, p.dropout) if p.dropout > 0 else term)
+    for g, p in zip(grads, projections):
+        if p.dequant is None:
+            dx.add_(g.to(acc) @ p.weight.to(acc))
+        else:
+            quantized_base_dgrad(g, p.dequant, x.shape[-1], out=dx)
+    return dx.to(x.dtype)
 
 
 def adapter_grads(x: Tensor, grad: Tensor, p: Projection, u: Tensor, need_a: bool, need_b: bool,
@@ -110,8 +153,7 @@ def gated_mlp_backward(grad_y: Tensor, x: Tensor, gate: Projection, up: Projecti
     need_dx, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = needs
     act_gate = activation(gate_out, act)
     h = act_gate * up_out
-    dh, da_d, db_d, _ = lora_linear_backward(grad_y, h, down.weight, down.lora_a, down.lora_b, u_d, down.scale,
-                                             down.dropout, down.seed, (True, need_ad, need_bd, False), dropout_fn)
+    dh, da_d, db_d, _ = project_backward(grad_y, h, down, u_d, (True, need_ad, need_bd, False), dropout_fn)
     del h
     dgate = activation_backward(dh * up_out, gate_out, act)
     dup = dh * act_gate

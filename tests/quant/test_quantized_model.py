@@ -205,12 +205,46 @@ def test_backend_without_the_format_names_the_module_and_leaves_the_model_alone(
     assert _snapshot(model) == before and lowcost.patch.patch_state(model) is None
 
 
-def test_fusions_refuse_a_quantized_base_with_the_reason():
-    """The fused MLP has no dequantizing path: apply's default fusions leave quantized MLPs unfused and say why
-    (before this check the structure probe crashed on the quantized weight)."""
+def _fused_step(model, fused, seed=3):
+    """Loss and adapter gradients of one training step after apply(fused=...), same adapters and RNG."""
+    report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, dropout=0.1), fused=fused)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for p in (p for _, p in sorted(model.named_parameters()) if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.train()
+    torch.manual_seed(seed)
+    loss = model(IDS, labels=IDS).loss
+    loss.backward()
+    return report, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_mlp_on_a_quantized_base_equals_the_unfused_layers():
+    """apply's fused MLP takes quantized gate/up/down (lowcost.ops.qlora_gated_mlp): the same loss and
+    adapter gradients as the unfused quantized LoRA layers, with the same dropout draws."""
     model = _frozen()
     quantize(model, "nf4")
-    report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8))
+    twin = copy.deepcopy(model)
+    report, loss, grads = _fused_step(model, ("mlp",))
+    assert [f for f in report.fusion.taken if f.kind == "mlp"] and \
+        not [f for f in report.fusion.refused if f.kind == "mlp"]
+    _, loss_ref, grads_ref = _fused_step(twin, None)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("setup, reason", [
+    ("mixed", "quantized but not the other projections"),
+    ("triton", "the fused MLP dequantizes on the torch backend only"),
+])
+def test_fused_mlp_refuses_what_it_cannot_take_on_a_quantized_base(setup, reason, monkeypatch):
+    if setup == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("LOWCOST_BACKEND", "triton")      # the unfused quantized layers run on Triton
+    model = _frozen()
+    quantize(model, "nf4", exclude=["down_proj"] if setup == "mixed" else None)
+    report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8), fused=("mlp",))
     refused = [f for f in report.fusion.refused if f.kind == "mlp"]
-    assert refused and all("quantized base weight" in f.detail for f in refused)
-    assert not [f for f in report.fusion.taken if f.kind == "mlp"]
+    assert refused and all(reason in f.detail for f in refused)

@@ -1,0 +1,193 @@
+"""The fused LoRA gated MLP on quantized frozen weights (NF4, int8, GGUF blocks), as registered ops.
+
+    y = down(act(gate(x)) ⊙ up(x)),   each projection p(z) = z W_pᵀ + s_p·(D_p⊙z) A_pᵀ B_pᵀ
+
+the math, the saved tensors and every gradient of ``lowcost.ops.lora_gated_mlp`` (``lowcost.reference.
+lora_gated_mlp``), with each W_p a ``QuantizedWeight``: x W_pᵀ and g W_p are summed over blocks of dequantized
+rows (``lowcost.reference.qlora_linear``), so no dense W exists, and what backward keeps is unchanged: x, gate
+and up (M, I), the three u's and the seeds, plus references to the stored codes and scales. The unfused
+quantized MLP keeps act(gate) and h = act(gate)⊙up too.
+
+``lowcost.ops.lora_gated_mlp`` routes here when its weights are quantized (all three; a mix of dense and
+quantized projections is refused there). Backend: ``torch`` only (it runs on any device: cuBLAS / CPU GEMMs
+on one dequantized block at a time); the Triton fused-MLP kernels have no dequantizing loads yet, so
+``backend='triton'`` or ``'cuda'`` is a clear error.
+
+Two custom ops: ``lowcost::qlora_gated_mlp`` → (y, gate, up, u_g, u_u, u_d) and
+``lowcost::qlora_gated_mlp_backward`` → (dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d). The stored tensors are
+``Tensor[]`` arguments and the formats strings, so FakeTensor and the dispatcher see plain tensors.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from lowcost.ops import _torch_backend
+from lowcost.ops._quant_backends import _rows
+from lowcost.ops.backend import ENV_VAR
+from lowcost.ops.lora_gated_mlp import ROLES, _seeds_tensor
+from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _check_scalars, _check_tensor
+from lowcost.reference.lora_gated_mlp import ACTIVATIONS, Projection, gated_mlp_backward, gated_mlp_forward
+from lowcost.reference.quant import QuantizedWeight
+
+Tensor = torch.Tensor
+_GRAD_INPUTS = (0, 8, 9, 10, 11, 12, 13)  # x, a_gate, b_gate, a_up, b_up, a_down, b_down among the op's inputs
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_projection(role: str, weight: QuantizedWeight, lora_a: Tensor, lora_b: Tensor, n_in: int, n_out: int,
+                      x: Tensor) -> None:
+    if tuple(weight.shape) != (n_out, n_in):
+        raise ValueError(f"{role} weight must have shape {(n_out, n_in)}, got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"{role} weight must be on x's device {x.device}, got {weight.device}")
+    for part, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        _check_tensor(f"{role} {part}", t, 2)
+        if t.device != x.device:
+            raise ValueError(f"{role} {part} must be on x's device {x.device}, got {t.device}")
+    r = lora_a.shape[0]
+    if r < 1 or tuple(lora_a.shape) != (r, n_in) or tuple(lora_b.shape) != (n_out, r):
+        raise ValueError(f"{role} lora_a and lora_b must have shapes (r, {n_in}) and ({n_out}, r), got "
+                         f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if lora_a.dtype not in (x.dtype, torch.float32) or lora_b.dtype != lora_a.dtype:
+        raise TypeError(f"{role} lora_a and lora_b must both be {x.dtype} (x's dtype) or float32, got "
+                        f"{lora_a.dtype} and {lora_b.dtype}")
+
+
+def _check_inputs(x: Tensor, params: tuple, scales, dropouts, activation: str) -> None:
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., H), got a 0-D tensor")
+    if x.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    H, inter = x.shape[-1], params[0].shape[0]
+    for role, (w, a, b), n_in, n_out in zip(ROLES, (params[0:3], params[3:6], params[6:9]), (H, H, inter),
+                                           (inter, inter, H)):
+        _check_projection(role, w, a, b, n_in, n_out, x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for what, values in (("scales", scales), ("dropouts", dropouts)):
+        if len(values) != 3:
+            raise ValueError(f"{what} must hold 3 values (gate, up, down), got {len(values)}")
+    for scale, dropout in zip(scales, dropouts):
+        _check_scalars(scale, dropout)
+
+
+def _check_backend(backend: Optional[str]) -> None:
+    source, name = ("backend", backend) if backend is not None else (ENV_VAR, os.environ.get(ENV_VAR))
+    if name not in (None, "", "torch"):
+        raise ValueError(f"{source}={name!r}: the fused gated MLP on quantized weights runs on backend='torch' only "
+                         "(the Triton fused-MLP kernels have no dequantizing loads yet); use 'torch' or None")
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+def _projections(x: Tensor, packed: tuple, schemes: tuple, block_sizes, adapters: tuple, scales, dropouts,
+                 seeds) -> list[Projection]:
+    """gate, up, down with row sources that decode their W into x's dtype, a block of rows at a time."""
+    fan_in = (x.shape[-1], x.shape[-1], adapters[4].shape[1])      # H, H, I (a_down is (r, I))
+    return [Projection(None, adapters[2 * i], adapters[2 * i + 1], scales[i], dropouts[i], int(seeds[i]),
+                       dequant=_rows(schemes[i], packed[i], fan_in[i], block_sizes[i], x.dtype))
+            for i in range(3)]
+
+
+@torch.library.custom_op("lowcost::qlora_gated_mlp", mutates_args=())
+def _qgated_op(x: Tensor, packed_gate: list[Tensor], packed_up: list[Tensor], packed_down: list[Tensor],
+               scheme_gate: str, scheme_up: str, scheme_down: str, block_sizes: Sequence[int], a_gate: Tensor,
+               b_gate: Tensor, a_up: Tensor, b_up: Tensor, a_down: Tensor, b_down: Tensor, scales: Sequence[float],
+               dropouts: Sequence[float], seeds: Tensor, activation: str
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    gate, up, down = _projections(x, (packed_gate, packed_up, packed_down), (scheme_gate, scheme_up, scheme_down),
+                                  block_sizes, (a_gate, b_gate, a_up, b_up, a_down, b_down), scales, dropouts, seeds)
+    x2 = x.reshape(-1, x.shape[-1])
+    y, gate_out, up_out, u_g, u_u, u_d = gated_mlp_forward(x2, gate, up, down, activation, _torch_backend._dropout)
+    return y.reshape(x.shape), gate_out, up_out, u_g, u_u, u_d
+
+
+@_qgated_op.register_fake
+def _(x, packed_gate, packed_up, packed_down, scheme_gate, scheme_up, scheme_down, block_sizes, a_gate, b_gate,
+      a_up, b_up, a_down, b_down, scales, dropouts, seeds, activation):
+    M, inter = math.prod(x.shape[:-1]), b_gate.shape[0]
+    u_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.new_empty(x.shape), x.new_empty(M, inter), x.new_empty(M, inter),
+            *(x.new_empty(M, a.shape[0], dtype=u_dtype) for a in (a_gate, a_up, a_down)))
+
+
+@torch.library.custom_op("lowcost::qlora_gated_mlp_backward", mutates_args=())
+def _qgated_backward_op(grad_y: Tensor, x: Tensor, packed_gate: list[Tensor], packed_up: list[Tensor],
+                        packed_down: list[Tensor], scheme_gate: str, scheme_up: str, scheme_down: str,
+                        block_sizes: Sequence[int], a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Tensor,
+                        a_down: Tensor, b_down: Tensor, gate_out: Tensor, up_out: Tensor, u_g: Tensor, u_u: Tensor,
+                        u_d: Tensor, scales: Sequence[float], dropouts: Sequence[float], seeds: Tensor,
+                        activation: str, needs: Sequence[bool]
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    gate, up, down = _projections(x, (packed_gate, packed_up, packed_down), (scheme_gate, scheme_up, scheme_down),
+                                  block_sizes, (a_gate, b_gate, a_up, b_up, a_down, b_down), scales, dropouts, seeds)
+    x2, g2 = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
+    grads = gated_mlp_backward(g2, x2, gate, up, down, gate_out, up_out, u_g, u_u, u_d, activation, tuple(needs),
+                               _torch_backend._dropout)
+    dx = grads[0].reshape(x.shape) if grads[0] is not None else None
+    return tuple(g if g is not None else x.new_empty(0) for g in (dx,) + tuple(grads[1:]))
+
+
+@_qgated_backward_op.register_fake
+def _(grad_y, x, packed_gate, packed_up, packed_down, scheme_gate, scheme_up, scheme_down, block_sizes, a_gate,
+      b_gate, a_up, b_up, a_down, b_down, gate_out, up_out, u_g, u_u, u_d, scales, dropouts, seeds, activation,
+      needs):
+    like = (x, a_gate, b_gate, a_up, b_up, a_down, b_down)
+    return tuple(x.new_empty(t.shape, dtype=t.dtype) if need else x.new_empty(0) for need, t in zip(needs, like))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, packed_gate, packed_up, packed_down, *schemes_blocks = inputs[:8]
+    adapters, (scales, dropouts, seeds, activation) = inputs[8:14], inputs[14:]
+    _, gate_out, up_out, u_g, u_u, u_d = output
+    ctx.mark_non_differentiable(gate_out, up_out, u_g, u_u, u_d)
+    ctx.save_for_backward(x, *adapters, gate_out, up_out, u_g, u_u, u_d, seeds, *packed_gate, *packed_up,
+                          *packed_down)
+    ctx.counts = (len(packed_gate), len(packed_up), len(packed_down))
+    ctx.settings = (*schemes_blocks, list(scales), list(dropouts), activation)
+
+
+def _backward(ctx, grad_y, *_):
+    saved = ctx.saved_tensors
+    x, adapters, rest = saved[0], saved[1:7], saved[7:13]
+    n_gate, n_up, _ = ctx.counts
+    stored = saved[13:]
+    packed = (list(stored[:n_gate]), list(stored[n_gate:n_gate + n_up]), list(stored[n_gate + n_up:]))
+    needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
+    grads = _qgated_backward_op(grad_y, x, *packed, *ctx.settings[:4], *adapters, *rest[:5], *ctx.settings[4:6],
+                                rest[5], ctx.settings[6], needs)
+    out = [None] * 18
+    for index, need, grad in zip(_GRAD_INPUTS, needs, grads):
+        out[index] = grad if need else None
+    out[1:4] = [[None] * len(p) for p in packed]
+    return tuple(out)
+
+
+_qgated_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- public
+def qlora_gated_mlp(x: Tensor, gate: Sequence, up: Sequence, down: Sequence, scales: Sequence[float],
+                    activation: str = "silu", dropouts: Sequence[float] = (0.0, 0.0, 0.0), seeds=None,
+                    backend: Optional[str] = None) -> Tensor:
+    """``lowcost.ops.lora_gated_mlp`` with quantized frozen weights: gate, up = (W (I, H), A (r, H), B (I, r)),
+    down = (W (H, I), A (r, I), B (H, r)), each W a ``QuantizedWeight`` (decoded to x's dtype). x (..., H)
+    float32 / float16 / bfloat16 (float64 for tests) → y (..., H) in x's dtype. Backend: 'torch' or None."""
+    params = tuple(gate) + tuple(up) + tuple(down)
+    if len(params) != 9:
+        raise ValueError("gate, up and down must each be (weight, lora_a, lora_b)")
+    for role, weight in zip(ROLES, params[0::3]):
+        if not isinstance(weight, QuantizedWeight):
+            raise TypeError(f"{role} weight must be a QuantizedWeight like the others, got {type(weight).__name__} "
+                            "(the fused MLP takes three dense or three quantized weights)")
+    _check_inputs(x, params, scales, dropouts, activation)
+    _check_backend(backend)
+    weights = params[0::3]
+    seeds = _seeds_tensor(seeds, dropouts)
+    return _qgated_op(x, *(w.packed for w in weights), *(w.scheme for w in weights),
+                      [w.block_size for w in weights], *(t for i, t in enumerate(params) if i % 3),
+                      [float(s) for s in scales], [float(p) for p in dropouts], seeds, activation)[0]

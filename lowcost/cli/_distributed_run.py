@@ -221,9 +221,8 @@ def save_sharded_checkpoint(out: Path, step: int, model, optimizer, trainer_stat
     """A checkpoint of an FSDP2 run (collective): adapter (gathered), training_state/ (DCP: adapters,
     optimizer shards, step, every rank's RNG), and trainer_state.pt / state.json from rank 0."""
     import json
-    import shutil
     from lowcost.api import save_adapter
-    from lowcost.cli._rundir import KEEP, checkpoints
+    from lowcost.cli._rundir import prune_checkpoints
     from lowcost.distributed import save_training_state
 
     def fill_all(tmp: Path) -> None:
@@ -235,5 +234,4 @@ def save_sharded_checkpoint(out: Path, step: int, model, optimizer, trainer_stat
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     publish_together(out / "checkpoints" / f"step-{step:06d}", ranks, fill_all, fill_main)
     if ranks.main:
-        for _, old in checkpoints(out)[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(out)

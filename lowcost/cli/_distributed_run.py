@@ -91,10 +91,6 @@ class Ranks:
         torch.distributed.all_reduce(total)
         return total.tolist()
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
     def rng_states(self, device: torch.device) -> list[dict]:
         """Every rank's generator states (``_rundir.rng_state``), rank order; collective."""
         from lowcost.cli._rundir import rng_state
@@ -202,15 +198,16 @@ def publish_together(final: Path, ranks: Ranks, fill_all: Callable[[Path], None]
     directory, every rank runs ``fill_all(tmp)`` (collective writers), rank 0 runs ``fill_main(tmp)`` and
     publishes it with one rename once every rank is done."""
     from lowcost.cli._rundir import publish_dir
+    from lowcost.patch.ranks import barrier
     if not ranks.main:
         fill_all(Path(_share(None)))
-        ranks.barrier()
+        barrier()
         return
 
     def fill(tmp: Path) -> None:
         _share(str(tmp))
         fill_all(tmp)
-        ranks.barrier()
+        barrier()
         if fill_main is not None:
             fill_main(tmp)
     publish_dir(final, fill)

@@ -123,6 +123,7 @@ def _run(args: argparse.Namespace, ranks, rank_device) -> int:
     from lowcost.cli import _distributed_run as dist_run
     from lowcost.cli import _finetune_run as job
     from lowcost.cli._rundir import checkpoints
+    from lowcost.patch.ranks import barrier
     started = time.perf_counter()
     dev, lora, checkpoint, data, words = _validate(args)
     dev = rank_device                              # under torchrun: cuda:LOCAL_RANK on GPUs
@@ -130,7 +131,7 @@ def _run(args: argparse.Namespace, ranks, rank_device) -> int:
         print(f"skipped {data.skipped} bad line(s) of {data.path} (first: {data.first_skipped})")
     out = Path(args.out)
     resuming = args.resume and bool(checkpoints(out))
-    ranks.barrier()                                # every rank has checked --out before rank 0 writes there
+    barrier()                                      # every rank has checked --out before rank 0 writes there
     if args.overwrite and ranks.main:
         from lowcost.cli._rundir import clear_outputs
         clear_outputs(out)

@@ -151,14 +151,11 @@ def start(device_name: Optional[str], batch: int, mode: str = "ddp") -> tuple[Ra
     return Ranks(torch.distributed.get_rank(), world, comm, owns, mode), dev
 
 
-GROUP_DESTROYED = False   # set once this process destroyed a group it created (see lowcost.cli.program)
-
-
 def stop(ranks: Ranks) -> None:
-    global GROUP_DESTROYED
+    """Destroys the process group if ``start`` created it (``lowcost.cli.program`` then ends the process
+    with ``lowcost.distributed.exit_skipping_finalisation``)."""
     if ranks.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-        GROUP_DESTROYED = True
 
 
 def wrap(model, ranks: Ranks, dev: torch.device):

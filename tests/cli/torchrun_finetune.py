@@ -96,9 +96,8 @@ def main() -> None:
     finally:
         dist.destroy_process_group()
     (report / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip interpreter finalisation, as tests/distributed/worker.py does (a gloo thread vs the GIL)
+    from lowcost.distributed import exit_skipping_finalisation
+    exit_skipping_finalisation(0)  # a gloo thread could abort interpreter finalisation (see that function)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ decoder block, then the root). The adapter is then gathered by ``save_adapter`` 
 and the optimizer state, sharded like the parameters, goes into the checkpoint as
 ``lowcost.distributed.save_training_state`` (DCP, safetensors) under ``training_state/``; every rank writes
 its shards into rank 0's temporary directory before rank 0 publishes it (``publish_together``).
+``--mixed-precision bf16`` passes FSDP2 a ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``.
 """
 from __future__ import annotations
 
@@ -158,14 +159,44 @@ def stop(ranks: Ranks) -> None:
         torch.distributed.destroy_process_group()
 
 
-def wrap(model, ranks: Ranks, dev: torch.device):
+def check_mixed_precision(mixed: Optional[str], mode: str, dtype: str, world: int) -> None:
+    """--mixed-precision bf16 is FSDP2's MixedPrecisionPolicy: it needs --distributed fsdp under torchrun
+    with 2+ processes and fp32 parameters (--dtype float32) to keep as the master copy."""
+    if mixed is None:
+        return
+    if mixed != "bf16":
+        raise CLIError(f"--mixed-precision {mixed!r}: expected bf16")
+    if world == 1 or mode != "fsdp":
+        where = "in one process" if world == 1 else f"with --distributed {mode}"
+        raise CLIError(f"--mixed-precision {mixed} is FSDP2's MixedPrecisionPolicy and needs --distributed fsdp "
+                       f"under torchrun with 2 or more processes; it is not available {where} (train in fp32, or "
+                       f"load the model in bf16 with --dtype bfloat16)")
+    if dtype != "float32":
+        raise CLIError(f"--mixed-precision {mixed} keeps fp32 parameters and computes in {mixed}; it needs "
+                       f"--dtype float32 (the default), got --dtype {dtype}")
+
+
+def mixed_precision_policy(mixed: Optional[str]):
+    """FSDP2's MixedPrecisionPolicy for --mixed-precision (None: fp32 throughout).
+
+    bf16: each block's parameters are all-gathered and computed in bf16 (8-bit mantissa), the sharded fp32
+    parameters stay the optimizer's master copy, and gradients are reduce-scattered in fp32, so the update
+    and the saved adapter are fp32."""
+    if mixed is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def wrap(model, ranks: Ranks, dev: torch.device, mixed: Optional[str] = None):
     """The module the training loop runs: ``model`` itself in one process or sharded in place by FSDP2
-    (its trainable parameters become DTensors: collect them again), DDP around it otherwise."""
+    (its trainable parameters become DTensors: collect them again; ``mixed``: --mixed-precision), DDP
+    around it otherwise."""
     if ranks.world == 1:
         return model
     if ranks.sharded:
         from lowcost.distributed import shard_model
-        return shard_model(model)
+        return shard_model(model, mp_policy=mixed_precision_policy(mixed))
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 

@@ -15,13 +15,17 @@ ranks agree), wraps it in ``DistributedDataParallel`` and trains on the same glo
 - Dropout masks come from ``lowcost.distributed.seed_rank(seed + 1)``: different on every rank (so a run with
   dropout depends on the world size), identical on recompute.
 - Only rank 0 prints, shows the progress bar and writes files. A checkpoint holds every rank's RNG state,
-  so ``--resume`` continues exactly, at the same world size.
+  so ``--resume`` continues exactly at the same world size. At another one (``--batch`` stays the global
+  micro-batch, so the batches are the same) it continues the curve to fp32 rounding; only dropout masks,
+  which depend on how a batch is split, cannot continue (every rank starts a fresh stream).
 
 ``--distributed fsdp`` shards instead (``lowcost.distributed.shard_model``: FSDP2's ``fully_shard`` on every
 decoder block, then the root). The adapter is then gathered by ``save_adapter`` (collective, rank 0 writes)
 and the optimizer state, sharded like the parameters, goes into the checkpoint as
 ``lowcost.distributed.save_training_state`` (DCP, safetensors) under ``training_state/``; every rank writes
-its shards into rank 0's temporary directory before rank 0 publishes it (``publish_together``).
+its shards into rank 0's temporary directory before rank 0 publishes it (``publish_together``). DCP reshards
+that state on ``--resume`` at any world size, one process included; a whole optimizer state (one process,
+DDP) cannot be resumed under FSDP2 and is refused.
 ``--mixed-precision bf16`` passes FSDP2 a ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``.
 """
 from __future__ import annotations

@@ -9,7 +9,8 @@ FILE is plain text (.txt, packed into --seq-len windows) or JSON Lines with {"te
 responses only). A held-out part (--eval-fraction) gives loss, perplexity and nats per character.
 DIR receives run.json, checkpoints/ (every --save-every steps: adapter, optimizer, scheduler, RNG state and
 data position, written atomically), adapter/ (PEFT layout), metrics.json and loss.png.
---resume continues the run in DIR from its last checkpoint with the same loss curve as an uninterrupted run.
+--resume continues the run in DIR from its last checkpoint with the same loss curve as an uninterrupted run
+(at another torchrun world size too, to fp32 rounding, unless LoRA dropout is on: its masks cannot continue).
 Under torchrun --nproc_per_node N (lowcost finetune or python -m lowcost finetune) the N processes train with
 DDP on the same global batches as one process (--batch is global; N must divide it); rank 0 prints and writes.
 --distributed fsdp shards with FSDP2 instead; --mixed-precision bf16 then computes in bf16 on fp32 parameters.

@@ -175,7 +175,8 @@ def _restore(args, setup: Setup, optimizer, scheduler) -> tuple[int, History]:
     scheduler.load_state_dict(trainer_state["scheduler"])
     step = int(state["step"])
     _resume_rng(args, trainer_state, state, ranks, step, setup.device)
-    setup.measured.update(state.get("measured", {}))
+    if int(state.get("world_size", 1)) == _world(ranks):   # saved bytes were measured on the saved run's rows
+        setup.measured.update(state.get("measured", {}))
     if setup.new_tokens is not None:
         setup.new_tokens.update(state.get("new_tokens", {}))
     print(f"resuming from {path} (step {step} of {setup.plan.total_steps}){_world_note(args, state, ranks)}")

@@ -208,6 +208,8 @@ def test_resume_a_two_process_run_in_one_process(two, tiny_model, jsonl_files, t
     assert f"(step 6 of {STEPS}); saved by 2 process(es), continuing with 1: the same global batches" in printed
     assert "dropout masks" not in printed                              # --dropout 0: nothing is lost
     _same_curve(out, root / mode, 2, 1)
+    memory = _metrics(out)["memory"]                                   # not rank 0's half-batch figures as ours
+    assert "saved_activation_bytes" not in memory and "plain_saved_activation_bytes" not in memory
 
 
 def test_resume_a_one_process_run_under_torchrun(two, one):

@@ -129,7 +129,7 @@ def gathers_per_step(model, batch) -> dict:
 
 def worker(out: Path, repeats: int, policies: list[str]) -> None:
     import torch.distributed as dist
-    from lowcost.distributed import seed_rank
+    from lowcost.distributed import exit_skipping_finalisation, seed_rank
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     batch = local_batch(0)
@@ -153,7 +153,7 @@ def worker(out: Path, repeats: int, policies: list[str]) -> None:
     if rank == 0:
         out.write_text(json.dumps(rows))
     dist.destroy_process_group()
-    os._exit(0)  # skip interpreter finalisation: see tests/distributed/worker.py (a gloo thread vs the GIL)
+    exit_skipping_finalisation(0)  # a gloo thread could abort interpreter finalisation (see that function)
 
 
 def _step(model, optimizer, batch):

@@ -87,18 +87,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def program(argv: Optional[Sequence[str]] = None) -> NoReturn:
     """The ``lowcost`` program (console script, ``python -m lowcost``): exits with ``main``'s code.
 
-    After a torchrun run whose process group the command created and destroyed, the interpreter's
-    finalisation is skipped (``os._exit`` once stdout and stderr are flushed; every file is closed by then).
-    A gloo native thread that outlives the group can take the GIL while the interpreter finalises and abort
-    the process (SIGABRT, "terminate called without an active exception") after the run finished and saved
-    everything; torchrun would then report the run as failed. Seen in about 1 of 30 test launches."""
+    Under torchrun with more than one process (WORLD_SIZE > 1), where ``lowcost finetune`` creates the
+    process group and destroys it at the end, the interpreter's finalisation is skipped
+    (``lowcost.distributed.exit_skipping_finalisation``): a gloo native thread that outlives the group could
+    otherwise abort the finished process and torchrun would report the run as failed."""
     code = main(argv)
-    from lowcost.cli import _distributed_run
-    if _distributed_run.GROUP_DESTROYED:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    if _several_processes():
+        from lowcost.distributed import exit_skipping_finalisation
+        exit_skipping_finalisation(code)
     sys.exit(code)
+
+
+def _several_processes() -> bool:
+    """torchrun started more than one process (WORLD_SIZE, set by torchrun, is above 1)."""
+    text = os.environ.get("WORLD_SIZE", "1").strip()
+    return text.isdigit() and int(text) > 1
 
 
 if __name__ == "__main__":

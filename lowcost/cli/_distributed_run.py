@@ -15,13 +15,18 @@ ranks agree), wraps it in ``DistributedDataParallel`` and trains on the same glo
 - Dropout masks come from ``lowcost.distributed.seed_rank(seed + 1)``: different on every rank (so a run with
   dropout depends on the world size), identical on recompute.
 - Only rank 0 prints, shows the progress bar and writes files. A checkpoint holds every rank's RNG state,
-  so ``--resume`` continues exactly, at the same world size.
+  so ``--resume`` continues exactly at the same world size. At another one (``--batch`` stays the global
+  micro-batch, so the batches are the same) it continues the curve to fp32 rounding; only dropout masks,
+  which depend on how a batch is split, cannot continue (every rank starts a fresh stream).
 
 ``--distributed fsdp`` shards instead (``lowcost.distributed.shard_model``: FSDP2's ``fully_shard`` on every
 decoder block, then the root). The adapter is then gathered by ``save_adapter`` (collective, rank 0 writes)
 and the optimizer state, sharded like the parameters, goes into the checkpoint as
 ``lowcost.distributed.save_training_state`` (DCP, safetensors) under ``training_state/``; every rank writes
-its shards into rank 0's temporary directory before rank 0 publishes it (``publish_together``).
+its shards into rank 0's temporary directory before rank 0 publishes it (``publish_together``). DCP reshards
+that state on ``--resume`` at any world size, one process included; a whole optimizer state (one process,
+DDP) cannot be resumed under FSDP2 and is refused.
+``--mixed-precision bf16`` passes FSDP2 a ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``.
 """
 from __future__ import annotations
 
@@ -91,10 +96,6 @@ class Ranks:
         torch.distributed.all_reduce(total)
         return total.tolist()
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
     def rng_states(self, device: torch.device) -> list[dict]:
         """Every rank's generator states (``_rundir.rng_state``), rank order; collective."""
         from lowcost.cli._rundir import rng_state
@@ -155,24 +156,51 @@ def start(device_name: Optional[str], batch: int, mode: str = "ddp") -> tuple[Ra
     return Ranks(torch.distributed.get_rank(), world, comm, owns, mode), dev
 
 
-GROUP_DESTROYED = False   # set once this process destroyed a group it created (see lowcost.cli.program)
-
-
 def stop(ranks: Ranks) -> None:
-    global GROUP_DESTROYED
+    """Destroys the process group if ``start`` created it (``lowcost.cli.program`` then ends the process
+    with ``lowcost.distributed.exit_skipping_finalisation``)."""
     if ranks.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-        GROUP_DESTROYED = True
 
 
-def wrap(model, ranks: Ranks, dev: torch.device):
+def check_mixed_precision(mixed: Optional[str], mode: str, dtype: str, world: int) -> None:
+    """--mixed-precision bf16 is FSDP2's MixedPrecisionPolicy: it needs --distributed fsdp under torchrun
+    with 2+ processes and fp32 parameters (--dtype float32) to keep as the master copy."""
+    if mixed is None:
+        return
+    if mixed != "bf16":
+        raise CLIError(f"--mixed-precision {mixed!r}: expected bf16")
+    if world == 1 or mode != "fsdp":
+        where = "in one process" if world == 1 else f"with --distributed {mode}"
+        raise CLIError(f"--mixed-precision {mixed} is FSDP2's MixedPrecisionPolicy and needs --distributed fsdp "
+                       f"under torchrun with 2 or more processes; it is not available {where} (train in fp32, or "
+                       f"load the model in bf16 with --dtype bfloat16)")
+    if dtype != "float32":
+        raise CLIError(f"--mixed-precision {mixed} keeps fp32 parameters and computes in {mixed}; it needs "
+                       f"--dtype float32 (the default), got --dtype {dtype}")
+
+
+def mixed_precision_policy(mixed: Optional[str]):
+    """FSDP2's MixedPrecisionPolicy for --mixed-precision (None: fp32 throughout).
+
+    bf16: each block's parameters are all-gathered and computed in bf16 (8-bit mantissa), the sharded fp32
+    parameters stay the optimizer's master copy, and gradients are reduce-scattered in fp32, so the update
+    and the saved adapter are fp32."""
+    if mixed is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def wrap(model, ranks: Ranks, dev: torch.device, mixed: Optional[str] = None):
     """The module the training loop runs: ``model`` itself in one process or sharded in place by FSDP2
-    (its trainable parameters become DTensors: collect them again), DDP around it otherwise."""
+    (its trainable parameters become DTensors: collect them again; ``mixed``: --mixed-precision), DDP
+    around it otherwise."""
     if ranks.world == 1:
         return model
     if ranks.sharded:
         from lowcost.distributed import shard_model
-        return shard_model(model)
+        return shard_model(model, mp_policy=mixed_precision_policy(mixed))
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
@@ -202,15 +230,16 @@ def publish_together(final: Path, ranks: Ranks, fill_all: Callable[[Path], None]
     directory, every rank runs ``fill_all(tmp)`` (collective writers), rank 0 runs ``fill_main(tmp)`` and
     publishes it with one rename once every rank is done."""
     from lowcost.cli._rundir import publish_dir
+    from lowcost.patch.ranks import barrier
     if not ranks.main:
         fill_all(Path(_share(None)))
-        ranks.barrier()
+        barrier()
         return
 
     def fill(tmp: Path) -> None:
         _share(str(tmp))
         fill_all(tmp)
-        ranks.barrier()
+        barrier()
         if fill_main is not None:
             fill_main(tmp)
     publish_dir(final, fill)
@@ -221,9 +250,8 @@ def save_sharded_checkpoint(out: Path, step: int, model, optimizer, trainer_stat
     """A checkpoint of an FSDP2 run (collective): adapter (gathered), training_state/ (DCP: adapters,
     optimizer shards, step, every rank's RNG), and trainer_state.pt / state.json from rank 0."""
     import json
-    import shutil
     from lowcost.api import save_adapter
-    from lowcost.cli._rundir import KEEP, checkpoints
+    from lowcost.cli._rundir import prune_checkpoints
     from lowcost.distributed import save_training_state
 
     def fill_all(tmp: Path) -> None:
@@ -235,5 +263,4 @@ def save_sharded_checkpoint(out: Path, step: int, model, optimizer, trainer_stat
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     publish_together(out / "checkpoints" / f"step-{step:06d}", ranks, fill_all, fill_main)
     if ranks.main:
-        for _, old in checkpoints(out)[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(out)

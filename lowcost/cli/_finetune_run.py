@@ -152,7 +152,7 @@ def _save_adapter(model):
 
 def _restore(args, setup: Setup, optimizer, scheduler) -> tuple[int, History]:
     """(first step to run, history so far): from the newest checkpoint, or a fresh start."""
-    from lowcost.cli._rundir import latest_checkpoint, set_rng_state
+    from lowcost.cli._rundir import latest_checkpoint
     found = None if setup.fresh else latest_checkpoint(Path(args.out))
     ranks = setup.ranks
     if found is None:
@@ -166,35 +166,64 @@ def _restore(args, setup: Setup, optimizer, scheduler) -> tuple[int, History]:
             history.evals.append({"step": 0, **setup.step0})
         return 0, history
     path, trainer_state, state = found
-    _check_same_mode(path, state, ranks)
+    _check_optimizer_fits(path, trainer_state, state, ranks)
     if "optimizer" in trainer_state:
         optimizer.load_state_dict(trainer_state["optimizer"])
     else:                                         # --distributed fsdp: sharded optimizer state, saved with DCP
         from lowcost.distributed import load_training_state
-        load_training_state(path / "training_state", setup.model, optimizer)
+        load_training_state(path / "training_state", setup.model, optimizer)   # reshards to this world size
     scheduler.load_state_dict(trainer_state["scheduler"])
-    set_rng_state(_this_rank_rng(path, trainer_state, state, ranks), setup.device)
-    setup.measured.update(state.get("measured", {}))
+    step = int(state["step"])
+    _resume_rng(args, trainer_state, state, ranks, step, setup.device)
+    if int(state.get("world_size", 1)) == _world(ranks):   # saved bytes were measured on the saved run's rows
+        setup.measured.update(state.get("measured", {}))
     if setup.new_tokens is not None:
         setup.new_tokens.update(state.get("new_tokens", {}))
-    print(f"resuming from {path} (step {state['step']} of {setup.plan.total_steps})")
-    return int(state["step"]), History.from_dict(state["history"])
+    print(f"resuming from {path} (step {step} of {setup.plan.total_steps}){_world_note(args, state, ranks)}")
+    return step, History.from_dict(state["history"])
 
 
-def _check_same_mode(path: Path, state: dict, ranks) -> None:
-    saved = state.get("distributed") or "ddp"
-    mode = ranks.mode if ranks is not None and ranks.world > 1 else "ddp"
-    if saved != mode:
-        raise CLIError(f"--resume: {path} was saved with --distributed {saved}; resume with the same --distributed")
+def _world(ranks) -> int:
+    return ranks.world if ranks is not None else 1
 
 
-def _this_rank_rng(path: Path, trainer_state: dict, state: dict, ranks) -> dict:
-    """The RNG states this rank resumes with; the world size must be the one the checkpoint was saved at."""
-    saved, world = int(state.get("world_size", 1)), ranks.world if ranks is not None else 1
-    if saved != world:
-        raise CLIError(f"--resume: {path} was saved by {saved} process(es), this run has {world}; resume with "
-                       f"the same world size (torchrun --nproc_per_node {saved}) to continue its curve exactly")
-    return trainer_state["rank_rng"][ranks.rank] if world > 1 else trainer_state["rng"]
+def _check_optimizer_fits(path: Path, trainer_state: dict, state: dict, ranks) -> None:
+    """A whole optimizer state (one process, DDP) cannot be split into FSDP2's shards here; a sharded one
+    (DCP) loads at any world size, sharded or not."""
+    if "optimizer" in trainer_state and ranks is not None and ranks.sharded:
+        saved = int(state.get("world_size", 1))
+        how = f"--distributed {state.get('distributed') or 'ddp'}" if saved > 1 else "one process"
+        raise CLIError(f"--resume: {path} was saved by {how} and holds the whole optimizer state, which "
+                       f"--distributed fsdp cannot shard; resume it with --distributed ddp or in one process")
+
+
+def _resume_rng(args, trainer_state: dict, state: dict, ranks, step: int, device: torch.device) -> None:
+    """At the saved world size every rank gets its generator states back (dropout continues exactly).
+
+    At another world size each rank holds other rows of every global batch than any saved rank did, so no
+    saved stream can continue its masks: every rank starts a fresh dropout stream, ``seed_rank`` of a seed
+    mixed from (--seed, step). Without dropout nothing draws from it and the curve continues; with dropout
+    the masks differ from the uninterrupted run's (as they would for an uninterrupted run at this size)."""
+    from lowcost.cli._rundir import set_rng_state
+    from lowcost.distributed import seed_rank
+    from lowcost.distributed.seeding import SEED_LIMIT
+    saved, world = int(state.get("world_size", 1)), _world(ranks)
+    if saved == world:
+        set_rng_state(trainer_state["rank_rng"][ranks.rank] if world > 1 else trainer_state["rng"], device)
+        return
+    seed_rank((args.seed + 1 + 1_000_003 * step) % SEED_LIMIT)
+
+
+def _world_note(args, state: dict, ranks) -> str:
+    saved, world = int(state.get("world_size", 1)), _world(ranks)
+    if saved == world:
+        return ""
+    note = (f"; saved by {saved} process(es), continuing with {world}: the same global batches, adapters and "
+            "optimizer state (resharded)")
+    if args.dropout > 0:
+        note += ("; the dropout masks cannot continue (they depend on how each batch is split across the "
+                 "processes), so the curve will differ from an uninterrupted run's")
+    return note
 
 
 def train(args, setup: Setup, out: Path) -> dict:

@@ -139,11 +139,17 @@ def save_checkpoint(out: Path, step: int, save_adapter: Callable[[Path], None], 
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     path = publish_dir(out / "checkpoints" / f"step-{step:06d}", fill)
+    prune_checkpoints(out)
+    return path
+
+
+def prune_checkpoints(out: Path) -> None:
+    """Removes all but the newest ``KEEP`` checkpoints and the ``.tmp-*`` directories of interrupted saves
+    (call it on the one process that writes, once the newest checkpoint is published)."""
     for _, old in checkpoints(out)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     for stray in (out / "checkpoints").glob(".tmp-*"):
         shutil.rmtree(stray, ignore_errors=True)
-    return path
 
 
 def latest_checkpoint(out: Path) -> Optional[tuple[Path, dict, dict]]:

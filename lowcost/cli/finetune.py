@@ -9,9 +9,11 @@ FILE is plain text (.txt, packed into --seq-len windows) or JSON Lines with {"te
 responses only). A held-out part (--eval-fraction) gives loss, perplexity and nats per character.
 DIR receives run.json, checkpoints/ (every --save-every steps: adapter, optimizer, scheduler, RNG state and
 data position, written atomically), adapter/ (PEFT layout), metrics.json and loss.png.
---resume continues the run in DIR from its last checkpoint with the same loss curve as an uninterrupted run.
+--resume continues the run in DIR from its last checkpoint with the same loss curve as an uninterrupted run
+(at another torchrun world size too, to fp32 rounding, unless LoRA dropout is on: its masks cannot continue).
 Under torchrun --nproc_per_node N (lowcost finetune or python -m lowcost finetune) the N processes train with
 DDP on the same global batches as one process (--batch is global; N must divide it); rank 0 prints and writes.
+--distributed fsdp shards with FSDP2 instead; --mixed-precision bf16 then computes in bf16 on fp32 parameters.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from lowcost.cli import _options as opt
 # Options that must not change when a run is resumed (they change the loss curve).
 SAME_ON_RESUME = ("model", "data", "lora_r", "alpha", "targets", "dropout", "steps", "epochs", "lr", "warmup",
                   "seq_len", "batch", "grad_accum", "max_grad_norm", "new_tokens", "seed", "eval_fraction",
-                  "skip_bad_lines", "dtype", "quantize")
+                  "skip_bad_lines", "dtype", "quantize", "mixed_precision")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_device_arguments(parser)
     parser.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp"),
                         help="under torchrun: DistributedDataParallel (default) or FSDP2 (fully_shard per block)")
+    parser.add_argument("--mixed-precision", default=None, choices=("bf16",),
+                        help="with --distributed fsdp under torchrun: compute in bf16, keep fp32 parameters "
+                             "and reduce gradients in fp32 (FSDP2's MixedPrecisionPolicy); default: fp32")
 
 
 def _check_numbers(args) -> None:
@@ -110,6 +115,8 @@ def _validate(args):
 def run(args: argparse.Namespace) -> int:
     from lowcost.cli import _distributed_run as dist_run
     _check_numbers(args)
+    dist_run.check_mixed_precision(args.mixed_precision, args.distributed, args.dtype,
+                                   dist_run.environment_world_size())
     ranks, rank_device = dist_run.start(args.device, args.batch, args.distributed)   # torchrun: join the group
     try:
         with dist_run.quiet_unless_main(ranks):
@@ -123,6 +130,7 @@ def _run(args: argparse.Namespace, ranks, rank_device) -> int:
     from lowcost.cli import _distributed_run as dist_run
     from lowcost.cli import _finetune_run as job
     from lowcost.cli._rundir import checkpoints
+    from lowcost.patch.ranks import barrier
     started = time.perf_counter()
     dev, lora, checkpoint, data, words = _validate(args)
     dev = rank_device                              # under torchrun: cuda:LOCAL_RANK on GPUs
@@ -130,7 +138,7 @@ def _run(args: argparse.Namespace, ranks, rank_device) -> int:
         print(f"skipped {data.skipped} bad line(s) of {data.path} (first: {data.first_skipped})")
     out = Path(args.out)
     resuming = args.resume and bool(checkpoints(out))
-    ranks.barrier()                                # every rank has checked --out before rank 0 writes there
+    barrier()                                      # every rank has checked --out before rank 0 writes there
     if args.overwrite and ranks.main:
         from lowcost.cli._rundir import clear_outputs
         clear_outputs(out)
@@ -144,7 +152,7 @@ def _run(args: argparse.Namespace, ranks, rank_device) -> int:
     job.patch(args, setup, lora, checkpoint)
     from lowcost.cli._measure import trainable
     setup.counts = trainable(model)
-    setup.trained = dist_run.wrap(model, ranks, dev)
+    setup.trained = dist_run.wrap(model, ranks, dev, args.mixed_precision)
     setup.params = [p for p in model.parameters() if p.requires_grad]   # FSDP2 replaced them by DTensors
     if not args.resume and ranks.main:
         from lowcost.cli._rundir import RUN_FILE, write_file

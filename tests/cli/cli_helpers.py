@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -65,3 +66,13 @@ def run_cli(*args, env=None, timeout=3600) -> subprocess.CompletedProcess:
                 **(env or {})}
     return subprocess.run([sys.executable, "-m", "lowcost.cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=ROOT)
+
+
+def strip_last_checkpoint(out: Path, copy: Path) -> None:
+    """``out`` copied to ``copy`` as if the run had been killed just before its last checkpoint."""
+    shutil.copytree(out, copy)
+    newest = sorted((copy / "checkpoints").glob("step-*"))[-1]
+    for path in (newest, copy / "adapter"):
+        shutil.rmtree(path)
+    for name in ("metrics.json", "loss.png"):
+        (copy / name).unlink()

@@ -1,7 +1,8 @@
 """``lowcost finetune`` under torchrun: two gloo processes on the CPU, with DDP and with FSDP2
 (``--distributed fsdp``), train like one process on the same global batch, only rank 0 prints and writes, a
---batch the world size does not divide is refused, and ``--resume`` continues a two-process run exactly.
-One torchrun launch (torchrun_finetune.py runs every command).
+--batch the world size does not divide is refused, and ``--resume`` continues a two-process run exactly; at
+another world size (2 → 1 from DDP and from FSDP2's resharded state, 1 → 2 under DDP) it continues the same
+curve to fp32 rounding. One torchrun launch (torchrun_finetune.py runs every command).
 
 Data: prompt/response records, so rows hold different numbers of target tokens (the ranks' losses must be
 weighted by their token shares, not averaged), and 53 training sequences in micro-batches of 4: the last
@@ -18,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cli_helpers import ROOT
+from cli_helpers import ROOT, strip_last_checkpoint
 
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 from launch import torchrun  # noqa: E402
@@ -52,13 +53,13 @@ MODES = ("ddp", "fsdp")
 
 
 @pytest.fixture(scope="module")
-def two(tiny_model, jsonl_files, tmp_path_factory):
+def two(tiny_model, jsonl_files, tmp_path_factory, one):
     """(runs directory, each rank's report, each rank's {stdout, stderr} as torchrun logged them)."""
     top = tmp_path_factory.mktemp("torchrun")
     report, logs, root = top / "report", top / "logs", top / "runs"
     report.mkdir()
     root.mkdir()
-    torchrun(ENTRY, [report, root, *_args(tiny_model, jsonl_files["pairs"])],
+    torchrun(ENTRY, [report, root, one, *_args(tiny_model, jsonl_files["pairs"])],
              timeout=600, torchrun_args=["--log-dir", logs, "--redirects", "3"])
     ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(2)]
     rank_logs = [{name: next(logs.glob(f"*/attempt_0/{r}/{name}.log")).read_text() for name in ("stdout", "stderr")}
@@ -115,11 +116,11 @@ def test_two_processes_match_one_process(two, one, mode):
 def test_only_rank_0_prints_and_writes(two):
     root, ranks, logs = two
     summary = [line for line in logs[0]["stdout"].splitlines() if line.startswith("lowcost finetune: trained ")]
-    assert len(summary) == 4                                           # 2 modes × (the run, the resumed run)
+    assert len(summary) == 5                  # 2 modes × (the run, the resumed run), the one-process run resumed
     assert "finetune: 100%" in logs[0]["stderr"]                       # rank 0's progress bar
     assert logs[1]["stdout"] == ""
     assert "finetune:" not in logs[1]["stderr"] and "Loading weights" not in logs[1]["stderr"], logs[1]["stderr"]
-    outs = [root / name for mode in MODES for name in (mode, f"{mode}-resumed")]
+    outs = [root / name for mode in MODES for name in (mode, f"{mode}-resumed")] + [root / "one-resumed"]
     for out in outs:
         for name in ("run.json", "metrics.json", "loss.png", "adapter/adapter_model.safetensors",
                      "adapter/adapter_config.json"):
@@ -174,15 +175,53 @@ def test_resume_under_torchrun_continues_exactly(two, mode):
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-@pytest.mark.parametrize("mode, message", [("ddp", "was saved by 2 process(es), this run has 1; resume with the same "
-                                                     "world size (torchrun --nproc_per_node 2)"),
-                                           ("fsdp", "was saved with --distributed fsdp; resume with the same")])
-def test_resume_in_another_setting_is_refused(two, tiny_model, jsonl_files, capsys, mode, message):
+def _same_curve(resumed: Path, uninterrupted: Path, saved_world: int, world: int) -> None:
+    """The resumed run's history equals the uninterrupted run's: copied up to the checkpoint, continued
+    within fp32 rounding after it (another world size sums in another order), and so do the adapters."""
+    a, b = _metrics(uninterrupted), _metrics(resumed)
+    assert (a["world_size"], b["world_size"]) == (saved_world, world)
+    x, y = a["history"], b["history"]
+    assert y["step"] == x["step"] and y["tokens"] == x["tokens"] and y["lr"] == x["lr"]
+    resumed_at = sorted((resumed / "checkpoints").glob("step-*"))[-2].name   # the one it resumed from, kept
+    kept = int(resumed_at.split("-")[1])
+    assert y["loss"][:kept] == x["loss"][:kept]
+    _close(y["loss"], x["loss"], LOSS_RTOL)
+    assert [e["step"] for e in y["evals"]] == [e["step"] for e in x["evals"]]
+    _close([e["loss"] for e in y["evals"]], [e["loss"] for e in x["evals"]], LOSS_RTOL)
+    first, second = _adapter(uninterrupted), _adapter(resumed)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert (first[key] - second[key]).abs().max().item() <= ADAPTER_RTOL * first[key].abs().max().item(), key
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_resume_a_two_process_run_in_one_process(two, tiny_model, jsonl_files, tmp_path, capsys, mode):
+    """DDP's checkpoint holds the whole optimizer state; FSDP2's is resharded from 2 shards to 1 (DCP)."""
     from lowcost.cli import main
     root, _, _ = two
-    code = main(["finetune", *_args(tiny_model, jsonl_files["pairs"]), "--out", str(root / mode), "--resume"])
-    err = capsys.readouterr().err
-    assert code == 2 and message in err, err
+    out = tmp_path / "resumed"
+    strip_last_checkpoint(root / mode, out)
+    code = main(["finetune", *_args(tiny_model, jsonl_files["pairs"]), "--distributed", mode, "--out", str(out),
+                 "--resume"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"(step 6 of {STEPS}); saved by 2 process(es), continuing with 1: the same global batches" in printed
+    assert "dropout masks" not in printed                              # --dropout 0: nothing is lost
+    _same_curve(out, root / mode, 2, 1)
+    memory = _metrics(out)["memory"]                                   # not rank 0's half-batch figures as ours
+    assert "saved_activation_bytes" not in memory and "plain_saved_activation_bytes" not in memory
+
+
+def test_resume_a_one_process_run_under_torchrun(two, one):
+    """1 → 2 under DDP (the whole optimizer state on every rank); FSDP2 cannot shard it and says so."""
+    root, ranks, logs = two
+    assert [rank["one"]["ddp"] for rank in ranks] == [[0, ""], [0, ""]]
+    _same_curve(root / "one-resumed", one, 1, 2)
+    assert "saved by 1 process(es), continuing with 2" in logs[0]["stdout"]
+    for rank in ranks:
+        code, err = rank["one"]["fsdp"]
+        assert code == 2 and "holds the whole optimizer state, which --distributed fsdp cannot shard; resume it " \
+                             "with --distributed ddp or in one process" in err, err
 
 
 def test_batch_not_divisible_by_world_size_is_refused(two):
@@ -227,3 +266,13 @@ def test_one_process_ranks_are_the_identity():
     ranks = Ranks()
     assert ranks.main and ranks.split(batch) is batch and ranks.sum([1.5, 2.0]) == [1.5, 2.0]
     assert os.environ.get("WORLD_SIZE", "1") == "1"
+
+
+def test_resume_at_another_world_size_says_what_dropout_loses():
+    """With dropout on, the masks depend on how each global batch is split: the note says the curve differs."""
+    from types import SimpleNamespace
+    from lowcost.cli._finetune_run import _world_note
+    assert _world_note(SimpleNamespace(dropout=0.1), {"world_size": 2}, Ranks(0, 2)) == ""
+    note = _world_note(SimpleNamespace(dropout=0.1), {"world_size": 2}, None)
+    assert note.startswith("; saved by 2 process(es), continuing with 1") and "the dropout masks cannot" in note
+    assert "dropout" not in _world_note(SimpleNamespace(dropout=0.0), {"world_size": 1}, Ranks(1, 4))

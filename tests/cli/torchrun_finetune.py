@@ -1,4 +1,4 @@
-"""torchrun entry of test_finetune_torchrun.py: ``torchrun_finetune.py REPORT_DIR ROOT FINETUNE_ARGS...``.
+"""torchrun entry of test_finetune_torchrun.py: ``torchrun_finetune.py REPORT_DIR ROOT ONE_RUN FINETUNE_ARGS...``.
 
 Every rank runs, in one launch (the process group is created here, so ``lowcost finetune`` joins it and
 leaves it alive between the calls):
@@ -8,9 +8,11 @@ leaves it alive between the calls):
    other than 0 a Python audit hook records every file-system change under ROOT (opening for writing,
    mkdir, rename, remove, chmod, rmtree);
 3. rank 0 copies ROOT/MODE to ROOT/MODE-resumed without its newest checkpoint and final outputs (as if the
-   run had been killed after the one before), then every rank runs step 2's command there with ``--resume``.
+   run had been killed after the one before), then every rank runs step 2's command there with ``--resume``;
+4. ONE_RUN, a run of one process with FINETUNE_ARGS, is copied the same way to ROOT/one-resumed and resumed
+   there by the two processes: with ``--distributed fsdp`` (refused: its optimizer state is whole), then DDP.
 
-Each rank writes ``REPORT_DIR/rank<r>.json``: exit codes, the refusal's message, the recorded changes.
+Each rank writes ``REPORT_DIR/rank<r>.json``: exit codes, the refusals' messages, the recorded changes.
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 os.environ.pop("TQDM_DISABLE", None)  # the test checks that rank 0, and only rank 0, shows a progress bar
 
 import torch.distributed as dist  # noqa: E402
+
+from cli_helpers import strip_last_checkpoint  # noqa: E402
 
 _WATCHED: list[str] = []
 _CHANGES: list[list] = []
@@ -60,27 +63,26 @@ def _finetune(argv: list[str], capture: bool = False) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-def _strip_last_checkpoint(out: Path, copy: Path) -> None:
-    shutil.copytree(out, copy)
-    newest = sorted((copy / "checkpoints").glob("step-*"))[-1]
-    for path in (newest, copy / "adapter"):
-        shutil.rmtree(path)
-    for name in ("metrics.json", "loss.png"):
-        (copy / name).unlink()
-
-
 def _run_and_resume(args: list[str], out: Path, rank: int) -> dict:
     result = {"code": _finetune([*args, "--out", str(out)])}
     dist.barrier()
     if rank == 0:
-        _strip_last_checkpoint(out, out.with_name(out.name + "-resumed"))
+        strip_last_checkpoint(out, out.with_name(out.name + "-resumed"))
     dist.barrier()
     result["resumed"] = _finetune([*args, "--out", str(out.with_name(out.name + "-resumed")), "--resume"])
     return result
 
 
+def _resume_one_process_run(args: list[str], one: Path, out: Path, rank: int) -> dict:
+    if rank == 0:
+        strip_last_checkpoint(one, out)
+    dist.barrier()
+    resumed = [*args, "--out", str(out), "--resume"]
+    return {"fsdp": _finetune([*resumed, "--distributed", "fsdp"], capture=True), "ddp": _finetune(resumed)}
+
+
 def main() -> None:
-    report, root, args = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    report, root, one, args = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     result: dict = {}
@@ -91,14 +93,14 @@ def main() -> None:
             _WATCHED.append(os.path.abspath(root))
         for mode in ("ddp", "fsdp"):
             result[mode] = _run_and_resume([*args, "--distributed", mode], root / mode, rank)
+        result["one"] = _resume_one_process_run(args, one, root / "one-resumed", rank)
         _WATCHED.clear()
         result["changes"] = _CHANGES
     finally:
         dist.destroy_process_group()
     (report / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip interpreter finalisation, as tests/distributed/worker.py does (a gloo thread vs the GIL)
+    from lowcost.distributed import exit_skipping_finalisation
+    exit_skipping_finalisation(0)  # a gloo thread could abort interpreter finalisation (see that function)
 
 
 if __name__ == "__main__":

@@ -143,3 +143,36 @@ def train_steps(model, optimizer, steps, world_size: int = 1, rank: int = 0) -> 
             value /= world_size
         losses.append(value.item())
     return losses
+
+
+def local_steps(trained, optimizer, steps: int = STEPS) -> list[float]:
+    """``steps`` steps of ``trained`` (the wrapped model) on this rank's rows; returns this rank's losses."""
+    losses = []
+    for step in range(steps):
+        loss = trained(**shard_batch(global_batch(step))).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def save_counting_writes(model, directory) -> int:
+    """lowcost.save_adapter, returning how many times this rank wrote the files (rank 0 alone must)."""
+    from lowcost.patch import adapter_io
+    original, calls = adapter_io.write_adapter, []
+    adapter_io.write_adapter = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    try:
+        lowcost.save_adapter(model, directory)
+    finally:
+        adapter_io.write_adapter = original
+    return len(calls)
+
+
+def error_message(fn) -> str:
+    """'ExceptionType: message' of what ``fn()`` raised, '' when it raised nothing (the test checks it)."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001  the scenario records what a refusal says
+        return f"{type(exc).__name__}: {exc}"
+    return ""

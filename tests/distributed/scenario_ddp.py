@@ -9,46 +9,39 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lowcost
 import lowcost.distributed
-from dist_cases import DROPOUT_SEED, POLICIES, STEPS, build_llama, global_batch, lora_config, patched, sgd
+from dist_cases import (DROPOUT_SEED, POLICIES, build_llama, error_message, global_batch, local_steps, lora_config,
+                        patched, save_counting_writes, sgd)
 from lowcost.distributed import seed_rank, shard_batch
 from lowcost.patch import patch_state
-from scenario_fsdp import _message, _save_counting_writes
 
 
 def bad_input() -> dict:
     rank = dist.get_rank()
     mismatched = build_llama()
     config = lowcost.LoRAConfig(r=4 if rank == 0 else 2, alpha=8, dropout=0.1)
-    out = {"mismatch": _message(lambda: lowcost.apply(mismatched, lora=config)),
+    out = {"mismatch": error_message(lambda: lowcost.apply(mismatched, lora=config)),
            "mismatch_left_unpatched": patch_state(mismatched) is None}
     failing = build_llama()
     targets = ["q_proj"] if rank == 0 else ["no_such_module"]
-    out["one_rank_fails"] = _message(lambda: lowcost.apply(failing, lora=lowcost.LoRAConfig(targets=targets)))
+    out["one_rank_fails"] = error_message(lambda: lowcost.apply(failing, lora=lowcost.LoRAConfig(targets=targets)))
     out["one_rank_fails_left_unpatched"] = patch_state(failing) is None
     wrapped = DistributedDataParallel(build_llama())
-    out["apply_after_ddp"] = _message(lambda: lowcost.apply(wrapped, lora=lora_config()))
+    out["apply_after_ddp"] = error_message(lambda: lowcost.apply(wrapped, lora=lora_config()))
     alone = build_llama()
     if rank == 0:  # a model patched on one rank only (no other rank calls apply): must not wait for them
         with lowcost.distributed.this_rank_only():
             lowcost.apply(alone, lora=lora_config())
     out["this_rank_only_patched"] = patch_state(alone) is not None
     five_rows = {"input_ids": torch.zeros(5, 8, dtype=torch.long)}
-    out["indivisible_batch"] = _message(lambda: shard_batch(five_rows))
+    out["indivisible_batch"] = error_message(lambda: shard_batch(five_rows))
     return out
 
 
 def train(policy: str, adapter_dir) -> dict:
-    local = lambda step: shard_batch(global_batch(step))  # noqa: E731
-    model = DistributedDataParallel(patched(policy, rank_batch=local(0)))
+    model = DistributedDataParallel(patched(policy, rank_batch=shard_batch(global_batch(0))))
     seed_rank(DROPOUT_SEED)
-    optimizer, losses = sgd(model), []
-    for step in range(STEPS):
-        loss = model(**local(step)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return {"losses": losses, "writes": _save_counting_writes(model, adapter_dir),
+    losses = local_steps(model, sgd(model))
+    return {"losses": losses, "writes": save_counting_writes(model, adapter_dir),
             "static_graph": bool(getattr(model, "static_graph", False))}
 
 

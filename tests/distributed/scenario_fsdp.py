@@ -8,9 +8,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import lowcost
-from dist_cases import DROPOUT_SEED, POLICIES, STEPS, adapter_params, global_batch, patched, peft_key, sgd
+from dist_cases import (DROPOUT_SEED, POLICIES, STEPS, adapter_params, error_message, global_batch, patched,
+                        peft_key, save_counting_writes, sgd)
 from lowcost.distributed import AllGatherCounter, seed_rank, shard_batch, shard_model
-from lowcost.patch import adapter_io
 from lowcost.patch.ranks import full_tensors
 
 
@@ -32,17 +32,6 @@ def _param_checks(model, trainable: dict) -> dict:
         "param_dtypes": sorted({str(p.dtype) for p in params}),
         "grad_dtypes": sorted({str(p.grad.dtype) for p in trainable.values()}),
     }
-
-
-def _save_counting_writes(model, directory) -> int:
-    """lowcost.save_adapter, returning how many times this rank wrote the files."""
-    original, calls = adapter_io.write_adapter, []
-    adapter_io.write_adapter = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
-    try:
-        lowcost.save_adapter(model, directory)
-    finally:
-        adapter_io.write_adapter = original
-    return len(calls)
 
 
 def train(policy: str, adapter_dir, mixed_precision: bool = False) -> dict:
@@ -68,7 +57,7 @@ def train(policy: str, adapter_dir, mixed_precision: bool = False) -> dict:
             gathers_per_step.append(dict(gathers.counts))
             losses.append(loss.item())
     return {"gathers": gathers_per_step, "losses": losses, "checks": checks,
-            "writes": _save_counting_writes(model, adapter_dir)}
+            "writes": save_counting_writes(model, adapter_dir)}
 
 
 def _max_diff_to_file(model, directory) -> float:
@@ -79,14 +68,6 @@ def _max_diff_to_file(model, directory) -> float:
     saved = load_file(str(directory / "adapter_model.safetensors"))
     assert set(saved) == {peft_key(n) for n in full}, sorted(saved)
     return max((full[n] - saved[peft_key(n)]).abs().max().item() for n in full)
-
-
-def _message(fn) -> str:
-    try:
-        fn()
-    except Exception as exc:  # the scenario records what a refusal says; the test checks it
-        return f"{type(exc).__name__}: {exc}"
-    return ""
 
 
 def load_back(directory) -> dict:
@@ -102,8 +83,8 @@ def load_back(directory) -> dict:
     shard_model(unpatched)
     return {"sharded_then_loaded": _max_diff_to_file(sharded_first, directory),
             "loaded_then_sharded": _max_diff_to_file(loaded_first, directory),
-            "load_into_unpatched_sharded": _message(lambda: lowcost.load_adapter(unpatched, directory)),
-            "apply_after_fully_shard": _message(lambda: lowcost.apply(unpatched, lora=lowcost.LoRAConfig(r=2)))}
+            "load_into_unpatched_sharded": error_message(lambda: lowcost.load_adapter(unpatched, directory)),
+            "apply_after_fully_shard": error_message(lambda: lowcost.apply(unpatched, lora=lowcost.LoRAConfig(r=2)))}
 
 
 def run(out_dir) -> dict:

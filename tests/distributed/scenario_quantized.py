@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowcost
-from dist_cases import DROPOUT_SEED, STEPS, global_batch, patched, sgd
-from lowcost.distributed import seed_rank, shard_batch, shard_model
+from dist_cases import DROPOUT_SEED, local_steps, patched, sgd
+from lowcost.distributed import seed_rank, shard_model
 from lowcost.reference.quant.weight import QuantizedWeight
 
 SCHEMES = ("nf4", "int8")
@@ -42,13 +42,7 @@ def train(scheme: str, wrap: str, adapter_dir) -> dict:
     else:
         trained = DDP(model)
     seed_rank(DROPOUT_SEED)
-    optimizer, losses = sgd(model), []
-    for step in range(STEPS):
-        loss = trained(**shard_batch(global_batch(step))).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = local_steps(trained, sgd(model))
     lowcost.save_adapter(model, adapter_dir)
     return {"losses": losses, "storage": _storage_facts(model)}
 

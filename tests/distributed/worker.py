@@ -3,11 +3,9 @@
 Initialises gloo (with a timeout, so a collective that never completes raises instead of hanging), runs
 ``scenario_<SCENARIO>.run(out_dir, *args)`` and writes its result dict to ``OUT_DIR/rank<r>.json``.
 
-The process ends with ``os._exit`` once the result is written and the process group destroyed: about one
-run in thirty (more often on a loaded machine), a native thread left over from gloo/DCP tried to take the
-GIL while the interpreter was finalising, and the rank died with SIGABRT ("terminate called without an
-active exception", no Python frame) after its scenario had passed. Skipping finalisation removes that race;
-every file the scenario writes is closed before.
+The process ends with ``lowcost.distributed.exit_skipping_finalisation`` once the result is written and the
+process group destroyed (a gloo/DCP native thread could otherwise abort the rank while the interpreter
+finalises, after its scenario had passed; see that function).
 """
 from __future__ import annotations
 
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from lowcost.distributed import exit_skipping_finalisation
+
 
 def main() -> None:
     warnings.filterwarnings("ignore")
@@ -34,9 +34,7 @@ def main() -> None:
     finally:
         dist.destroy_process_group()
     gc.collect()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_skipping_finalisation(0)
 
 
 if __name__ == "__main__":

@@ -51,14 +51,16 @@ def _lowcost_ops() -> set:
     import lowcost.ops.lora_gated_mlp  # noqa: F401  (a fused MLP: three matmuls, kept like lora_linear)
     import lowcost.ops.linear_cross_entropy  # noqa: F401  (the loss's matmuls, kept like lora_linear)
     import lowcost.ops.qlora_linear  # noqa: F401  (the ops over a quantized weight: also matmuls)
+    import lowcost.ops.qlora_gated_mlp  # noqa: F401  (the fused MLP over quantized weights)
     ops = torch.ops.lowcost
-    return {ops.lora_linear, ops.lora_gated_mlp, ops.linear_cross_entropy, ops.qlora_linear, ops.quantized_linear}
+    return {ops.lora_linear, ops.lora_gated_mlp, ops.linear_cross_entropy, ops.qlora_linear, ops.quantized_linear,
+            ops.qlora_gated_mlp}
 
 
 def default_save_ops() -> set:
     """Op packets whose outputs the selective policy keeps: matmuls, attention, ``lowcost::lora_linear`` and
-    its quantized-weight forms (``qlora_linear``, ``quantized_linear``: replaying them also skips dequantizing
-    the weight again in backward)."""
+    its quantized-weight forms (``qlora_linear``, ``quantized_linear``, ``qlora_gated_mlp``: replaying them also
+    skips dequantizing the weight again in backward)."""
     return MATMUL_OPS | ATTENTION_OPS | _lowcost_ops()
 
 

@@ -139,3 +139,10 @@ def test_bad_input():
         mlp(d["x"], gate, (weights["down"], d["a_up"], d["b_up"]), down, (1.0,) * 3)
     with pytest.raises(ValueError, match="gate lora_a and lora_b must have shapes"):
         mlp(d["x"], (weights["gate"], d["a_up"][:, :5], d["b_gate"]), up, down, (1.0,) * 3)
+
+
+def test_selective_checkpointing_keeps_its_outputs():
+    """Like the dense fused MLP (three matmuls), the quantized one is saved by the selective policy, not replayed
+    (a replay would also decode the three weights again)."""
+    from lowcost.checkpoint.selective import default_save_ops
+    assert {torch.ops.lowcost.qlora_gated_mlp, torch.ops.lowcost.lora_gated_mlp} <= default_save_ops()

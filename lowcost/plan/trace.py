@@ -84,12 +84,13 @@ def trace_step(model: nn.Module, input_ids: torch.Tensor, host_is_device: bool =
     memory); by default they are left out of the peak (a GPU plan) and reported as ``host_offload``.
     """
     params = list(model.parameters())
+    weights = params + list(model.buffers())   # not activations (a quantized base's codes: buffers its ops save)
     trackers: list = []   # the tracker, once forward has started (the meter reads its offloaded copies)
     ignore = None if host_is_device else (lambda: _offloaded(trackers[0]) if trackers else ())
     meter = LiveBytes(ignore=ignore, workspace=kernel_workspace)
     counter = flop_counter() if count_flops else contextlib.nullcontext()
     with counter, meter:
-        with track(params, hook=True) as kept:
+        with track(weights, hook=True) as kept:
             trackers.append(kept)
             loss = model(input_ids=input_ids, labels=input_ids).loss
         saved_refs = _refs(meter, kept.storages)

@@ -156,3 +156,15 @@ def test_depth_extension_holds_on_a_quantized_base(policy):
     assert len(extended.depths) == 3 and exact.depths == (5,)
     for name in _COUNTS:
         assert getattr(extended, name) == getattr(exact, name), name
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_kept_for_backward_is_the_dense_steps_not_the_codes(scheme):
+    """The quantized ops save their stored codes and scales for backward (references to the weights, no new
+    memory): 'kept for bwd' leaves them out, so with every fusion taken on both bases (the MLP's too) the
+    quantized step keeps exactly the dense step's activations."""
+    config, batch, seq = SHAPES["tiny-llama"]
+    cfg = config_of(config)
+    dense = trace_setup(cfg, Setup("dense", LORA), batch, seq, torch.float32, cfg.num_hidden_layers)
+    quant = trace_setup(cfg, Setup("q", LORA, None, scheme), batch, seq, torch.float32, cfg.num_hidden_layers)
+    assert quant.saved == dense.saved > 0 and quant.saved_blocks == dense.saved_blocks

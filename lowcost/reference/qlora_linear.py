@@ -41,10 +41,12 @@ def quantized_base_forward(x: Tensor, dequant: RowSource, N: int, bias: Optional
     y = torch.empty((x.shape[0], N), dtype=out_dtype, device=x.device)
     for rows in row_chunks(N, x.shape[1]):
         w = dequant(rows)
-        if x.dtype == acc:
-            y[:, rows] = torch.addmm(bias[rows], x, w.t()) if bias is not None else x @ w.t()
-        else:
+        if x.dtype != acc:
             y[:, rows] = x @ w.t()
+        elif bias is not None:
+            torch.addmm(bias[rows], x, w.t(), out=y[:, rows])
+        else:
+            torch.mm(x, w.t(), out=y[:, rows])     # with one block of rows this writes y itself, no copy
     return y
 
 

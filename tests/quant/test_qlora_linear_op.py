@@ -129,6 +129,19 @@ def test_row_blocks_share_one_workspace_and_equal_one_block(scheme, monkeypatch)
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-5 * magnitude)
 
 
+def test_no_dgrad_decode_when_x_needs_no_gradient(monkeypatch):
+    """The first layer's input (a frozen embedding's output) needs no gradient: backward then decodes nothing,
+    it only forms dA and dB."""
+    weight = make_quantized("q4_1", 40, 64, seed=2)
+    t = _inputs(3, 64, 40, 2, torch.float32)
+    decodes = []
+    real = qb.workspace_elements
+    monkeypatch.setattr(qb, "workspace_elements", lambda *a: decodes.append(a) or real(*a))
+    a, b = t["lora_a"].clone().requires_grad_(), t["lora_b"].clone().requires_grad_()
+    lowcost.ops.lora_linear(t["x"], weight, a, b, 1.0).backward(t["grad_y"])
+    assert len(decodes) == 1 and a.grad is not None and b.grad is not None
+
+
 def test_saves_x_u_seed_and_the_stored_tensors_only():
     """No dequantized weight, no mask, no dropped copy of x is kept for backward."""
     weight = make_quantized("nf4", 40, 128, seed=1)

@@ -10,7 +10,9 @@ rows of a slice, in x's dtype), A (r, K), B (N, r), bias (N,) or None, y (M, N).
 
 The math is the dense reference's; only the base GEMMs are split by rows of W (chunks of at most
 ``ROW_CHUNK_ELEMENTS`` weight elements, at least one row), so the transient dequantized weight is bounded by
-one chunk, not by the layer. Every product accumulates in float32 (float64 for float64 x).
+one chunk, not by the layer (the torch backend's ``dequant`` decodes every chunk into one workspace it reuses
+within the op call, so each chunk's weight is consumed before the next is decoded). Every product
+accumulates in float32 (float64 for float64 x).
 """
 from __future__ import annotations
 

@@ -164,6 +164,19 @@ def test_gguf_dequantize_of_quantized_weights(name):
     assert np.array_equal(q.dequantize().numpy(), dequantize(raw, gguf_type(name)))
 
 
+@pytest.mark.parametrize("name", sorted(BLOCK_TYPES))
+def test_gguf_blocks_at_an_odd_byte_offset_decode_the_same(name):
+    """The decoders read float16 scales as one 16/32-bit word per block when the bytes are aligned for it; bytes
+    at an odd offset in their storage (a view into a larger buffer) take the byte-wise path, same values."""
+    q = make_quantized(name, 5, k_for(name, 256), seed=2)
+    buffer = torch.empty(q.data.numel() + 1, dtype=torch.uint8)
+    buffer[1:] = q.data.reshape(-1)
+    shifted = QuantizedWeight(name, q.shape, {"data": buffer[1:].view(q.data.shape)}, q.block_size)
+    assert shifted.data.storage_offset() == 1
+    assert torch.equal(shifted.dequantize(), q.dequantize())
+    assert torch.equal(shifted.dequantize(rows=slice(2, 3)), q.dequantize(rows=slice(2, 3)))
+
+
 # ------------------------------------------------------------------------------------------------ the module
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_rows_by_slice_and_by_index_equal_the_whole(scheme):

@@ -46,7 +46,7 @@ def _f16_fields(b: Tensor, start: int, count: int) -> Tensor:
     if start % width == 0 and b.shape[1] % width == 0 and b.storage_offset() % width == 0 and b.stride(1) == 1:
         words = b.view(_FIELD_WORDS[width])[:, start // width].clone(memory_format=torch.contiguous_format)
         return words.view(torch.float16).view(n, count).float()
-    return b[:, start:start + width].contiguous().view(torch.float16).float()
+    return b[:, start:start + width].clone(memory_format=torch.contiguous_format).view(torch.float16).float()
 
 
 def _split_nibbles(qs: Tensor, group: int) -> Tensor:

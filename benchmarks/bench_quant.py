@@ -146,7 +146,11 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-smollm2", action="store_true", help="weight-format and decode rows only")
     parser.add_argument("--decode-repeats", type=int, default=20, help="timed decodes per format")
     parser.add_argument("--out", default="quant.csv", help="file under benchmarks/results/")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: torch's own; the hardware column records it)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = weight_rows() + ([] if args.skip_smollm2 else smollm2_rows(args)) + decode_rows(args.decode_repeats)
     rows = [{k: row.get(k, "") for k in COLUMNS} for row in rows]

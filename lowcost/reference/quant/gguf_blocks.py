@@ -4,8 +4,9 @@ A GGUF tensor of shape (N, K) in a block type is N rows of K / block elements' b
 byte struct; lowcost keeps those bytes unchanged as ``data`` (N, K / block · type_size) uint8 and decodes
 rows on demand. Every product below is the float32 operation ggml's reference (and the ``gguf`` package's
 numpy ``dequantize``) performs, in the same order, so the result is bit-identical to theirs. Each decoder
-writes into a float32 output it is given (a workspace the caller may reuse): the codes are split in uint8 and
-converted to float32 once, then scaled in place (only integer-exact steps, such as q - 8, are reordered).
+writes into a float32 output it is given (a workspace the caller may reuse): the codes are split eight at a
+time as int64 words (per byte, so independent of byte order), converted to float32 once, then scaled in place
+(only integer-exact steps, such as q - 8, are reordered).
 
     Q8_0  (32 el., 34 B): d f16 | q int8[32]                    w = q · d
     Q4_0  (32 el., 18 B): d f16 | nibbles[16]                   w = d · (q - 8)       q: low nibbles then high

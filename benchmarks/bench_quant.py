@@ -1,7 +1,7 @@
 """Quantized frozen base (issue #13): resident bytes, logits and LoRA step time on CPU.
 
     python benchmarks/bench_quant.py                    # all rows (~3-4 min on 2 cores, SmolLM2 asset needed)
-    python benchmarks/bench_quant.py --skip-smollm2     # the weight-format rows only
+    python benchmarks/bench_quant.py --skip-smollm2     # the weight-format and decode rows only
 
 Rows (benchmarks/results/quant.csv, one ``case`` each):
 
@@ -14,6 +14,10 @@ Rows (benchmarks/results/quant.csv, one ``case`` each):
   (the fp32 model is transformers' GGUF dequantization, cached as safetensors by ``load_pretrained``).
 * ``smollm2 lora step``: forward + backward of LoRA (r=8, all linear layers) on each model, timed
   round-robin (harness.time_interleaved); ``ratio`` = quantized / dequantized median step time.
+* ``decode``: dequantizing one (576, 1536) weight (SmolLM2's down_proj shape) to float32 with the torch path's
+  decoder (``QuantizedWeight.dequantize``) per format; for the GGUF formats the ``gguf`` package's numpy
+  ``dequantize`` of the same bytes is timed in the same rounds (provider ``<format> gguf.quants``), ``ratio`` =
+  torch / numpy median and ``max_abs_diff`` = |torch - numpy| (0.0: bit-identical).
 
 Everything runs on the torch backend on CPU (the Triton and CUDA paths need a GPU to time; none here).
 """
@@ -36,6 +40,9 @@ from lowcost.quant import quantize_weight  # noqa: E402
 WEIGHT_SHAPES = ((4096, 4096), (14336, 4096), (576, 1536))
 SCHEMES = (("nf4", False), ("nf4", True), ("int8", False))
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DECODE_SHAPE = (576, 1536)
+COLUMNS = ("case", "provider", "shape", "bytes", "baseline_bytes", "ratio", "ratio_vs_fp32", "fp32_bytes",
+           "max_abs_diff", "median_ms", "p20_ms", "p80_ms", "repeats")   # quant.csv's header, every run
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
@@ -57,6 +64,34 @@ def weight_rows() -> list[dict]:
             weight = quantize_weight(dense, scheme, 64, double_quant)
             rows.append({"case": "weight", "provider": weight.scheme, "shape": f"{N}x{K}", "bytes": weight.nbytes,
                          "baseline_bytes": bf16, "ratio": round(weight.nbytes / bf16, 4)})
+    return rows
+
+
+def decode_rows(repeats: int) -> list[dict]:
+    """Decode time of each format's torch decoder, against gguf.quants' numpy decoder for the GGUF blocks
+    (weights built as the test suite builds them: tests/quant/quant_cases.py)."""
+    from gguf.quants import dequantize
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "quant"))
+    from quant_cases import SCHEMES, gguf_type, make_quantized
+    weights = {scheme: make_quantized(scheme, *DECODE_SHAPE, seed=0) for scheme in SCHEMES}
+    shape, steps, numpy_out = f"{DECODE_SHAPE[0]}x{DECODE_SHAPE[1]}", {}, {}
+    for scheme, weight in weights.items():
+        steps[scheme] = weight.dequantize
+        if scheme.startswith("q"):
+            raw = weight.data.numpy()
+            steps[f"{scheme} gguf.quants"] = lambda raw=raw, kind=gguf_type(scheme): dequantize(raw, kind)
+            numpy_out[scheme] = torch.from_numpy(dequantize(raw, gguf_type(scheme)))
+    timings = harness.time_interleaved(steps, torch.device("cpu"), warmup=2, repeats=repeats)
+    rows = []
+    for scheme, weight in weights.items():
+        row = {"case": "decode", "provider": scheme, "shape": shape, **timings[scheme]}
+        if scheme in numpy_out:
+            row["ratio"] = round(timings[scheme]["median_ms"] / timings[f"{scheme} gguf.quants"]["median_ms"], 4)
+            row["max_abs_diff"] = float((weight.dequantize() - numpy_out[scheme]).abs().max())
+            rows += [row, {"case": "decode", "provider": f"{scheme} gguf.quants", "shape": shape,
+                           **timings[f"{scheme} gguf.quants"]}]
+        else:
+            rows.append(row)
     return rows
 
 
@@ -108,15 +143,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (SmolLM2 rows)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed LoRA steps per model")
-    parser.add_argument("--skip-smollm2", action="store_true", help="weight-format rows only")
+    parser.add_argument("--skip-smollm2", action="store_true", help="weight-format and decode rows only")
+    parser.add_argument("--decode-repeats", type=int, default=20, help="timed decodes per format")
     parser.add_argument("--out", default="quant.csv", help="file under benchmarks/results/")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: torch's own; the hardware column records it)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    rows = weight_rows() + ([] if args.skip_smollm2 else smollm2_rows(args))
-    keys = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    rows = [{k: row.get(k, "") for k in keys} for row in rows]
+    rows = weight_rows() + ([] if args.skip_smollm2 else smollm2_rows(args)) + decode_rows(args.decode_repeats)
+    rows = [{k: row.get(k, "") for k in COLUMNS} for row in rows]
     for row in rows:
         print({k: v for k, v in row.items() if v != ""})
     print(f"wrote {harness.append_rows(args.out, rows)}")

@@ -13,7 +13,7 @@ import torch
 from lowcost.ops._torch_backend import _dropout
 from lowcost.ops.backend import BACKENDS, ENV_VAR, unavailable_reason
 from lowcost.reference import qlora_linear as reference
-from lowcost.reference.quant import FORMATS, dequantize_packed, dynamic_map, nf4_code
+from lowcost.reference.quant import FORMATS, dequantize_packed, dynamic_map, nf4_code, workspace_elements
 
 TRITON_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
 QUANT_SUPPORT = {"torch": tuple(FORMATS), "triton": TRITON_FORMATS, "cuda": ()}
@@ -42,8 +42,17 @@ def resolve_quant_backend(requested, device: torch.device, rank: int, scheme: st
 
 
 def _rows(scheme, packed, K, block_size, dtype):
-    """rows (a slice) -> those rows of W, dequantized to ``dtype``."""
-    return lambda rows: dequantize_packed(scheme, packed, K, block_size, rows, dtype)
+    """rows (a slice) -> those rows of W, dequantized to ``dtype``. Every call decodes into one float32
+    workspace, allocated at the first (largest) block of rows and reused for the rest of this op call, so the
+    transient memory is one block of rows and the row loop allocates no new weight-sized buffer per block."""
+    workspace = []
+
+    def dequant(rows: slice):
+        if not workspace:
+            size = workspace_elements(scheme, rows.stop - rows.start, K, block_size)
+            workspace.append(torch.empty(size, dtype=torch.float32, device=packed[0].device))
+        return dequantize_packed(scheme, packed, K, block_size, rows, dtype, workspace=workspace[0])
+    return dequant
 
 
 def _triton():

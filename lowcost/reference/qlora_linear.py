@@ -10,7 +10,9 @@ rows of a slice, in x's dtype), A (r, K), B (N, r), bias (N,) or None, y (M, N).
 
 The math is the dense reference's; only the base GEMMs are split by rows of W (chunks of at most
 ``ROW_CHUNK_ELEMENTS`` weight elements, at least one row), so the transient dequantized weight is bounded by
-one chunk, not by the layer. Every product accumulates in float32 (float64 for float64 x).
+one chunk, not by the layer (the torch backend's ``dequant`` decodes every chunk into one workspace it reuses
+within the op call, so each chunk's weight is consumed before the next is decoded). Every product
+accumulates in float32 (float64 for float64 x).
 """
 from __future__ import annotations
 
@@ -41,10 +43,12 @@ def quantized_base_forward(x: Tensor, dequant: RowSource, N: int, bias: Optional
     y = torch.empty((x.shape[0], N), dtype=out_dtype, device=x.device)
     for rows in row_chunks(N, x.shape[1]):
         w = dequant(rows)
-        if x.dtype == acc:
-            y[:, rows] = torch.addmm(bias[rows], x, w.t()) if bias is not None else x @ w.t()
-        else:
+        if x.dtype != acc:
             y[:, rows] = x @ w.t()
+        elif bias is not None:
+            torch.addmm(bias[rows], x, w.t(), out=y[:, rows])
+        else:
+            torch.mm(x, w.t(), out=y[:, rows])     # with one block of rows this writes y itself, no copy
     return y
 
 

@@ -8,6 +8,7 @@ import torch
 import lowcost
 from lowcost.reference import lora_linear_backward, lora_linear_forward
 from lowcost.reference import qlora_linear as qref
+from lowcost.ops import _quant_backends as qb
 from lowcost.ops._quant_backends import TRITON_FORMATS
 from lowcost.ops.backend import triton_usable
 from helpers import assert_close_to_reference
@@ -105,6 +106,40 @@ def test_transient_weight_is_one_row_chunk(monkeypatch):
     assert seen and max(seen) == 7 and sum(seen) == 2 * 50      # forward and dgrad each walk all 50 rows
     for name in whole:
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_row_blocks_share_one_workspace_and_equal_one_block(scheme, monkeypatch):
+    """Every format, chunked into blocks of 7 rows (N = 50: a last block of one row) with K = 100 (NF4 pads it):
+    one workspace per op call (forward, dgrad) sized for one block of rows, and the chunked output and gradients
+    match the one-block run (float32 GEMMs on other shapes: summation order only, so the tolerance is float32
+    rounding relative to the tensor's magnitude; the random Q4_K / Q6_K blocks decode to large weights)."""
+    K = k_for(scheme, 100)
+    weight = make_quantized(scheme, 50, K, seed=3)
+    t = _inputs(5, K, 50, 4, torch.float32)
+    whole = _run(t, weight, 1.0, 0.0, 0)
+    sizes = []
+    real = qb.workspace_elements
+    monkeypatch.setattr(qb, "workspace_elements", lambda *a: sizes.append(real(*a)) or real(*a))
+    monkeypatch.setattr(qref, "ROW_CHUNK_ELEMENTS", K * 7)
+    chunked = _run(t, weight, 1.0, 0.0, 0)
+    assert sizes == [real(scheme, 7, K, weight.block_size)] * 2
+    for name in ("y",) + GRADS:
+        magnitude = float(whole[name].abs().max()) if whole[name].numel() else 1.0
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-5 * magnitude)
+
+
+def test_no_dgrad_decode_when_x_needs_no_gradient(monkeypatch):
+    """The first layer's input (a frozen embedding's output) needs no gradient: backward then decodes nothing,
+    it only forms dA and dB."""
+    weight = make_quantized("q4_1", 40, 64, seed=2)
+    t = _inputs(3, 64, 40, 2, torch.float32)
+    decodes = []
+    real = qb.workspace_elements
+    monkeypatch.setattr(qb, "workspace_elements", lambda *a: decodes.append(a) or real(*a))
+    a, b = t["lora_a"].clone().requires_grad_(), t["lora_b"].clone().requires_grad_()
+    lowcost.ops.lora_linear(t["x"], weight, a, b, 1.0).backward(t["grad_y"])
+    assert len(decodes) == 1 and a.grad is not None and b.grad is not None
 
 
 def test_saves_x_u_seed_and_the_stored_tensors_only():

@@ -9,7 +9,8 @@ import torch
 from lowcost.reference.quant import (BLOCK_TYPES, NF4_VALUES, QuantizedWeight, dynamic_map, nf4_code, padded_width,
                                      quantize_int8, quantize_nf4)
 from lowcost.reference.quant.nf4 import absmax_rows, dequantize_nf4
-from quant_cases import SCHEMES, gguf_type, make_quantized, random_blocks
+from lowcost.reference.quant import dequantize_packed, workspace_elements
+from quant_cases import SCHEMES, gguf_type, k_for, make_quantized, random_blocks
 
 try:
     import bitsandbytes.functional as bnb_f
@@ -163,6 +164,19 @@ def test_gguf_dequantize_of_quantized_weights(name):
     assert np.array_equal(q.dequantize().numpy(), dequantize(raw, gguf_type(name)))
 
 
+@pytest.mark.parametrize("name", sorted(BLOCK_TYPES))
+def test_gguf_blocks_at_an_odd_byte_offset_decode_the_same(name):
+    """The decoders read float16 scales as one 16/32-bit word per block when the bytes are aligned for it; bytes
+    at an odd offset in their storage (a view into a larger buffer) take the byte-wise path, same values."""
+    q = make_quantized(name, 5, k_for(name, 256), seed=2)
+    buffer = torch.empty(q.data.numel() + 1, dtype=torch.uint8)
+    buffer[1:] = q.data.reshape(-1)
+    shifted = QuantizedWeight(name, q.shape, {"data": buffer[1:].view(q.data.shape)}, q.block_size)
+    assert shifted.data.storage_offset() == 1
+    assert torch.equal(shifted.dequantize(), q.dequantize())
+    assert torch.equal(shifted.dequantize(rows=slice(2, 3)), q.dequantize(rows=slice(2, 3)))
+
+
 # ------------------------------------------------------------------------------------------------ the module
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_rows_by_slice_and_by_index_equal_the_whole(scheme):
@@ -171,6 +185,23 @@ def test_rows_by_slice_and_by_index_equal_the_whole(scheme):
     assert torch.equal(q.dequantize(rows=slice(5, 30)), whole[5:30])
     index = torch.tensor([36, 0, 7, 7, 20])
     assert torch.equal(q.dequantize(rows=index), whole[index])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_decoding_into_a_reused_workspace_equals_a_fresh_decode(scheme):
+    """The op's row loop decodes every block of rows into one workspace: a block, then a smaller last block, one
+    row and no row, each bit-identical to the fresh decode, and each a view of the workspace (no new buffer).
+    The workspace starts as NaN, so a value the decoder failed to write would show; K = 200 pads NF4's rows."""
+    K = k_for(scheme, 200)
+    q = make_quantized(scheme, 37, K, seed=3)
+    whole = q.dequantize()
+    workspace = torch.full((workspace_elements(scheme, 25, K, q.block_size),), float("nan"))
+    for rows in (slice(5, 30), slice(30, 37), slice(36, 37), slice(3, 3)):
+        got = dequantize_packed(scheme, q.packed, K, q.block_size, rows, workspace=workspace)
+        assert got.shape == (rows.stop - rows.start, K) and torch.equal(got, whole[rows])
+        assert got.untyped_storage().data_ptr() == workspace.untyped_storage().data_ptr()
+    as_bf16 = dequantize_packed(scheme, q.packed, K, q.block_size, slice(0, 9), torch.bfloat16, workspace)
+    assert torch.equal(as_bf16, whole[:9].to(torch.bfloat16))
 
 
 def test_casting_changes_the_compute_dtype_not_the_stored_bytes():

@@ -7,7 +7,9 @@ from lowcost.reference.quant.codebooks import NF4_VALUES, dynamic_map, nf4_code
 from lowcost.reference.quant.gguf_blocks import BLOCK_TYPES, row_bytes
 from lowcost.reference.quant.int8 import quantize_int8
 from lowcost.reference.quant.nf4 import NF4_BLOCK_SIZES, padded_width, quantize_nf4
-from lowcost.reference.quant.weight import FORMATS, QuantizedWeight, dequantize_packed, quant_format
+from lowcost.reference.quant.weight import (FORMATS, QuantizedWeight, dequantize_packed, quant_format,
+                                            workspace_elements)
 
 __all__ = ["NF4_VALUES", "dynamic_map", "nf4_code", "BLOCK_TYPES", "row_bytes", "quantize_int8", "NF4_BLOCK_SIZES",
-           "padded_width", "quantize_nf4", "FORMATS", "QuantizedWeight", "dequantize_packed", "quant_format"]
+           "padded_width", "quantize_nf4", "FORMATS", "QuantizedWeight", "dequantize_packed", "quant_format",
+           "workspace_elements"]

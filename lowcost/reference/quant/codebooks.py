@@ -34,6 +34,19 @@ def nf4_code(device=None) -> torch.Tensor:
     return code if device is None or torch.device(device).type == "cpu" else code.to(device)
 
 
+@functools.lru_cache(maxsize=None)
+def _nf4_byte_table_cpu() -> torch.Tensor:
+    code = _nf4_code_cpu()
+    return torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1).contiguous()
+
+
+def nf4_byte_table(device=None) -> torch.Tensor:
+    """(256, 2) float32: row b is (NF4[b >> 4], NF4[b & 15]), the two values one packed byte holds (the even
+    element in the high nibble), so a whole byte decodes with one lookup."""
+    table = _nf4_byte_table_cpu()
+    return table if device is None or torch.device(device).type == "cpu" else table.to(device)
+
+
 def nf4_bounds(device=None) -> torch.Tensor:
     """(15,) float32 decision bounds between neighbouring NF4 values (their midpoints, in float32)."""
     code = nf4_code(device)

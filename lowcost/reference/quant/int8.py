@@ -6,7 +6,7 @@ and ``scale`` (N,) float32: K + 4 bytes per row.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -32,6 +32,11 @@ def quantize_int8(weight: Tensor) -> dict[str, Tensor]:
     return {"qweight": q, "scale": scale}
 
 
-def dequantize_int8(tensors: dict[str, Tensor], K: int, block_size: int, rows: Rows = slice(None)) -> Tensor:
-    """float32 (R, K) of the selected rows."""
-    return tensors["qweight"][rows].float() * tensors["scale"][rows][:, None]
+def dequantize_int8(tensors: dict[str, Tensor], K: int, block_size: int, rows: Rows = slice(None),
+                    workspace: Optional[Tensor] = None) -> Tensor:
+    """float32 (R, K) of the selected rows (in the first R · K elements of ``workspace`` when given)."""
+    q = tensors["qweight"][rows]
+    R = q.shape[0]
+    out = torch.empty((R, K), dtype=torch.float32, device=q.device) if workspace is None \
+        else workspace[:R * K].view(R, K)
+    return out.copy_(q).mul_(tensors["scale"][rows][:, None])

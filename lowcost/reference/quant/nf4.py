@@ -23,11 +23,11 @@ Stored tensors (``QuantizedWeight`` buffers): ``codes``, and ``absmax`` or (``ab
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
-from lowcost.reference.quant.codebooks import dynamic_map, nf4_bounds, nf4_code
+from lowcost.reference.quant.codebooks import dynamic_map, nf4_bounds, nf4_byte_table
 
 Tensor = torch.Tensor
 Rows = Union[slice, Tensor]
@@ -114,12 +114,17 @@ def absmax_rows(tensors: dict[str, Tensor], N: int, rows: Rows) -> Tensor:
     return code[q.long()] * scale + tensors["absmax_offset"]
 
 
-def dequantize_nf4(tensors: dict[str, Tensor], K: int, block_size: int, rows: Rows = slice(None)) -> Tensor:
-    """float32 (R, K) of the selected rows (a slice or a LongTensor of row indices)."""
+def dequantize_nf4(tensors: dict[str, Tensor], K: int, block_size: int, rows: Rows = slice(None),
+                   workspace: Optional[Tensor] = None) -> Tensor:
+    """float32 (R, K) of the selected rows (a slice or a LongTensor of row indices): each packed byte is looked
+    up whole in ``nf4_byte_table`` (two values), then each block is scaled by its absmax in place. The padded
+    (R, Kp) result fills the first R · Kp elements of ``workspace`` when given; the return is its first K
+    columns (a strided view when K < Kp)."""
     codes = tensors["codes"][rows]
     R, half = codes.shape
-    index = torch.stack((codes >> 4, codes & 15), dim=-1).reshape(R, 2 * half)
-    values = nf4_code(codes.device)[index.long()]
+    out = torch.empty((R, 2 * half), dtype=torch.float32, device=codes.device) if workspace is None \
+        else workspace[:R * 2 * half].view(R, 2 * half)
+    torch.index_select(nf4_byte_table(codes.device), 0, codes.reshape(-1).int(), out=out.view(-1, 2))
     absmax = absmax_rows(tensors, tensors["codes"].shape[0], rows)
-    out = values.reshape(R, -1, block_size) * absmax[:, :, None]
-    return out.reshape(R, -1)[:, :K]
+    out.view(R, 2 * half // block_size, block_size).mul_(absmax[:, :, None])
+    return out[:, :K]

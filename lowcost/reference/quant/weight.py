@@ -23,7 +23,7 @@ from torch import nn
 
 from lowcost.reference.quant.gguf_blocks import BLOCK_TYPES, dequantize_blocks
 from lowcost.reference.quant.int8 import dequantize_int8
-from lowcost.reference.quant.nf4 import dequantize_nf4
+from lowcost.reference.quant.nf4 import dequantize_nf4, padded_width
 
 Tensor = torch.Tensor
 Rows = Union[slice, Tensor]
@@ -33,13 +33,14 @@ Rows = Union[slice, Tensor]
 class QuantFormat:
     name: str
     tensor_names: tuple[str, ...]      # buffers in the order the op passes them
-    dequantize: Callable[[dict, int, int, Rows], Tensor]    # (tensors, K, block_size, rows) -> float32 (R, K)
+    dequantize: Callable[..., Tensor]   # (tensors, K, block_size, rows, workspace=None) -> float32 (R, K)
     description: str
 
 
 def _gguf_format(name: str) -> QuantFormat:
     kind = BLOCK_TYPES[name]
-    return QuantFormat(name, ("data",), lambda t, K, B, rows: dequantize_blocks(name, t, K, B, rows),
+    return QuantFormat(name, ("data",), lambda t, K, B, rows, workspace=None: dequantize_blocks(name, t, K, B, rows,
+                                                                                              workspace),
                        f"GGUF {name.upper()} blocks ({kind.block} elements in {kind.type_size} bytes)")
 
 
@@ -58,11 +59,20 @@ def quant_format(scheme: str) -> QuantFormat:
     return FORMATS[scheme]
 
 
+def workspace_elements(scheme: str, n_rows: int, K: int, block_size: int) -> int:
+    """float32 elements a decode of ``n_rows`` rows writes into its workspace (NF4 decodes its padded rows)."""
+    return n_rows * (padded_width(K, block_size) if scheme.startswith("nf4") else K)
+
+
 def dequantize_packed(scheme: str, tensors: Sequence[Tensor], K: int, block_size: int, rows: Rows = slice(None),
-                      dtype: torch.dtype = torch.float32) -> Tensor:
-    """(R, K) in ``dtype`` of the selected rows, from the format's tensors in ``tensor_names`` order."""
+                      dtype: torch.dtype = torch.float32, workspace: Optional[Tensor] = None) -> Tensor:
+    """(R, K) in ``dtype`` of the selected rows, from the format's tensors in ``tensor_names`` order.
+
+    ``workspace``: a 1-D float32 tensor of at least ``workspace_elements(...)`` elements that the float32 decode
+    is written into (reused across calls by the op's row loop, so no new weight-sized buffer per block of
+    rows); the result is then a view of it, valid until the next decode into the same workspace."""
     fmt = quant_format(scheme)
-    out = fmt.dequantize(dict(zip(fmt.tensor_names, tensors)), K, block_size, rows)
+    out = fmt.dequantize(dict(zip(fmt.tensor_names, tensors)), K, block_size, rows, workspace)
     return out if out.dtype == dtype else out.to(dtype)
 
 

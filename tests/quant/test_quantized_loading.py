@@ -80,6 +80,7 @@ def test_unsupported_gguf_block_type_is_a_clear_error(tmp_path, cache):
 # ------------------------------------------------------------------------------------------------ export
 def _adapted(tiny_gguf, cache):
     model = lowcost.load_pretrained(tiny_gguf, quantize="gguf", cache_dir=cache, verbose=False)
+    torch.manual_seed(0)      # lora_A's init: fixed, so the export tolerances do not depend on test order
     lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -51,18 +51,22 @@ def _check_projection(role: str, weight, lora_a, lora_b, n_in: int, n_out: int, 
                         f"{lora_a.dtype} and {lora_b.dtype}")
 
 
-def _check_inputs(x, params, scales, dropouts, activation) -> None:
+def _check_inputs(x, params, scales, dropouts, activation, check_projection=None) -> None:
+    """x, the three projections and the settings. ``check_projection``: the per-projection check (default: dense
+    weights; ``lowcost.ops.qlora_gated_mlp`` passes its check of a quantized weight)."""
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., H), got a 0-D tensor")
     if x.dtype not in SUPPORTED_DTYPES + (torch.float64,):
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     H = x.shape[-1]
-    _check_tensor("gate weight", params[0], 2)
+    if check_projection is None:
+        _check_tensor("gate weight", params[0], 2)
+        check_projection = _check_projection
     inter = params[0].shape[0]
     for role, (w, a, b), n_in, n_out in zip(ROLES, (params[0:3], params[3:6], params[6:9]), (H, H, inter),
                                            (inter, inter, H)):
-        _check_projection(role, w, a, b, n_in, n_out, x)
+        check_projection(role, w, a, b, n_in, n_out, x)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     for what, values in (("scales", scales), ("dropouts", dropouts)):

@@ -28,9 +28,9 @@ import torch
 from lowcost.ops import _torch_backend
 from lowcost.ops._quant_backends import _rows
 from lowcost.ops.backend import ENV_VAR
-from lowcost.ops.lora_gated_mlp import ROLES, _seeds_tensor
-from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _check_scalars, _check_tensor
-from lowcost.reference.lora_gated_mlp import ACTIVATIONS, Projection, gated_mlp_backward, gated_mlp_forward
+from lowcost.ops.lora_gated_mlp import ROLES, _check_inputs, _seeds_tensor
+from lowcost.ops.lora_linear import _check_tensor
+from lowcost.reference.lora_gated_mlp import Projection, gated_mlp_backward, gated_mlp_forward
 from lowcost.reference.quant import QuantizedWeight
 
 Tensor = torch.Tensor
@@ -55,25 +55,6 @@ def _check_projection(role: str, weight: QuantizedWeight, lora_a: Tensor, lora_b
     if lora_a.dtype not in (x.dtype, torch.float32) or lora_b.dtype != lora_a.dtype:
         raise TypeError(f"{role} lora_a and lora_b must both be {x.dtype} (x's dtype) or float32, got "
                         f"{lora_a.dtype} and {lora_b.dtype}")
-
-
-def _check_inputs(x: Tensor, params: tuple, scales, dropouts, activation: str) -> None:
-    _check_tensor("x", x)
-    if x.dim() < 1:
-        raise ValueError("x must have at least 1 dimension (..., H), got a 0-D tensor")
-    if x.dtype not in SUPPORTED_DTYPES + (torch.float64,):
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    H, inter = x.shape[-1], params[0].shape[0]
-    for role, (w, a, b), n_in, n_out in zip(ROLES, (params[0:3], params[3:6], params[6:9]), (H, H, inter),
-                                           (inter, inter, H)):
-        _check_projection(role, w, a, b, n_in, n_out, x)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    for what, values in (("scales", scales), ("dropouts", dropouts)):
-        if len(values) != 3:
-            raise ValueError(f"{what} must hold 3 values (gate, up, down), got {len(values)}")
-    for scale, dropout in zip(scales, dropouts):
-        _check_scalars(scale, dropout)
 
 
 def _check_backend(backend: Optional[str]) -> None:
@@ -184,7 +165,7 @@ def qlora_gated_mlp(x: Tensor, gate: Sequence, up: Sequence, down: Sequence, sca
         if not isinstance(weight, QuantizedWeight):
             raise TypeError(f"{role} weight must be a QuantizedWeight like the others, got {type(weight).__name__} "
                             "(the fused MLP takes three dense or three quantized weights)")
-    _check_inputs(x, params, scales, dropouts, activation)
+    _check_inputs(x, params, scales, dropouts, activation, check_projection=_check_projection)
     _check_backend(backend)
     weights = params[0::3]
     seeds = _seeds_tensor(seeds, dropouts)

@@ -134,7 +134,7 @@ def _frozen_dgrad(args) -> int:
     return _chunk(scheme, block_size, M, N, K, s, dgrad=True) + (M * K * 4 if s < 4 else 0)
 
 
-def _qgated_projections(x: torch.Tensor, args, first: int) -> list[tuple[str, int, int, int]]:
+def _qgated_projections(args, first: int) -> list[tuple[str, int, int, int]]:
     """(scheme, block size, N, K) of gate, up and down from the fused quantized MLP's arguments, the stored
     tensors' list at ``first`` (forward: 1, backward: 2); N, K from the adapters (B is (N, r), A is (r, K))."""
     schemes, blocks = args[first + 3:first + 6], args[first + 6]
@@ -147,7 +147,7 @@ def _qgated_forward(args) -> int:
     dequantized rows (and its fp32 output for 16-bit x)."""
     x, dropouts = args[0], args[15]
     M, _, s = _sizes(x)
-    projections = _qgated_projections(x, args, 1)
+    projections = _qgated_projections(args, 1)
     inter = projections[0][2]
     chunk = max(_chunk(sc, b, M, N, K, s, dgrad=False) + (M * N * 4 if s < 4 else 0) for sc, b, N, K in projections)
     return (2 + int(dropouts[2] > 0)) * M * inter * s + chunk
@@ -158,7 +158,7 @@ def _qgated_backward(args) -> int:
     largest projection's dgrad block (and the fp32 dx accumulator for 16-bit x)."""
     x = args[1]
     M, _, s = _sizes(x)
-    projections = _qgated_projections(x, args, 2)
+    projections = _qgated_projections(args, 2)
     inter = projections[0][2]
     chunk = max(_chunk(sc, b, M, N, K, s, dgrad=True) + (M * K * 4 if s < 4 else 0) for sc, b, N, K in projections)
     return 5 * M * inter * s + chunk

@@ -38,6 +38,11 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
 
 def _lora_grads(model, config, seed=3):
     lowcost.apply(model, lora=config)
+    return _random_adapter_step(model, seed)
+
+
+def _random_adapter_step(model, seed):
+    """Loss and adapter gradients of one training step with seeded random adapters and dropout draws."""
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed)
         for name, p in model.named_parameters():
@@ -206,17 +211,9 @@ def test_backend_without_the_format_names_the_module_and_leaves_the_model_alone(
 
 
 def _fused_step(model, fused, seed=3):
-    """Loss and adapter gradients of one training step after apply(fused=...), same adapters and RNG."""
+    """apply(fused=...), then ``_random_adapter_step``: the report, the loss and the adapter gradients."""
     report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, dropout=0.1), fused=fused)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        for p in (p for _, p in sorted(model.named_parameters()) if p.requires_grad):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    model.train()
-    torch.manual_seed(seed)
-    loss = model(IDS, labels=IDS).loss
-    loss.backward()
-    return report, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return (report, *_random_adapter_step(model, seed))
 
 
 def test_fused_mlp_on_a_quantized_base_equals_the_unfused_layers():

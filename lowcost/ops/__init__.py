@@ -1,11 +1,13 @@
 """Dispatcher-registered ops with autograd. The only layer that picks a backend (``lowcost.ops.backend``)."""
 from lowcost.ops.backend import BACKENDS, resolve_backend
+from lowcost.ops.layer_norm import layer_norm
 from lowcost.ops.linear_cross_entropy import linear_cross_entropy
 from lowcost.ops.lora_embedding import lora_embedding
 from lowcost.ops.lora_gated_mlp import lora_gated_mlp
 from lowcost.ops.lora_linear import lora_linear
 from lowcost.ops.qlora_gated_mlp import qlora_gated_mlp
 from lowcost.ops.qlora_linear import qlora_linear, quantized_linear
+from lowcost.ops.rms_norm import rms_norm
 
 __all__ = ["lora_linear", "lora_embedding", "linear_cross_entropy", "lora_gated_mlp", "qlora_gated_mlp", "qlora_linear",
-           "quantized_linear", "resolve_backend", "BACKENDS"]
+           "quantized_linear", "rms_norm", "layer_norm", "resolve_backend", "BACKENDS"]

@@ -7,7 +7,7 @@ x: (..., H), w_gate/w_up: (I, H), w_down: (H, I), a_p: (r_p, in_p), b_p: (out_p,
 
 What is saved for backward is the point: x (the caller's tensor), gate and up (M, I), the three u's (M, r) in
 float32 and the seeds — not act(gate), not the product h = act(gate)⊙up (both rebuilt in backward), not a
-mask. The unfused model keeps gate, up, act(gate) and h: this op keeps half of that.
+mask. An x made by ``lowcost.ops.rms_norm`` is saved as the norm's input and rstd (``lowcost.ops.normed_input``). The unfused model keeps gate, up, act(gate) and h: this op keeps half of that.
 
 Dropout: each projection has its own seed, and ``seeds=None`` draws them in the order the unfused model
 calls its LoRA linears (gate, up, down), each as ``lowcost.ops.lora_linear(seed=None)`` draws one (from
@@ -27,6 +27,7 @@ import torch
 from lowcost.ops import _torch_backend
 from lowcost.ops.backend import resolve_backend
 from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _check_scalars, _check_tensor, _seed_tensor
+from lowcost.ops.normed_input import pack_input, saved_count, unpack_input
 from lowcost.reference.lora_gated_mlp import ACTIVATIONS, Projection, gated_mlp_backward, gated_mlp_forward
 
 Tensor = torch.Tensor
@@ -177,7 +178,8 @@ def _setup_context(ctx, inputs, output) -> None:
     scales, dropouts, seeds, activation, backend = inputs[10:]
     _, gate_out, up_out, u_g, u_u, u_d = output
     ctx.mark_non_differentiable(gate_out, up_out, u_g, u_u, u_d)
-    ctx.save_for_backward(x, *params, gate_out, up_out, u_g, u_u, u_d, seeds)
+    stored, ctx.input_rebuild = pack_input(x)   # a normed x: kept as its norm's input and statistics
+    ctx.save_for_backward(*stored, *params, gate_out, up_out, u_g, u_u, u_d, seeds)
     ctx.settings = (list(scales), list(dropouts), activation, backend)
 
 
@@ -185,7 +187,8 @@ _GRAD_INPUTS = (0, 2, 3, 5, 6, 8, 9)  # x, a_gate, b_gate, a_up, b_up, a_down, b
 
 
 def _backward(ctx, grad_y, *_):
-    x, *rest = ctx.saved_tensors
+    n, saved = saved_count(ctx.input_rebuild), ctx.saved_tensors   # read once: a recomputed tensor is freed then
+    x, rest = unpack_input(saved[:n], ctx.input_rebuild), saved[n:]
     params, (gate_out, up_out, u_g, u_u, u_d, seeds) = rest[:9], rest[9:]
     scales, dropouts, activation, backend = ctx.settings
     needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]

@@ -28,6 +28,7 @@ import torch
 from lowcost.ops import _torch_backend
 from lowcost.ops._quant_backends import _rows
 from lowcost.ops.backend import ENV_VAR
+from lowcost.ops.normed_input import pack_input, saved_count, unpack_input
 from lowcost.ops.lora_gated_mlp import ROLES, _check_inputs, _seeds_tensor
 from lowcost.ops.lora_linear import _check_tensor
 from lowcost.reference.lora_gated_mlp import Projection, gated_mlp_backward, gated_mlp_forward
@@ -126,17 +127,19 @@ def _setup_context(ctx, inputs, output) -> None:
     adapters, (scales, dropouts, seeds, activation) = inputs[8:14], inputs[14:]
     _, gate_out, up_out, u_g, u_u, u_d = output
     ctx.mark_non_differentiable(gate_out, up_out, u_g, u_u, u_d)
-    ctx.save_for_backward(x, *adapters, gate_out, up_out, u_g, u_u, u_d, seeds, *packed_gate, *packed_up,
+    stored, ctx.input_rebuild = pack_input(x)   # a normed x: kept as its norm's input and statistics
+    ctx.save_for_backward(*stored, *adapters, gate_out, up_out, u_g, u_u, u_d, seeds, *packed_gate, *packed_up,
                           *packed_down)
     ctx.counts = (len(packed_gate), len(packed_up), len(packed_down))
     ctx.settings = (*schemes_blocks, list(scales), list(dropouts), activation)
 
 
 def _backward(ctx, grad_y, *_):
-    saved = ctx.saved_tensors
-    x, adapters, rest = saved[0], saved[1:7], saved[7:13]
+    n, saved = saved_count(ctx.input_rebuild), ctx.saved_tensors   # read once: a recomputed tensor is freed then
+    x, saved = unpack_input(saved[:n], ctx.input_rebuild), saved[n:]
+    adapters, rest = saved[0:6], saved[6:12]
     n_gate, n_up, _ = ctx.counts
-    stored = saved[13:]
+    stored = saved[12:]
     packed = (list(stored[:n_gate]), list(stored[n_gate:n_gate + n_up]), list(stored[n_gate + n_up:]))
     needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
     grads = _qgated_backward_op(grad_y, x, *packed, *ctx.settings[:4], *adapters, *rest[:5], *ctx.settings[4:6],

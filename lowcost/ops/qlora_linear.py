@@ -21,6 +21,7 @@ import torch
 
 from lowcost.ops import _quant_backends as qb
 from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _as_2d, _check_scalars, _check_tensor, _seed_tensor
+from lowcost.ops.normed_input import pack_input, saved_count, unpack_input
 from lowcost.reference.quant import QuantizedWeight
 
 Tensor = torch.Tensor
@@ -100,12 +101,15 @@ def _(grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, 
 def _setup_context(ctx, inputs, output) -> None:
     x, packed, scheme, n_rows, block_size, lora_a, lora_b, bias, scale, dropout, seed, backend = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, lora_a, lora_b, output[1], seed, *packed)
+    stored, ctx.input_rebuild = pack_input(x)   # a normed x: kept as its norm's input and statistics
+    ctx.save_for_backward(*stored, lora_a, lora_b, output[1], seed, *packed)
     ctx.meta = (scheme, block_size, scale, dropout, backend, bias is not None)
 
 
 def _backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
-    x, lora_a, lora_b, u, seed, *packed = ctx.saved_tensors
+    n, saved = saved_count(ctx.input_rebuild), ctx.saved_tensors   # read once: a recomputed tensor is freed then
+    x = unpack_input(saved[:n], ctx.input_rebuild)
+    lora_a, lora_b, u, seed, *packed = saved[n:]
     scheme, block_size, scale, dropout, backend, has_bias = ctx.meta
     need = ctx.needs_input_grad
     needs = [need[0], need[5], need[6], need[7] and has_bias]
@@ -151,11 +155,10 @@ def _setup_frozen(ctx, inputs, output) -> None:
 
 def _backward_frozen(ctx, grad_y: Tensor):
     scheme, K, block_size, backend = ctx.meta
-    need = ctx.needs_input_grad
-    dx = _quantized_linear_dgrad_op(grad_y, list(ctx.saved_tensors), scheme, K, block_size, backend) \
-        if need[0] else None
+    need, packed = ctx.needs_input_grad, list(ctx.saved_tensors)   # read once: a recomputed tensor is freed then
+    dx = _quantized_linear_dgrad_op(grad_y, packed, scheme, K, block_size, backend) if need[0] else None
     dbias = _as_2d(grad_y).sum(0) if need[5] else None
-    return dx, [None] * len(ctx.saved_tensors), None, None, None, dbias, None
+    return dx, [None] * len(packed), None, None, None, dbias, None
 
 
 _quantized_linear_op.register_autograd(_backward_frozen, setup_context=_setup_frozen)

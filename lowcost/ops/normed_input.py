@@ -1,0 +1,89 @@
+"""A normed tensor that consumers save as (norm input, statistics) instead of itself: the "norm" fusion's mechanism.
+
+``lowcost.ops.rms_norm`` and ``lowcost.ops.layer_norm`` tag their output y with a ``NormSource``: the norm's
+input x and what rebuilds y from it. A lowcost LoRA op that needs its input for backward (for dA = duᵀ(D⊙y),
+and in the fused MLP for the gate/up adapters) calls ``pack_input(y)`` in its ``setup_context``. For a
+tagged y it gets the source's tensors to save; x (and RMSNorm's rstd) are what the norm's own backward keeps
+anyway, so the (M, H) normed tensor costs nothing. ``unpack_input`` rebuilds y in backward bit-identically
+to the forward:
+
+    RMSNorm  ("rms:llama" / "rms:gemma")  saves (x, rstd, w)    y = ``lowcost.reference.rms_norm.normed``
+    LayerNorm ("layer")                    saves (x, w, b)       y = ``torch.native_layer_norm`` again
+
+(the RMSNorm rebuild runs the forward's own operations on the same rstd; the LayerNorm rebuild runs the same
+deterministic kernel on the same input).
+
+A y without a tag, or one whose source changed after the norm ran (a version counter moved: an in-place
+write to y, x or a norm parameter), is saved as itself. So the fusion only ever changes what is kept, never a
+result. Under ``torch.compile`` no tag is set (Dynamo would trace the attribute write) and consumers save y.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from lowcost.reference.rms_norm import normed
+
+Tensor = torch.Tensor
+_ATTR = "_lowcost_norm_source"
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """How a consumer rebuilds its input from the tensors it saved."""
+    kind: str        # "rms:llama" | "rms:gemma" | "layer"
+    eps: float       # LayerNorm's eps (RMSNorm's is inside the saved rstd)
+    count: int       # how many saved tensors
+
+
+@dataclass(frozen=True)
+class NormSource:
+    """What rebuilds a normed tensor y: ``tensors`` (x first) and ``how``."""
+    tensors: tuple
+    how: Rebuild
+    versions: tuple      # the version counters of y and of ``tensors`` when y was made
+
+
+def _versions(y: Tensor, tensors: Sequence[Optional[Tensor]]) -> tuple:
+    return (y._version,) + tuple(t._version if t is not None else None for t in tensors)
+
+
+def tag(y: Tensor, tensors: tuple, kind: str, eps: float = 0.0) -> Tensor:
+    """Mark y (a norm's output, returned as is) as rebuildable from ``tensors`` by ``kind``."""
+    if not torch.compiler.is_compiling():
+        setattr(y, _ATTR, NormSource(tensors, Rebuild(kind, float(eps), len(tensors)), _versions(y, tensors)))
+    return y
+
+
+def source_of(y: Tensor) -> Optional[NormSource]:
+    """y's ``NormSource`` when it still describes y exactly (nothing written in place since), else None."""
+    source = getattr(y, _ATTR, None)
+    if source is None or _versions(y, source.tensors) != source.versions:
+        return None
+    return source
+
+
+def pack_input(y: Tensor) -> tuple[tuple, Optional[Rebuild]]:
+    """(tensors a consumer op saves for its input y, how to rebuild it, or None for y itself)."""
+    source = source_of(y)
+    if source is None:
+        return (y,), None
+    return source.tensors, source.how
+
+
+def unpack_input(saved: Sequence[Optional[Tensor]], how: Optional[Rebuild]) -> Tensor:
+    """The consumer's input back from what ``pack_input`` gave it to save."""
+    if how is None:
+        return saved[0]
+    if how.kind == "layer":
+        x, weight, bias = saved
+        return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, how.eps)[0]
+    x, stat, weight = saved
+    return normed(x, stat, weight, how.kind.split(":")[1])
+
+
+def saved_count(how: Optional[Rebuild]) -> int:
+    """How many saved tensors ``pack_input`` gave (the consumer slices its saved tensors with it)."""
+    return 1 if how is None else how.count

@@ -2,7 +2,7 @@
 
     "mlp"   gated MLPs → one ``lowcost.ops.lora_gated_mlp`` (``fuse_mlp``)
     "loss"  causal-LM loss → ``lowcost.ops.linear_cross_entropy``, no logits (``fuse_loss``)
-    "norm"  RMSNorm/LayerNorm folded into the adapted projections' inputs   (not implemented: refused)
+    "norm"  each block's RMSNorm → ``FusedRMSNorm``: LoRA ops keep its input and rstd (``fuse_norm``)
     "qkv"   q/k/v sharing one input as one grouped op                        (not implemented: refused)
 
 Every requested fusion is either taken (per module, with what it does) or refused (with the reason) in a
@@ -19,12 +19,11 @@ from torch import nn
 
 from lowcost.patch.fuse_loss import install_fused_loss, loss_problem, remove_fused_loss
 from lowcost.patch.fuse_mlp import plan_mlp_fusions
+from lowcost.patch.fuse_norm import plan_norm_fusions
 
 FUSIONS = ("mlp", "norm", "qkv", "loss")
 STATE_ATTR = "_lowcost_fusion"
-_NOT_BUILT = {"norm": "norm-fused LoRA inputs are not implemented in this build (the normed tensor is saved "
-                      "as in the unfused model)",
-              "qkv": "grouped q/k/v projections are not implemented in this build (each projection runs its "
+_NOT_BUILT = {"qkv": "grouped q/k/v projections are not implemented in this build (each projection runs its "
                      "own fused LoRA op)"}
 
 
@@ -80,16 +79,18 @@ def apply_fusions(model: nn.Module, fused: Sequence[str], avoid: tuple[str, ...]
     if STATE_ATTR in model.__dict__:
         raise RuntimeError("lowcost.apply: fusions are already installed; call lowcost.unapply(model) first")
     report, state = FusionReport(), FusionState()
-    taken_mlps: dict = {}
-    if "mlp" in fused:
-        taken_mlps, refused = plan_mlp_fusions(model, avoid)
-        report.refused += [Fusion("mlp", path, why) for path, why in refused]
+    swaps: list[tuple[str, str, nn.Module, str]] = []          # (kind, path, replacement, detail)
+    for kind, plan in (("mlp", plan_mlp_fusions), ("norm", plan_norm_fusions)):
+        if kind in fused:
+            taken, refused = plan(model, avoid)
+            swaps += [(kind, path, module, detail) for path, (module, detail) in taken.items()]
+            report.refused += [Fusion(kind, path, why) for path, why in refused]
     loss_why = loss_problem(model) if "loss" in fused else None
     try:
-        for path, (module, detail) in taken_mlps.items():
+        for kind, path, module, detail in swaps:
             state.originals[path] = model.get_submodule(path)
             _set_module(model, path, module)
-            report.taken.append(Fusion("mlp", path, detail))
+            report.taken.append(Fusion(kind, path, detail))
         if loss_why == "":
             install_fused_loss(model)
             state.loss = True
@@ -99,7 +100,7 @@ def apply_fusions(model: nn.Module, fused: Sequence[str], avoid: tuple[str, ...]
         raise
     if loss_why:
         report.refused.append(Fusion("loss", "", loss_why))
-    report.refused += [Fusion(kind, "*", _NOT_BUILT[kind]) for kind in ("norm", "qkv") if kind in fused]
+    report.refused += [Fusion(kind, "*", _NOT_BUILT[kind]) for kind in ("qkv",) if kind in fused]
     model.__dict__[STATE_ATTR] = state
     return report
 
@@ -112,7 +113,7 @@ def _restore(model: nn.Module, state: FusionState) -> None:
 
 
 def remove_fusions(model: nn.Module) -> bool:
-    """Undo ``apply_fusions`` (original MLP modules and forward back); False when there was nothing to undo."""
+    """Undo ``apply_fusions`` (original MLP and norm modules and forward back); False when nothing to undo."""
     state: Optional[FusionState] = model.__dict__.pop(STATE_ATTR, None)
     if state is None:
         return False

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import lowcost
+from lowcost.nn.fused_rms_norm import FusedRMSNorm
 from lowcost.nn.lora_gated_mlp import LoRAGatedMLP
 from lowcost.patch import lora_layers
 from tiny_models import VOCAB, _ids, assert_unchanged, gpt2, llama, qwen2, randomize_adapters, snapshot
@@ -70,8 +71,9 @@ def test_fused_model_matches_peft(name, policy):
     original = copy.deepcopy(model)
     checkpoint = lowcost.CheckpointConfig(policy=policy) if policy else None
     report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8), checkpoint=checkpoint)
-    assert report.fusion.kinds() == {"mlp", "loss"}, str(report.fusion)
+    assert report.fusion.kinds() == {"mlp", "norm", "loss"}, str(report.fusion)
     assert all(isinstance(model.get_submodule(f"model.layers.{i}.mlp"), LoRAGatedMLP) for i in range(2))
+    assert all(isinstance(model.get_submodule(f"model.layers.{i}.input_layernorm"), FusedRMSNorm) for i in range(2))
     layers = lora_layers(model)
     randomize_adapters(layers)
     peft_model, modules = peft_twin(original, report, layers)
@@ -94,11 +96,13 @@ def test_report_names_taken_and_refused():
     model = llama()
     report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4))
     taken = {(f.kind, f.module) for f in report.fusion.taken}
-    assert taken == {("mlp", "model.layers.0.mlp"), ("mlp", "model.layers.1.mlp"), ("loss", "")}
+    norms = {("norm", f"model.layers.{i}.{n}") for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
+    assert taken == {("mlp", "model.layers.0.mlp"), ("mlp", "model.layers.1.mlp"), ("loss", "")} | norms
     refused = {f.kind: f.detail for f in report.fusion.refused}
-    assert set(refused) == {"norm", "qkv"} and "not implemented" in refused["norm"]
+    assert set(refused) == {"qkv"} and "not implemented" in refused["qkv"]
     text = str(report)
     assert "fused mlp   model.layers.0.mlp  (gate/up/down, activation silu)" in text and "not fused qkv" in text
+    assert "fused norm  model.layers.1.input_layernorm  (RMSNorm, llama form: LoRA ops keep its input and rstd)" in text
 
 
 def test_unknown_and_partial_structures_are_refused_with_reasons():
@@ -110,7 +114,7 @@ def test_unknown_and_partial_structures_are_refused_with_reasons():
     report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4, targets=["q_proj", "gate_proj", "up_proj"]))
     refused = {(f.kind, f.module): f.detail for f in report.fusion.refused}
     assert "down_proj is a Linear, not a fused LoRALinear" in refused[("mlp", "model.layers.0.mlp")]
-    assert report.fusion.kinds() == {"loss"}
+    assert report.fusion.kinds() == {"loss", "norm"}
 
 
 def test_recompute_region_inside_an_mlp_refuses_that_fusion():
@@ -145,7 +149,7 @@ def test_lora_on_a_tied_lm_head_matches_peft():
     original = copy.deepcopy(model)
     report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, targets=["gate_proj", "up_proj", "down_proj",
                                                                                  "lm_head"]))
-    assert report.fusion.kinds() == {"mlp", "loss"} and "lm_head" in report.names
+    assert report.fusion.kinds() == {"mlp", "norm", "loss"} and "lm_head" in report.names
     layers = lora_layers(model)
     randomize_adapters(layers)
     peft_model, modules = peft_twin(original, report, layers)

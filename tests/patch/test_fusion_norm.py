@@ -1,0 +1,111 @@
+"""lowcost.apply(fused=("norm",)): RMSNorm (Llama) and LayerNorm (GPT-2) blocks keep their input instead of the
+normed tensor. The saved bytes fall by exactly one (tokens × hidden) tensor per fused norm whose input was
+saved anyway; the loss and every adapter gradient equal the unfused model's (bit for bit where the norm's
+backward is the same kernel); modules that are not a known norm are refused with the reason; unapply puts the
+original modules back."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowcost
+from lowcost.nn.fused_layer_norm import FusedLayerNorm
+from lowcost.nn.fused_rms_norm import FusedRMSNorm
+from lowcost.patch import lora_layers
+from tiny_models import _ids, gpt2, llama, randomize_adapters
+
+LORA = dict(r=4, alpha=8, dropout=0.1)
+
+
+def _saved_bytes_and_grads(model, fused):
+    """(distinct non-parameter storage bytes autograd saved, loss, adapter gradients) of one training step."""
+    lowcost.apply(model, lora=lowcost.LoRAConfig(**LORA), fused=fused)
+    randomize_adapters(lora_layers(model))
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = _ids()
+    torch.manual_seed(7)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return sum(storages.values()), loss.detach(), grads
+
+
+@pytest.mark.parametrize("name, build, norm_type, bitwise", [("llama", llama, FusedRMSNorm, False),
+                                                            ("gpt2", gpt2, FusedLayerNorm, True)])
+def test_norm_fusion_saves_one_normed_tensor_per_norm_and_changes_no_result(name, build, norm_type, bitwise):
+    model = build()
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    plain_bytes, plain_loss, plain_grads = _saved_bytes_and_grads(model, fused=None)
+    fused_model = build()
+    report = lowcost.apply(fused_model, lora=lowcost.LoRAConfig(**LORA), fused=("norm",))
+    lowcost.unapply(fused_model)
+    fused_bytes, fused_loss, fused_grads = _saved_bytes_and_grads(fused_model, fused=("norm",))
+    assert len(report.fusion.taken) == 2 * layers and not report.fusion.refused, str(report.fusion)
+    # two norms per block. Block 0's first norm reads the frozen embedding's output, which nothing saved before
+    # (no gradient flows there): its consumers now keep that input instead of the normed tensor (same size),
+    # plus, for RMSNorm, the per-token rstd (fp32) that the unfused norm did not save either
+    tokens = _ids().numel()
+    block0_rstd = tokens * 4 if norm_type is FusedRMSNorm else 0
+    assert plain_bytes - fused_bytes == (2 * layers - 1) * tokens * hidden * 4 - block0_rstd
+    assert plain_grads.keys() == fused_grads.keys()
+    if bitwise:    # the same LayerNorm kernel forward and backward: nothing may differ
+        assert torch.equal(plain_loss, fused_loss)
+        assert all(torch.equal(plain_grads[k], fused_grads[k]) for k in plain_grads)
+    else:          # the RMSNorm backward is ours (fp32 math) instead of autograd's: rounding only
+        assert torch.allclose(plain_loss, fused_loss, rtol=1e-6, atol=0)
+        for key, grad in plain_grads.items():
+            assert torch.allclose(fused_grads[key], grad, rtol=1e-5, atol=1e-6 * grad.abs().max()), key
+
+
+class OffsetRMSNorm(nn.Module):
+    """An RMSNorm-named module that adds a shift: neither known form, so it must be refused."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) + 0.1
+
+
+def test_unknown_norms_are_refused_with_the_reason_and_unapply_restores_the_originals():
+    model = llama()
+    block = model.model.layers[0]
+    block.input_layernorm = OffsetRMSNorm(model.config.hidden_size)
+    originals = {name: m for name, m in model.named_modules() if name.endswith("layernorm")}
+    report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4), fused=("norm",))
+    refused = {f.module: f.detail for f in report.fusion.refused}
+    assert "neither RMSNorm form" in refused["model.layers.0.input_layernorm"]
+    assert {f.module for f in report.fusion.taken} == set(originals) - {"model.layers.0.input_layernorm"}
+    assert isinstance(model.model.layers[1].input_layernorm, FusedRMSNorm)
+    assert model.model.layers[1].input_layernorm.weight is originals["model.layers.1.input_layernorm"].weight
+    lowcost.unapply(model)
+    assert all(model.get_submodule(name) is module for name, module in originals.items())
+
+
+def test_layer_norm_over_two_dimensions_is_refused():
+    from lowcost.patch.fuse_norm import build_norm_fusion
+    fused, why = build_norm_fusion(nn.LayerNorm((4, 8)))
+    assert fused is None and "not one dimension" in why
+    fused, why = build_norm_fusion(nn.GroupNorm(2, 8))
+    assert fused is None and "neither an RMSNorm nor an nn.LayerNorm" in why
+
+
+def test_checkpoint_recompute_region_on_a_norm_refuses_it():
+    model = llama()
+    checkpoint = lowcost.CheckpointConfig(policy="selective", recompute=("input_layernorm",))
+    report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4), checkpoint=checkpoint, fused=("norm",))
+    refused = {f.module for f in report.fusion.refused if "recompute" in f.detail}
+    assert refused == {f"model.layers.{i}.input_layernorm" for i in range(2)}

@@ -1,7 +1,7 @@
 """Memory a kernel allocates and frees inside itself, which no dispatch mode sees (an estimate per op).
 
-Modelled: ``lowcost::lora_linear``, ``lowcost::lora_gated_mlp`` and ``lowcost::linear_cross_entropy``, with their
-backward ops. For the LoRA linear, the ``torch`` backend (the CPU path,
+Modelled: ``lowcost::lora_linear``, ``lowcost::lora_gated_mlp``, ``lowcost::rms_norm`` and
+``lowcost::linear_cross_entropy``, with their backward ops. For the LoRA linear, the ``torch`` backend (the CPU path,
 ``lowcost/reference/lora_linear.py``) makes full-size temporaries. With x: (M, K), W: (N, K), rank r, p the
 dropout probability, s the bytes of x's dtype and ``[p>0]`` 1 when dropout is on:
 
@@ -19,6 +19,12 @@ forward:  act(gate) and h = act(gate)⊙up while the down projection runs, plus 
           (2 + [p>0])·M·I·s (gate and up are outputs, already counted).
 backward: act(gate), h, dh, dh⊙up, and the activation's gradient temporaries are alive together before
           dgate and dup exist: about 5·M·I·s.
+
+RMSNorm (``lowcost::rms_norm``, x: (M, H), computed in float32; ``lowcost/reference/rms_norm.py``): the fp32
+copy of a 16-bit x, x² (or x·rstd) and, for 16-bit x, the product before its rounding: 4·M·H bytes for fp32 x,
+12·M·H for 16-bit. Backward: x̂, ĝ and two elementwise temporaries alive before dx (plus g's fp32 copy for 16-bit
+x): 16·M·H for fp32 x, 20·M·H for 16-bit. The consumers' rebuild of the normed tensor in backward runs as
+aten ops outside any custom op, so the meter sees it.
 
 Fused linear cross-entropy (hidden (M, K), vocabulary V, C = the rows of one chunk, ``default_chunk``): the
 chunk's logits buffer in hidden's dtype, its fp32 copy for 16-bit hidden, and ``torch.logsumexp``'s
@@ -80,6 +86,11 @@ def _gated_backward(args) -> int:
     return _gated_mlp(args[1], args[2], 5)
 
 
+def _rms_norm(x: torch.Tensor, fp32_factor: int, low_precision_factor: int) -> int:
+    factor = fp32_factor if x.element_size() >= 4 else low_precision_factor
+    return factor * math.prod(x.shape)
+
+
 TRITON_LOSS_ROWS_PER_SM = 2    # kernels/lora_linear_plan.PROGRAMS_PER_SM (not imported: no Triton in the plan)
 
 
@@ -106,6 +117,8 @@ def triton_loss_extra(tokens: int, vocab: int, itemsize: int, sms: int) -> int:
 
 _MODELS = {"lowcost::lora_linear": _lora_forward, "lowcost::lora_linear_backward": _lora_backward,
            "lowcost::lora_gated_mlp": _gated_forward, "lowcost::lora_gated_mlp_backward": _gated_backward,
+           "lowcost::rms_norm": lambda args: _rms_norm(args[0], 4, 12),
+           "lowcost::rms_norm_backward": lambda args: _rms_norm(args[1], 16, 20),
            "lowcost::linear_cross_entropy": lambda args: _cross_entropy(args[0], args[1], args[13]),
            "lowcost::linear_cross_entropy_backward": lambda args: _cross_entropy(args[1], args[2], args[14]),
            **WORKSPACE_MODELS}

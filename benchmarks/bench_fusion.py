@@ -6,14 +6,14 @@ on every linear of the blocks, alpha 32, dropout 0.05 unless stated. Providers:
 
 - ``peft``: PEFT ``get_peft_model`` (target_modules="all-linear");
 - ``unfused``: ``lowcost.apply(..., fused=None)`` (fused LoRA linears only: the state before issue #12);
-- ``fused``: ``lowcost.apply(...)`` with the default fusions (gated MLP + loss; norm and qkv refused);
+- ``fused``: ``lowcost.apply(...)`` with the default fusions (gated MLP, norm, loss; qkv refused);
 - each lowcost one also with ``CheckpointConfig(policy="selective")``.
 
 Saved bytes are exact, as bench_checkpoint.py counts them (saved_tensors_hooks storages + what checkpoint
 frames keep), with the matmuls recomputed in backward counted. The saved bytes of unfused/fused, with and
 without selective, are broken down by tensor (bench_checkpoint.breakdown) into fusion_breakdown.csv
 (rewritten each run); the totals go to fusion.csv. Step time (zero_grad + forward + backward) is timed
-round-robin: PEFT, unfused and fused at dropout 0.05, and fused at dropout 0.
+round-robin: PEFT, unfused and fused at dropout 0.05, and unfused and fused at dropout 0 (the dropout cost of each).
 
     .venv/bin/python benchmarks/bench_fusion.py [--rounds 5] [--families llama qwen2] [--no-timing]
 """
@@ -104,7 +104,7 @@ def measure_family(family: str, ids, breakdown_rows: list[dict]) -> list[dict]:
 def time_family(family: str, ids, rounds: int) -> list[dict]:
     provs = [Provider(f"{family} peft", build(family, "peft")[0], "plain")]
     provs += [Provider(f"{family} {kind}", build(family, kind)[0], "plain") for kind in ("unfused", "fused")]
-    provs.append(Provider(f"{family} fused p=0", build(family, "fused", dropout=0.0)[0], "plain"))
+    provs += [Provider(f"{family} {kind} p=0", build(family, kind, dropout=0.0)[0], "plain") for kind in ("unfused", "fused")]
     for p in provs:                       # warm-up, then round-robin
         time_round(p, ids)
         p.samples.clear()
@@ -122,8 +122,9 @@ def time_family(family: str, ids, rounds: int) -> list[dict]:
         rows.append(row)
         print(f"  {p.name:28s} step {row['median_ms']:8.1f} ms [{row['p20_ms']}, {row['p80_ms']}] = "
               f"{row['time_vs_peft']:.3f}× PEFT", flush=True)
-    ratio = medians[f"{family} fused"] / medians[f"{family} fused p=0"]
-    print(f"  {family}: fused dropout 0.05 / dropout 0 = {ratio:.3f}", flush=True)
+    for kind in ("unfused", "fused"):
+        ratio = medians[f"{family} {kind}"] / medians[f"{family} {kind} p=0"]
+        print(f"  {family}: {kind} dropout 0.05 / dropout 0 = {ratio:.3f}", flush=True)
     return rows
 
 

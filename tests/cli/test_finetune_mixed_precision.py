@@ -3,7 +3,9 @@ on the CPU, ``python -m lowcost`` itself) FSDP2 computes in bf16 on fp32 paramet
 fp32; in one process and under DDP (two gloo processes) the forward runs under ``torch.autocast(bf16)``, with
 lowcost's ops cast by ``lowcost.ops.autocast``. Each loss curve stays close to one fp32 process's on the same
 global batches, the adapter is saved in fp32 and is visibly not the fp32 run's (the compute really was bf16).
-Where it cannot be honoured (bf16 parameters, a GPU without bf16) the option is refused up front.
+Where it cannot be honoured (bf16 parameters, a GPU without bf16) the option is refused up front. With an
+NF4-quantized base (``--quantize nf4``) it works too, in one process and under FSDP2: the codes are decoded to
+bf16 inside lowcost's ops, and the runs keep to an fp32 NF4 run's curve as the dense ones do to theirs.
 """
 from __future__ import annotations
 
@@ -43,8 +45,11 @@ LOSS_RTOL = 2.0 ** -8
 # enter lowcost's ops unrounded, so fewer roundings reach the gradients: measured every lora_B 1.9e-2 to 0.36
 # off the fp32 run's in one process; 5e-3 is 10x above the fp32 worst and 3.9x below that least.
 FP32_SAME = 5e-4
-B_DIFFER_AT_LEAST = {"fsdp-bf16": 1e-2, "bf16": 5e-3, "ddp-bf16": 5e-3}
-BF16_RUNS = tuple(B_DIFFER_AT_LEAST)
+# NF4 bases (measured against one fp32 NF4 process: losses within 4.6e-5, every lora_B 1.4e-2 to 0.45 off in
+# one process, 5.1e-2 to 0.39 under FSDP2; an fp32 FSDP2 NF4 run stays within 2.9e-5): the same bounds.
+B_DIFFER_AT_LEAST = {"fsdp-bf16": 1e-2, "bf16": 5e-3, "ddp-bf16": 5e-3, "nf4-bf16": 5e-3, "fsdp-nf4-bf16": 1e-2}
+BF16_RUNS = ("fsdp-bf16", "bf16", "ddp-bf16")
+NF4_RUNS = ("nf4-bf16", "fsdp-nf4-bf16")
 
 
 def _args(model, data) -> list[str]:
@@ -71,6 +76,22 @@ def runs(tiny_model, jsonl_files, tmp_path_factory) -> dict:
     return {name: top / name for name in ("fp32", "bf16", "fsdp-fp32", "fsdp-bf16", "ddp-bf16")}
 
 
+@pytest.fixture(scope="module")
+def nf4_runs(tiny_model, jsonl_files, tmp_path_factory) -> dict:
+    """{name: --out directory} with --quantize nf4: one process in fp32 and bf16, FSDP2 in bf16."""
+    from lowcost.cli import main
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("this torch build has no torch.distributed gloo backend")
+    top = tmp_path_factory.mktemp("mixed-nf4")
+    args = [*_args(tiny_model, jsonl_files["pairs"]), "--quantize", "nf4"]
+    bf16 = ["--mixed-precision", "bf16"]
+    torchrun(Path("lowcost"), ["finetune", *args, "--distributed", "fsdp", *bf16, "--out", top / "fsdp-nf4-bf16"],
+             timeout=600, torchrun_args=["-m"])
+    for name, extra in (("nf4-fp32", []), ("nf4-bf16", bf16)):
+        assert main(["finetune", *args, *extra, "--out", str(top / name)]) == 0
+    return {name: top / name for name in ("nf4-fp32", "nf4-bf16", "fsdp-nf4-bf16")}
+
+
 def _metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
@@ -79,16 +100,26 @@ def _relative(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-@pytest.mark.parametrize("name", BF16_RUNS)
-def test_bf16_loss_curve_close_to_fp32(runs, name):
-    bf16, fp32 = _metrics(runs[name]), _metrics(runs["fp32"])
-    assert bf16["world_size"] == (1 if name == "bf16" else 2) and bf16["options"]["mixed_precision"] == "bf16"
+def _check_curve(bf16: dict, fp32: dict, world: int) -> None:
+    assert bf16["world_size"] == world and bf16["options"]["mixed_precision"] == "bf16"
     x, y = fp32["history"], bf16["history"]
     assert y["step"] == list(range(1, STEPS + 1)) and y["tokens"] == x["tokens"] and y["lr"] == x["lr"]
     errors = [_relative(b, a) for a, b in zip(x["loss"], y["loss"])]
     errors += [_relative(b["loss"], a["loss"]) for a, b in zip(x["evals"], y["evals"])]
     assert all(torch.isfinite(torch.tensor(y["loss"]))), y["loss"]
     assert max(errors) <= LOSS_RTOL, errors
+
+
+@pytest.mark.parametrize("name", BF16_RUNS)
+def test_bf16_loss_curve_close_to_fp32(runs, name):
+    _check_curve(_metrics(runs[name]), _metrics(runs["fp32"]), 1 if name == "bf16" else 2)
+
+
+@pytest.mark.parametrize("name", NF4_RUNS)
+def test_bf16_on_an_nf4_base_close_to_fp32(nf4_runs, name):
+    bf16 = _metrics(nf4_runs[name])
+    assert bf16["options"]["quantize"] == "nf4"
+    _check_curve(bf16, _metrics(nf4_runs["nf4-fp32"]), 1 if name == "nf4-bf16" else 2)
 
 
 def _lora_b_differences(a: dict, b: dict) -> dict:
@@ -106,9 +137,10 @@ def test_fp32_runs_agree(runs):
     assert max(_lora_b_differences(_adapter(runs["fsdp-fp32"]), _adapter(runs["fp32"])).values()) <= FP32_SAME
 
 
-@pytest.mark.parametrize("name", BF16_RUNS)
-def test_adapter_saved_in_fp32_from_bf16_compute(runs, name):
-    bf16, fp32 = _adapter(runs[name]), _adapter(runs["fp32"])
+@pytest.mark.parametrize("name", BF16_RUNS + NF4_RUNS)
+def test_adapter_saved_in_fp32_from_bf16_compute(runs, nf4_runs, name):
+    dirs = {**runs, **nf4_runs}
+    bf16, fp32 = _adapter(dirs[name]), _adapter(dirs["nf4-fp32" if name in NF4_RUNS else "fp32"])
     assert bf16.keys() == fp32.keys()
     assert {t.dtype for t in bf16.values()} == {torch.float32}
     assert all(t.shape == fp32[k].shape and torch.isfinite(t).all() for k, t in bf16.items())

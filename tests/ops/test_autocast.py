@@ -42,7 +42,7 @@ def _leaves(tensors: dict, cast: dict) -> dict:
 def _run(call, tensors: dict, grad_seed: int = 7):
     """(output, {name: grad}) of ``call(**tensors)`` with a fixed random cotangent."""
     out = call(**tensors)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(out.device)
     (out.float() * g.float()).sum().backward() if out.dim() else out.float().backward()
     return out, {k: t.grad for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.grad is not None}
 
@@ -50,7 +50,8 @@ def _run(call, tensors: dict, grad_seed: int = 7):
 def _check_case(call, tensors: dict, compute: tuple, dtype=BF16, really_low=True):
     """The op under autocast == the op on the rule's cast operands (output and every gradient, exactly);
     gradients in the leaves' own dtype (fp32); and, with ``really_low``, the result is not the fp32 one."""
-    with torch.autocast("cpu", dtype=dtype):
+    device_type = next(t for t in tensors.values() if isinstance(t, torch.Tensor)).device.type
+    with torch.autocast(device_type, dtype=dtype):
         got, got_grads = _run(call, _leaves(tensors, {}))
     want, want_grads = _run(call, _leaves(tensors, {name: dtype for name in compute}))
     assert got.dtype == want.dtype and torch.equal(got, want)
@@ -92,6 +93,20 @@ def test_lora_linear(backend, shape, dropout):
         return ops.lora_linear(x, weight, lora_a, lora_b, 0.5, bias=bias, dropout=dropout, seed=1234, backend=backend)
     y = _check_case(call, _lora_linear_inputs(shape), compute=("x", "weight", "bias"))
     assert y.dtype == BF16 and y.shape == (*shape, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_lora_linear_on_the_gpu(backend):
+    """The same rule under CUDA autocast (the AutocastCUDA kernel), each GPU backend (not run on CPU CI)."""
+    if backend == "cuda" and ops.backend.unavailable_reason("cuda", torch.device("cuda"), 3) is not None:
+        pytest.skip(ops.backend.unavailable_reason("cuda", torch.device("cuda"), 3))
+    cpu = _lora_linear_inputs((37,), K=72, N=56)
+    inputs = {k: v.cuda().detach().requires_grad_(v.requires_grad) for k, v in cpu.items()}
+
+    def call(x, weight, lora_a, lora_b, bias):
+        return ops.lora_linear(x, weight, lora_a, lora_b, 0.5, bias=bias, dropout=0.1, seed=77, backend=backend)
+    assert _check_case(call, inputs, compute=("x", "weight", "bias")).dtype == BF16
 
 
 def test_lora_linear_no_rows():

@@ -26,7 +26,9 @@ and the optimizer state, sharded like the parameters, goes into the checkpoint a
 its shards into rank 0's temporary directory before rank 0 publishes it (``publish_together``). DCP reshards
 that state on ``--resume`` at any world size, one process included; a whole optimizer state (one process,
 DDP) cannot be resumed under FSDP2 and is refused.
-``--mixed-precision bf16`` passes FSDP2 a ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``.
+``--mixed-precision bf16`` passes FSDP2 a ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``; in
+one process and under DDP it runs the forward passes (and the loss) under ``torch.autocast(bf16)`` instead
+(``lowcost.ops.autocast`` gives lowcost's ops their casting rules), parameters and gradients staying fp32.
 """
 from __future__ import annotations
 
@@ -163,21 +165,48 @@ def stop(ranks: Ranks) -> None:
         torch.distributed.destroy_process_group()
 
 
-def check_mixed_precision(mixed: Optional[str], mode: str, dtype: str, world: int) -> None:
-    """--mixed-precision bf16 is FSDP2's MixedPrecisionPolicy: it needs --distributed fsdp under torchrun
-    with 2+ processes and fp32 parameters (--dtype float32) to keep as the master copy."""
+def check_mixed_precision(mixed: Optional[str], dtype: str) -> None:
+    """--mixed-precision bf16 computes in bf16 on fp32 parameters (FSDP2's MixedPrecisionPolicy when sharded,
+    torch.autocast otherwise): it needs fp32 parameters (--dtype float32) to keep as the master copy."""
     if mixed is None:
         return
     if mixed != "bf16":
         raise CLIError(f"--mixed-precision {mixed!r}: expected bf16")
-    if world == 1 or mode != "fsdp":
-        where = "in one process" if world == 1 else f"with --distributed {mode}"
-        raise CLIError(f"--mixed-precision {mixed} is FSDP2's MixedPrecisionPolicy and needs --distributed fsdp "
-                       f"under torchrun with 2 or more processes; it is not available {where} (train in fp32, or "
-                       f"load the model in bf16 with --dtype bfloat16)")
     if dtype != "float32":
         raise CLIError(f"--mixed-precision {mixed} keeps fp32 parameters and computes in {mixed}; it needs "
                        f"--dtype float32 (the default), got --dtype {dtype}")
+
+
+def check_autocast_device(mixed: Optional[str], dev: torch.device) -> None:
+    """torch.autocast in bf16 needs a device that computes in bf16 (every CPU; a GPU of compute capability
+    8.0 or more: on an older one torch would emulate it slowly, or refuse)."""
+    if mixed is None or dev.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False):
+        return
+    major, minor = torch.cuda.get_device_capability(dev)
+    raise CLIError(f"--mixed-precision {mixed}: {dev} (compute capability {major}.{minor}) has no native bf16 "
+                   "(needs 8.0 or more); train in fp32 without --mixed-precision")
+
+
+def forward_context(mixed: Optional[str], ranks: Ranks, dev: torch.device) -> Callable:
+    """A factory of the context the forward passes run in: ``torch.autocast(dev.type, bf16)`` for
+    --mixed-precision bf16 in one process and under DDP; nothing extra otherwise (fp32, or FSDP2, whose
+    MixedPrecisionPolicy casts the parameters itself)."""
+    if mixed is None or ranks.sharded:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
+
+
+class AutocastForward(torch.nn.Module):
+    """``module`` whose forward runs inside ``context()`` (torch.autocast): the loss comes out of it; the
+    backward runs outside, as torch recommends (its dtypes follow the forward's)."""
+
+    def __init__(self, module: torch.nn.Module, context: Callable):
+        super().__init__()
+        self.module, self.context = module, context
+
+    def forward(self, *args, **kwargs):
+        with self.context():
+            return self.module(*args, **kwargs)
 
 
 def mixed_precision_policy(mixed: Optional[str]):
@@ -194,15 +223,17 @@ def mixed_precision_policy(mixed: Optional[str]):
 
 def wrap(model, ranks: Ranks, dev: torch.device, mixed: Optional[str] = None):
     """The module the training loop runs: ``model`` itself in one process or sharded in place by FSDP2
-    (its trainable parameters become DTensors: collect them again; ``mixed``: --mixed-precision), DDP
-    around it otherwise."""
-    if ranks.world == 1:
-        return model
+    (its trainable parameters become DTensors: collect them again; ``mixed``: --mixed-precision, FSDP2's
+    policy), DDP around it otherwise; with ``mixed`` and no FSDP2, that module's forward under autocast."""
     if ranks.sharded:
         from lowcost.distributed import shard_model
         return shard_model(model, mp_policy=mixed_precision_policy(mixed))
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    trained = model
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        trained = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    context = forward_context(mixed, ranks, dev)
+    return trained if context is contextlib.nullcontext else AutocastForward(trained, context)
 
 
 @contextlib.contextmanager

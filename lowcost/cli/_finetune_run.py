@@ -2,12 +2,13 @@
 patch the model, train with checkpoints, write the outputs and the one-line summary."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -35,6 +36,7 @@ class Setup:
     ranks: object = None             # _distributed_run.Ranks under torchrun (None: one process)
     trained: object = None           # the module the loop runs (DDP around ``model`` under torchrun)
     counts: Optional[tuple] = None   # (trainable, all) parameters, counted before FSDP2 sharded them
+    forward_context: Callable = contextlib.nullcontext   # --mixed-precision bf16 without FSDP2: torch.autocast
 
 
 def _held_batches(seqs, batch: int, pad: int) -> list:
@@ -111,7 +113,7 @@ def patch(args, setup: Setup, lora, checkpoint) -> None:
         load_adapter(model, checkpoints(Path(args.out))[-1][1] / "adapter")
     else:
         with torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
-            with SavedBytes(model) as plain:
+            with SavedBytes(model) as plain, setup.forward_context():
                 loss = model(**_first_batch(setup)).loss
             del loss
         setup.measured["plain_saved_activation_bytes"] = plain.bytes
@@ -119,9 +121,13 @@ def patch(args, setup: Setup, lora, checkpoint) -> None:
         print(_describe(setup.report))
         return
     batch = _first_batch(setup)
+
+    def profile_step():
+        with setup.forward_context():      # the budget is planned on the activations the training saves
+            return model(**batch).loss
     try:
         with torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
-            setup.report.checkpoint = apply(model, checkpoint=checkpoint, profile_step=lambda: model(**batch).loss)
+            setup.report.checkpoint = apply(model, checkpoint=checkpoint, profile_step=profile_step)
     except ValueError as exc:
         raise CLIError(f"--checkpoint/--budget: {exc}") from None
     print(_describe(setup.report))
@@ -255,11 +261,13 @@ def train(args, setup: Setup, out: Path) -> dict:
         elif ranks is None or ranks.main:
             save_checkpoint(out, step, _save_adapter(model), trainer_state, state)
 
-    held = (lambda step: evaluate(model, setup.held, dev, ranks=ranks)) if setup.held else None
+    def held(step: int) -> dict:                   # in bf16 too under --mixed-precision (FSDP2's policy or autocast)
+        with setup.forward_context():
+            return evaluate(model, setup.held, dev, ranks=ranks)
     with PeakMemory(dev) as peak:
         run_steps(setup.trained or model, setup.params, setup.batches, plan, optimizer, scheduler, dev, history,
-                  start, held, save, first_forward if start == 0 and not sharded else None, label="finetune",
-                  ranks=ranks)
+                  start, held if setup.held else None, save, first_forward if start == 0 and not sharded else None,
+                  label="finetune", ranks=ranks)
     setup.measured["peak_memory_bytes_this_session"] = peak.bytes
     setup.measured["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
     return {"history": history.as_dict()}

@@ -13,7 +13,8 @@ data position, written atomically), adapter/ (PEFT layout), metrics.json and los
 (at another torchrun world size too, to fp32 rounding, unless LoRA dropout is on: its masks cannot continue).
 Under torchrun --nproc_per_node N (lowcost finetune or python -m lowcost finetune) the N processes train with
 DDP on the same global batches as one process (--batch is global; N must divide it); rank 0 prints and writes.
---distributed fsdp shards with FSDP2 instead; --mixed-precision bf16 then computes in bf16 on fp32 parameters.
+--distributed fsdp shards with FSDP2 instead. --mixed-precision bf16 computes in bf16 on fp32 parameters (FSDP2's
+MixedPrecisionPolicy when sharded, torch.autocast in one process and under DDP).
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp"),
                         help="under torchrun: DistributedDataParallel (default) or FSDP2 (fully_shard per block)")
     parser.add_argument("--mixed-precision", default=None, choices=("bf16",),
-                        help="with --distributed fsdp under torchrun: compute in bf16, keep fp32 parameters "
-                             "and reduce gradients in fp32 (FSDP2's MixedPrecisionPolicy); default: fp32")
+                        help="compute in bf16, keep fp32 parameters, gradients and adapters (torch.autocast; "
+                             "FSDP2's MixedPrecisionPolicy with --distributed fsdp); default: fp32")
 
 
 def _check_numbers(args) -> None:
@@ -115,8 +116,7 @@ def _validate(args):
 def run(args: argparse.Namespace) -> int:
     from lowcost.cli import _distributed_run as dist_run
     _check_numbers(args)
-    dist_run.check_mixed_precision(args.mixed_precision, args.distributed, args.dtype,
-                                   dist_run.environment_world_size())
+    dist_run.check_mixed_precision(args.mixed_precision, args.dtype)
     ranks, rank_device = dist_run.start(args.device, args.batch, args.distributed)   # torchrun: join the group
     try:
         with dist_run.quiet_unless_main(ranks):
@@ -134,6 +134,7 @@ def _run(args: argparse.Namespace, ranks, rank_device) -> int:
     started = time.perf_counter()
     dev, lora, checkpoint, data, words = _validate(args)
     dev = rank_device                              # under torchrun: cuda:LOCAL_RANK on GPUs
+    dist_run.check_autocast_device(args.mixed_precision, dev)
     if data.skipped:
         print(f"skipped {data.skipped} bad line(s) of {data.path} (first: {data.first_skipped})")
     out = Path(args.out)
@@ -149,6 +150,7 @@ def _run(args: argparse.Namespace, ranks, rank_device) -> int:
         opt.check_new_tokens_base(model, args.quantize)
     fresh = not resuming
     setup = job.prepare(args, model, tokenizer, data, words, dev, fresh, ranks if ranks.world > 1 else None)
+    setup.forward_context = dist_run.forward_context(args.mixed_precision, ranks, dev)
     job.patch(args, setup, lora, checkpoint)
     from lowcost.cli._measure import trainable
     setup.counts = trainable(model)

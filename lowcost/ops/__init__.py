@@ -8,6 +8,9 @@ from lowcost.ops.lora_linear import lora_linear
 from lowcost.ops.qlora_gated_mlp import qlora_gated_mlp
 from lowcost.ops.qlora_linear import qlora_linear, quantized_linear
 from lowcost.ops.rms_norm import rms_norm
+from lowcost.ops.autocast import register as _register_autocast_rules
+
+_register_autocast_rules()  # after every op above is defined
 
 __all__ = ["lora_linear", "lora_embedding", "linear_cross_entropy", "lora_gated_mlp", "qlora_gated_mlp", "qlora_linear",
            "quantized_linear", "rms_norm", "layer_norm", "resolve_backend", "BACKENDS"]

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from lowcost.ops import _torch_backend
+from lowcost.ops.autocast import autocast_loss_dtype, autocast_operands
 from lowcost.ops.backend import resolve_backend
 from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _check_tensor, _seed_tensor
 from lowcost.reference.linear_cross_entropy import (CrossEntropySpec, HeadLoRA, linear_cross_entropy_rows,
@@ -284,6 +285,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
     Returns:
         the loss: 0-D for "mean"/"sum", labels' shape for "none".
     """
+    loss_dtype = loss_dtype or autocast_loss_dtype(hidden)
+    (hidden, weight, bias), (lora_a, lora_b) = autocast_operands((hidden, weight, bias), (lora_a, lora_b))
     _check_operands(hidden, weight, labels, bias, lora_a, lora_b)
     _check_settings(ignore_index, reduction, label_smoothing, softcap, chunk, lora_scale, lora_dropout)
     if loss_dtype is not None and (not isinstance(loss_dtype, torch.dtype) or not loss_dtype.is_floating_point):

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from lowcost.ops import _torch_backend
+from lowcost.ops.autocast import autocast_projections
 from lowcost.ops.backend import resolve_backend
 from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _check_scalars, _check_tensor, _seed_tensor
 from lowcost.ops.normed_input import pack_input, saved_count, unpack_input
@@ -229,6 +230,7 @@ def lora_gated_mlp(x: Tensor, gate: Sequence[Tensor], up: Sequence[Tensor], down
     if any(not isinstance(w, Tensor) for w in params[0::3]):
         from lowcost.ops.qlora_gated_mlp import qlora_gated_mlp  # imports this module: bound here
         return qlora_gated_mlp(x, gate, up, down, scales, activation, dropouts, seeds, backend)
+    x, params = autocast_projections(x, params)
     _check_inputs(x, params, scales, dropouts, activation)
     for role, weight in zip(ROLES, params[0::3]):
         if weight.requires_grad:

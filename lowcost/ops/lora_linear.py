@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.backend import backend_module, resolve_backend
 from lowcost.ops.normed_input import pack_input, saved_count, unpack_input
 
@@ -193,6 +194,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
     if not isinstance(weight, torch.Tensor) and hasattr(weight, "scheme"):
         from lowcost.ops.qlora_linear import qlora_linear  # imports this module: bound here, not at the top
         return qlora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, seed, backend)
+    (x, weight, bias), (lora_a, lora_b) = autocast_operands((x, weight, bias), (lora_a, lora_b))
     _check_shapes(x, weight, lora_a, lora_b, bias)
     _check_dtypes_devices(x, weight, lora_a, lora_b, bias)
     _check_scalars(scale, dropout)

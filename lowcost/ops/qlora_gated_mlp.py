@@ -27,6 +27,7 @@ import torch
 
 from lowcost.ops import _torch_backend
 from lowcost.ops._quant_backends import _rows
+from lowcost.ops.autocast import autocast_projections
 from lowcost.ops.backend import ENV_VAR
 from lowcost.ops.normed_input import pack_input, saved_count, unpack_input
 from lowcost.ops.lora_gated_mlp import ROLES, _check_inputs, _seeds_tensor
@@ -168,6 +169,7 @@ def qlora_gated_mlp(x: Tensor, gate: Sequence, up: Sequence, down: Sequence, sca
         if not isinstance(weight, QuantizedWeight):
             raise TypeError(f"{role} weight must be a QuantizedWeight like the others, got {type(weight).__name__} "
                             "(the fused MLP takes three dense or three quantized weights)")
+    x, params = autocast_projections(x, params)
     _check_inputs(x, params, scales, dropouts, activation, check_projection=_check_projection)
     _check_backend(backend)
     weights = params[0::3]

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from lowcost.ops import _quant_backends as qb
+from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _as_2d, _check_scalars, _check_tensor, _seed_tensor
 from lowcost.ops.normed_input import pack_input, saved_count, unpack_input
 from lowcost.reference.quant import QuantizedWeight
@@ -174,6 +175,7 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_a: Tensor, lora_b: Ten
     dtype); the weight is dequantized to x's dtype. ``where`` names the caller (a module path) in errors.
     Returns y (..., N) in x's dtype.
     """
+    (x, bias), (lora_a, lora_b) = autocast_operands((x, bias), (lora_a, lora_b))
     N, K = _check_quantized(x, weight, bias)
     _check_adapters(x, N, K, lora_a, lora_b)
     _check_scalars(scale, dropout)
@@ -188,6 +190,7 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_a: Tensor, lora_b: Ten
 def quantized_linear(x: Tensor, weight: QuantizedWeight, bias: Optional[Tensor] = None,
                      backend: Optional[str] = None, where: str = "") -> Tensor:
     """y = x Wᵀ + bias for a frozen quantized weight (N, K): x (..., K) → y (..., N) in x's dtype; dx = g W."""
+    (x, bias), _ = autocast_operands((x, bias))
     N, _ = _check_quantized(x, weight, bias)
     name = qb.resolve_quant_backend(backend, x.device, 1, weight.scheme, where)
     if x.dtype == torch.float64 and name != "torch":

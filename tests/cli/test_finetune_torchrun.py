@@ -1,8 +1,9 @@
 """``lowcost finetune`` under torchrun: two gloo processes on the CPU, with DDP and with FSDP2
 (``--distributed fsdp``), train like one process on the same global batch, only rank 0 prints and writes, a
 --batch the world size does not divide is refused, and ``--resume`` continues a two-process run exactly; at
-another world size (2 → 1 from DDP and from FSDP2's resharded state, 1 → 2 under DDP) it continues the same
-curve to fp32 rounding. One torchrun launch (torchrun_finetune.py runs every command).
+another world size (2 → 1 from DDP and from FSDP2's resharded state, 1 → 2 under DDP) or under the other
+data-parallel mode (FSDP2's sharded state resumed by DDP, 2 → 2) it continues the same curve to fp32 rounding.
+One torchrun launch (torchrun_finetune.py runs every command).
 
 Data: prompt/response records, so rows hold different numbers of target tokens (the ranks' losses must be
 weighted by their token shares, not averaged), and 53 training sequences in micro-batches of 4: the last
@@ -116,7 +117,8 @@ def test_two_processes_match_one_process(two, one, mode):
 def test_only_rank_0_prints_and_writes(two):
     root, ranks, logs = two
     summary = [line for line in logs[0]["stdout"].splitlines() if line.startswith("lowcost finetune: trained ")]
-    assert len(summary) == 5                  # 2 modes × (the run, the resumed run), the one-process run resumed
+    assert len(summary) == 6                  # 2 modes × (the run, the resumed run), the one-process run resumed,
+    #                                           the FSDP2 run resumed under DDP
     assert "finetune: 100%" in logs[0]["stderr"]                       # rank 0's progress bar
     assert logs[1]["stdout"] == ""
     assert "finetune:" not in logs[1]["stderr"] and "Loading weights" not in logs[1]["stderr"], logs[1]["stderr"]
@@ -222,6 +224,20 @@ def test_resume_a_one_process_run_under_torchrun(two, one):
         code, err = rank["one"]["fsdp"]
         assert code == 2 and "holds the whole optimizer state, which --distributed fsdp cannot shard; resume it " \
                              "with --distributed ddp or in one process" in err, err
+
+
+def test_resume_an_fsdp2_run_under_ddp(two):
+    """FSDP2's sharded optimizer state (DCP) loads into DDP's whole tensors at the same world size: the same
+    curve to fp32 rounding (each mode reduces the gradients in its own order: all-reduce vs reduce-scatter)."""
+    root, ranks, logs = two
+    assert [rank["fsdp-to-ddp"] for rank in ranks] == [[0, ""], [0, ""]]
+    out = root / "fsdp-to-ddp"
+    assert _metrics(out)["options"]["distributed"] == "ddp"
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert json.loads((newest / "state.json").read_text())["distributed"] == "ddp"
+    assert "optimizer" in torch.load(newest / "trainer_state.pt", weights_only=True)   # whole again
+    assert f"resuming from {sorted((out / 'checkpoints').glob('step-*'))[-2]}" in logs[0]["stdout"]
+    _same_curve(out, root / "fsdp", 2, 2)
 
 
 def test_batch_not_divisible_by_world_size_is_refused(two):

@@ -10,7 +10,9 @@ leaves it alive between the calls):
 3. rank 0 copies ROOT/MODE to ROOT/MODE-resumed without its newest checkpoint and final outputs (as if the
    run had been killed after the one before), then every rank runs step 2's command there with ``--resume``;
 4. ONE_RUN, a run of one process with FINETUNE_ARGS, is copied the same way to ROOT/one-resumed and resumed
-   there by the two processes: with ``--distributed fsdp`` (refused: its optimizer state is whole), then DDP.
+   there by the two processes: with ``--distributed fsdp`` (refused: its optimizer state is whole), then DDP;
+5. ROOT/fsdp is copied the same way to ROOT/fsdp-to-ddp and resumed there with ``--distributed ddp`` (the
+   sharded DCP state loaded into whole tensors, at the same world size).
 
 Each rank writes ``REPORT_DIR/rank<r>.json``: exit codes, the refusals' messages, the recorded changes.
 """
@@ -81,6 +83,13 @@ def _resume_one_process_run(args: list[str], one: Path, out: Path, rank: int) ->
     return {"fsdp": _finetune([*resumed, "--distributed", "fsdp"], capture=True), "ddp": _finetune(resumed)}
 
 
+def _resume_fsdp_run_under_ddp(args: list[str], fsdp_run: Path, out: Path, rank: int) -> tuple[int, str]:
+    if rank == 0:
+        strip_last_checkpoint(fsdp_run, out)
+    dist.barrier()
+    return _finetune([*args, "--distributed", "ddp", "--out", str(out), "--resume"])
+
+
 def main() -> None:
     report, root, one, args = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
     dist.init_process_group("gloo")
@@ -96,6 +105,7 @@ def main() -> None:
         result["one"] = _resume_one_process_run(args, one, root / "one-resumed", rank)
         _WATCHED.clear()
         result["changes"] = _CHANGES
+        result["fsdp-to-ddp"] = _resume_fsdp_run_under_ddp(args, root / "fsdp", root / "fsdp-to-ddp", rank)
     finally:
         dist.destroy_process_group()
     (report / f"rank{rank}.json").write_text(json.dumps(result, indent=1))

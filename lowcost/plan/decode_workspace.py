@@ -12,7 +12,7 @@ float64 x); "16-bit" means x is neither float32 nor float64 (products then go th
 Decoding R rows (``lowcost.ops._quant_backends._rows``). Each op call's row source allocates one float32
 workspace at its first (largest) block of R = min(N, max(1, ``ROW_CHUNK_ELEMENTS`` // K)) rows and keeps it
 until the op returns: Ws = 4·R·K (4·R·Kp for NF4, Kp the block-padded width). A decode then holds, next to
-Ws, the temporaries T(R) (n = R·K / block elements for the GGUF formats):
+Ws, the temporaries T(R) (for the GGUF formats n = R·K / block, the number of blocks decoded):
     nf4:    the packed bytes as int32 indices for the byte table: 2·R·Kp;
     nf4-dq: max(2·R·Kp, 8·N + 8·R (the row indices), 24·R·Kp/B (the 8-bit absmax decoded));
     int8:   0 (the codes are copied into Ws and scaled in place);
@@ -210,17 +210,17 @@ def gated_forward_peak(x: torch.Tensor, schemes, blocks, adapters, dropouts) -> 
     """``gated_mlp_forward`` on quantized W: gate, then up (gate's outputs and workspace kept), act(gate) and
     h = act(gate)⊙up, then down on h (the three workspaces live to the end of the op call)."""
     M, H = _sizes(x)
-    inter = adapters[1].shape[0]
-    s = x.element_size()
+    inter, s, a = adapters[1].shape[0], x.element_size(), _itemsize(_acc(x.dtype))
     kept, phases = 0, []
-    for i, (inp, n_out) in enumerate(((x, inter), (x, inter), (None, H))):
-        if inp is None:                      # down: act(gate) and h formed, act(gate) dropped, h its input
-            phases.append(kept + 2 * M * inter * s)
-            inp, kept = _rows_like(x, inter), kept + M * inter * s
-        peak, workspace = qlora_forward_peak(schemes[i], blocks[i], inp, n_out, adapters[2 * i],
-                                             adapters[2 * i + 1], False, dropouts[i])
+    for i in range(2):                   # gate, then up, on x
+        peak, workspace = qlora_forward_peak(schemes[i], blocks[i], x, inter, adapters[2 * i], adapters[2 * i + 1],
+                                             False, dropouts[i])
         phases.append(kept + peak)
-        kept += workspace + M * n_out * s + M * adapters[2 * i].shape[0] * _itemsize(_acc(x.dtype))
+        kept += workspace + M * inter * s + M * adapters[2 * i].shape[0] * a    # Ws, gate (up) and u kept
+    phases.append(kept + 2 * M * inter * s)                                     # act(gate) and h
+    peak, _ = qlora_forward_peak(schemes[2], blocks[2], _rows_like(x, inter), H, adapters[4], adapters[5], False,
+                                 dropouts[2])
+    phases.append(kept + M * inter * s + peak)                                  # down on h
     return max(phases)
 
 

@@ -117,16 +117,21 @@ def format_plan(plan: "Plan") -> str:
 
 
 def _loss_chunk_notes(rows: list[Row]) -> list[str]:
-    """What the Triton loss's GPU-sized chunk adds on the GPU each fused-loss row is fitted to, one note per GPU."""
-    extra: dict[str, tuple] = {}
+    """What the Triton loss's GPU-sized chunk adds on the GPU each fused-loss row is fitted to, one note per GPU
+    (in the order the GPUs first appear), naming the rows it concerns."""
+    rows_by_gpu: dict[str, list[Row]] = {}
     for row in rows:
-        gpu, e = row.chosen or row.cheapest, row.estimate
-        if gpu is not None and e.peak_on(gpu.sms) > e.peak:
-            names = extra.get(gpu.name, (gpu, 0, []))[2] + [e.setup.name]
-            extra[gpu.name] = (gpu, e.peak_on(gpu.sms) - e.peak, names)
-    return [f"on {gpu.name} the fused loss's Triton chunk ({TRITON_LOSS_ROWS_PER_SM} rows per SM x {gpu.sms} SMs) "
-            f"holds up to {_size(bytes_)} more than 'peak' ({', '.join(names)}); the fit counts it"
-            for gpu, bytes_, names in extra.values()]
+        gpu = row.chosen or row.cheapest
+        if gpu is not None and row.estimate.peak_on(gpu.sms) > row.estimate.peak:
+            rows_by_gpu.setdefault(gpu.name, []).append(row)
+    notes = []
+    for fitted in rows_by_gpu.values():
+        gpu = fitted[0].chosen or fitted[0].cheapest
+        extra = max(row.estimate.peak_on(gpu.sms) - row.estimate.peak for row in fitted)
+        names = ", ".join(row.estimate.setup.name for row in fitted)
+        notes.append(f"on {gpu.name} the fused loss's Triton chunk ({TRITON_LOSS_ROWS_PER_SM} rows per SM x "
+                     f"{gpu.sms} SMs) holds up to {_size(extra)} more than 'peak' ({names}); the fit counts it")
+    return notes
 
 
 def plan(config, model_name: str, batch: int, seq: int, dtype: torch.dtype, lora: LoRAConfig,

@@ -32,7 +32,7 @@ temporary of the same size: C·V·s + C·V·4·[s < 4] + C·V·4, in the forward
 recomputes the chunks.
 
 The LoRA linear on a quantized weight and the frozen quantized layer (``lowcost::qlora_linear``,
-``lowcost::quantized_linear`` and their backward ops) are modelled in ``quantized.py``.
+``lowcost::quantized_linear`` and their backward ops) are modelled in ``decode_workspace.py``.
 
 Aten kernels are assumed to need no workspace beyond their outputs (on CPU the flash-attention and
 GEMM kernels use per-thread tiles; cuBLAS workspaces are a few MiB). The Triton and CUDA backends fuse
@@ -48,7 +48,7 @@ import math
 
 import torch
 
-from lowcost.plan.quantized import WORKSPACE_MODELS
+from lowcost.plan.decode_workspace import WORKSPACE_MODELS
 
 
 def _lora_forward(args) -> int:

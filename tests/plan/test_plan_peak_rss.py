@@ -1,4 +1,5 @@
-"""The planner's peak against the measured peak RSS growth of a real CPU step (target ±15%).
+"""The planner's peak against the measured peak RSS growth of a real CPU step (target ±15%; ±5% on a
+quantized base).
 
 The step (forward, backward, AdamW update) runs in a fresh process (``rss_step.py`` explains the method:
 fixed mmap threshold, one thread, a warm-up step, VmHWM reset through /proc/self/clear_refs). The
@@ -57,13 +58,18 @@ def test_predicted_peak_matches_measured_rss_growth(name):
 
 
 QUANTIZED = {"nf4 LoRA": ("nf4", None), "nf4 LoRA + selective": ("nf4", "selective"), "int8 LoRA": ("int8", None)}
+# The quantized ops' workspace is modelled byte for byte (test_plan_decode_workspace.py), so what is left is the
+# error the dense steps have too (aten kernels' internal buffers, allocator and page rounding: +1.6% to +2.5%
+# on this shape), well inside 5%; the steps measured -0.1% to -0.2% when this bound was set.
+QUANTIZED_BOUND = 0.05
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(QUANTIZED))
 def test_quantized_base_peak_matches_measured_rss_growth(name):
-    """The same check on a quantized frozen base: the step's peak includes the torch path's dequantization
-    workspace (one block of rows, ``lowcost/plan/quantized.py``), which no dispatch mode sees."""
+    """The same check on a quantized frozen base, to ±5%: the step's peak includes the torch path's
+    dequantization workspace (one reused block of rows per op call, ``lowcost/plan/decode_workspace.py``),
+    which no dispatch mode sees."""
     scheme, policy = QUANTIZED[name]
     setup = Setup(name, LORA, CheckpointConfig(policy=policy) if policy else None, scheme)
     predicted = trace_setup(config_of(SHAPE), setup, BATCH, SEQ, torch.float32, SHAPE["num_hidden_layers"])
@@ -71,4 +77,4 @@ def test_quantized_base_peak_matches_measured_rss_growth(name):
     error = predicted.dynamic_peak / measured["delta"] - 1
     print(f"{name}: predicted {predicted.dynamic_peak / 2**20:.1f} MiB (workspace at peak "
           f"{predicted.peak_workspace / 2**20:.1f} MiB), measured {measured['delta'] / 2**20:.1f} MiB ({error:+.1%})")
-    assert abs(error) <= 0.15, (name, predicted.dynamic_peak, measured)
+    assert abs(error) <= QUANTIZED_BOUND, (name, predicted.dynamic_peak, measured)

@@ -15,7 +15,8 @@ deterministic kernel on the same input).
 
 A y without a tag, or one whose source changed after the norm ran (a version counter moved: an in-place
 write to y, x or a norm parameter), is saved as itself. So the fusion only ever changes what is kept, never a
-result. Under ``torch.compile`` no tag is set (Dynamo would trace the attribute write) and consumers save y.
+result. Under ``torch.compile`` no tag is set (Dynamo would trace the attribute write) and consumers save y;
+under ``no_grad`` / ``inference_mode`` nothing is saved and no tag is set.
 """
 from __future__ import annotations
 
@@ -51,9 +52,12 @@ def _versions(y: Tensor, tensors: Sequence[Optional[Tensor]]) -> tuple:
 
 
 def tag(y: Tensor, tensors: tuple, kind: str, eps: float = 0.0) -> Tensor:
-    """Mark y (a norm's output, returned as is) as rebuildable from ``tensors`` by ``kind``."""
-    if not torch.compiler.is_compiling():
-        setattr(y, _ATTR, NormSource(tensors, Rebuild(kind, float(eps), len(tensors)), _versions(y, tensors)))
+    """Mark y (a norm's output, returned as is) as rebuildable from ``tensors`` by ``kind``. Only where autograd
+    may save it: not under no_grad or inference_mode (inference tensors have no version counter), nor while
+    Dynamo traces."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or y.is_inference():
+        return y
+    setattr(y, _ATTR, NormSource(tensors, Rebuild(kind, float(eps), len(tensors)), _versions(y, tensors)))
     return y
 
 

@@ -149,3 +149,14 @@ def test_model_without_the_norm_fusion_is_unchanged_by_the_tag():
     (y2 @ w2.t()).sum().backward()
     assert torch.equal(x.grad, x2.grad) and torch.equal(w.grad, w2.grad)
     assert lowcost.ops.rms_norm is rms_norm
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_tag_where_nothing_is_saved(mode):
+    """Under no_grad and inference_mode (whose tensors have no version counter) the norms run untagged."""
+    t = _params()
+    with getattr(torch, mode)():
+        for norm in NORMS.values():
+            y = norm(t)
+            assert source_of(y) is None
+            assert lora_linear(y, t["w"], t["a"], t["b"], 2.0).shape == (3, 5, N)

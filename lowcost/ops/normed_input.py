@@ -52,10 +52,12 @@ def _versions(y: Tensor, tensors: Sequence[Optional[Tensor]]) -> tuple:
 
 
 def tag(y: Tensor, tensors: tuple, kind: str, eps: float = 0.0) -> Tensor:
-    """Mark y (a norm's output, returned as is) as rebuildable from ``tensors`` by ``kind``. Only where autograd
-    may save it: not under no_grad or inference_mode (inference tensors have no version counter), nor while
-    Dynamo traces."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or y.is_inference():
+    """Mark y (a norm's output, returned as is) as rebuildable from ``tensors`` by ``kind``.
+
+    Only where it pays and is safe: y requires grad (else the norm saved nothing, and keeping y's source alive
+    through the tag would cost more than y), grad mode is on and y is not an inference tensor (which has no
+    version counter), and Dynamo is not tracing."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or y.is_inference() or not y.requires_grad:
         return y
     setattr(y, _ATTR, NormSource(tensors, Rebuild(kind, float(eps), len(tensors)), _versions(y, tensors)))
     return y

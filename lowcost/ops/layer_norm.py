@@ -14,13 +14,13 @@ unfused module keeps too. Its output is tagged (``lowcost.ops.normed_input``): t
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 
-from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _check_tensor
+from lowcost.ops.lora_linear import _check_tensor
 from lowcost.ops.normed_input import tag
+from lowcost.ops.rms_norm import check_norm_operands
 
 Tensor = torch.Tensor
 
@@ -72,10 +72,7 @@ _layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(x, weight, bias, eps) -> None:
-    _check_tensor("x", x)
-    if x.dim() < 1 or x.dtype not in SUPPORTED_DTYPES + (torch.float64,):
-        raise TypeError(f"x must be a float32/float16/bfloat16 (or float64) tensor of shape (..., H), got {x.dtype} "
-                        f"of shape {tuple(x.shape)}")
+    check_norm_operands(x, eps)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -83,8 +80,6 @@ def _check(x, weight, bias, eps) -> None:
         if t.shape[0] != x.shape[-1] or t.device != x.device:
             raise ValueError(f"{name} must have shape (H={x.shape[-1]},) on x's device {x.device}, got "
                              f"{tuple(t.shape)} on {t.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5) -> Tensor:

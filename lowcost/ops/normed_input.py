@@ -93,3 +93,4 @@ def unpack_input(saved: Sequence[Optional[Tensor]], how: Optional[Rebuild]) -> T
 def saved_count(how: Optional[Rebuild]) -> int:
     """How many saved tensors ``pack_input`` gave (the consumer slices its saved tensors with it)."""
     return 1 if how is None else how.count
+

@@ -18,6 +18,7 @@ The op runs on the torch backend on every device: it is elementwise work plus on
 from __future__ import annotations
 
 import math
+
 from typing import Sequence
 
 import torch
@@ -74,19 +75,24 @@ def _backward(ctx, grad_y: Tensor, _grad_rstd):
 _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(x, weight, eps, form) -> None:
+def check_norm_operands(x, eps) -> None:
+    """The checks both norm ops make: x a floating (..., H) tensor of a supported dtype, eps finite and >= 0."""
     _check_tensor("x", x)
     if x.dim() < 1 or x.dtype not in SUPPORTED_DTYPES + (torch.float64,):
         raise TypeError(f"x must be a float32/float16/bfloat16 (or float64) tensor of shape (..., H), got {x.dtype} "
                         f"of shape {tuple(x.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def _check(x, weight, eps, form) -> None:
+    check_norm_operands(x, eps)
     _check_tensor("weight", weight, 1)
     if weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must have shape (H={x.shape[-1]},) to match x, got {tuple(weight.shape)}")
     if weight.device != x.device or not weight.is_floating_point():
         raise ValueError(f"weight must be a floating tensor on x's device {x.device}, got {weight.dtype} on "
                          f"{weight.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
 

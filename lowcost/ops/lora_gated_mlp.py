@@ -7,7 +7,8 @@ x: (..., H), w_gate/w_up: (I, H), w_down: (H, I), a_p: (r_p, in_p), b_p: (out_p,
 
 What is saved for backward is the point: x (the caller's tensor), gate and up (M, I), the three u's (M, r) in
 float32 and the seeds — not act(gate), not the product h = act(gate)⊙up (both rebuilt in backward), not a
-mask. An x made by ``lowcost.ops.rms_norm`` is saved as the norm's input and rstd (``lowcost.ops.normed_input``). The unfused model keeps gate, up, act(gate) and h: this op keeps half of that.
+mask. The unfused model keeps gate, up, act(gate) and h: this op keeps half of that. An x made by a lowcost
+norm op is saved as the norm's input and statistics instead (``lowcost.ops.normed_input``).
 
 Dropout: each projection has its own seed, and ``seeds=None`` draws them in the order the unfused model
 calls its LoRA linears (gate, up, down), each as ``lowcost.ops.lora_linear(seed=None)`` draws one (from
@@ -28,7 +29,7 @@ from lowcost.ops import _torch_backend
 from lowcost.ops.autocast import autocast_projections
 from lowcost.ops.backend import resolve_backend
 from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _check_scalars, _check_tensor, _seed_tensor
-from lowcost.ops.normed_input import pack_input, saved_count, unpack_input
+from lowcost.ops.normed_input import pack_input, unpack_input
 from lowcost.reference.lora_gated_mlp import ACTIVATIONS, Projection, gated_mlp_backward, gated_mlp_forward
 
 Tensor = torch.Tensor
@@ -188,8 +189,7 @@ _GRAD_INPUTS = (0, 2, 3, 5, 6, 8, 9)  # x, a_gate, b_gate, a_up, b_up, a_down, b
 
 
 def _backward(ctx, grad_y, *_):
-    n, saved = saved_count(ctx.input_rebuild), ctx.saved_tensors   # read once: a recomputed tensor is freed then
-    x, rest = unpack_input(saved[:n], ctx.input_rebuild), saved[n:]
+    x, rest = unpack_input(ctx.saved_tensors, ctx.input_rebuild)
     params, (gate_out, up_out, u_g, u_u, u_d, seeds) = rest[:9], rest[9:]
     scales, dropouts, activation, backend = ctx.settings
     needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]

@@ -9,8 +9,9 @@ mask and no dropped copy of x is ever stored.
 Two custom ops (``torch.library.custom_op``) carry it through the dispatcher, FakeTensor and
 ``torch.compile``: ``lowcost::lora_linear`` → (y, u) and ``lowcost::lora_linear_backward`` →
 (dx, dA, dB, dbias). Saved for backward: x (the caller's tensor), u = (D⊙x)Aᵀ (M, r) and the seed, plus
-references to the parameters W, A, B (their own storage, no new memory). An x made by ``lowcost.ops.rms_norm``
-is saved as the norm's input and rstd instead, and rebuilt in backward (``lowcost.ops.normed_input``).
+references to the parameters W, A, B (their own storage, no new memory). An x made by a lowcost norm op
+(``rms_norm``, ``layer_norm``) is saved as the norm's input and statistics instead, and rebuilt in backward
+(``lowcost.ops.normed_input``).
 
 Backward (g = dL/dy flattened to (M, N)):
     dB = s·gᵀu,  du = s·gB,  dA = duᵀ(D⊙x),  dx = gW + D⊙(duA),  dbias = Σ_m g,
@@ -25,7 +26,7 @@ import torch
 
 from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.backend import backend_module, resolve_backend
-from lowcost.ops.normed_input import pack_input, saved_count, unpack_input
+from lowcost.ops.normed_input import pack_input, unpack_input
 
 Tensor = torch.Tensor
 SEED_LIMIT = 2**63
@@ -153,9 +154,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
-    n, saved = saved_count(ctx.input_rebuild), ctx.saved_tensors   # read once: a recomputed tensor is freed then
-    x = unpack_input(saved[:n], ctx.input_rebuild)
-    weight, lora_a, lora_b, u, seed = saved[n:]
+    x, (weight, lora_a, lora_b, u, seed) = unpack_input(ctx.saved_tensors, ctx.input_rebuild)
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
     needs = [need_x, need_a, need_b, need_bias and ctx.has_bias]
     dx, da, db, dbias = _lora_linear_backward_op(grad_y, x, weight, lora_a, lora_b, u, ctx.scale,

@@ -79,18 +79,15 @@ def pack_input(y: Tensor) -> tuple[tuple, Optional[Rebuild]]:
     return source.tensors, source.how
 
 
-def unpack_input(saved: Sequence[Optional[Tensor]], how: Optional[Rebuild]) -> Tensor:
-    """The consumer's input back from what ``pack_input`` gave it to save."""
+def unpack_input(saved: Sequence[Optional[Tensor]], how: Optional[Rebuild]) -> tuple[Tensor, tuple]:
+    """(the consumer's input, the rest of its saved tensors) from ``ctx.saved_tensors``, whose first entries are
+    what ``pack_input`` gave it to save. Read ``ctx.saved_tensors`` once: a recomputed tensor is freed then."""
+    count = 1 if how is None else how.count
+    mine, rest = saved[:count], tuple(saved[count:])
     if how is None:
-        return saved[0]
+        return mine[0], rest
     if how.kind == "layer":
-        x, weight, bias = saved
-        return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, how.eps)[0]
-    x, stat, weight = saved
-    return normed(x, stat, weight, how.kind.split(":")[1])
-
-
-def saved_count(how: Optional[Rebuild]) -> int:
-    """How many saved tensors ``pack_input`` gave (the consumer slices its saved tensors with it)."""
-    return 1 if how is None else how.count
-
+        x, weight, bias = mine
+        return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, how.eps)[0], rest
+    x, stat, weight = mine
+    return normed(x, stat, weight, how.kind.split(":")[1]), rest

@@ -29,9 +29,9 @@ from lowcost.ops import _torch_backend
 from lowcost.ops._quant_backends import _rows
 from lowcost.ops.autocast import autocast_projections
 from lowcost.ops.backend import ENV_VAR
-from lowcost.ops.normed_input import pack_input, saved_count, unpack_input
 from lowcost.ops.lora_gated_mlp import ROLES, _check_inputs, _seeds_tensor
 from lowcost.ops.lora_linear import _check_tensor
+from lowcost.ops.normed_input import pack_input, unpack_input
 from lowcost.reference.lora_gated_mlp import Projection, gated_mlp_backward, gated_mlp_forward
 from lowcost.reference.quant import QuantizedWeight
 
@@ -136,8 +136,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_y, *_):
-    n, saved = saved_count(ctx.input_rebuild), ctx.saved_tensors   # read once: a recomputed tensor is freed then
-    x, saved = unpack_input(saved[:n], ctx.input_rebuild), saved[n:]
+    x, saved = unpack_input(ctx.saved_tensors, ctx.input_rebuild)
     adapters, rest = saved[0:6], saved[6:12]
     n_gate, n_up, _ = ctx.counts
     stored = saved[12:]

@@ -22,7 +22,7 @@ import torch
 from lowcost.ops import _quant_backends as qb
 from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _as_2d, _check_scalars, _check_tensor, _seed_tensor
-from lowcost.ops.normed_input import pack_input, saved_count, unpack_input
+from lowcost.ops.normed_input import pack_input, unpack_input
 from lowcost.reference.quant import QuantizedWeight
 
 Tensor = torch.Tensor
@@ -108,9 +108,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
-    n, saved = saved_count(ctx.input_rebuild), ctx.saved_tensors   # read once: a recomputed tensor is freed then
-    x = unpack_input(saved[:n], ctx.input_rebuild)
-    lora_a, lora_b, u, seed, *packed = saved[n:]
+    x, (lora_a, lora_b, u, seed, *packed) = unpack_input(ctx.saved_tensors, ctx.input_rebuild)
     scheme, block_size, scale, dropout, backend, has_bias = ctx.meta
     need = ctx.needs_input_grad
     needs = [need[0], need[5], need[6], need[7] and has_bias]

@@ -1,5 +1,5 @@
-// CPU implementations of the lowcost ops: plain loops over strided inputs, float32 accumulation,
-// at::parallel_for over independent row or column blocks. Every reduction splits the work into
+// CPU implementations of the fused LoRA ops (the dropout ops are in dropout_cpu.cpp): plain loops
+// over strided inputs, float32 accumulation, at::parallel_for over independent row or column blocks. Every reduction splits the work into
 // blocks fixed by the shapes alone and adds the partial results in a fixed order, so results do
 // not depend on the number of threads.
 //
@@ -21,10 +21,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
 
 namespace lowcost {
 namespace cpu {
@@ -70,110 +66,6 @@ std::vector<float> stage_fp32(const at::Tensor& t, bool transpose) {
 // Rows per parallel chunk so that a chunk does at least ~64k multiply-adds.
 int64_t row_grain(int64_t work_per_row) {
   return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work_per_row));
-}
-
-// Keep flags (4 bits per counter group, bit t = element 4g+t kept) of the groups g0 .. g0+n-1, one
-// generator call per group: the same words as philox_group(), bit for bit.
-void philox_keep_groups_scalar(const DropoutParams& d, uint64_t g0, int64_t n, uint8_t* bits) {
-  for (int64_t j = 0; j < n; ++j) {
-    bits[j] = static_cast<uint8_t>(keep_bits(philox_group(d, g0 + static_cast<uint64_t>(j)), d.threshold));
-  }
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-// (hi, lo) 32-bit halves of m * c in each of 8 uint32 lanes; m holds the multiplier in every 64-bit lane.
-__attribute__((target("avx2"))) inline void mulhilo8(__m256i m, __m256i c, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(c, m);                          // lanes 0, 2, 4, 6 (64-bit)
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);    // lanes 1, 3, 5, 7
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
-// keep as all-ones lanes where word >= threshold (unsigned), i.e. max(word, threshold) == word.
-__attribute__((target("avx2"))) inline __m256i keep8(__m256i word, __m256i threshold) {
-  return _mm256_cmpeq_epi32(_mm256_max_epu32(word, threshold), word);
-}
-
-// The same flags, eight counter groups per step in AVX2 lanes (about 3x the scalar rate).
-__attribute__((target("avx2"))) void philox_keep_groups_avx2(const DropoutParams& d, uint64_t g0, int64_t n,
-                                                             uint8_t* bits) {
-  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
-  const __m256i w0 = _mm256_set1_epi32(static_cast<int>(kPhiloxW0));
-  const __m256i w1 = _mm256_set1_epi32(static_cast<int>(kPhiloxW1));
-  const __m256i threshold = _mm256_set1_epi32(static_cast<int>(d.threshold));
-  alignas(32) uint32_t lo32[8], hi32[8], out[8];
-  for (int64_t base = 0; base < n; base += 8) {
-    for (int j = 0; j < 8; ++j) {
-      const uint64_t g = g0 + static_cast<uint64_t>(base + j);
-      lo32[j] = static_cast<uint32_t>(g);
-      hi32[j] = static_cast<uint32_t>(g >> 32);
-    }
-    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo32));
-    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi32));
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-    __m256i k0 = _mm256_set1_epi32(static_cast<int>(d.key0)), k1 = _mm256_set1_epi32(static_cast<int>(d.key1));
-    for (int round = 0; round < 10; ++round) {
-      __m256i hi0, lo0, hi1, lo1;
-      mulhilo8(m0, c0, hi0, lo0);
-      mulhilo8(m1, c2, hi1, lo1);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), k0);
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), k1);
-      c1 = lo1;
-      c3 = lo0;
-      k0 = _mm256_add_epi32(k0, w0);
-      k1 = _mm256_add_epi32(k1, w1);
-    }
-    __m256i flags = _mm256_and_si256(keep8(c0, threshold), _mm256_set1_epi32(1));
-    flags = _mm256_or_si256(flags, _mm256_and_si256(keep8(c1, threshold), _mm256_set1_epi32(2)));
-    flags = _mm256_or_si256(flags, _mm256_and_si256(keep8(c2, threshold), _mm256_set1_epi32(4)));
-    flags = _mm256_or_si256(flags, _mm256_and_si256(keep8(c3, threshold), _mm256_set1_epi32(8)));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out), flags);
-    const int64_t count = std::min<int64_t>(8, n - base);
-    for (int64_t j = 0; j < count; ++j) bits[base + j] = static_cast<uint8_t>(out[j]);
-  }
-}
-#endif
-
-void philox_keep_groups(const DropoutParams& d, uint64_t g0, int64_t n, uint8_t* bits) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2) return philox_keep_groups_avx2(d, g0, n, bits);
-#endif
-  philox_keep_groups_scalar(d, g0, n, bits);
-}
-
-// Rows m_begin .. m_end of the (M, K) mask as keep flags, one byte per element (1 = kept).
-void keep_flags_rows(const DropoutParams& d, int64_t K, int64_t m, std::vector<uint8_t>& groups,
-                     uint8_t* flags) {
-  const uint64_t i0 = static_cast<uint64_t>(m) * static_cast<uint64_t>(K);
-  const uint64_t g0 = i0 >> 2, g1 = (i0 + static_cast<uint64_t>(K) - 1) >> 2;
-  const int64_t n = static_cast<int64_t>(g1 - g0 + 1);
-  groups.resize(static_cast<size_t>(n));
-  philox_keep_groups(d, g0, n, groups.data());
-  const uint64_t phase = i0 & 3;
-  for (int64_t k = 0; k < K; ++k) {
-    const uint64_t j = phase + static_cast<uint64_t>(k);
-    flags[k] = (groups[j >> 2] >> (j & 3)) & 1u;
-  }
-}
-
-template <typename xT>
-void philox_dropout_impl(const at::Tensor& x, const DropoutParams& d, at::Tensor& out) {
-  const int64_t M = x.size(0), K = x.size(1), sx0 = x.stride(0), sx1 = x.stride(1);
-  const xT* xp = x.data_ptr<xT>();
-  xT* op = out.data_ptr<xT>();
-  at::parallel_for(0, M, row_grain(K), [&](int64_t m_begin, int64_t m_end) {
-    std::vector<uint8_t> groups, flags(static_cast<size_t>(K));
-    for (int64_t m = m_begin; m < m_end; ++m) {
-      const xT* xrow = xp + m * sx0;
-      xT* orow = op + m * K;
-      if (d.enabled) keep_flags_rows(d, K, m, groups, flags.data());
-      for (int64_t k = 0; k < K; ++k) {
-        const bool keep = !d.enabled || flags[k];
-        orow[k] = static_cast<xT>(dropout_apply(d, keep, static_cast<float>(xrow[k * sx1])));
-      }
-    }
-  });
 }
 
 template <typename xT, typename aT>
@@ -339,18 +231,6 @@ void lora_dx_da_impl(const at::Tensor& x, const at::Tensor& du, const at::Tensor
 
 }  // namespace
 
-at::Tensor philox_dropout(const at::Tensor& x, int64_t seed, double p) {
-  const LoraDims dims = check_philox_dropout_args(x, seed, p, c10::DeviceType::CPU);
-  at::Tensor out = at::empty({dims.M, dims.K}, x.options());
-  if (out.numel() == 0) return out;
-  const DropoutParams d = make_dropout_params(seed, p);
-  if (!d.enabled) return out.copy_(x);
-  dispatch_act(x.scalar_type(), "philox_dropout", [&](auto xv) {
-    philox_dropout_impl<decltype(xv)>(x, d, out);
-  });
-  return out;
-}
-
 at::Tensor lora_down(const at::Tensor& x, const at::Tensor& lora_a, int64_t seed, double p) {
   const LoraDims dims = check_lora_down_args(x, lora_a, seed, p, c10::DeviceType::CPU);
   at::Tensor u = at::zeros({dims.M, dims.r}, x.options().dtype(at::kFloat));
@@ -411,7 +291,6 @@ std::tuple<at::Tensor, at::Tensor> lora_dx_da(const at::Tensor& x, const at::Ten
 }  // namespace lowcost
 
 TORCH_LIBRARY_IMPL(lowcost, CPU, m) {
-  m.impl("philox_dropout", &lowcost::cpu::philox_dropout);
   m.impl("lora_down", &lowcost::cpu::lora_down);
   m.impl("lora_up", &lowcost::cpu::lora_up);
   m.impl("lora_grad_pass", &lowcost::cpu::lora_grad_pass);

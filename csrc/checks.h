@@ -25,6 +25,9 @@ bool is_supported_float(c10::ScalarType t);
 LoraDims check_philox_dropout_args(const at::Tensor& x, int64_t seed, double p,
                                    c10::DeviceType device);
 
+LoraDims check_philox_dropout_pair_args(const at::Tensor& x, const at::Tensor& z, int64_t seed, double p,
+                                        c10::DeviceType device);
+
 LoraDims check_lora_down_args(const at::Tensor& x, const at::Tensor& lora_a, int64_t seed,
                               double p, c10::DeviceType device);
 

@@ -14,5 +14,9 @@ namespace cpu {
 
 #include "../op_declarations.inc"  // NOLINT(build/include): declarations only
 
+// CPU only (the torch backend's backward; other devices call philox_dropout twice).
+std::tuple<at::Tensor, at::Tensor> philox_dropout_pair(const at::Tensor& x, const at::Tensor& z, int64_t seed,
+                                                       double p);
+
 }  // namespace cpu
 }  // namespace lowcost

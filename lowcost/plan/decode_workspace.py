@@ -136,8 +136,9 @@ def qlora_forward_peak(scheme: str, block_size: int, x: torch.Tensor, N: int, lo
 def qlora_backward_peak(scheme: str, block_size: int, grad_y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                         lora_b: torch.Tensor, dropout: float, needs) -> tuple[int, int]:
     """(peak live bytes of ``qlora_linear_backward`` (``adapter_backward``), outputs included; Ws kept after
-    it): g in the accumulation dtype, dB, du = s·g B, dA = duᵀx̃ (x̃ kept to the end), the low-rank term of dx
-    (and its dropped-out copy), the row loop summing g W into it, its rounding to x's dtype, then dbias."""
+    it): g in the accumulation dtype, dB, du = s·g B, the low-rank term du A of dx, x̃ and D⊙(du A) made
+    together (the term itself then freed), dA = duᵀx̃ (x̃ then freed), the row loop summing g W into the
+    low-rank term, its rounding to x's dtype, then dbias."""
     need_dx, need_da, need_db, need_dbias = (bool(n) for n in needs)
     M, K = _sizes(x)
     N = grad_y.shape[-1]
@@ -152,17 +153,19 @@ def qlora_backward_peak(scheme: str, block_size: int, grad_y: torch.Tensor, x: t
     if need_dx or need_da:
         phases.append(base + _copy(N * r, lora_b.dtype, acc) + M * r * a)
         base += M * r * a
+    low_rank = M * K * a if need_dx else 0
+    if need_dx:
+        phases.append(base + _copy(r * K, lora_a.dtype, acc) + low_rank)
+    tilde = M * K * s if dropout > 0 and need_da else 0
+    if dropout > 0:
+        phases.append(base + tilde + 2 * low_rank)       # x̃ and D⊙(du A) made while du A is alive
+    base += low_rank
     if need_da:
-        tilde = M * K * s if dropout > 0 else 0
         phases.append(base + tilde + _copy(M * K, x.dtype, acc) + r * K * a)
         da_out = r * K * lora_a.element_size()
         phases.append(base + tilde + r * K * a + (da_out if lora_a.dtype != acc else 0))
-        base += tilde + da_out
+        base += da_out                                   # x̃ freed once dA exists
     if need_dx:
-        phases.append(base + _copy(r * K, lora_a.dtype, acc) + M * K * a)
-        if dropout > 0:
-            phases.append(base + 2 * M * K * a)
-        base += M * K * a
         loop, workspace = row_loop_peak(scheme, block_size, M, N, K, grad_y.dtype, dgrad=True)
         phases.append(base + loop)
         base += workspace + _copy(M * K, acc, x.dtype)
@@ -225,8 +228,9 @@ def gated_forward_peak(x: torch.Tensor, schemes, blocks, adapters, dropouts) -> 
 
 
 def _adapter_grads_peak(x: torch.Tensor, grad_numel: int, lora_a, lora_b, dropout: float, need_a: bool,
-                        need_b: bool) -> tuple[list[int], int]:
-    """``adapter_grads``: (its phases' live bytes beyond what the caller holds, what stays: du, dA, dB)."""
+                        need_b: bool, need_dx: bool) -> tuple[list[int], int]:
+    """``adapter_grads``: (its phases' live bytes beyond what the caller holds, what stays: dA, dB and dx's
+    low-rank term D⊙(du A), made with x̃ by one ``dropout_pair``; g, du and x̃ are freed on return)."""
     M, K = _sizes(x)
     acc, r = _acc(x.dtype), lora_a.shape[0]
     a = _itemsize(acc)
@@ -234,24 +238,30 @@ def _adapter_grads_peak(x: torch.Tensor, grad_numel: int, lora_a, lora_b, dropou
     g = _copy(grad_numel, x.dtype, acc)
     du = M * r * a
     phases = [g + _copy(N * r, lora_b.dtype, acc) + du]
-    held = g + du
+    held, kept = g + du, 0
     if need_b:
         db_out = N * r * lora_b.element_size()
         phases.append(held + N * r * a + (db_out if lora_b.dtype != acc else 0))
-        held += db_out
+        held, kept = held + db_out, kept + db_out
+    low_rank = M * K * a if need_dx else 0
+    if need_dx:
+        phases.append(held + _copy(lora_a.numel(), lora_a.dtype, acc) + low_rank)
+    tilde = M * K * x.element_size() if dropout > 0 and need_a else 0
+    if dropout > 0:
+        phases.append(held + tilde + 2 * low_rank)       # x̃ and D⊙(du A) made while du A is alive
+    held, kept = held + low_rank, kept + low_rank
     if need_a:
-        tilde = M * K * x.element_size() if dropout > 0 else 0
         da_out = r * K * lora_a.element_size()
         phases.append(held + tilde + _copy(M * K, x.dtype, acc) + r * K * a)
         phases.append(held + tilde + r * K * a + (da_out if lora_a.dtype != acc else 0))
-        held += da_out
-    return phases, held - g
+        kept += da_out
+    return phases, kept
 
 
 def gated_backward_peak(grad_y: torch.Tensor, x: torch.Tensor, schemes, blocks, adapters, dropouts, needs) -> int:
     """``gated_mlp_backward`` on quantized W: act(gate) and h, down's backward (dh), dh⊙up and dgate, dup,
-    gate's and up's adapter gradients, then dx: its float32 accumulator, the low-rank terms, gate's and up's
-    row loops (their workspaces kept) and the rounding."""
+    gate's and up's adapter gradients (each keeping its dropped-out low-rank term of dx), then dx: its float32
+    accumulator, gate's and up's row loops (their workspaces kept) and the rounding."""
     need_dx, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = (bool(n) for n in needs)
     M, H = _sizes(x)
     inter, s = adapters[1].shape[0], x.element_size()
@@ -268,18 +278,12 @@ def gated_backward_peak(grad_y: torch.Tensor, x: torch.Tensor, schemes, blocks, 
     base += 2 * mi                       # dgate, dup
     for i, (need_a, need_b) in enumerate(((need_ag, need_bg), (need_au, need_bu))):
         steps, kept = _adapter_grads_peak(x, M * inter, adapters[2 * i], adapters[2 * i + 1], dropouts[i],
-                                          need_a, need_b)
+                                          need_a, need_b, need_dx)
         phases += [base + step for step in steps]
-        base += kept
+        base += kept                     # with dx wanted: the two low-rank terms, kept to the end
     if need_dx:
-        term = M * H * a                 # du_p A_p: the loop variable keeps the last one to the end
-        base += M * H * a
-        for i in range(2):
-            previous = term if i else 0
-            phases.append(base + previous + _copy(adapters[2 * i].numel(), adapters[2 * i].dtype, acc) + term)
-            if dropouts[i] > 0:
-                phases.append(base + 2 * term)
-        base += term
+        base += M * H * a                # the accumulator; the low-rank terms are added in place
+        phases.append(base)
         for i in range(2):
             loop, workspace = row_loop_peak(schemes[i], blocks[i], M, inter, H, x.dtype, dgrad=True)
             phases.append(base + loop)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from lowcost.reference.lora_linear import accumulation_dtype, lora_linear_backward, lora_linear_forward
 from lowcost.reference.qlora_linear import (RowSource, qlora_linear_backward, qlora_linear_forward,
                                             quantized_base_dgrad)
-from lowcost.reference.philox import apply_dropout
+from lowcost.reference.philox import apply_dropout, dropout_pair
 
 Tensor = torch.Tensor
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
@@ -97,33 +97,30 @@ def gated_mlp_forward(x: Tensor, gate: Projection, up: Projection, down: Project
     return y, gate_out, up_out, u_g, u_u, u_d
 
 
-def grouped_input_grad(x: Tensor, grads: list[Tensor], projections: list[Projection], dus: list[Tensor],
-                       dropout_fn: DropoutFn) -> Tensor:
-    """dx = Σ_p g_p W_p + Σ_p D_p⊙(du_p A_p) for projections sharing the input x: one (M, K) accumulator."""
+def grouped_input_grad(x: Tensor, grads: list[Tensor], projections: list[Projection],
+                       low_ranks: list[Tensor]) -> Tensor:
+    """dx = Σ_p g_p W_p + Σ_p D_p⊙(du_p A_p) for projections sharing the input x: one (M, K) accumulator.
+    ``low_ranks``: the D_p⊙(du_p A_p), in the accumulation dtype (``adapter_grads`` makes them)."""
     acc = accumulation_dtype(x)
     if any(p.dequant is not None for p in projections):
-        return _grouped_input_grad_quantized(x, grads, projections, dus, dropout_fn)
+        return _grouped_input_grad_quantized(x, grads, projections, low_ranks)
     dx = grads[0] @ projections[0].weight
     for g, p in zip(grads[1:], projections[1:]):
         dx = dx.addmm_(g, p.weight) if x.dtype == acc else dx + g @ p.weight
-    low_rank = None
-    for du, p in zip(dus, projections):
-        term = du @ p.lora_a.to(acc)
-        if p.dropout > 0:
-            term = dropout_fn(term, p.seed, p.dropout)
-        low_rank = term if low_rank is None else low_rank.add_(term)
+    low_rank = low_ranks[0]
+    for term in low_ranks[1:]:
+        low_rank = low_rank.add_(term)
     return dx.add_(low_rank) if x.dtype == acc else (dx.to(acc) + low_rank).to(x.dtype)
 
 
-def _grouped_input_grad_quantized(x: Tensor, grads: list[Tensor], projections: list[Projection], dus: list[Tensor],
-                                  dropout_fn: DropoutFn) -> Tensor:
+def _grouped_input_grad_quantized(x: Tensor, grads: list[Tensor], projections: list[Projection],
+                                  low_ranks: list[Tensor]) -> Tensor:
     """``grouped_input_grad`` with quantized weights: the low-rank terms first, in the accumulation dtype, then
     each g_p W_p summed into them (a quantized W block of rows by block of rows); rounded to x's dtype once."""
     acc = accumulation_dtype(x)
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
-    for du, p in zip(dus, projections):
-        term = du @ p.lora_a.to(acc)
-        dx.add_(dropout_fn(term, p.seed, p.dropout) if p.dropout > 0 else term)
+    for term in low_ranks:
+        dx.add_(term)
     for g, p in zip(grads, projections):
         if p.dequant is None:
             dx.add_(g.to(acc) @ p.weight.to(acc))
@@ -132,18 +129,19 @@ def _grouped_input_grad_quantized(x: Tensor, grads: list[Tensor], projections: l
     return dx.to(x.dtype)
 
 
-def adapter_grads(x: Tensor, grad: Tensor, p: Projection, u: Tensor, need_a: bool, need_b: bool,
-                  dropout_fn: DropoutFn) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
-    """(dA, dB, du) of one projection from its output gradient; du = s·g B (M, r) in the accumulation dtype."""
+def adapter_grads(x: Tensor, grad: Tensor, p: Projection, u: Tensor, need_a: bool, need_b: bool, need_dx: bool,
+                  dropout_fn: DropoutFn) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dA, dB, D⊙(du A)) of one projection from its output gradient, du = s·g B (M, r); the last is dx's
+    low-rank term (M, K) in the accumulation dtype (None unless ``need_dx``). D is applied to x and to du A
+    together (``dropout_pair``: one mask generation where the backend has the kernel)."""
     acc = accumulation_dtype(x)
     g = grad.to(acc)
     du = (g @ p.lora_b.to(acc)).mul_(p.scale)
     db = (g.t() @ u).mul_(p.scale).to(p.lora_b.dtype) if need_b else None
-    da = None
-    if need_a:
-        x_tilde = dropout_fn(x, p.seed, p.dropout) if p.dropout > 0 else x
-        da = (du.t() @ x_tilde.to(acc)).to(p.lora_a.dtype)
-    return da, db, du
+    low_rank = du @ p.lora_a.to(acc) if need_dx else None
+    x_tilde, low_rank = dropout_pair(dropout_fn, x if need_a else None, low_rank, p.seed, p.dropout)
+    da = (du.t() @ x_tilde.to(acc)).to(p.lora_a.dtype) if need_a else None
+    return da, db, low_rank
 
 
 def gated_mlp_backward(grad_y: Tensor, x: Tensor, gate: Projection, up: Projection, down: Projection,
@@ -158,7 +156,7 @@ def gated_mlp_backward(grad_y: Tensor, x: Tensor, gate: Projection, up: Projecti
     dgate = activation_backward(dh * up_out, gate_out, act)
     dup = dh * act_gate
     del dh, act_gate
-    da_g, db_g, du_g = adapter_grads(x, dgate, gate, u_g, need_ag, need_bg, dropout_fn)
-    da_u, db_u, du_u = adapter_grads(x, dup, up, u_u, need_au, need_bu, dropout_fn)
-    dx = grouped_input_grad(x, [dgate, dup], [gate, up], [du_g, du_u], dropout_fn) if need_dx else None
+    da_g, db_g, low_rank_g = adapter_grads(x, dgate, gate, u_g, need_ag, need_bg, need_dx, dropout_fn)
+    da_u, db_u, low_rank_u = adapter_grads(x, dup, up, u_u, need_au, need_bu, need_dx, dropout_fn)
+    dx = grouped_input_grad(x, [dgate, dup], [gate, up], [low_rank_g, low_rank_u]) if need_dx else None
     return dx, da_g, db_g, da_u, db_u, da_d, db_d

@@ -11,6 +11,8 @@ Backward (g = dL/dy, (M, N)). With y = x Wᵀ + s·(D⊙x) Aᵀ Bᵀ + bias:
     dA    = ∂L/∂A = duᵀ x̃                      (r, K)   since u = x̃ Aᵀ
     dx    = ∂L/∂x = g W + D ⊙ (du A)           (M, K)   the chain through x̃ = D ⊙ x multiplies by D again
     dbias = Σ_m g                              (N,)
+D is applied to x (for dA) and to du A (for dx) together, so a backend can generate the mask once for both
+(``lowcost.reference.philox.dropout_pair``).
 No dW: the weight is frozen (the op layer adds gᵀx when it is not).
 
 Precision: every product accumulates in float32 (float64 when the inputs are float64, which gives the
@@ -22,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lowcost.reference.philox import apply_dropout
+from lowcost.reference.philox import apply_dropout, dropout_pair
 
 Tensor = torch.Tensor
 DropoutFn = Callable[[Tensor, int, float], Tensor]
@@ -79,14 +81,13 @@ def adapter_backward(grad_y: Tensor, x: Tensor, base_dgrad: BaseDgrad, lora_a: T
         db = (g.t() @ u).mul_(scale).to(lora_b.dtype)
     if need_dx or need_da:
         du = (g @ lora_b.to(acc)).mul_(scale)
+        low_rank = du @ lora_a.to(acc) if need_dx else None
+        x_tilde, low_rank = dropout_pair(dropout_fn, x if need_da else None, low_rank, seed, dropout)
         if need_da:
-            x_tilde = dropout_fn(x, seed, dropout) if dropout > 0 else x
             da = (du.t() @ x_tilde.to(acc)).to(lora_a.dtype)
+            del x_tilde
         if need_dx:
-            dx_low_rank = du @ lora_a.to(acc)
-            if dropout > 0:
-                dx_low_rank = dropout_fn(dx_low_rank, seed, dropout)
-            dx = base_dgrad(grad_y, dx_low_rank)
+            dx = base_dgrad(grad_y, low_rank)
     if need_dbias:
         dbias = g.sum(0).to(x.dtype)
     return dx, da, db, dbias

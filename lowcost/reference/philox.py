@@ -13,6 +13,8 @@ that no product exceeds 2**49, which keeps every intermediate exact in int64.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -94,3 +96,17 @@ def apply_dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     scaled = x.to(compute) * keep_scale(p)
     return torch.where(keep, scaled, torch.zeros((), dtype=compute, device=x.device)).to(x.dtype)
+
+
+def dropout_pair(dropout_fn, x: Optional[torch.Tensor], z: Optional[torch.Tensor], seed: int,
+                 p: float) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(D ⊙ x, D ⊙ z) for two tensors of one (M, K) shape under one mask (either may be None: skipped).
+
+    ``dropout_fn(t, seed, p)`` applies the mask to one tensor; a backend whose kernel generates the mask once
+    for both sets ``dropout_fn.pair(x, z, seed, p)`` (the torch backend's backward: x̃ for dA and the low-rank
+    term of dx). Without it the mask is generated twice, the same mask, as it is a function of (seed, index)."""
+    if p == 0.0:
+        return x, z
+    if x is not None and z is not None and getattr(dropout_fn, "pair", None) is not None:
+        return dropout_fn.pair(x, z, seed, p)
+    return (dropout_fn(x, seed, p) if x is not None else None, dropout_fn(z, seed, p) if z is not None else None)

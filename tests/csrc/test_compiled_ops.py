@@ -73,7 +73,7 @@ def _check_registered(device):
 # ------------------------------------------------------------------------------------------------
 # registration
 def test_schemas_registered():
-    for name in ("philox_dropout", "lora_down", "lora_up", "lora_grad_pass", "lora_dx_da"):
+    for name in ("philox_dropout", "philox_dropout_pair", "lora_down", "lora_up", "lora_grad_pass", "lora_dx_da"):
         assert hasattr(ops, name), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lowcost::{name}", "CPU"), name
 
@@ -95,7 +95,8 @@ def test_opcheck_schema():
     x, a, b, g, u = torch.randn(7, 13), torch.randn(5, 13), torch.randn(11, 5), torch.randn(7, 11), torch.randn(7, 5)
     cases = [(ops.philox_dropout, (x, 3, 0.2)), (ops.philox_dropout, (x, 3, 0.0)), (ops.lora_down, (x, a, 3, 0.2)),
              (ops.lora_up, (u, b, torch.randn(11), 0.5, torch.float32)), (ops.lora_grad_pass, (g, u, b, 0.5, True)),
-             (ops.lora_dx_da, (x, u, a, 3, 0.2, True)), (ops.lora_dx_da, (x, u, a, 3, 0.2, False))]
+             (ops.lora_dx_da, (x, u, a, 3, 0.2, True)), (ops.lora_dx_da, (x, u, a, 3, 0.2, False)),
+             (ops.philox_dropout_pair, (x, torch.randn(7, 13), 3, 0.2))]
     for op, args in cases:
         result = torch.library.opcheck(op.default, args, test_utils=("test_schema",))
         assert result["test_schema"] == "SUCCESS", (op, result)
@@ -142,6 +143,56 @@ def test_philox_dropout_empty():
     for shape in [(0, 5), (5, 0), (0, 0)]:
         out = ops.philox_dropout(torch.ones(shape), 1, 0.5)
         assert out.shape == shape
+
+
+@pytest.mark.parametrize("K", [1, 3, 31, 32, 33, 63, 64, 65, 97, 1000])
+def test_philox_dropout_row_phases(K):
+    """Rows start at every phase of a Philox group (K mod 4) and end mid-batch: the CPU kernel's scalar head,
+    its 64- and 32-element AVX2 batches and its scalar tail all give the reference mask and values."""
+    x = torch.randn(9, K)
+    assert torch.equal(ops.philox_dropout(x, 2**32 + 17, 0.4), dropout_exact(x, 2**32 + 17, 0.4))
+
+
+def test_philox_dropout_drops_nan_and_inf():
+    """A dropped element is 0 whatever it holds (a select, not a multiply by 0); a kept NaN stays NaN."""
+    x = torch.full((5, 70), float("nan"))
+    x[:, ::2] = float("inf")
+    out = ops.philox_dropout(x, 7, 0.5)
+    keep = keep_mask(5, 70, 7, 0.5)
+    assert torch.all(out[~keep] == 0) and not torch.signbit(out[~keep]).any()
+    assert torch.isnan(out[keep & ~torch.isinf(x)]).all() and torch.isinf(out[keep & torch.isinf(x)]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# philox_dropout_pair (CPU only: the torch backend's backward)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("noncontiguous", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.9])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (129, 33), (3, 1000)])
+def test_philox_dropout_pair_is_two_philox_dropouts(dtype, noncontiguous, p, shape):
+    """(D ⊙ x, D ⊙ z) under one mask: each equal to philox_dropout of it, x in its dtype, z float32."""
+    M, K = shape
+    x = torch.randn(K, M).to(dtype).t() if noncontiguous else torch.randn(M, K).to(dtype)
+    z = torch.randn(K, M).t() if noncontiguous else torch.randn(M, K)
+    x_out, z_out = ops.philox_dropout_pair(x, z, 2**63 - 1, p)
+    assert x_out.dtype == dtype and z_out.dtype == torch.float32
+    assert x_out.is_contiguous() and z_out.is_contiguous()
+    assert torch.equal(x_out, dropout_exact(x, 2**63 - 1, p)) and torch.equal(z_out, dropout_exact(z, 2**63 - 1, p))
+
+
+def test_philox_dropout_pair_empty_and_bad_input():
+    for shape in [(0, 5), (5, 0)]:
+        x_out, z_out = ops.philox_dropout_pair(torch.ones(shape), torch.ones(shape), 1, 0.5)
+        assert x_out.shape == z_out.shape == shape
+    x = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="z must have x's shape"):
+        ops.philox_dropout_pair(x, torch.randn(4, 7), 1, 0.5)
+    with pytest.raises(RuntimeError, match="z must be float32"):
+        ops.philox_dropout_pair(x, torch.randn(4, 6, dtype=torch.float16), 1, 0.5)
+    with pytest.raises(RuntimeError, match="dropout probability p must lie in"):
+        ops.philox_dropout_pair(x, torch.randn(4, 6), 1, 1.0)
+    with pytest.raises(RuntimeError, match="seed must lie in"):
+        ops.philox_dropout_pair(x, torch.randn(4, 6), -1, 0.5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -238,3 +238,22 @@ def test_bad_input(case, change, error, message):
     kwargs.update(change)
     with pytest.raises(error, match=message):
         lora_gated_mlp(d["x"], gate, up, down, **kwargs)
+
+
+@pytest.mark.skipif(not lowcost._extension.has_kernel("philox_dropout_pair", "CPU"), reason="lowcost._C is not built")
+def test_torch_backend_backward_generates_each_mask_once():
+    """On the torch backend each projection's backward masks x̃ (for dA) and its low-rank dx term with one
+    philox_dropout_pair call: three in backward, against three philox_dropout calls in the forward."""
+    from torch.profiler import profile
+
+    def dropout_calls(prof) -> list[str]:
+        return sorted(e.name.split("::")[1] for e in prof.events() if e.name.startswith("lowcost::philox_dropout"))
+
+    d = {k: v.clone().requires_grad_(k == "x" or k in ADAPTERS) for k, v in make_inputs(9, 20, 30).items()}
+    with profile() as forward_prof:
+        y = lora_gated_mlp(d["x"], *projections(d), scales=(1.0,) * 3, dropouts=(0.1,) * 3, seeds=(1, 2, 3),
+                           backend="torch")
+    with profile() as backward_prof:
+        y.sum().backward()
+    assert dropout_calls(forward_prof) == ["philox_dropout"] * 3
+    assert dropout_calls(backward_prof) == ["philox_dropout_pair"] * 3

@@ -182,3 +182,26 @@ def test_torch_backend_without_the_compiled_extension(monkeypatch, dtype):
     inputs = make_lora_inputs(33, 72, 40, 7, dtype, seed=12)
     check_against_reference(inputs, 1.3, 0.15, seed=99, backend="torch", dtype=dtype)
     assert len(calls) == 3          # x̃ in forward; x̃ and D⊙(duA) in backward
+
+
+@pytest.mark.skipif(not has_kernel("philox_dropout_pair", "CPU"), reason="lowcost._C is not built")
+@pytest.mark.parametrize("needs_dx", [True, False])
+def test_torch_backend_backward_generates_the_mask_once(needs_dx):
+    """With the compiled extension, backward masks x̃ (for dA) and du·A (for dx) with one philox_dropout_pair
+    call (one mask generation instead of two), and the forward with one philox_dropout; results are the
+    reference's (check_against_reference). Without dx, backward masks x̃ alone."""
+    from torch.profiler import profile
+
+    def dropout_calls(prof) -> list[str]:
+        return [e.name.split("::")[1] for e in prof.events() if e.name.startswith("lowcost::philox_dropout")]
+
+    inputs = make_lora_inputs(33, 72, 40, 7, torch.float32, seed=12)
+    x = inputs["x"].detach().requires_grad_(needs_dx)
+    a, b = inputs["lora_a"].detach().requires_grad_(), inputs["lora_b"].detach().requires_grad_()
+    with profile() as forward_prof:
+        y = lowcost.ops.lora_linear(x, inputs["weight"], a, b, 1.3, inputs["bias"], 0.15, 99, backend="torch")
+    with profile() as backward_prof:
+        y.backward(torch.randn_like(y))
+    assert dropout_calls(forward_prof) == ["philox_dropout"]
+    assert dropout_calls(backward_prof) == (["philox_dropout_pair"] if needs_dx else ["philox_dropout"])
+    check_against_reference(inputs, 1.3, 0.15, seed=99, backend="torch", dtype=torch.float32)

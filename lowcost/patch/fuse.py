@@ -2,7 +2,8 @@
 
     "mlp"   gated MLPs → one ``lowcost.ops.lora_gated_mlp`` (``fuse_mlp``)
     "loss"  causal-LM loss → ``lowcost.ops.linear_cross_entropy``, no logits (``fuse_loss``)
-    "norm"  each block's RMSNorm → ``FusedRMSNorm``: LoRA ops keep its input and rstd (``fuse_norm``)
+    "norm"  each block's RMSNorm / LayerNorm → ``FusedRMSNorm`` / ``FusedLayerNorm``: the LoRA ops reading
+            its output keep the norm's input and statistics, not the normed tensor (``fuse_norm``)
     "qkv"   q/k/v sharing one input as one grouped op                        (not implemented: refused)
 
 Every requested fusion is either taken (per module, with what it does) or refused (with the reason) in a

@@ -74,13 +74,15 @@ LoraDims check_philox_dropout_args(const at::Tensor& x, int64_t seed, double p,
 
 LoraDims check_philox_dropout_pair_args(const at::Tensor& x, const at::Tensor& z, int64_t seed, double p,
                                         c10::DeviceType device) {
-  const char* op = "philox_dropout_pair";
+  const char* op = "philox_dropout_pair_";
   LoraDims d = check_philox_dropout_args(x, seed, p, device);
   check_2d(op, "z", z, "(M, K)");
   check_device(op, "z", z, x, "x", device);
   check_float32(op, "z", z);
   TORCH_CHECK(z.size(0) == d.M && z.size(1) == d.K, "lowcost::", op, ": z must have x's shape (", d.M, ", ",
               d.K, "), got ", z.sizes());
+  TORCH_CHECK(z.is_contiguous(), "lowcost::", op, ": z must be contiguous (it is masked in place), got strides ",
+              z.strides());
   return d;
 }
 

@@ -12,9 +12,9 @@
 TORCH_LIBRARY(lowcost, m) {
   // x (M, K), any strides -> contiguous (M, K) in x.dtype: the dropped-out x~ = D (.) x.
   m.def("philox_dropout(Tensor x, int seed, float p) -> Tensor");
-  // x (M, K) any float dtype, z (M, K) float32 -> (D (.) x in x.dtype, D (.) z in float32), contiguous, one
-  // mask generated once for both (the torch backend's backward: x~ for dA and the low-rank dx term).
-  m.def("philox_dropout_pair(Tensor x, Tensor z, int seed, float p) -> (Tensor, Tensor)");
+  // x (M, K) any float dtype, z (M, K) contiguous float32 -> D (.) x, contiguous in x.dtype, and z <- D (.) z in
+  // place, under one mask generated once (the torch backend's backward: x~ for dA and the low-rank dx term).
+  m.def("philox_dropout_pair_(Tensor x, Tensor(a!) z, int seed, float p) -> Tensor");
   // u = (D (.) x) lora_a^T, float32 (M, r).
   m.def("lora_down(Tensor x, Tensor lora_a, int seed, float p) -> Tensor");
   // c = scale * u lora_b^T + bias, (M, N) in dtype.

@@ -1,5 +1,5 @@
-// CPU dropout ops: philox_dropout (x~ = D (.) x) and philox_dropout_pair (D (.) x and D (.) z with one
-// generation of the mask), bit for bit the mask of docs/lora_linear_spec.md (csrc/philox.h).
+// CPU dropout ops: philox_dropout (x~ = D (.) x) and philox_dropout_pair_ (D (.) x, and z masked in place,
+// with one generation of the mask), bit for bit the mask of docs/lora_linear_spec.md (csrc/philox.h).
 //
 // Each row m of the logical (M, K) matrix covers the element indices i = m*K .. m*K+K-1. A row's keep
 // masks (one uint32 per element, all ones = kept) come from the Philox groups that cover it: eight groups
@@ -194,27 +194,24 @@ at::Tensor philox_dropout(const at::Tensor& x, int64_t seed, double p) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> philox_dropout_pair(const at::Tensor& x, const at::Tensor& z, int64_t seed,
-                                                       double p) {
+at::Tensor philox_dropout_pair_(const at::Tensor& x, at::Tensor& z, int64_t seed, double p) {
   const LoraDims dims = check_philox_dropout_pair_args(x, z, seed, p, c10::DeviceType::CPU);
   at::Tensor x_out = at::empty({dims.M, dims.K}, x.options());
-  at::Tensor z_out = at::empty({dims.M, dims.K}, z.options());
-  if (x_out.numel() == 0) return {x_out, z_out};
+  if (x_out.numel() == 0) return x_out;
   const DropoutParams d = make_dropout_params(seed, p);
-  if (!d.enabled) return {x_out.copy_(x), z_out.copy_(z)};
-  dispatch_act(x.scalar_type(), "philox_dropout_pair", [&](auto xv) {
+  if (!d.enabled) return x_out.copy_(x);
+  dispatch_act(x.scalar_type(), "philox_dropout_pair_", [&](auto xv) {
     using T = decltype(xv);
     const T* xp = x.data_ptr<T>();
-    const float* zp = z.data_ptr<float>();
     T* xo = x_out.data_ptr<T>();
-    float* zo = z_out.data_ptr<float>();
-    const int64_t sx0 = x.stride(0), sx1 = x.stride(1), sz0 = z.stride(0), sz1 = z.stride(1);
+    float* zp = z.data_ptr<float>();
+    const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
     for_each_masked_row(d, dims.M, dims.K, [&](int64_t m, const uint32_t* masks) {
       apply_masks<T>(d, masks, xp + m * sx0, sx1, xo + m * dims.K, dims.K);
-      apply_masks<float>(d, masks, zp + m * sz0, sz1, zo + m * dims.K, dims.K);
+      apply_masks<float>(d, masks, zp + m * dims.K, 1, zp + m * dims.K, dims.K);   // in place: same row
     });
   });
-  return {x_out, z_out};
+  return x_out;
 }
 
 }  // namespace cpu
@@ -222,5 +219,5 @@ std::tuple<at::Tensor, at::Tensor> philox_dropout_pair(const at::Tensor& x, cons
 
 TORCH_LIBRARY_IMPL(lowcost, CPU, m) {
   m.impl("philox_dropout", &lowcost::cpu::philox_dropout);
-  m.impl("philox_dropout_pair", &lowcost::cpu::philox_dropout_pair);
+  m.impl("philox_dropout_pair_", &lowcost::cpu::philox_dropout_pair_);
 }

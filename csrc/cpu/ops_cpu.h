@@ -15,8 +15,7 @@ namespace cpu {
 #include "../op_declarations.inc"  // NOLINT(build/include): declarations only
 
 // CPU only (the torch backend's backward; other devices call philox_dropout twice).
-std::tuple<at::Tensor, at::Tensor> philox_dropout_pair(const at::Tensor& x, const at::Tensor& z, int64_t seed,
-                                                       double p);
+at::Tensor philox_dropout_pair_(const at::Tensor& x, at::Tensor& z, int64_t seed, double p);
 
 }  // namespace cpu
 }  // namespace lowcost

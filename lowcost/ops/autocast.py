@@ -58,7 +58,7 @@ BACKWARD_OPS = ("lora_linear_backward", "lora_gated_mlp_backward", "linear_cross
                 "qlora_linear_backward", "quantized_linear_dgrad", "qlora_gated_mlp_backward", "rms_norm_backward",
                 "layer_norm_backward")
 # The C++ kernels of lowcost._C, called inside the ops' bodies (where autocast is off) on exact dtypes.
-KERNEL_OPS = ("lora_down", "lora_up", "lora_dx_da", "lora_grad_pass", "philox_dropout", "philox_dropout_pair")
+KERNEL_OPS = ("lora_down", "lora_up", "lora_dx_da", "lora_grad_pass", "philox_dropout", "philox_dropout_pair_")
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:

@@ -133,12 +133,18 @@ def qlora_forward_peak(scheme: str, block_size: int, x: torch.Tensor, N: int, lo
     return max(phases), workspace
 
 
+def _dropped_copy(low_rank: int, with_x_tilde: bool) -> int:
+    """Bytes alive while the dropout masks du A (``low_rank`` bytes, 0 when dx is not wanted): with x̃ wanted
+    too, ``philox_dropout_pair_`` makes x̃ and masks du A in place; alone, ``philox_dropout`` copies it."""
+    return low_rank if with_x_tilde else 2 * low_rank
+
+
 def qlora_backward_peak(scheme: str, block_size: int, grad_y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                         lora_b: torch.Tensor, dropout: float, needs) -> tuple[int, int]:
     """(peak live bytes of ``qlora_linear_backward`` (``adapter_backward``), outputs included; Ws kept after
-    it): g in the accumulation dtype, dB, du = s·g B, the low-rank term du A of dx, x̃ and D⊙(du A) made
-    together (the term itself then freed), dA = duᵀx̃ (x̃ then freed), the row loop summing g W into the
-    low-rank term, its rounding to x's dtype, then dbias."""
+    it): g in the accumulation dtype, dB, du = s·g B, the low-rank term du A of dx, x̃ made and the term
+    masked in place together (``_dropped_copy``), dA = duᵀx̃ (x̃ then freed), the row loop summing g W into
+    the low-rank term, its rounding to x's dtype, then dbias."""
     need_dx, need_da, need_db, need_dbias = (bool(n) for n in needs)
     M, K = _sizes(x)
     N = grad_y.shape[-1]
@@ -158,7 +164,7 @@ def qlora_backward_peak(scheme: str, block_size: int, grad_y: torch.Tensor, x: t
         phases.append(base + _copy(r * K, lora_a.dtype, acc) + low_rank)
     tilde = M * K * s if dropout > 0 and need_da else 0
     if dropout > 0:
-        phases.append(base + tilde + 2 * low_rank)       # x̃ and D⊙(du A) made while du A is alive
+        phases.append(base + tilde + _dropped_copy(low_rank, need_da))
     base += low_rank
     if need_da:
         phases.append(base + tilde + _copy(M * K, x.dtype, acc) + r * K * a)
@@ -248,7 +254,7 @@ def _adapter_grads_peak(x: torch.Tensor, grad_numel: int, lora_a, lora_b, dropou
         phases.append(held + _copy(lora_a.numel(), lora_a.dtype, acc) + low_rank)
     tilde = M * K * x.element_size() if dropout > 0 and need_a else 0
     if dropout > 0:
-        phases.append(held + tilde + 2 * low_rank)       # x̃ and D⊙(du A) made while du A is alive
+        phases.append(held + tilde + _dropped_copy(low_rank, need_a))
     held, kept = held + low_rank, kept + low_rank
     if need_a:
         da_out = r * K * lora_a.element_size()

@@ -8,9 +8,9 @@ dropout probability, s the bytes of x's dtype and ``[p>0]`` 1 when dropout is on
 forward, x float32:   x̃ = D⊙x (M×K·s, only when p>0); y and u are outputs the meter already counts.
 forward, x 16-bit:    x̃ (M·K·s·[p>0]) and its fp32 copy (M·K·4) while u is formed, then x·Wᵀ in fp32 and
                       the fp32 sum (2·M·N·4) before the rounding to s: max of the two phases.
-backward, x float32:  du·A (for dx), then x̃ (for dA) and D⊙(du·A) made together from one mask while du·A is
-                      alive; du·A is then freed, and x̃ once dA exists, before the output dx:
-                      p>0: ([dA] + 2·[dx])·M·K·4;  p=0: [dx]·M·K·4 (du·A next to the output).
+backward, x float32:  du·A (for dx), then x̃ (for dA) made and du·A masked in place under one mask (with dx
+                      alone, D⊙(du·A) is a copy); x̃ is freed once dA exists, before the output dx:
+                      p>0: ([dA] + [dx] + [dx and not dA])·M·K·4;  p=0: [dx]·M·K·4 (du·A next to the output).
 backward, x 16-bit:   g in fp32 (M·N·4) plus, when dx is wanted, D⊙(du·A), the fp32 g·W and their fp32 sum
                       (3·M·K·4; x̃ and its fp32 copy come and go before them); x̃ and its copy alone otherwise.
 
@@ -66,7 +66,7 @@ def _lora_backward(args) -> int:
     need_dx, need_da = int(bool(needs[0])), int(bool(needs[1]))
     on = 1 if dropout > 0 else 0
     if x.dtype in (torch.float32, torch.float64):
-        return (need_da + 2 * need_dx) * M * K * s if on else need_dx * M * K * s
+        return (need_da + need_dx + need_dx * (1 - need_da)) * M * K * s if on else need_dx * M * K * s
     if need_dx:
         return M * N * 4 + 3 * M * K * 4
     return need_da * (M * K * 4 + on * M * K * s)

@@ -104,7 +104,8 @@ def dropout_pair(dropout_fn, x: Optional[torch.Tensor], z: Optional[torch.Tensor
 
     ``dropout_fn(t, seed, p)`` applies the mask to one tensor; a backend whose kernel generates the mask once
     for both sets ``dropout_fn.pair(x, z, seed, p)`` (the torch backend's backward: x̃ for dA and the low-rank
-    term of dx). Without it the mask is generated twice, the same mask, as it is a function of (seed, index)."""
+    term of dx). Without it the mask is generated twice, the same mask, as it is a function of (seed, index).
+    z must be a temporary of the caller's: ``pair`` may mask it in place (the torch backend's kernel does)."""
     if p == 0.0:
         return x, z
     if x is not None and z is not None and getattr(dropout_fn, "pair", None) is not None:

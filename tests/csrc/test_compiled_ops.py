@@ -73,7 +73,7 @@ def _check_registered(device):
 # ------------------------------------------------------------------------------------------------
 # registration
 def test_schemas_registered():
-    for name in ("philox_dropout", "philox_dropout_pair", "lora_down", "lora_up", "lora_grad_pass", "lora_dx_da"):
+    for name in ("philox_dropout", "philox_dropout_pair_", "lora_down", "lora_up", "lora_grad_pass", "lora_dx_da"):
         assert hasattr(ops, name), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lowcost::{name}", "CPU"), name
 
@@ -91,12 +91,13 @@ def test_schema_text():
 
 
 def test_opcheck_schema():
-    """No op mutates or aliases its inputs (torch.library.opcheck's schema test)."""
+    """No op mutates or aliases its inputs beyond what its schema declares (torch.library.opcheck's schema test:
+    philox_dropout_pair_ declares that it writes z)."""
     x, a, b, g, u = torch.randn(7, 13), torch.randn(5, 13), torch.randn(11, 5), torch.randn(7, 11), torch.randn(7, 5)
     cases = [(ops.philox_dropout, (x, 3, 0.2)), (ops.philox_dropout, (x, 3, 0.0)), (ops.lora_down, (x, a, 3, 0.2)),
              (ops.lora_up, (u, b, torch.randn(11), 0.5, torch.float32)), (ops.lora_grad_pass, (g, u, b, 0.5, True)),
              (ops.lora_dx_da, (x, u, a, 3, 0.2, True)), (ops.lora_dx_da, (x, u, a, 3, 0.2, False)),
-             (ops.philox_dropout_pair, (x, torch.randn(7, 13), 3, 0.2))]
+             (ops.philox_dropout_pair_, (x, torch.randn(7, 13), 3, 0.2))]
     for op, args in cases:
         result = torch.library.opcheck(op.default, args, test_utils=("test_schema",))
         assert result["test_schema"] == "SUCCESS", (op, result)
@@ -164,35 +165,36 @@ def test_philox_dropout_drops_nan_and_inf():
 
 
 # ------------------------------------------------------------------------------------------------
-# philox_dropout_pair (CPU only: the torch backend's backward)
+# philox_dropout_pair_ (CPU only: the torch backend's backward)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("noncontiguous", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.9])
 @pytest.mark.parametrize("shape", [(1, 1), (7, 13), (129, 33), (3, 1000)])
 def test_philox_dropout_pair_is_two_philox_dropouts(dtype, noncontiguous, p, shape):
-    """(D ⊙ x, D ⊙ z) under one mask: each equal to philox_dropout of it, x in its dtype, z float32."""
+    """D ⊙ x returned (x in its dtype, any strides) and D ⊙ z written into z (float32) under one mask: each
+    equal to philox_dropout of it."""
     M, K = shape
     x = torch.randn(K, M).to(dtype).t() if noncontiguous else torch.randn(M, K).to(dtype)
-    z = torch.randn(K, M).t() if noncontiguous else torch.randn(M, K)
-    x_out, z_out = ops.philox_dropout_pair(x, z, 2**63 - 1, p)
-    assert x_out.dtype == dtype and z_out.dtype == torch.float32
-    assert x_out.is_contiguous() and z_out.is_contiguous()
-    assert torch.equal(x_out, dropout_exact(x, 2**63 - 1, p)) and torch.equal(z_out, dropout_exact(z, 2**63 - 1, p))
+    z = torch.randn(M, K)
+    z_before = z.clone()
+    x_out = ops.philox_dropout_pair_(x, z, 2**63 - 1, p)
+    assert x_out.dtype == dtype and x_out.is_contiguous()
+    assert torch.equal(x_out, dropout_exact(x, 2**63 - 1, p)) and torch.equal(z, dropout_exact(z_before, 2**63 - 1, p))
 
 
 def test_philox_dropout_pair_empty_and_bad_input():
     for shape in [(0, 5), (5, 0)]:
-        x_out, z_out = ops.philox_dropout_pair(torch.ones(shape), torch.ones(shape), 1, 0.5)
-        assert x_out.shape == z_out.shape == shape
+        assert ops.philox_dropout_pair_(torch.ones(shape), torch.ones(shape), 1, 0.5).shape == shape
     x = torch.randn(4, 6)
-    with pytest.raises(RuntimeError, match="z must have x's shape"):
-        ops.philox_dropout_pair(x, torch.randn(4, 7), 1, 0.5)
-    with pytest.raises(RuntimeError, match="z must be float32"):
-        ops.philox_dropout_pair(x, torch.randn(4, 6, dtype=torch.float16), 1, 0.5)
+    cases = [(torch.randn(4, 7), "z must have x's shape"), (torch.randn(4, 6, dtype=torch.float16), "z must be float32"),
+             (torch.randn(6, 4).t(), "z must be contiguous")]
+    for z, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.philox_dropout_pair_(x, z, 1, 0.5)
     with pytest.raises(RuntimeError, match="dropout probability p must lie in"):
-        ops.philox_dropout_pair(x, torch.randn(4, 6), 1, 1.0)
+        ops.philox_dropout_pair_(x, torch.randn(4, 6), 1, 1.0)
     with pytest.raises(RuntimeError, match="seed must lie in"):
-        ops.philox_dropout_pair(x, torch.randn(4, 6), -1, 0.5)
+        ops.philox_dropout_pair_(x, torch.randn(4, 6), -1, 0.5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -184,10 +184,10 @@ def test_torch_backend_without_the_compiled_extension(monkeypatch, dtype):
     assert len(calls) == 3          # x̃ in forward; x̃ and D⊙(duA) in backward
 
 
-@pytest.mark.skipif(not has_kernel("philox_dropout_pair", "CPU"), reason="lowcost._C is not built")
+@pytest.mark.skipif(not has_kernel("philox_dropout_pair_", "CPU"), reason="lowcost._C is not built")
 @pytest.mark.parametrize("needs_dx", [True, False])
 def test_torch_backend_backward_generates_the_mask_once(needs_dx):
-    """With the compiled extension, backward masks x̃ (for dA) and du·A (for dx) with one philox_dropout_pair
+    """With the compiled extension, backward masks x̃ (for dA) and du·A (for dx) with one philox_dropout_pair_
     call (one mask generation instead of two), and the forward with one philox_dropout; results are the
     reference's (check_against_reference). Without dx, backward masks x̃ alone."""
     from torch.profiler import profile
@@ -203,5 +203,5 @@ def test_torch_backend_backward_generates_the_mask_once(needs_dx):
     with profile() as backward_prof:
         y.backward(torch.randn_like(y))
     assert dropout_calls(forward_prof) == ["philox_dropout"]
-    assert dropout_calls(backward_prof) == (["philox_dropout_pair"] if needs_dx else ["philox_dropout"])
+    assert dropout_calls(backward_prof) == (["philox_dropout_pair_"] if needs_dx else ["philox_dropout"])
     check_against_reference(inputs, 1.3, 0.15, seed=99, backend="torch", dtype=torch.float32)

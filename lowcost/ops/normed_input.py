@@ -21,13 +21,14 @@ separately) keeps only the norm's tensors, shared storages that the norm's own b
 copy at all. Only an untouched norm output is tagged through a cast (never a copy of a copy).
 
 A y without a tag, or one whose source changed after the norm ran (a version counter moved: an in-place
-write to y, x or a norm parameter; for autocast's copy also to the norm output it was cast from), is saved as
-itself. So the fusion only ever changes what is kept, never a result. Under ``torch.compile`` no tag is set
+write to y, x or a norm parameter; for autocast's copy also to the norm output it was cast from, while that
+lives), is saved as itself. So the fusion only ever changes what is kept, never a result. Under ``torch.compile`` no tag is set
 (Dynamo would trace the attribute write) and consumers save y; under ``no_grad`` / ``inference_mode`` nothing
 is saved and no tag is set.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
@@ -53,13 +54,22 @@ class NormSource:
     """What rebuilds a normed tensor y: ``tensors`` (x first) and ``how``."""
     tensors: tuple
     how: Rebuild
-    versions: tuple      # the version counters of y, of ``tensors`` and of ``cast_from`` when y was made
-    cast_from: Optional[Tensor] = None   # autocast's copy: the tagged norm output y was cast from
+    versions: tuple      # the version counters of y and of ``tensors`` when y was made
+    # autocast's copy: a weak reference to the norm output y was cast from (weak: a consumer that keeps the copy
+    # itself must not keep that fp32 tensor alive too) and that output's version counter at the cast
+    cast_from: Optional[weakref.ref] = None
+    cast_from_version: Optional[int] = None
 
 
-def _versions(y: Tensor, tensors: Sequence[Optional[Tensor]], cast_from: Optional[Tensor] = None) -> tuple:
-    watched = (y, *tensors) + ((cast_from,) if cast_from is not None else ())
-    return tuple(t._version if t is not None else None for t in watched)
+def _versions(y: Tensor, tensors: Sequence[Optional[Tensor]]) -> tuple:
+    return (y._version,) + tuple(t._version if t is not None else None for t in tensors)
+
+
+def _cast_from_written(source: NormSource) -> bool:
+    """Whether the norm output autocast's copy was cast from has been written in place since the cast (a freed
+    one cannot have been)."""
+    parent = source.cast_from() if source.cast_from is not None else None
+    return parent is not None and parent._version != source.cast_from_version
 
 
 def _taggable(y: Tensor) -> bool:
@@ -87,15 +97,15 @@ def cast_input(y: Tensor, dtype: torch.dtype) -> Tensor:
     source = source_of(y)
     if source is None or source.how.cast_to is not None:
         return out
-    setattr(out, _ATTR, NormSource(source.tensors, replace(source.how, cast_to=dtype),
-                                   _versions(out, source.tensors, y), cast_from=y))
+    setattr(out, _ATTR, NormSource(source.tensors, replace(source.how, cast_to=dtype), _versions(out, source.tensors),
+                                   weakref.ref(y), y._version))
     return out
 
 
 def source_of(y: Tensor) -> Optional[NormSource]:
     """y's ``NormSource`` when it still describes y exactly (nothing written in place since), else None."""
     source = getattr(y, _ATTR, None)
-    if source is None or _versions(y, source.tensors, source.cast_from) != source.versions:
+    if source is None or _versions(y, source.tensors) != source.versions or _cast_from_written(source):
         return None
     return source
 

@@ -7,6 +7,9 @@ Every case counts what autograd saves with saved_tensors_hooks, and checks that 
 bf16 (M, H) copy, so a counting mistake cannot make the test pass."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -214,3 +217,16 @@ def test_no_tag_on_a_copy_where_nothing_would_be_saved_or_of_a_copy():
     frozen = rms_norm(t["x"].detach(), t["norm_w"].detach(), EPS)       # needs no grad: nothing to tag
     assert source_of(cast_input(frozen, BF16)) is None
     assert cast_input(y, torch.float32) is y                             # no cast, the tensor itself
+
+
+def test_the_copys_tag_does_not_keep_the_fp32_norm_output_alive():
+    """A consumer that keeps the copy itself (one that does not rebuild) must not keep the fp32 output too."""
+    t = _leaves()
+    y = rms_norm(t["x"], t["norm_w"], EPS)
+    copy = cast_input(y, BF16)
+    output = weakref.ref(y)
+    del y
+    gc.collect()
+    assert output() is None and source_of(copy) is not None
+    stored, how = pack_input(copy)
+    assert torch.equal(unpack_input(stored, how)[0], copy.detach())

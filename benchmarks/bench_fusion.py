@@ -36,8 +36,9 @@ from lowcost.checkpoint import CheckpointConfig  # noqa: E402
 KV_HEADS = {"llama": SHAPE["heads"], "qwen2": 2}
 
 
-def build(family: str, kind: str, dropout: float = 0.05):
-    """A fresh model of ``family`` with LoRA per ``kind`` ("peft" | "unfused" | "fused"), same weights."""
+def build(family: str, kind: str, dropout: float = 0.05, fused=("mlp", "norm", "qkv", "loss")):
+    """A fresh model of ``family`` with LoRA per ``kind`` ("peft" | "unfused" | "fused": with ``fused``), same
+    weights."""
     import transformers
     import lowcost
     config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -54,7 +55,7 @@ def build(family: str, kind: str, dropout: float = 0.05):
                                                  target_modules="all-linear"))
         return model.train(), None
     report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=SHAPE["r"], alpha=32, dropout=dropout),
-                           fused=None if kind == "unfused" else ("mlp", "norm", "qkv", "loss"))
+                           fused=None if kind == "unfused" else fused)
     return model.train(), report
 
 

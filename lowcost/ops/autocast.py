@@ -16,6 +16,8 @@ accumulations silently cast down). Here every forward op gets an autocast rule, 
 - ``linear_cross_entropy``: the logits come out of the matmul in the autocast dtype (as torch's autocast
   ``F.linear`` gives them), the log-softmax and the loss run in float32 inside the op (as torch's autocast
   runs ``cross_entropy`` in float32), and the loss defaults to float32 (``autocast_loss_dtype``).
+- a lowcost norm's tagged output (the "norm" fusion, ``lowcost.ops.normed_input``) cast for a consumer gives a
+  copy tagged "rebuild the norm's output, then cast": the consumer keeps the norm's tensors, not the copy.
 - the op then runs with autocast off, so its body computes exactly as it does outside autocast on the cast
   operands. Backward ops run with autocast off too (a backward inside the autocast region changes nothing).
 
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+
+from lowcost.ops.normed_input import cast_input
 
 Tensor = torch.Tensor
 DEVICE_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
@@ -70,10 +74,12 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 
 def _lower(t, low: torch.dtype):
-    """A compute operand in the autocast dtype (float64, integer tensors and non-tensors unchanged)."""
+    """A compute operand in the autocast dtype (float64, integer tensors and non-tensors unchanged). The copy of
+    a lowcost norm's tagged output is tagged too (``normed_input.cast_input``): its consumer keeps the norm's
+    tensors, not the copy."""
     if not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype in (low, torch.float64):
         return t
-    return t.to(low)
+    return cast_input(t, low)
 
 
 def _adapter(t, low: torch.dtype):

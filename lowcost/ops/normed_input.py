@@ -13,14 +13,23 @@ to the forward:
 (the RMSNorm rebuild runs the forward's own operations on the same rstd; the LayerNorm rebuild runs the same
 deterministic kernel on the same input).
 
+Under ``torch.autocast`` the norm runs in its input's dtype (fp32) and the consumer's autocast rule
+(``lowcost.ops.autocast``) casts y to the autocast dtype D, which makes a new tensor. ``cast_input`` makes that
+copy and tags it too, with the same source and ``Rebuild.cast_to = D``: the consumer rebuilds y and casts it
+again, which is bit-identical to the copy because the cast is deterministic. So each consumer (q, k and v cast
+separately) keeps only the norm's tensors, shared storages that the norm's own backward keeps anyway, and no
+copy at all. Only an untouched norm output is tagged through a cast (never a copy of a copy).
+
 A y without a tag, or one whose source changed after the norm ran (a version counter moved: an in-place
-write to y, x or a norm parameter), is saved as itself. So the fusion only ever changes what is kept, never a
-result. Under ``torch.compile`` no tag is set (Dynamo would trace the attribute write) and consumers save y;
-under ``no_grad`` / ``inference_mode`` nothing is saved and no tag is set.
+write to y, x or a norm parameter; for autocast's copy also to the norm output it was cast from, while that
+lives), is saved as itself. So the fusion only ever changes what is kept, never a result. Under ``torch.compile`` no tag is set
+(Dynamo would trace the attribute write) and consumers save y; under ``no_grad`` / ``inference_mode`` nothing
+is saved and no tag is set.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -37,6 +46,7 @@ class Rebuild:
     kind: str        # "rms:llama" | "rms:gemma" | "layer"
     eps: float       # LayerNorm's eps (RMSNorm's is inside the saved rstd)
     count: int       # how many saved tensors
+    cast_to: Optional[torch.dtype] = None   # autocast's copy: the rebuilt tensor is then cast to this dtype
 
 
 @dataclass(frozen=True)
@@ -45,28 +55,57 @@ class NormSource:
     tensors: tuple
     how: Rebuild
     versions: tuple      # the version counters of y and of ``tensors`` when y was made
+    # autocast's copy: a weak reference to the norm output y was cast from (weak: a consumer that keeps the copy
+    # itself must not keep that fp32 tensor alive too) and that output's version counter at the cast
+    cast_from: Optional[weakref.ref] = None
+    cast_from_version: Optional[int] = None
 
 
 def _versions(y: Tensor, tensors: Sequence[Optional[Tensor]]) -> tuple:
     return (y._version,) + tuple(t._version if t is not None else None for t in tensors)
 
 
-def tag(y: Tensor, tensors: tuple, kind: str, eps: float = 0.0) -> Tensor:
-    """Mark y (a norm's output, returned as is) as rebuildable from ``tensors`` by ``kind``.
+def _cast_from_written(source: NormSource) -> bool:
+    """Whether the norm output autocast's copy was cast from has been written in place since the cast (a freed
+    one cannot have been)."""
+    parent = source.cast_from() if source.cast_from is not None else None
+    return parent is not None and parent._version != source.cast_from_version
 
-    Only where it pays and is safe: y requires grad (else the norm saved nothing, and keeping y's source alive
-    through the tag would cost more than y), grad mode is on and y is not an inference tensor (which has no
-    version counter), and Dynamo is not tracing."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or y.is_inference() or not y.requires_grad:
-        return y
-    setattr(y, _ATTR, NormSource(tensors, Rebuild(kind, float(eps), len(tensors)), _versions(y, tensors)))
+
+def _taggable(y: Tensor) -> bool:
+    """Whether a tag on y pays and is safe: y requires grad (else its producer saved nothing, and keeping the
+    source alive through the tag would cost more than y), grad mode is on, y is not an inference tensor (which
+    has no version counter), and Dynamo is not tracing (it would trace the attribute write)."""
+    return not (torch.compiler.is_compiling() or not torch.is_grad_enabled() or y.is_inference()
+                or not y.requires_grad)
+
+
+def tag(y: Tensor, tensors: tuple, kind: str, eps: float = 0.0) -> Tensor:
+    """Mark y (a norm's output, returned as is) as rebuildable from ``tensors`` by ``kind`` (where ``_taggable``)."""
+    if _taggable(y):
+        setattr(y, _ATTR, NormSource(tensors, Rebuild(kind, float(eps), len(tensors)), _versions(y, tensors)))
     return y
+
+
+def cast_input(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``y.to(dtype)``, autocast's cast of a consumer's input. A copy of a tagged, untouched norm output is tagged
+    "rebuild the source, then cast to ``dtype``" (where ``_taggable``); anything else is returned untagged.
+    The copy's tag is void once the copy, the norm output it came from or the source is written in place."""
+    out = y.to(dtype)
+    if out is y or not _taggable(out):
+        return out
+    source = source_of(y)
+    if source is None or source.how.cast_to is not None:
+        return out
+    setattr(out, _ATTR, NormSource(source.tensors, replace(source.how, cast_to=dtype), _versions(out, source.tensors),
+                                   weakref.ref(y), y._version))
+    return out
 
 
 def source_of(y: Tensor) -> Optional[NormSource]:
     """y's ``NormSource`` when it still describes y exactly (nothing written in place since), else None."""
     source = getattr(y, _ATTR, None)
-    if source is None or _versions(y, source.tensors) != source.versions:
+    if source is None or _versions(y, source.tensors) != source.versions or _cast_from_written(source):
         return None
     return source
 
@@ -86,8 +125,14 @@ def unpack_input(saved: Sequence[Optional[Tensor]], how: Optional[Rebuild]) -> t
     mine, rest = saved[:count], tuple(saved[count:])
     if how is None:
         return mine[0], rest
+    y = _rebuild(mine, how)
+    return (y if how.cast_to is None else y.to(how.cast_to)), rest
+
+
+def _rebuild(mine: Sequence[Optional[Tensor]], how: Rebuild) -> Tensor:
+    """The norm's output, bit for bit, from its saved tensors."""
     if how.kind == "layer":
         x, weight, bias = mine
-        return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, how.eps)[0], rest
+        return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, how.eps)[0]
     x, stat, weight = mine
-    return normed(x, stat, weight, how.kind.split(":")[1]), rest
+    return normed(x, stat, weight, how.kind.split(":")[1])

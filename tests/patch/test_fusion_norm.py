@@ -2,7 +2,8 @@
 normed tensor. The saved bytes fall by exactly one (tokens × hidden) tensor per fused norm whose input was
 saved anyway; the loss and every adapter gradient equal the unfused model's (bit for bit where the norm's
 backward is the same kernel); modules that are not a known norm are refused with the reason; unapply puts the
-original modules back."""
+original modules back. Under autocast bf16 the saved bytes fall by one bf16 copy per LoRA consumer of each fused
+norm."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 import lowcost
+import lowcost.ops.autocast
 from lowcost.nn.fused_layer_norm import FusedLayerNorm
 from lowcost.nn.fused_rms_norm import FusedRMSNorm
 from lowcost.patch import lora_layers
@@ -18,8 +20,9 @@ from tiny_models import _ids, gpt2, llama, randomize_adapters
 LORA = dict(r=4, alpha=8, dropout=0.1)
 
 
-def _saved_bytes_and_grads(model, fused):
-    """(distinct non-parameter storage bytes autograd saved, loss, adapter gradients) of one training step."""
+def _saved_bytes_and_grads(model, fused, autocast=False):
+    """(distinct non-parameter storage bytes autograd saved, loss, adapter gradients) of one training step
+    (forward under ``torch.autocast("cpu", bfloat16)`` with ``autocast``)."""
     lowcost.apply(model, lora=lowcost.LoRAConfig(**LORA), fused=fused)
     randomize_adapters(lora_layers(model))
     model.train()
@@ -34,7 +37,7 @@ def _saved_bytes_and_grads(model, fused):
 
     ids = _ids()
     torch.manual_seed(7)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, autocast):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -63,6 +66,35 @@ def test_norm_fusion_saves_one_normed_tensor_per_norm_and_changes_no_result(name
         assert torch.allclose(plain_loss, fused_loss, rtol=1e-6, atol=0)
         for key, grad in plain_grads.items():
             assert torch.allclose(fused_grads[key], grad, rtol=1e-5, atol=1e-6 * grad.abs().max()), key
+
+
+# Under autocast bf16 every lowcost LoRA op casts its fp32 input to bf16 itself, so q, k and v each make (and,
+# unfused, save) their own bf16 copy of the normed tensor: per tagged norm the fusion saves one bf16
+# (tokens × hidden) copy per LoRA consumer. Llama: input_layernorm feeds q/k/v (3), post_attention_layernorm
+# gate/up (2); GPT-2: ln_1 feeds the packed c_attn (1), ln_2 c_fc (1). Block 0's first norm is untagged (its
+# input needs no gradient), so with L layers: Llama 3·(L − 1) + 2·L copies (7 for L = 2), GPT-2 2·L − 1 (3).
+CONSUMERS_PER_NORM = {"llama": (3, 2), "gpt2": (1, 1)}
+
+
+@pytest.mark.parametrize("name, build", [("llama", llama), ("gpt2", gpt2)])
+def test_under_autocast_each_consumer_of_a_fused_norm_saves_no_bf16_copy(name, build, monkeypatch):
+    config = build().config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    plain_bytes, plain_loss, plain_grads = _saved_bytes_and_grads(build(), fused=None, autocast=True)
+    fused_bytes, fused_loss, fused_grads = _saved_bytes_and_grads(build(), fused=("norm",), autocast=True)
+    first, second = CONSUMERS_PER_NORM[name]
+    copies = first * (layers - 1) + second * layers
+    assert plain_bytes - fused_bytes == copies * _ids().numel() * hidden * 2
+    # the forward is bit-identical; the gradients as the fp32 test allows (Llama's RMSNorm backward is ours)
+    assert torch.equal(plain_loss, fused_loss) and plain_grads.keys() == fused_grads.keys()
+    for key, grad in plain_grads.items():
+        assert torch.allclose(fused_grads[key], grad, rtol=1e-5, atol=1e-6 * grad.abs().max()), key
+    # the cast copies' tags change what is kept, never a result: the same fused model without them is bitwise equal
+    monkeypatch.setattr(lowcost.ops.autocast, "cast_input", lambda t, dtype: t.to(dtype))
+    copy_bytes, copy_loss, copy_grads = _saved_bytes_and_grads(build(), fused=("norm",), autocast=True)
+    assert copy_bytes - fused_bytes == copies * _ids().numel() * hidden * 2
+    assert torch.equal(copy_loss, fused_loss)
+    assert all(torch.equal(copy_grads[k], fused_grads[k]) for k in fused_grads)
 
 
 class OffsetRMSNorm(nn.Module):

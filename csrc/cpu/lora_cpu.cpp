@@ -1,7 +1,7 @@
 // CPU implementations of the fused LoRA ops (the dropout ops are in dropout_cpu.cpp): plain loops
-// over strided inputs, float32 accumulation, at::parallel_for over independent row or column blocks. Every reduction splits the work into
-// blocks fixed by the shapes alone and adds the partial results in a fixed order, so results do
-// not depend on the number of threads.
+// over strided inputs, float32 accumulation, at::parallel_for over independent row or column blocks.
+// Every reduction splits the work into blocks fixed by the shapes alone and adds the partial results in
+// a fixed order, so results do not depend on the number of threads.
 //
 // The small adapters (lora_a (r, K), lora_b (N, r)) are staged once into float32 buffers laid out
 // for the inner loops (the CPU's counterpart of shared memory); x and grad_y are never copied: they

@@ -22,9 +22,9 @@ copy at all. Only an untouched norm output is tagged through a cast (never a cop
 
 A y without a tag, or one whose source changed after the norm ran (a version counter moved: an in-place
 write to y, x or a norm parameter; for autocast's copy also to the norm output it was cast from, while that
-lives), is saved as itself. So the fusion only ever changes what is kept, never a result. Under ``torch.compile`` no tag is set
-(Dynamo would trace the attribute write) and consumers save y; under ``no_grad`` / ``inference_mode`` nothing
-is saved and no tag is set.
+lives), is saved as itself. So the fusion only ever changes what is kept, never a result. Under
+``torch.compile`` no tag is set (Dynamo would trace the attribute write) and consumers save y; under
+``no_grad`` / ``inference_mode`` nothing is saved and no tag is set.
 """
 from __future__ import annotations
 

@@ -186,7 +186,8 @@ def test_philox_dropout_pair_empty_and_bad_input():
     for shape in [(0, 5), (5, 0)]:
         assert ops.philox_dropout_pair_(torch.ones(shape), torch.ones(shape), 1, 0.5).shape == shape
     x = torch.randn(4, 6)
-    cases = [(torch.randn(4, 7), "z must have x's shape"), (torch.randn(4, 6, dtype=torch.float16), "z must be float32"),
+    cases = [(torch.randn(4, 7), "z must have x's shape"),
+             (torch.randn(4, 6, dtype=torch.float16), "z must be float32"),
              (torch.randn(6, 4).t(), "z must be contiguous")]
     for z, message in cases:
         with pytest.raises(RuntimeError, match=message):

@@ -240,7 +240,8 @@ def test_bad_input(case, change, error, message):
         lora_gated_mlp(d["x"], gate, up, down, **kwargs)
 
 
-@pytest.mark.skipif(not lowcost._extension.has_kernel("philox_dropout_pair_", "CPU"), reason="lowcost._C is not built")
+@pytest.mark.skipif(not lowcost._extension.has_kernel("philox_dropout_pair_", "CPU"),
+                    reason="lowcost._C is not built")
 def test_torch_backend_backward_generates_each_mask_once():
     """On the torch backend each projection's backward masks x̃ (for dA) and its low-rank dx term with one
     philox_dropout_pair_ call: three in backward, against three philox_dropout calls in the forward."""

@@ -10,19 +10,9 @@ import lowcost
 from lowcost.ops import layer_norm, lora_gated_mlp, lora_linear, rms_norm
 from lowcost.ops.backend import triton_usable
 from lowcost.ops.normed_input import pack_input, source_of, unpack_input
+from normed_cases import H, N, norm_and_lora_params
 
 EPS = 1e-5
-H, N, INTER = 40, 24, 36
-
-
-def _params(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *s: torch.randn(*s, generator=gen) * s[-1] ** -0.5  # noqa: E731
-    return {"x": torch.randn(3, 5, H, generator=gen), "norm_w": 1.0 + 0.1 * torch.randn(H, generator=gen),
-            "norm_b": 0.1 * torch.randn(H, generator=gen),
-            "w": rand(N, H), "a": rand(4, H), "b": rand(N, 4), "w_g": rand(INTER, H), "a_g": rand(3, H),
-            "b_g": rand(INTER, 3), "w_u": rand(INTER, H), "a_u": rand(5, H), "b_u": rand(INTER, 5),
-            "w_d": rand(H, INTER), "a_d": rand(7, INTER), "b_d": rand(H, 7)}
 
 
 TRAINED = ("x", "a", "b", "a_g", "b_g", "a_u", "b_u", "a_d", "b_d")
@@ -47,7 +37,7 @@ NORMS = {"rms_norm": lambda t: rms_norm(t["x"], t["norm_w"], EPS),
 
 def _step(consumer, backend, untag: bool, norm: str = "rms_norm"):
     """(output, gradients, whether a normed (M, H) tensor was saved) of a norm → consumer."""
-    t = {k: v.clone().requires_grad_(k in TRAINED) for k, v in _params().items()}
+    t = {k: v.clone().requires_grad_(k in TRAINED) for k, v in norm_and_lora_params().items()}
     saved = []
 
     def pack(tensor):
@@ -86,12 +76,12 @@ def test_consumer_keeps_norm_input_not_normed_and_results_are_bit_identical(cons
 
 def test_every_form_and_low_precision_rebuild_exactly():
     for form, dtype in (("gemma", torch.float32), ("llama", torch.bfloat16), ("gemma", torch.float16)):
-        t = {k: v.to(dtype).requires_grad_(k in TRAINED) for k, v in _params(1).items()}
+        t = {k: v.to(dtype).requires_grad_(k in TRAINED) for k, v in norm_and_lora_params(1).items()}
         y = rms_norm(t["x"], t["norm_w"], EPS, form)
         stored, how = pack_input(y)
         assert how.kind == f"rms:{form}" and torch.equal(unpack_input(stored, how)[0], y.detach())
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        t = {k: v.to(dtype).requires_grad_(k == "x") for k, v in _params(2).items()}
+        t = {k: v.to(dtype).requires_grad_(k == "x") for k, v in norm_and_lora_params(2).items()}
         y = layer_norm(t["x"], t["norm_w"], t["norm_b"], EPS)
         stored, how = pack_input(y)
         assert how.kind == "layer" and torch.equal(unpack_input(stored, how)[0], y.detach())
@@ -99,7 +89,7 @@ def test_every_form_and_low_precision_rebuild_exactly():
 
 @pytest.mark.parametrize("write", ["normed", "norm input", "norm weight"])
 def test_an_in_place_write_after_the_norm_makes_the_consumer_save_the_tensor_itself(write):
-    t = {k: v.clone().requires_grad_(k in ("x", "a", "b")) for k, v in _params().items()}
+    t = {k: v.clone().requires_grad_(k in ("x", "a", "b")) for k, v in norm_and_lora_params().items()}
     x = t["x"].clone()
     y = rms_norm(x, t["norm_w"], EPS)
     assert source_of(y) is not None
@@ -126,7 +116,7 @@ def test_quantized_consumers_keep_norm_input_too():
     weight = QuantizedWeight("nf4", (N, H), quantize_nf4(dense, 64, False), 64, torch.float32)
     results = []
     for untag in (False, True):
-        t = {k: v.clone().requires_grad_(k in TRAINED) for k, v in _params().items()}
+        t = {k: v.clone().requires_grad_(k in TRAINED) for k, v in norm_and_lora_params().items()}
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
             y = rms_norm(t["x"], t["norm_w"], EPS)
@@ -157,7 +147,7 @@ def test_no_tag_where_nothing_is_saved(mode):
     so does a norm whose output needs no gradient (it saved nothing: keeping its source would cost more)."""
     y = rms_norm(torch.randn(3, H), torch.ones(H), EPS)
     assert not y.requires_grad and source_of(y) is None
-    t = _params()
+    t = norm_and_lora_params()
     with getattr(torch, mode)():
         for norm in NORMS.values():
             y = norm(t)

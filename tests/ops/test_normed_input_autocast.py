@@ -17,21 +17,11 @@ from lowcost.ops import layer_norm, lora_gated_mlp, lora_linear, rms_norm
 from lowcost.ops.backend import triton_usable
 from lowcost.ops.normed_input import cast_input, pack_input, source_of, unpack_input
 from lowcost.reference.quant import QuantizedWeight, quantize_nf4
+from normed_cases import norm_and_lora_params
 
 BF16 = torch.bfloat16
 EPS = 1e-5
-H, N, INTER = 40, 24, 36          # 3 × 5 = 15 rows; H, N, INTER and the ranks are not powers of two
 TRAINED = ("x", "norm_w", "a", "b", "a_g", "b_g", "a_u", "b_u", "a_d", "b_d")
-
-
-def _params(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *s: torch.randn(*s, generator=gen) * s[-1] ** -0.5  # noqa: E731
-    return {"x": torch.randn(3, 5, H, generator=gen), "norm_w": 1.0 + 0.1 * torch.randn(H, generator=gen),
-            "norm_b": 0.1 * torch.randn(H, generator=gen),
-            "w": rand(N, H), "a": rand(4, H), "b": rand(N, 4), "w_g": rand(INTER, H), "a_g": rand(3, H),
-            "b_g": rand(INTER, 3), "w_u": rand(INTER, H), "a_u": rand(5, H), "b_u": rand(INTER, 5),
-            "w_d": rand(H, INTER), "a_d": rand(7, INTER), "b_d": rand(H, 7)}
 
 
 def _nf4(weight):
@@ -59,7 +49,7 @@ NORMS = {"rms_norm llama": lambda t: rms_norm(t["x"], t["norm_w"], EPS, "llama")
 
 
 def _leaves(seed=0):
-    return {k: v.clone().requires_grad_(k in TRAINED) for k, v in _params(seed).items()}
+    return {k: v.clone().requires_grad_(k in TRAINED) for k, v in norm_and_lora_params(seed).items()}
 
 
 class SavedLog:

@@ -245,8 +245,8 @@ def _down_gemms(scheme: str, M: int, H: int, inter: int, r: int, dtype: torch.dt
     """The two dequantizing launches of one MLP step on a ``scheme`` W_d (H, I): y and dh (placeholders)."""
     packed = _placeholder_weight(scheme, H, inter, block_size)
     gate, up = torch.empty((M, inter), dtype=dtype), torch.empty((M, inter), dtype=dtype)
-    u, b, a = torch.empty((M, r), dtype=torch.float32), torch.empty((H, r), dtype=dtype), torch.empty((r, inter),
-                                                                                                      dtype=dtype)
+    u = torch.empty((M, r), dtype=torch.float32)
+    b, a = torch.empty((H, r), dtype=dtype), torch.empty((r, inter), dtype=dtype)
     y, g = torch.empty((M, H), dtype=dtype), torch.empty((M, H), dtype=dtype)
     qargs = quant_args(packed, scheme)
     return [plan_qdown_y(gate, up, qargs, H, block_size, u, b, y, 2.0, act),

@@ -3,10 +3,11 @@
     y = down(act(gate(x)) ⊙ up(x)),   each projection p(z) = z W_pᵀ + s_p·(D_p⊙z) A_pᵀ B_pᵀ
 
 the math, the saved tensors and every gradient of ``lowcost.ops.lora_gated_mlp`` (``lowcost.reference.
-lora_gated_mlp``), with each W_p a ``QuantizedWeight``: x W_pᵀ and g W_p are summed over blocks of dequantized
-rows (``lowcost.reference.qlora_linear``), so no dense W exists, and what backward keeps is unchanged: x, gate
-and up (M, I), the three u's and the seeds, plus references to the stored codes and scales. The unfused
-quantized MLP keeps act(gate) and h = act(gate)⊙up too.
+lora_gated_mlp``), with each W_p a ``QuantizedWeight``: x W_pᵀ and g W_p are computed from W decoded a block of
+rows at a time (torch backend, ``lowcost.reference.qlora_linear``) or a tile at a time inside the GEMM loops
+(Triton), so no dense W exists, and what backward keeps is unchanged: x, gate and up (M, I), the three u's and
+the seeds, plus references to the stored codes and scales. The unfused quantized MLP keeps act(gate) and
+h = act(gate)⊙up too.
 
 ``lowcost.ops.lora_gated_mlp`` routes here when its weights are quantized (all three; a mix of dense and
 quantized projections is refused there). Backends:
@@ -126,8 +127,7 @@ def _qgated_op(x: Tensor, packed_gate: list[Tensor], packed_up: list[Tensor], pa
         projections = _kernel_projections(stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
         y, gate_out, up_out, u_g, u_u, u_d = _kernels().qgated_mlp_fwd(x2, *projections, activation)
         return y.reshape(x.shape), gate_out, up_out, u_g, u_u, u_d
-    gate, up, down = _projections(x, (packed_gate, packed_up, packed_down), (scheme_gate, scheme_up, scheme_down),
-                                  block_sizes, (a_gate, b_gate, a_up, b_up, a_down, b_down), scales, dropouts, seeds)
+    gate, up, down = _projections(x, stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
     y, gate_out, up_out, u_g, u_u, u_d = gated_mlp_forward(x2, gate, up, down, activation, _torch_backend._dropout)
     return y.reshape(x.shape), gate_out, up_out, u_g, u_u, u_d
 

@@ -137,6 +137,16 @@ def _gated_down_y_kernel(
         ht = _h_tile(gate_ptr, up_ptr, offs_m, offs_k, stride_gm, stride_gk, stride_pm, stride_pk, M, K, ACT)
         wt = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, K, N)       # (BLOCK_K, BLOCK_N) tile of Wᵀ
         acc = tl.dot(dot_operand(ht, DT, UPCAST), dot_operand(wt, DT, UPCAST), acc, input_precision=DOT_PRECISION)
+    finish_y(acc, u_ptr, b_ptr, y_ptr, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_bn, stride_br,
+             stride_ym, stride_yn, scale, DT, RANK_STEP, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def finish_y(acc, u_ptr, b_ptr, y_ptr, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_bn, stride_br,
+             stride_ym, stride_yn, scale, DT: tl.constexpr, RANK_STEP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """y[rows, cols] = acc + Σ_r (s·u_d[rows, r-block]) @ B_d[cols, r-block]ᵀ, with acc = (h W_dᵀ)[rows, cols]
+    (fp32) from the caller's loop over I: the tail both down-projection GEMMs (dense and quantized W_d) share."""
     for r0 in range(0, R, RANK_STEP):
         offs_j = r0 + tl.arange(0, RANK_STEP)
         uj = load_tile(u_ptr, offs_m, offs_j, stride_um, stride_ur, M, R) * scale
@@ -169,6 +179,20 @@ def _gated_dh_kernel(
         gt = load_tile(g_ptr, offs_m, offs_n, stride_gm, stride_gn, M, N)
         wt = load_tile(w_ptr, offs_n, offs_k, stride_wn, stride_wk, N, K)
         acc = tl.dot(dot_operand(gt, DT, UPCAST), dot_operand(wt, DT, UPCAST), acc, input_precision=DOT_PRECISION)
+    finish_dh(acc, du_ptr, a_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, offs_m, offs_k, pid_k * BLOCK_K, M, K, R,
+              stride_dum, stride_dur, stride_ar, stride_ak, stride_xm, stride_xk, seed_lo, seed_hi, threshold,
+              keep_scale, DT, ACT, HAS_DROPOUT, MASK_VEC4, RANK_STEP, BLOCK_M, BLOCK_K, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def finish_dh(acc, du_ptr, a_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, offs_m, offs_k, k0, M, K, R,
+              stride_dum, stride_dur, stride_ar, stride_ak, stride_xm, stride_xk, seed_lo, seed_hi, threshold,
+              keep_scale, DT: tl.constexpr, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_VEC4: tl.constexpr,
+              RANK_STEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """dh = acc + D_d ⊙ (du_d A_d) on the tile (acc = (g W_d)[rows, cols] fp32 from the caller's loop over H,
+    columns from k0), then dgate = dh ⊙ up ⊙ act'(gate) and dup = dh ⊙ act(gate) stored: the tail both dh
+    kernels (dense and quantized W_d) share."""
     lr = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, RANK_STEP):
         offs_j = r0 + tl.arange(0, RANK_STEP)
@@ -176,8 +200,7 @@ def _gated_dh_kernel(
         at = load_tile(a_ptr, offs_j, offs_k, stride_ar, stride_ak, R, K)
         lr = tl.dot(dot_operand(dut, DT, UPCAST), dot_operand(at, DT, UPCAST), lr, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        lr = lr * dropout_multiplier(offs_m, pid_k * BLOCK_K, K, seed_lo, seed_hi, threshold, keep_scale, BLOCK_K,
-                                     MASK_VEC4)
+        lr = lr * dropout_multiplier(offs_m, k0, K, seed_lo, seed_hi, threshold, keep_scale, BLOCK_K, MASK_VEC4)
     dh = acc + lr
     gate = load_tile(gate_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K).to(tl.float32)
     up = load_tile(up_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K).to(tl.float32)

@@ -3,15 +3,21 @@
     y = down(act(gate(x)) ⊙ up(x)),   each projection p(z) = z W_pᵀ + s_p·(D_p⊙z) A_pᵀ B_pᵀ
 
 the math, the saved tensors and every gradient of ``lowcost.ops.lora_gated_mlp`` (``lowcost.reference.
-lora_gated_mlp``), with each W_p a ``QuantizedWeight``: x W_pᵀ and g W_p are summed over blocks of dequantized
-rows (``lowcost.reference.qlora_linear``), so no dense W exists, and what backward keeps is unchanged: x, gate
-and up (M, I), the three u's and the seeds, plus references to the stored codes and scales. The unfused
-quantized MLP keeps act(gate) and h = act(gate)⊙up too.
+lora_gated_mlp``), with each W_p a ``QuantizedWeight``: x W_pᵀ and g W_p are computed from W decoded a block of
+rows at a time (torch backend, ``lowcost.reference.qlora_linear``) or a tile at a time inside the GEMM loops
+(Triton), so no dense W exists, and what backward keeps is unchanged: x, gate and up (M, I), the three u's and
+the seeds, plus references to the stored codes and scales. The unfused quantized MLP keeps act(gate) and
+h = act(gate)⊙up too.
 
 ``lowcost.ops.lora_gated_mlp`` routes here when its weights are quantized (all three; a mix of dense and
-quantized projections is refused there). Backend: ``torch`` only (it runs on any device: cuBLAS / CPU GEMMs
-on one dequantized block at a time); the Triton fused-MLP kernels have no dequantizing loads yet, so
-``backend='triton'`` or ``'cuda'`` is a clear error.
+quantized projections is refused there). Backends:
+- ``torch`` (any device, every format): cuBLAS / CPU GEMMs on one dequantized block of rows at a time;
+- ``triton`` (CUDA, or the interpreter; every format ``kernels/qlora_dequant.py`` decodes: nf4, nf4-dq, int8,
+  q8_0, q4_0, q4_1, q4_k, q6_k): gate and up through the dequantizing LoRA-linear kernels, the down
+  projection through the fused MLP kernels with W_d's tile decoded inside the GEMM loop, in the forward
+  (h W_dᵀ) and in backward (g W_d) (``lowcost.kernels.qlora_gated_mlp``); no dense W at any time;
+- ``cuda``: refused (no CUDA dequantizing tile yet).
+``backend=None``: ``LOWCOST_BACKEND``, else Triton for CUDA tensors when it takes all three formats, else torch.
 
 Two custom ops: ``lowcost::qlora_gated_mlp`` → (y, gate, up, u_g, u_u, u_d) and
 ``lowcost::qlora_gated_mlp_backward`` → (dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d). The stored tensors are
@@ -26,9 +32,9 @@ from typing import Optional, Sequence
 import torch
 
 from lowcost.ops import _torch_backend
-from lowcost.ops._quant_backends import _rows
+from lowcost.ops._quant_backends import TRITON_FORMATS, _rows, _with_code_books
 from lowcost.ops.autocast import autocast_projections
-from lowcost.ops.backend import ENV_VAR
+from lowcost.ops.backend import BACKENDS, ENV_VAR, unavailable_reason
 from lowcost.ops.lora_gated_mlp import ROLES, _check_inputs, _seeds_tensor
 from lowcost.ops.lora_linear import _check_tensor
 from lowcost.ops.normed_input import pack_input, unpack_input
@@ -59,11 +65,30 @@ def _check_projection(role: str, weight: QuantizedWeight, lora_a: Tensor, lora_b
                         f"{lora_a.dtype} and {lora_b.dtype}")
 
 
-def _check_backend(backend: Optional[str]) -> None:
-    source, name = ("backend", backend) if backend is not None else (ENV_VAR, os.environ.get(ENV_VAR))
-    if name not in (None, "", "torch"):
-        raise ValueError(f"{source}={name!r}: the fused gated MLP on quantized weights runs on backend='torch' only "
-                         "(the Triton fused-MLP kernels have no dequantizing loads yet); use 'torch' or None")
+def _resolve(backend: Optional[str], x: Tensor, schemes: Sequence[str], rank: int) -> str:
+    """"torch" or "triton" for three weights of formats ``schemes`` (gate, up, down); a clear error naming the
+    choice's source (argument or LOWCOST_BACKEND) when it cannot run them."""
+    source, name = ("backend", backend) if backend is not None else (ENV_VAR, os.environ.get(ENV_VAR) or None)
+    if name is None:
+        usable = x.device.type == "cuda" and x.dtype != torch.float64 and \
+            all(s in TRITON_FORMATS for s in schemes) and unavailable_reason("triton", x.device, rank) is None
+        return "triton" if usable else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    if name == "cuda":
+        raise ValueError(f"{source}='cuda': the fused gated MLP on quantized weights has no CUDA kernel (no CUDA "
+                         "dequantizing tile yet); use 'triton', 'torch' or None")
+    if name == "triton":
+        lacking = [f"{role} ({scheme!r})" for role, scheme in zip(ROLES, schemes) if scheme not in TRITON_FORMATS]
+        if lacking:
+            raise ValueError(f"{source}='triton' has no dequantizing tile for the {', '.join(lacking)} weight "
+                             f"(it takes: {', '.join(TRITON_FORMATS)}); use backend='torch' (every format) or None")
+        reason = unavailable_reason("triton", x.device, rank)
+        if reason is not None:
+            raise ValueError(f"{source}='triton' is not available: {reason}")
+        if x.dtype == torch.float64:
+            raise TypeError("x of dtype float64 runs only on backend='torch' (got backend='triton')")
+    return name
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
@@ -76,22 +101,40 @@ def _projections(x: Tensor, packed: tuple, schemes: tuple, block_sizes, adapters
             for i in range(3)]
 
 
+def _kernel_projections(packed: tuple, schemes: tuple, block_sizes, adapters: tuple, scales, dropouts,
+                        seeds) -> list[tuple]:
+    """gate, up, down for the Triton kernels: (stored tensors + code books, scheme, N, block size, A, B, scale,
+    dropout, seed), N the projection's output size (B's rows)."""
+    return [(_with_code_books(packed[i], schemes[i]), schemes[i], adapters[2 * i + 1].shape[0], block_sizes[i],
+             adapters[2 * i], adapters[2 * i + 1], scales[i], dropouts[i], int(seeds[i])) for i in range(3)]
+
+
+def _kernels():
+    from lowcost.kernels import qlora_gated_mlp as kernels  # triton: imported on first use
+    return kernels
+
+
 @torch.library.custom_op("lowcost::qlora_gated_mlp", mutates_args=())
 def _qgated_op(x: Tensor, packed_gate: list[Tensor], packed_up: list[Tensor], packed_down: list[Tensor],
                scheme_gate: str, scheme_up: str, scheme_down: str, block_sizes: Sequence[int], a_gate: Tensor,
                b_gate: Tensor, a_up: Tensor, b_up: Tensor, a_down: Tensor, b_down: Tensor, scales: Sequence[float],
-               dropouts: Sequence[float], seeds: Tensor, activation: str
+               dropouts: Sequence[float], seeds: Tensor, activation: str, backend: str
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    gate, up, down = _projections(x, (packed_gate, packed_up, packed_down), (scheme_gate, scheme_up, scheme_down),
-                                  block_sizes, (a_gate, b_gate, a_up, b_up, a_down, b_down), scales, dropouts, seeds)
+    stored, schemes = (packed_gate, packed_up, packed_down), (scheme_gate, scheme_up, scheme_down)
+    adapters = (a_gate, b_gate, a_up, b_up, a_down, b_down)
     x2 = x.reshape(-1, x.shape[-1])
+    if backend == "triton":
+        projections = _kernel_projections(stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
+        y, gate_out, up_out, u_g, u_u, u_d = _kernels().qgated_mlp_fwd(x2, *projections, activation)
+        return y.reshape(x.shape), gate_out, up_out, u_g, u_u, u_d
+    gate, up, down = _projections(x, stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
     y, gate_out, up_out, u_g, u_u, u_d = gated_mlp_forward(x2, gate, up, down, activation, _torch_backend._dropout)
     return y.reshape(x.shape), gate_out, up_out, u_g, u_u, u_d
 
 
 @_qgated_op.register_fake
 def _(x, packed_gate, packed_up, packed_down, scheme_gate, scheme_up, scheme_down, block_sizes, a_gate, b_gate,
-      a_up, b_up, a_down, b_down, scales, dropouts, seeds, activation):
+      a_up, b_up, a_down, b_down, scales, dropouts, seeds, activation, backend):
     M, inter = math.prod(x.shape[:-1]), b_gate.shape[0]
     u_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (x.new_empty(x.shape), x.new_empty(M, inter), x.new_empty(M, inter),
@@ -104,13 +147,19 @@ def _qgated_backward_op(grad_y: Tensor, x: Tensor, packed_gate: list[Tensor], pa
                         block_sizes: Sequence[int], a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Tensor,
                         a_down: Tensor, b_down: Tensor, gate_out: Tensor, up_out: Tensor, u_g: Tensor, u_u: Tensor,
                         u_d: Tensor, scales: Sequence[float], dropouts: Sequence[float], seeds: Tensor,
-                        activation: str, needs: Sequence[bool]
+                        activation: str, needs: Sequence[bool], backend: str
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    gate, up, down = _projections(x, (packed_gate, packed_up, packed_down), (scheme_gate, scheme_up, scheme_down),
-                                  block_sizes, (a_gate, b_gate, a_up, b_up, a_down, b_down), scales, dropouts, seeds)
+    stored, schemes = (packed_gate, packed_up, packed_down), (scheme_gate, scheme_up, scheme_down)
+    adapters = (a_gate, b_gate, a_up, b_up, a_down, b_down)
     x2, g2 = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
-    grads = gated_mlp_backward(g2, x2, gate, up, down, gate_out, up_out, u_g, u_u, u_d, activation, tuple(needs),
-                               _torch_backend._dropout)
+    if backend == "triton":
+        projections = _kernel_projections(stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
+        grads = _kernels().qgated_mlp_bwd(g2, x2, *projections, gate_out, up_out, u_g, u_u, u_d, activation,
+                                          tuple(bool(n) for n in needs))
+    else:
+        gate, up, down = _projections(x, stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
+        grads = gated_mlp_backward(g2, x2, gate, up, down, gate_out, up_out, u_g, u_u, u_d, activation,
+                                   tuple(needs), _torch_backend._dropout)
     dx = grads[0].reshape(x.shape) if grads[0] is not None else None
     return tuple(g if g is not None else x.new_empty(0) for g in (dx,) + tuple(grads[1:]))
 
@@ -118,21 +167,21 @@ def _qgated_backward_op(grad_y: Tensor, x: Tensor, packed_gate: list[Tensor], pa
 @_qgated_backward_op.register_fake
 def _(grad_y, x, packed_gate, packed_up, packed_down, scheme_gate, scheme_up, scheme_down, block_sizes, a_gate,
       b_gate, a_up, b_up, a_down, b_down, gate_out, up_out, u_g, u_u, u_d, scales, dropouts, seeds, activation,
-      needs):
+      needs, backend):
     like = (x, a_gate, b_gate, a_up, b_up, a_down, b_down)
     return tuple(x.new_empty(t.shape, dtype=t.dtype) if need else x.new_empty(0) for need, t in zip(needs, like))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, packed_gate, packed_up, packed_down, *schemes_blocks = inputs[:8]
-    adapters, (scales, dropouts, seeds, activation) = inputs[8:14], inputs[14:]
+    adapters, (scales, dropouts, seeds, activation, backend) = inputs[8:14], inputs[14:19]
     _, gate_out, up_out, u_g, u_u, u_d = output
     ctx.mark_non_differentiable(gate_out, up_out, u_g, u_u, u_d)
     stored, ctx.input_rebuild = pack_input(x)   # a normed x: kept as its norm's input and statistics
     ctx.save_for_backward(*stored, *adapters, gate_out, up_out, u_g, u_u, u_d, seeds, *packed_gate, *packed_up,
                           *packed_down)
     ctx.counts = (len(packed_gate), len(packed_up), len(packed_down))
-    ctx.settings = (*schemes_blocks, list(scales), list(dropouts), activation)
+    ctx.settings = (*schemes_blocks, list(scales), list(dropouts), activation, backend)
 
 
 def _backward(ctx, grad_y, *_):
@@ -143,8 +192,8 @@ def _backward(ctx, grad_y, *_):
     packed = (list(stored[:n_gate]), list(stored[n_gate:n_gate + n_up]), list(stored[n_gate + n_up:]))
     needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
     grads = _qgated_backward_op(grad_y, x, *packed, *ctx.settings[:4], *adapters, *rest[:5], *ctx.settings[4:6],
-                                rest[5], ctx.settings[6], needs)
-    out = [None] * 18
+                                rest[5], ctx.settings[6], needs, ctx.settings[7])
+    out = [None] * 19
     for index, need, grad in zip(_GRAD_INPUTS, needs, grads):
         out[index] = grad if need else None
     out[1:4] = [[None] * len(p) for p in packed]
@@ -160,7 +209,12 @@ def qlora_gated_mlp(x: Tensor, gate: Sequence, up: Sequence, down: Sequence, sca
                     backend: Optional[str] = None) -> Tensor:
     """``lowcost.ops.lora_gated_mlp`` with quantized frozen weights: gate, up = (W (I, H), A (r, H), B (I, r)),
     down = (W (H, I), A (r, I), B (H, r)), each W a ``QuantizedWeight`` (decoded to x's dtype). x (..., H)
-    float32 / float16 / bfloat16 (float64 for tests) → y (..., H) in x's dtype. Backend: 'torch' or None."""
+    float32 / float16 / bfloat16 (float64 for tests) → y (..., H) in x's dtype.
+
+    backend: 'torch' (every format, any device), 'triton' (the formats with a Triton dequantizing tile: nf4,
+    nf4-dq, int8, q8_0, q4_0, q4_1, q4_k, q6_k; W's tiles decoded inside the GEMM loops) or None (Triton for
+    CUDA tensors when it takes all three formats, else torch). 'cuda' is a clear error: no CUDA dequantizing
+    tile yet. Both backends save the same tensors for backward."""
     params = tuple(gate) + tuple(up) + tuple(down)
     if len(params) != 9:
         raise ValueError("gate, up and down must each be (weight, lora_a, lora_b)")
@@ -170,9 +224,9 @@ def qlora_gated_mlp(x: Tensor, gate: Sequence, up: Sequence, down: Sequence, sca
                             "(the fused MLP takes three dense or three quantized weights)")
     x, params = autocast_projections(x, params)
     _check_inputs(x, params, scales, dropouts, activation, check_projection=_check_projection)
-    _check_backend(backend)
     weights = params[0::3]
+    name = _resolve(backend, x, [w.scheme for w in weights], max(a.shape[0] for a in params[1::3]))
     seeds = _seeds_tensor(seeds, dropouts)
     return _qgated_op(x, *(w.packed for w in weights), *(w.scheme for w in weights),
                       [w.block_size for w in weights], *(t for i, t in enumerate(params) if i % 3),
-                      [float(s) for s in scales], [float(p) for p in dropouts], seeds, activation)[0]
+                      [float(s) for s in scales], [float(p) for p in dropouts], seeds, activation, name)[0]

@@ -19,6 +19,7 @@ from torch import nn
 from lowcost._families import module_roles
 from lowcost.nn.lora_gated_mlp import LoRAGatedMLP
 from lowcost.nn.lora_linear import LoRALinear
+from lowcost.ops._quant_backends import QUANT_SUPPORT
 from lowcost.ops.backend import ENV_VAR, triton_usable, unavailable_reason
 from lowcost.reference.lora_gated_mlp import ACTIVATIONS, activation as reference_activation
 
@@ -75,7 +76,8 @@ def _backend_problem(layers: dict[str, LoRALinear]) -> str:
         return "backend='triton' with float64 weights (the Triton kernels take fp32/fp16/bf16)"
     rank = max(layer.lora_A.shape[0] for layer in layers.values())
     # a meta-device model (lowcost plan) runs later on a device we cannot see: only the rank is checked
-    why = unavailable_reason("triton", torch.device("cuda") if weight.is_meta else weight.device, rank)
+    device = weight.device   # a dense tensor's or a QuantizedWeight's (its stored tensors')
+    why = unavailable_reason("triton", torch.device("cuda") if device.type == "meta" else device, rank)
     return f"backend='triton' cannot run here: {why}" if why else ""
 
 
@@ -97,7 +99,8 @@ def _structure_problem(mlp: nn.Module, roles: dict[str, str]) -> str:
 
 def _quantized_problem(layers: dict[str, LoRALinear], packed: bool) -> str:
     """Why quantized base weights cannot be fused ("" when none is quantized, or all three can be): the fused
-    MLP takes three dense or three quantized weights, unpacked, on the torch backend."""
+    MLP takes three dense or three quantized weights, unpacked, on the torch backend or on Triton (formats
+    with a Triton dequantizing tile); there is no CUDA dequantizing tile."""
     quantized = [attr for attr, layer in layers.items() if not isinstance(layer.weight, torch.Tensor)]
     if not quantized:
         return ""
@@ -106,9 +109,12 @@ def _quantized_problem(layers: dict[str, LoRALinear], packed: bool) -> str:
     if packed:
         return "a packed gate_up projection with a quantized base weight (its halves cannot be sliced)"
     asked = {layer.backend or os.environ.get(ENV_VAR) for layer in layers.values()} - {None, "", "torch"}
-    if asked:
-        return (f"quantized base weights with backend={asked.pop()!r}: the fused MLP dequantizes on the torch "
-                "backend only")
+    if "cuda" in asked:
+        return ("quantized base weights with backend='cuda': the fused MLP has no CUDA dequantizing tile (its "
+                "backends on a quantized base: torch, triton)")
+    lacking = sorted({layer.weight.scheme for layer in layers.values()} - set(QUANT_SUPPORT["triton"]))
+    if "triton" in asked and lacking:
+        return f"quantized base weights in {lacking} with backend='triton': no Triton dequantizing tile for them"
     return ""
 
 

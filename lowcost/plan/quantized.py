@@ -93,7 +93,7 @@ def _qgated_forward_flops(x_shape, packed_g, packed_u, packed_d, scheme_g, schem
 def _qgated_backward_flops(grad_shape, x_shape, packed_g, packed_u, packed_d, scheme_g, scheme_u, scheme_d,
                            block_sizes, *args, out_shape=None, **kwargs) -> int:
     from lowcost.plan.flops import _gated_backward
-    adapters, needs = args[:6], args[-1]
+    adapters, needs = args[:6], args[15]   # after A/B × 3, the 5 saved outputs, scales, dropouts, seeds, activation
     w = _qgated_shapes(adapters)
     dense = _gated_backward(grad_shape, x_shape, w[0], adapters[0], adapters[1], w[1], adapters[2], adapters[3],
                             w[2], adapters[4], adapters[5], None, None, None, None, None, None, None, None, None,

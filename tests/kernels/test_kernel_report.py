@@ -112,6 +112,36 @@ def test_fused_ops_all_configs_cover_every_kernel_once_with_the_benchmark_launch
     assert any(launch.label.startswith("xent_rows_grad") and launch.grid == (264,) for launch in bench)
 
 
+def test_quantized_mlp_all_configs_cover_every_format_dtype_and_dropout_once():
+    """--all-configs takes the quantized fused MLP's down-projection GEMMs (issue #13) from their planner: both
+    kernels for every format and x dtype, the dh kernel with dropout off and on, each configuration once."""
+    sys.path.insert(0, str(REPO))
+    from kernels.qlora_dequant import FORMAT_IDS
+    from kernels.qlora_gated_mlp import aot_launches
+    launches = list(aot_launches())
+    labels = [launch.label for launch in launches]
+    assert len(labels) == len(set(labels))
+    seen = {(launch.label.split()[0], launch.constexprs["FMT"], launch.label.split()[2],
+             launch.constexprs.get("HAS_DROPOUT")) for launch in launches}
+    for fmt in FORMAT_IDS.values():
+        for dtype in ("bfloat16", "float16", "float32"):
+            assert ("qmlp_down_y", fmt, dtype, None) in seen
+            assert {("qmlp_dh", fmt, dtype, True), ("qmlp_dh", fmt, dtype, False)} <= seen
+
+
+def test_quantized_mlp_report_compiles_for_sm90a(tmp_path):
+    """--op qlora_gated_mlp: the two dequantizing GEMMs per --scheme, compiled, with wgmma and no spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(REPO / "tools" / "kernel_report.py"), "--op", "qlora_gated_mlp", "--scheme", "q4_k",
+           "--shape", "256,256,512,16", "--dropout", "0.05", "--backend", "triton", "--json", "--jobs", "2",
+           "--check"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+    assert {row["kernel"] for row in rows} == {"qmlp_down_y q4_k", "qmlp_dh q4_k"}
+    assert all(row["op"] == "qlora_gated_mlp:q4_k" and row["mma"] == "wgmma" and row["spills"] == 0 for row in rows)
+
+
 def test_cuda_rows_come_from_the_cuda_module_or_say_why_not(monkeypatch):
     """--backend cuda|all takes the CUDA kernels' rows from tools/kernel_report_cuda.py (another module's
     job); its RuntimeError (a missing toolchain) becomes a printed reason, not a crash."""

@@ -122,9 +122,9 @@ def test_fused_gated_mlp_workspace_is_the_measured_one(scheme, dtypes, blocks):
     x, g, seeds = _rand(gen, M, H, dtype=x_dtype), _rand(gen, M, H, dtype=x_dtype), torch.tensor([3, 4, 5])
     stored = (*(w.packed for w in weights), *(w.scheme for w in weights), [w.block_size for w in weights])
     for dropouts in ([0.0, 0.0, 0.0], [0.1, 0.0, 0.2]):
-        forward = (x, *stored, *adapters, [0.5] * 3, dropouts, seeds, "silu")
+        forward = (x, *stored, *adapters, [0.5] * 3, dropouts, seeds, "silu", "torch")
         _check("qlora_gated_mlp", GATED._qgated_op, forward)
         saved = GATED._qgated_op._init_fn(*forward)[1:]
         for needs in ([True] * 7, [False, False, True, True, False, True, False]):
             _check("qlora_gated_mlp_backward", GATED._qgated_backward_op,
-                   (g, x, *stored, *adapters, *saved, [0.5] * 3, dropouts, seeds, "silu", needs))
+                   (g, x, *stored, *adapters, *saved, [0.5] * 3, dropouts, seeds, "silu", needs, "torch"))

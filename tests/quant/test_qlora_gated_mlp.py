@@ -115,13 +115,13 @@ def test_opcheck():
     d, weights = make("q8_0", 5, 64, 32)
     w = [weights[r] for r in ROLES]
     args = (d["x"].requires_grad_(), *(x.packed for x in w), *(x.scheme for x in w), [x.block_size for x in w],
-            *(d[k].requires_grad_() for k in ADAPTERS), [1.0, 2.0, 0.5], [0.2] * 3, torch.tensor([1, 2, 3]), "silu")
+            *(d[k].requires_grad_() for k in ADAPTERS), [1.0, 2.0, 0.5], [0.2] * 3, torch.tensor([1, 2, 3]), "silu", "torch")
     result = torch.library.opcheck(_qgated_op, args)
     assert all(v == "SUCCESS" for v in result.values()), result
     y, gate, up, u_g, u_u, u_d = _qgated_op(*args)
     bargs = (d["grad_y"], d["x"].detach(), *(x.packed for x in w), *(x.scheme for x in w), [x.block_size for x in w],
              *(d[k].detach() for k in ADAPTERS), gate, up, u_g, u_u, u_d, [1.0, 2.0, 0.5], [0.2] * 3,
-             torch.tensor([1, 2, 3]), "silu", [True] * 7)
+             torch.tensor([1, 2, 3]), "silu", [True] * 7, "torch")
     result = torch.library.opcheck(_qgated_backward_op, bargs, test_utils=("test_schema", "test_faketensor"))
     assert all(v == "SUCCESS" for v in result.values()), result
 
@@ -131,8 +131,8 @@ def test_bad_input():
     gate, up = (weights["gate"], d["a_gate"], d["b_gate"]), (weights["up"], d["a_up"], d["b_up"])
     down = (weights["down"], d["a_down"], d["b_down"])
     mlp = lowcost.ops.lora_gated_mlp
-    with pytest.raises(ValueError, match="backend='triton'.*runs on backend='torch' only"):
-        mlp(d["x"], gate, up, down, (1.0,) * 3, backend="triton")
+    with pytest.raises(ValueError, match="backend='cuda'.*no CUDA dequantizing tile yet"):
+        mlp(d["x"], gate, up, down, (1.0,) * 3, backend="cuda")
     with pytest.raises(TypeError, match="down weight must be a QuantizedWeight like the others"):
         mlp(d["x"], gate, up, (weights["down"].dequantize(), d["a_down"], d["b_down"]), (1.0,) * 3)
     with pytest.raises(ValueError, match=r"up weight must have shape \(32, 64\)"):

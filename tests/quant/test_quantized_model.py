@@ -232,16 +232,41 @@ def test_fused_mlp_on_a_quantized_base_equals_the_unfused_layers():
         torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("setup, reason", [
-    ("mixed", "quantized but not the other projections"),
-    ("triton", "the fused MLP dequantizes on the torch backend only"),
-])
-def test_fused_mlp_refuses_what_it_cannot_take_on_a_quantized_base(setup, reason, monkeypatch):
-    if setup == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("LOWCOST_BACKEND", "triton")      # the unfused quantized layers run on Triton
+def test_fused_mlp_on_a_quantized_base_runs_on_triton(monkeypatch):
+    """LOWCOST_BACKEND=triton (the interpreter here): the fused MLP is taken on a quantized base and runs the
+    dequantizing Triton kernels; loss and adapter gradients equal the unfused quantized layers' on Triton."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("LOWCOST_BACKEND", "triton")
     model = _frozen()
-    quantize(model, "nf4", exclude=["down_proj"] if setup == "mixed" else None)
+    quantize(model, "nf4")
+    twin = copy.deepcopy(model)
+    report, loss, grads = _fused_step(model, ("mlp",))
+    assert [f for f in report.fusion.taken if f.kind == "mlp"] and \
+        not [f for f in report.fusion.refused if f.kind == "mlp"]
+    _, loss_ref, grads_ref = _fused_step(twin, None)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_mlp_refuses_what_it_cannot_take_on_a_quantized_base():
+    model = _frozen()
+    quantize(model, "nf4", exclude=["down_proj"])
     report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8), fused=("mlp",))
     refused = [f for f in report.fusion.refused if f.kind == "mlp"]
-    assert refused and all(reason in f.detail for f in refused)
+    assert refused and all("quantized but not the other projections" in f.detail for f in refused)
+
+
+def test_fused_mlp_on_a_quantized_base_refuses_cuda(monkeypatch):
+    """LOWCOST_BACKEND=cuda (apply refuses it on a machine without a GPU, so the fusion's check is called
+    directly on the adapted layers): no CUDA dequantizing tile, said with the backends there are."""
+    from lowcost.patch.fuse_mlp import _quantized_problem
+    model = _frozen()
+    quantize(model, "nf4")
+    lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8), fused=None)
+    mlp = model.model.layers[0].mlp
+    layers = {attr: getattr(mlp, attr) for attr in ("gate_proj", "up_proj", "down_proj")}
+    assert _quantized_problem(layers, packed=False) == ""
+    monkeypatch.setenv("LOWCOST_BACKEND", "cuda")
+    assert "no CUDA dequantizing tile (its backends on a quantized base: torch, triton)" in \
+        _quantized_problem(layers, packed=False)

@@ -12,22 +12,26 @@ from lowcost.reference import lora_linear as reference
 from lowcost.reference.philox import apply_dropout
 
 
-def _dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    if x.dtype != torch.float64 and has_kernel("philox_dropout", device_dispatch_key(x.device)):
-        return torch.ops.lowcost.philox_dropout(x, seed, p)
-    return apply_dropout(x, seed, p)
+class CompiledDropout:
+    """The torch backend's dropout (a ``lowcost.reference.philox.PairedDropout``): the C++ Philox kernels of
+    ``lowcost._C`` where they are built for the tensor's device, else the pure-torch Philox; the same mask."""
+
+    def __call__(self, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+        """D ⊙ x, x (M, K) in any float dtype."""
+        if x.dtype != torch.float64 and has_kernel("philox_dropout", device_dispatch_key(x.device)):
+            return torch.ops.lowcost.philox_dropout(x, seed, p)
+        return apply_dropout(x, seed, p)
+
+    def pair(self, x: torch.Tensor, z: torch.Tensor, seed: int, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D ⊙ x, D ⊙ z), x (M, K) in any float dtype and z (M, K) a float32 temporary of the caller's: the C++
+        kernel (CPU only) generates the mask once and masks z in place; else two calls (the same mask)."""
+        if (x.dtype != torch.float64 and z.dtype == torch.float32 and z.is_contiguous()
+                and has_kernel("philox_dropout_pair_", device_dispatch_key(x.device))):
+            return torch.ops.lowcost.philox_dropout_pair_(x, z, seed, p), z
+        return self(x, seed, p), self(z, seed, p)
 
 
-def _dropout_pair(x: torch.Tensor, z: torch.Tensor, seed: int, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(D ⊙ x, D ⊙ z), x (M, K) in any float dtype and z (M, K) a float32 temporary of the caller's: the C++
-    kernel (CPU only) generates the mask once and masks z in place; else ``_dropout`` twice (the same mask)."""
-    if (x.dtype != torch.float64 and z.dtype == torch.float32 and z.is_contiguous()
-            and has_kernel("philox_dropout_pair_", device_dispatch_key(x.device))):
-        return torch.ops.lowcost.philox_dropout_pair_(x, z, seed, p), z
-    return _dropout(x, seed, p), _dropout(z, seed, p)
-
-
-_dropout.pair = _dropout_pair   # lowcost.reference.philox.dropout_pair uses it where both are wanted
+_dropout = CompiledDropout()
 
 
 def forward(x, weight, lora_a, lora_b, bias, scale, dropout, seed):

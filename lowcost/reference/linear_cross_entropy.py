@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from lowcost.reference.lora_linear import accumulation_dtype
-from lowcost.reference.philox import apply_dropout
+from lowcost.reference.philox import DropoutFn, apply_dropout
 
 Tensor = torch.Tensor
 NEEDS_ALL = (True, True, True, True, True)  # (dh, dW, dbias, dA, dB)
@@ -51,7 +51,6 @@ class HeadLoRA:
 
 
 RowsFn = Callable[[Tensor, Tensor, Optional[Tensor], CrossEntropySpec], Tensor]
-DropoutFn = Callable[[Tensor, int, float], Tensor]
 
 
 def softmax_xent_rows(z: Tensor, labels: Tensor, row_weight: Optional[Tensor], spec: CrossEntropySpec) -> Tensor:

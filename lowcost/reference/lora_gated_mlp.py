@@ -24,7 +24,7 @@ tensors would be; the activation and its derivative are torch's own (``aten.silu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +32,10 @@ import torch.nn.functional as F
 from lowcost.reference.lora_linear import accumulation_dtype, lora_linear_backward, lora_linear_forward
 from lowcost.reference.qlora_linear import (RowSource, qlora_linear_backward, qlora_linear_forward,
                                             quantized_base_dgrad)
-from lowcost.reference.philox import apply_dropout, dropout_pair
+from lowcost.reference.philox import DropoutFn, apply_dropout, dropout_pair
 
 Tensor = torch.Tensor
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
-DropoutFn = Callable[[Tensor, int, float], Tensor]
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,9 @@ from typing import Callable, Optional
 
 import torch
 
-from lowcost.reference.philox import apply_dropout, dropout_pair
+from lowcost.reference.philox import DropoutFn, apply_dropout, dropout_pair
 
 Tensor = torch.Tensor
-DropoutFn = Callable[[Tensor, int, float], Tensor]
 
 
 def accumulation_dtype(x: Tensor) -> torch.dtype:

@@ -13,7 +13,7 @@ that no product exceeds 2**49, which keeps every intermediate exact in int64.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -98,16 +98,32 @@ def apply_dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     return torch.where(keep, scaled, torch.zeros((), dtype=compute, device=x.device)).to(x.dtype)
 
 
-def dropout_pair(dropout_fn, x: Optional[torch.Tensor], z: Optional[torch.Tensor], seed: int,
+DropoutFn = Callable[[torch.Tensor, int, float], torch.Tensor]
+"""A backend's dropout: ``dropout_fn(x, seed, p)`` → D ⊙ x (the spec's mask, scaled by 1/(1-p))."""
+
+
+@runtime_checkable
+class PairedDropout(Protocol):
+    """A ``DropoutFn`` that can also mask two tensors of one (M, K) shape under one generation of the mask.
+
+    ``pair(x, z, seed, p)`` → (D ⊙ x, D ⊙ z); it may mask ``z`` in place (z is always the caller's temporary).
+    The torch backend's dropout is one (``philox_dropout_pair_``, CPU); ``dropout_pair`` uses it where a backward
+    wants x̃ for dA and the low-rank term of dx together."""
+
+    def __call__(self, x: torch.Tensor, seed: int, p: float) -> torch.Tensor: ...
+
+    def pair(self, x: torch.Tensor, z: torch.Tensor, seed: int, p: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def dropout_pair(dropout_fn: DropoutFn, x: Optional[torch.Tensor], z: Optional[torch.Tensor], seed: int,
                  p: float) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(D ⊙ x, D ⊙ z) for two tensors of one (M, K) shape under one mask (either may be None: skipped).
 
-    ``dropout_fn(t, seed, p)`` applies the mask to one tensor; a backend whose kernel generates the mask once
-    for both sets ``dropout_fn.pair(x, z, seed, p)`` (the torch backend's backward: x̃ for dA and the low-rank
-    term of dx). Without it the mask is generated twice, the same mask, as it is a function of (seed, index).
-    z must be a temporary of the caller's: ``pair`` may mask it in place (the torch backend's kernel does)."""
+    A ``PairedDropout`` generates the mask once for both; any other ``DropoutFn`` is called twice, which gives the
+    same mask, as the mask is a function of (seed, index). z must be a temporary of the caller's: ``pair`` may
+    mask it in place."""
     if p == 0.0:
         return x, z
-    if x is not None and z is not None and getattr(dropout_fn, "pair", None) is not None:
+    if x is not None and z is not None and isinstance(dropout_fn, PairedDropout):
         return dropout_fn.pair(x, z, seed, p)
     return (dropout_fn(x, seed, p) if x is not None else None, dropout_fn(z, seed, p) if z is not None else None)

@@ -184,6 +184,36 @@ def test_torch_backend_without_the_compiled_extension(monkeypatch, dtype):
     assert len(calls) == 3          # x̃ in forward; x̃ and D⊙(duA) in backward
 
 
+def test_dropout_pair_uses_one_generation_only_where_the_backend_declares_it():
+    """``dropout_pair`` calls ``pair`` on a ``PairedDropout`` (the torch backend's dropout) and otherwise calls
+    the plain ``DropoutFn`` twice; both give the mask of two separate calls, and p = 0 returns the inputs."""
+    from lowcost.ops import _torch_backend
+    from lowcost.reference.philox import PairedDropout, apply_dropout, dropout_pair
+
+    assert isinstance(_torch_backend._dropout, PairedDropout)
+    assert not isinstance(apply_dropout, PairedDropout)
+    x, z = torch.randn(5, 37), torch.randn(5, 37)
+    expected = (apply_dropout(x, 7, 0.25), apply_dropout(z, 7, 0.25))
+    calls = []
+
+    class Recording:
+        def __call__(self, t, seed, p):
+            calls.append("call")
+            return apply_dropout(t, seed, p)
+
+        def pair(self, a, b, seed, p):
+            calls.append("pair")
+            return apply_dropout(a, seed, p), apply_dropout(b, seed, p)
+
+    for dropout_fn, wanted in ((Recording(), ["pair"]), (Recording().__call__, ["call", "call"]),
+                               (_torch_backend._dropout, None)):
+        calls.clear()
+        got = dropout_pair(dropout_fn, x, z.clone(), 7, 0.25)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+        assert wanted is None or calls == wanted
+    assert all(got is given for got, given in zip(dropout_pair(apply_dropout, x, z, 7, 0.0), (x, z)))
+
+
 @pytest.mark.skipif(not has_kernel("philox_dropout_pair_", "CPU"), reason="lowcost._C is not built")
 @pytest.mark.parametrize("needs_dx", [True, False])
 def test_torch_backend_backward_generates_the_mask_once(needs_dx):

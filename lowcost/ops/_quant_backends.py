@@ -7,11 +7,10 @@ tile loop (``lowcost.kernels.qlora_linear``); ``cuda`` none yet. Choice: explici
 """
 from __future__ import annotations
 
-import os
 import torch
 
 from lowcost.ops._torch_backend import _dropout
-from lowcost.ops.backend import BACKENDS, ENV_VAR, unavailable_reason
+from lowcost.ops.backend import requested_backend, unavailable_reason
 from lowcost.reference import qlora_linear as reference
 from lowcost.reference.quant import FORMATS, dequantize_packed, dynamic_map, nf4_code, workspace_elements
 
@@ -22,15 +21,18 @@ QUANT_SUPPORT = {"torch": tuple(FORMATS), "triton": TRITON_FORMATS, "cuda": ()}
 def resolve_quant_backend(requested, device: torch.device, rank: int, scheme: str, where: str = "") -> str:
     """Backend name for a quantized weight of format ``scheme``; a ValueError names the choice, the format and
     ``where`` (e.g. the module) when the requested backend cannot run it."""
-    source, name = "backend", requested
-    if name is None and os.environ.get(ENV_VAR):
-        source, name = ENV_VAR, os.environ[ENV_VAR]
-    at = f" ({where})" if where else ""
+    source, name = requested_backend(requested)
     if name is None:
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)
         return next(c for c in order if scheme in QUANT_SUPPORT[c] and unavailable_reason(c, device, rank) is None)
-    if name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    check_quant_backend(source, name, device, rank, scheme, where)
+    return name
+
+
+def check_quant_backend(source: str, name: str, device: torch.device, rank: int, scheme: str, where: str = "") -> None:
+    """Raises a ValueError naming ``source`` (the argument or LOWCOST_BACKEND), the format and ``where`` when
+    backend ``name`` has no kernel for a ``scheme`` weight or cannot run on ``device`` at rank ``rank``."""
+    at = f" ({where})" if where else ""
     if scheme not in QUANT_SUPPORT[name]:
         takes = ", ".join(QUANT_SUPPORT[name]) or "no quantized format yet"
         raise ValueError(f"{source}={name!r} has no kernel for a {scheme!r} weight{at} (it takes: {takes}); "
@@ -38,7 +40,6 @@ def resolve_quant_backend(requested, device: torch.device, rank: int, scheme: st
     reason = unavailable_reason(name, device, rank)
     if reason is not None:
         raise ValueError(f"{source}={name!r} is not available{at}: {reason}")
-    return name
 
 
 def _rows(scheme, packed, K, block_size, dtype):

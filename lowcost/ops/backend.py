@@ -62,19 +62,27 @@ def unavailable_reason(name: str, device: torch.device, rank: int) -> str | None
     return None
 
 
-def resolve_backend(requested: str | None, device: torch.device, rank: int = 1) -> str:
-    """Name of the backend to run on ``device`` for LoRA rank ``rank``; raises ValueError naming the
-    source (argument or environment variable) of a choice that cannot run."""
+def requested_backend(requested: str | None) -> tuple[str, str | None]:
+    """(source, name) of an explicit backend choice: the argument ``requested``, else ``LOWCOST_BACKEND``; name is
+    None when neither is set. The source ("backend" or the variable's name) is what error messages cite; a
+    name outside ``BACKENDS`` is a ValueError."""
     source, name = "backend", requested
     if name is None and os.environ.get(ENV_VAR):
         source, name = ENV_VAR, os.environ[ENV_VAR]
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return source, name
+
+
+def resolve_backend(requested: str | None, device: torch.device, rank: int = 1) -> str:
+    """Name of the backend to run on ``device`` for LoRA rank ``rank``; raises ValueError naming the
+    source (argument or environment variable) of a choice that cannot run."""
+    source, name = requested_backend(requested)
     if name is None:
         for candidate in (("triton", "cuda", "torch") if device.type == "cuda" else ("torch",)):
             if unavailable_reason(candidate, device, rank) is None:
                 return candidate
         return "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     reason = unavailable_reason(name, device, rank)
     if reason is not None:
         raise ValueError(f"{source}={name!r} is not available: {reason}")

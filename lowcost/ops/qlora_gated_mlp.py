@@ -26,15 +26,14 @@ Two custom ops: ``lowcost::qlora_gated_mlp`` → (y, gate, up, u_g, u_u, u_d) an
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
 
 from lowcost.ops import _torch_backend
-from lowcost.ops._quant_backends import TRITON_FORMATS, _rows, _with_code_books
+from lowcost.ops._quant_backends import TRITON_FORMATS, _rows, _with_code_books, check_quant_backend
 from lowcost.ops.autocast import autocast_projections
-from lowcost.ops.backend import BACKENDS, ENV_VAR, unavailable_reason
+from lowcost.ops.backend import requested_backend, unavailable_reason
 from lowcost.ops.lora_gated_mlp import ROLES, _check_inputs, _seeds_tensor
 from lowcost.ops.lora_linear import _check_tensor
 from lowcost.ops.normed_input import pack_input, unpack_input
@@ -67,27 +66,19 @@ def _check_projection(role: str, weight: QuantizedWeight, lora_a: Tensor, lora_b
 
 def _resolve(backend: Optional[str], x: Tensor, schemes: Sequence[str], rank: int) -> str:
     """"torch" or "triton" for three weights of formats ``schemes`` (gate, up, down); a clear error naming the
-    choice's source (argument or LOWCOST_BACKEND) when it cannot run them."""
-    source, name = ("backend", backend) if backend is not None else (ENV_VAR, os.environ.get(ENV_VAR) or None)
+    choice's source (argument or LOWCOST_BACKEND) and the projection when it cannot run them."""
+    source, name = requested_backend(backend)
     if name is None:
         usable = x.device.type == "cuda" and x.dtype != torch.float64 and \
             all(s in TRITON_FORMATS for s in schemes) and unavailable_reason("triton", x.device, rank) is None
         return "triton" if usable else "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name == "cuda":
-        raise ValueError(f"{source}='cuda': the fused gated MLP on quantized weights has no CUDA kernel (no CUDA "
-                         "dequantizing tile yet); use 'triton', 'torch' or None")
-    if name == "triton":
-        lacking = [f"{role} ({scheme!r})" for role, scheme in zip(ROLES, schemes) if scheme not in TRITON_FORMATS]
-        if lacking:
-            raise ValueError(f"{source}='triton' has no dequantizing tile for the {', '.join(lacking)} weight "
-                             f"(it takes: {', '.join(TRITON_FORMATS)}); use backend='torch' (every format) or None")
-        reason = unavailable_reason("triton", x.device, rank)
-        if reason is not None:
-            raise ValueError(f"{source}='triton' is not available: {reason}")
-        if x.dtype == torch.float64:
-            raise TypeError("x of dtype float64 runs only on backend='torch' (got backend='triton')")
+        raise ValueError(f"{source}='cuda': the fused gated MLP on quantized weights has no CUDA kernel (no "
+                         "CUDA dequantizing tile yet); use 'triton', 'torch' or None")
+    for role, scheme in zip(ROLES, schemes):
+        check_quant_backend(source, name, x.device, rank, scheme, f"the {role} projection")
+    if name == "triton" and x.dtype == torch.float64:
+        raise TypeError("x of dtype float64 runs only on backend='torch' (got backend='triton')")
     return name
 
 

@@ -17,9 +17,9 @@ Saved for backward: x (the caller's tensor), gate, up, u_g, u_u, u_d and the see
     dx     = dgate W_g + dup W_u + D_g⊙(du_g A_g) + D_u⊙(du_u A_u)   one accumulator (grouped input gradient)
 A projection's frozen W may be quantized (``Projection.dequant``, a row source as in
 ``lowcost.reference.qlora_linear``): its x Wᵀ and g W are then summed over dequantized blocks of rows, so no
-dense W exists; every other step is unchanged. Roundings follow the unfused model: gate, up, h, dh, dgate and dup are rounded to x's dtype as autograd's
-tensors would be; the activation and its derivative are torch's own (``aten.silu_backward`` /
-``aten.gelu_backward``), so fp32 results equal the unfused path's.
+dense W exists; every other step is unchanged. Roundings follow the unfused model: gate, up, h, dh, dgate and
+dup are rounded to x's dtype as autograd's tensors would be; the activation and its derivative are torch's own
+(``aten.silu_backward`` / ``aten.gelu_backward``), so fp32 results equal the unfused path's.
 """
 from __future__ import annotations
 

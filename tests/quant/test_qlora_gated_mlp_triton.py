@@ -160,7 +160,8 @@ def test_triton_refuses_float64():
 def test_triton_refuses_a_format_without_a_tile():
     """Every stored format has a Triton tile today; a format without one is named, with its projection."""
     x = torch.zeros(2, 4)
-    with pytest.raises(ValueError, match=r"no dequantizing tile for the down \('q5_k'\) weight"):
+    refusal = r"backend='triton' has no kernel for a 'q5_k' weight \(the down projection\)"
+    with pytest.raises(ValueError, match=refusal):
         qgated._resolve("triton", x, ["nf4", "nf4", "q5_k"], 4)
 
 

@@ -5,6 +5,7 @@ the tokenizer (lowcost adds domain words, so its sequences of the same token cou
 from __future__ import annotations
 
 import copy
+import dataclasses
 import platform
 from pathlib import Path
 
@@ -13,10 +14,10 @@ import torch
 from lowcost.cli import CLIError
 from lowcost.cli._demo_corpus import cut, domain_words, lee_documents, smollm2_gguf
 from lowcost.cli._encode import collate, pad_id, sequences
-from lowcost.cli._measure import (PeakMemory, SavedBytes, hardware, mib, optimizer_state_bytes, resident_weight_bytes,
+from lowcost.cli._measure import (SavedBytes, peak_meter, hardware, mib, optimizer_state_bytes, resident_weight_bytes,
                                   trainable)
 from lowcost.cli._train import Batches, History, Plan, evaluate, make_optimizer, run as run_steps
-from lowcost.cli.demo import Arm, dumps
+from lowcost.cli.demo import TRACED_STEPS, Arm, dumps
 
 PEFT_NAME = "PEFT LoRA + HF checkpointing"
 LOWCOST_NAME = "lowcost"
@@ -63,9 +64,12 @@ def _train(arm: Arm, model, batches: Batches, settings: dict, args, dev, hf_chec
 
     torch.manual_seed(args.seed + 1)              # the same dropout stream for both runs
     history = History()
-    with PeakMemory(dev) as peak:
-        run_steps(model, params, batches, plan, optimizer, scheduler, dev, history, first_forward=first_forward,
-                  label=arm.name)
+    traced = min(TRACED_STEPS, steps)             # by step 2 the optimizer state exists: the steady peak
+    with peak_meter(dev) as peak:
+        run_steps(model, params, batches, dataclasses.replace(plan, total_steps=traced), optimizer, scheduler, dev,
+                  history, first_forward=first_forward, label=f"{arm.name} (memory traced)")
+    if steps > traced:
+        run_steps(model, params, batches, plan, optimizer, scheduler, dev, history, start_step=traced, label=arm.name)
     arm.peak_bytes = peak.bytes if steps else None
     arm.step_seconds, arm.losses = history.seconds, history.loss
     arm.optimizer_bytes = optimizer_state_bytes(optimizer)
@@ -191,7 +195,9 @@ def render(header: list[str], rows: list[list[str]], result: dict) -> str:
              f"of the blocks, {s['steps']} steps of {s['batch']}×{s['seq_len']} tokens, AdamW lr {s['lr']:g} "
              f"(warm-up, cosine), seed {s['seed']}; lowcost checkpointing: {s['checkpoint']}.",
              "nats/char = held-out negative log-likelihood per character of text, comparable across tokenizers; "
-             "peak memory: " + ("CUDA max allocated" if "CUDA" in result["hardware"] else "sampled RSS") + ".",
+             "peak memory over the first " + f"{TRACED_STEPS} steps: " + ("CUDA max allocated" if "CUDA" in
+             result["hardware"] else "torch's CPU allocator, from the profiler's allocation records") + "; step "
+             "time: the median of the steps after those (the last step's when no other ran).",
              f"{result['hardware']}; torch {result['torch']}; wall time {result['wall_seconds']:.0f} s; "
              f"1-min load average at start / end {load}."]
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), ""] + notes)

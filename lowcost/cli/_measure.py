@@ -6,10 +6,15 @@ checkpoint frames keep outside autograd (``lowcost.checkpoint.track``), plus, fo
 checkpointing, the block inputs that ``torch.utils.checkpoint`` holds in a closure no hook sees (recorded by
 forward pre-hooks on the blocks). Each storage is counted once; parameters are excluded.
 
-Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` above what was allocated when measuring began;
-on a CPU the resident set size (``/proc/self/statm``) sampled every 5 ms by a thread, above the RSS
-when measuring began. Before a CPU measurement freed heap pages are handed back to the system
-(``malloc_trim``), so memory freed by an earlier run does not hide a later run's growth.
+Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` above what was allocated when measuring began.
+On a CPU, two meters:
+- ``AllocatorPeak``: the most bytes that the tensors allocated while measuring held at one time, replayed from
+  the profiler's allocation and free records in order. It counts tensors and nothing else, so it is the same
+  from run to run (the demo uses it);
+- ``PeakMemory``: the resident set size (``/proc/self/statm``) sampled every 5 ms by a thread, above the RSS
+  when measuring began (``lowcost finetune`` uses it: no profiler over a long run). It also counts the C heap's
+  retained and fragmented pages and the libraries' own buffers, so the same command spreads by 100 MiB and
+  more from run to run. Before it starts, freed heap pages are handed back to the system (``malloc_trim``).
 """
 from __future__ import annotations
 
@@ -91,6 +96,58 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, rss_bytes())
         self.bytes = self._peak - self._base
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """fd 2 to /dev/null for the duration (the profiler's C++ side prints a line when it starts and stops)."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class AllocatorPeak:
+    """``with AllocatorPeak() as peak: ...`` then ``peak.bytes``: the most bytes that tensors allocated inside the
+    block held at one time. ``torch.profiler`` (``profile_memory=True``) records every allocation and free of
+    torch's CPU allocator; they are replayed in time order as a running total. A tensor allocated before the
+    block and freed inside it is not subtracted (the profiler knows no size for it), so nothing that existed
+    before the block can hide what the block needed."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.events = 0
+
+    def __enter__(self) -> "AllocatorPeak":
+        from torch.profiler import ProfilerActivity, profile
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        older = torch.empty(1)
+        with _stderr_silenced():
+            self._profile.__enter__()
+            del older   # c10 warns once per process about such a free: let that warning go to /dev/null here
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with _stderr_silenced():
+            self._profile.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        records = sorted(((e.start_ns(), e.nbytes()) for e in self._profile.profiler.kineto_results.events()
+                          if e.name() == "[memory]"), key=lambda record: record[0])
+        total = peak = 0
+        for _, nbytes in records:
+            total += nbytes
+            peak = max(peak, total)
+        self.bytes, self.events = peak, len(records)
+
+
+def peak_meter(device: torch.device):
+    """The demo's peak meter: CUDA max allocated on a GPU (``PeakMemory``), the CPU allocator's records elsewhere."""
+    return PeakMemory(device) if device.type == "cuda" else AllocatorPeak()
 
 
 @contextlib.contextmanager

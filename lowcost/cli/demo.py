@@ -34,6 +34,7 @@ from lowcost.cli import CLIError
 from lowcost.cli import _options as opt
 
 QUANTIZE = ("nf4", "int8", "gguf")
+TRACED_STEPS = 2  # the first steps run under the peak-memory meter (the profiler on a CPU): not timed
 QUICK = {"steps": 2, "seq_len": 32, "batch": 1, "new_tokens": 8, "held_out": 2}
 FULL = {"steps": 10, "seq_len": 128, "batch": 2, "new_tokens": 40, "held_out": 12}
 
@@ -81,7 +82,8 @@ class Arm:
     quantized: str = ""
 
     def step_time(self) -> Optional[float]:
-        times = self.step_seconds[1:] if len(self.step_seconds) > 2 else self.step_seconds
+        """The median of the steps after the memory-traced ones (of the last step when there are no others)."""
+        times = self.step_seconds[min(TRACED_STEPS, len(self.step_seconds) - 1):]
         return statistics.median(times) if times else None
 
 

@@ -65,6 +65,10 @@ def _expected_resident(weight, world: int) -> int:
     return total
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def measure(scheme: str, shard_quantized: bool, world: int, rank: int) -> dict:
     from lowcost.distributed import AllGatherCounter, shard_batch, shard_model
     from lowcost.reference.quant import QuantizedWeight
@@ -85,8 +89,7 @@ def measure(scheme: str, shard_quantized: bool, world: int, rank: int) -> dict:
             "packed_bytes_per_rank": sum(w.resident_nbytes for w in weights),
             "packed_bytes_per_rank_from_shapes": sum(_expected_resident(w, world) for w in weights)
             if shard_quantized else sum(w.nbytes for w in weights),
-            "frozen_float_bytes_per_rank": sum((p.to_local() if hasattr(p, "to_local") else p).untyped_storage().nbytes()
-                                               for p in frozen),
+            "frozen_float_bytes_per_rank": sum(_local(p).untyped_storage().nbytes() for p in frozen),
             "forward_all_gathers": gathers.counts["forward"], "backward_all_gathers": gathers.counts["backward"]}
 
 

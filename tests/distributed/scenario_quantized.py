@@ -5,11 +5,13 @@ Under FSDP2 (``shard_model``) the packed codes and scales are sharded by rows li
 the scenario records, per rank, each stored tensor's placement and local rows, the bytes the rank holds,
 the gathered tensors' hash, the all-gathers of each step, and the stored dtypes seen inside a block's
 forward under ``MixedPrecisionPolicy(param_dtype=bf16)``. DDP keeps them whole on every rank. A lone
-quantized linear of 5 rows (so FSDP2 pads rank 1's shard) is run with garbage written into the padding."""
+quantized linear of 5 rows in each format (so FSDP2 pads rank 1's shard) runs with garbage in the padding."""
 from __future__ import annotations
 
 import copy
 import hashlib
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,8 +23,11 @@ from lowcost.distributed import AllGatherCounter, seed_rank, shard_batch, shard_
 from lowcost.nn.quantized import QuantizedLinear
 from lowcost.reference.quant.weight import QuantizedWeight
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quant"))   # quant_cases: every stored format
+
 SCHEMES = ("nf4", "int8")
-ODD_ROWS, ODD_K = 5, 64
+PADDED_SCHEMES = ("nf4", "nf4-dq", "int8", "q8_0", "q4_k", "q6_k")
+ODD_ROWS = 5
 
 
 def quantized_weights(model) -> list[QuantizedWeight]:
@@ -45,7 +50,8 @@ def _stored_facts(weight: QuantizedWeight) -> list[dict]:
         facts.append({"shape": list(t.shape), "dtype": str(t.dtype), "sharded": sharded,
                       "placements": [str(p) for p in t.placements] if sharded else [],
                       "local_rows": local.shape[0] if local.dim() else -1, "row_bytes": _row_bytes(t),
-                      "local_bytes": local.numel() * local.element_size(), "parameter": isinstance(t, torch.nn.Parameter)})
+                      "local_bytes": local.numel() * local.element_size(),
+                      "parameter": isinstance(t, torch.nn.Parameter)})
     return facts
 
 
@@ -124,31 +130,31 @@ def train(scheme: str, wrap: str, adapter_dir, mixed_precision: bool = False) ->
 
 
 def padded_shard(scheme: str) -> dict:
-    """A lone (5, 64) quantized linear under fully_shard on 2 ranks: rank 1's shard has 2 rows and 1 padding
+    """A lone (5, K) quantized linear under fully_shard on 2 ranks: rank 1's shard has 2 rows and 1 padding
     row, filled here with 0xFF bytes. Output and dx must equal the unsharded layer's exactly."""
-    torch.manual_seed(7)
-    dense = torch.nn.Linear(ODD_K, ODD_ROWS, bias=False).requires_grad_(False)
-    holder = torch.nn.Sequential(dense)
-    lowcost.quantize(holder, scheme=scheme, targets=["0"])
-    layer = holder[0]
-    assert isinstance(layer, QuantizedLinear)
+    from quant_cases import k_for, make_quantized
+    K = k_for(scheme, 64)
+    layer = QuantizedLinear(make_quantized(scheme, ODD_ROWS, K, seed=7))
     unsharded = copy.deepcopy(layer)
     shard_model(layer, blocks=[])
     padding = _fill_padding(layer.weight)
-    x = torch.randn(3, ODD_K, generator=torch.Generator().manual_seed(11), requires_grad=True)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(11), requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     y, y_ref = layer(x), unsharded(x_ref)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(12))
     y.backward(g)
     y_ref.backward(g)
-    return {"padding_bytes_filled": padding, "y_equal": torch.equal(y, y_ref), "dx_equal": torch.equal(x.grad, x_ref.grad),
-            "y_shape": list(y.shape)}
+    return {"padding_bytes_filled": padding, "y_equal": torch.equal(y, y_ref),
+            "dx_equal": torch.equal(x.grad, x_ref.grad), "y_shape": list(y.shape)}
 
 
 def _fill_padding(weight: QuantizedWeight) -> int:
     """Writes 0xFF into the bytes of this rank's shard storage beyond its rows; returns how many."""
+    from torch.distributed.tensor import DTensor
     filled = 0
     for t in weight._stored():
+        if not isinstance(t, DTensor):
+            continue          # nf4-dq's group constants: whole buffers
         local = t.to_local()
         storage = local.untyped_storage()
         used = local.storage_offset() * local.element_size() + local.numel() * local.element_size()
@@ -162,6 +168,6 @@ def run(out_dir) -> dict:
     result = {f"{wrap}-{scheme}": train(scheme, wrap, out_dir / f"{wrap}-{scheme}")
               for scheme in SCHEMES for wrap in ("fsdp", "ddp")}
     result["fsdp-nf4-bf16"] = train("nf4", "fsdp", out_dir / "fsdp-nf4-bf16", mixed_precision=True)
-    result["padded"] = {scheme: padded_shard(scheme) for scheme in SCHEMES}
+    result["padded"] = {scheme: padded_shard(scheme) for scheme in PADDED_SCHEMES}
     result["rank"], result["world"] = dist.get_rank(), dist.get_world_size()
     return result

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowcost
-from dist_cases import DROPOUT_SEED, STEPS, error_message, global_batch, patched, sgd
+from dist_cases import DROPOUT_SEED, STEPS, error_message, global_batch, patched, save_counting_writes, sgd
 from lowcost.distributed import AllGatherCounter, seed_rank, shard_batch, shard_model
 from lowcost.nn.quantized import QuantizedLinear
 from lowcost.reference.quant.weight import QuantizedWeight
@@ -79,7 +79,20 @@ def _storage_facts(model) -> dict:
             "total_bytes": sum(w.nbytes for w in weights),
             "gathered_sha256": packed_sha256(t for w in weights for t in _gathered_packed(w)),
             "packed_outside_forward": error_message(lambda: weights[0].packed),
+            "state_dict": _quantized_state_dict_facts(model),
             "float_params_dtensor": all(isinstance(p, DTensor) for p in model.parameters())}
+
+
+def _quantized_state_dict_facts(model) -> dict:
+    """dtypes and the gathered bytes' hash of the model's state-dict entries of quantized tensors (collective)."""
+    from lowcost.reference.quant import quant_format
+    from torch.distributed.tensor import DTensor
+    names = {f"{prefix}.{n}" for prefix, w in model.named_modules() if isinstance(w, QuantizedWeight)
+             for n in quant_format(w.scheme).tensor_names}
+    entries = {k: v for k, v in model.state_dict().items() if k in names}
+    full = [entries[k].full_tensor() if isinstance(entries[k], DTensor) else entries[k] for k in sorted(entries)]
+    return {"keys": len(entries), "dtypes": sorted({str(v.dtype) for v in entries.values()}),
+            "sha256": packed_sha256(full)}
 
 
 def _watch_dtypes(model) -> dict:
@@ -125,8 +138,8 @@ def train(scheme: str, wrap: str, adapter_dir, mixed_precision: bool = False) ->
             optimizer.zero_grad()
             gathers_per_step.append(dict(gathers.counts))
             losses.append(loss.item())
-    lowcost.save_adapter(model, adapter_dir)
-    return {"losses": losses, "storage": _storage_facts(model), "gathers": gathers_per_step, "inside_forward": seen}
+    writes = save_counting_writes(model, adapter_dir)
+    return {"writes": writes, "losses": losses, "storage": _storage_facts(model), "gathers": gathers_per_step, "inside_forward": seen}
 
 
 def padded_shard(scheme: str) -> dict:

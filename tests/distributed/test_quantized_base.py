@@ -45,7 +45,9 @@ def test_adapters_equal_one_process(quantized, references, wrap, scheme):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_fsdp_and_ddp_save_the_same_adapter_files(quantized, scheme):
-    out, _ = quantized
+    out, ranks = quantized
+    for key in (f"fsdp-{scheme}", f"ddp-{scheme}"):
+        assert [rank[key]["writes"] for rank in ranks] == [1, 0], key      # rank 0 alone writes
     fsdp, ddp = saved_adapters(out / f"fsdp-{scheme}"), saved_adapters(out / f"ddp-{scheme}")
     assert set(fsdp) == set(ddp)
     for key in fsdp:
@@ -87,6 +89,20 @@ def test_gathered_packed_tensors_equal_the_unsharded_ones_bit_for_bit(quantized,
         assert rank[f"fsdp-{scheme}"]["storage"]["gathered_sha256"] == own
         assert rank[f"ddp-{scheme}"]["storage"]["gathered_sha256"] == own
         assert rank[f"fsdp-{scheme}"]["inside_forward"]["stored_types"] == ["Parameter"]   # gathered, not DTensor
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sharded_state_dict_has_the_unsharded_dtypes_and_bytes(quantized, scheme):
+    """model.state_dict() of the sharded model: the quantized entries in their own dtypes (absmax / scale
+    float32, not the int32 they are held as), gathered byte for byte equal to the unsharded model's."""
+    _, ranks = quantized
+    plain = patched("none", quantize=scheme).state_dict()
+    names = [k for k in sorted(plain) if k.rsplit(".", 1)[-1] in ("codes", "absmax", "qweight", "scale")]
+    expected = {"keys": len(names), "dtypes": sorted({str(plain[k].dtype) for k in names}),
+                "sha256": packed_sha256(plain[k] for k in names)}
+    for rank in ranks:
+        for wrap in ("fsdp", "ddp"):
+            assert rank[f"{wrap}-{scheme}"]["storage"]["state_dict"] == expected, wrap
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

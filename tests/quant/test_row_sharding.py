@@ -48,6 +48,23 @@ def test_make_row_shardable_changes_no_byte(scheme):
     assert _same_bits(weight.packed, before)
 
 
+@pytest.mark.parametrize("scheme", ("nf4", "nf4-dq", "int8"))
+def test_state_dict_keeps_dtypes_and_moves_between_forms(scheme):
+    """The state dict of a row-shardable weight has the unsharded one's keys, dtypes and bytes; each form
+    loads the other's state dict bit for bit (no float <-> int value conversion of the bit-cast scales)."""
+    plain, other = make_quantized(scheme, 5, 96, seed=1), make_quantized(scheme, 5, 96, seed=2)
+    shardable = make_quantized(scheme, 5, 96, seed=1).make_row_shardable()
+    expected, got = plain.state_dict(), shardable.state_dict()
+    assert list(got) == list(expected)
+    assert _same_bits(list(got.values()), list(expected.values()))
+    other_shardable = make_quantized(scheme, 5, 96, seed=2).make_row_shardable()
+    other_shardable.load_state_dict(expected)
+    assert _same_bits(other_shardable.packed, plain.packed)
+    assert all(not p.is_floating_point() for p in other_shardable.parameters())
+    other.load_state_dict(got)
+    assert _same_bits(other.packed, plain.packed)
+
+
 @pytest.mark.parametrize("scheme", ("nf4", "int8", "q4_1"))
 def test_casting_a_row_shardable_weight_sets_the_compute_dtype_only(scheme):
     weight = make_quantized(scheme, 5, k_for(scheme, 64)).make_row_shardable()

@@ -158,6 +158,24 @@ class QuantizedWeight(nn.Module):
         return dequantize_packed(self.scheme, self.packed, self.shape[1], self.block_size, rows,
                                  dtype or self.dtype)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Entries keep their own dtypes whether or not the tensors are held bit-cast for row sharding (so a
+        state dict moves between sharded and unsharded models without a value conversion)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, dtype in self.bitcast.items():
+            if prefix + name in destination:
+                destination[prefix + name] = destination[prefix + name].detach().view(dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Reads entries in their own dtypes into tensors held bit-cast (the reverse of ``_save_to_state_dict``)."""
+        for name, dtype in self.bitcast.items():
+            value = state_dict.get(prefix + name)
+            if value is not None and value.dtype == dtype:
+                state_dict[prefix + name] = value.view(self._parameters[name].dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _apply(self, fn, recurse=True):
         """Devices follow ``fn``; stored dtypes never change: a floating cast sets the compute dtype instead."""
         cast = fn(torch.empty(0, dtype=self.dtype, device=self.device))

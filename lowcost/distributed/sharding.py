@@ -7,6 +7,13 @@ LoRA parameters are sharded together and all-gathered once per forward and once 
 ones never get gradients, so only the LoRA gradients are reduce-scattered. lowcost's recomputation runs
 inside the block's backward, while the block is unsharded, and adds no all-gather (see
 ``lowcost.checkpoint.sharded`` for Chen et al. segments that span blocks).
+
+A quantized base (``QuantizedWeight``: NF4, int8, GGUF blocks) is sharded too: its row-indexed codes and
+scales become frozen parameters first (``QuantizedWeight.make_row_shardable``), so each rank holds
+ceil(N / W) rows of every packed tensor (about 1/W of the base's bytes; FSDP2 pads the last shard with
+rows that the all-gathered (N, ...) tensor never includes), gathered with the block's other parameters in
+the same one all-gather per forward and per backward. They are integer tensors (float scales bit-cast), so
+a ``MixedPrecisionPolicy`` never casts them. ``shard_quantized=False`` keeps them whole on every rank.
 """
 from __future__ import annotations
 
@@ -17,10 +24,11 @@ from torch import nn
 
 from lowcost.checkpoint.install import resolve_blocks
 from lowcost.patch.ranks import wrapper_of
+from lowcost.reference.quant import QuantizedWeight
 
 
 def shard_model(model: nn.Module, *, mesh=None, mp_policy=None, reshard_after_forward: bool = True,
-                blocks: Optional[list] = None, **fully_shard_kwargs) -> nn.Module:
+                blocks: Optional[list] = None, shard_quantized: bool = True, **fully_shard_kwargs) -> nn.Module:
     """Applies ``fully_shard`` to each block of ``model`` and then to ``model``; returns ``model``.
 
     Args:
@@ -30,6 +38,8 @@ def shard_model(model: nn.Module, *, mesh=None, mp_policy=None, reshard_after_fo
         mp_policy: an FSDP2 ``MixedPrecisionPolicy`` (e.g. bf16 params, fp32 reduce) or None.
         reshard_after_forward: FSDP2's setting for the blocks (the root keeps its parameters gathered).
         blocks: the modules to shard one by one (default: the model's decoder blocks).
+        shard_quantized: shard the packed codes and scales of quantized weights by rows (default); False
+            keeps them as buffers, whole on every rank.
         **fully_shard_kwargs: passed to every ``fully_shard`` call (e.g. ``offload_policy``).
     """
     import torch.distributed as dist
@@ -44,6 +54,10 @@ def shard_model(model: nn.Module, *, mesh=None, mp_policy=None, reshard_after_fo
     kwargs = {"mesh": mesh, **fully_shard_kwargs}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
+    if shard_quantized:
+        for module in model.modules():
+            if isinstance(module, QuantizedWeight):
+                module.make_row_shardable()
     units = list(blocks) if blocks is not None else [block for _, block in resolve_blocks(model)]
     for block in units:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)

@@ -11,7 +11,17 @@ It is an ``nn.Module`` whose buffers are the stored tensors (so ``.to(device)``,
     q8_0, q4_0, q4_1, q4_k, q6_k   data (N, row bytes) u8: the GGUF file's blocks as they are
 
 Casting the module (``model.to(torch.bfloat16)``) never touches the stored bytes: it changes the compute
-dtype only (``_apply`` keeps every buffer's dtype and follows only the device).
+dtype only (``_apply`` keeps every stored tensor's dtype and follows only the device).
+
+Row sharding (FSDP2, ``lowcost.distributed.shard_model``): ``make_row_shardable()`` turns every stored
+tensor whose dim 0 is the weight's N rows (codes, absmax, absmax_q, qweight, scale, data) from a buffer into
+a frozen ``nn.Parameter`` under the same name, so that ``fully_shard`` shards it along rows like any frozen
+weight: each rank keeps ceil(N / W) rows of it, the rows are all-gathered with the block's other parameters
+and freed after. A row is whole blocks in every format, so any row split is a valid split. Floating tensors
+are stored bit-cast to the integer dtype of their width (float32 absmax/scale as int32): FSDP2's
+``MixedPrecisionPolicy(param_dtype=...)`` casts floating parameters only, so no stored byte is ever cast;
+``packed`` bit-casts them back. The double-quantization constants (``absmax_scale``, one float per 256
+blocks, and ``absmax_offset``, 0-D) group blocks across rows; they stay buffers, whole on every rank.
 """
 from __future__ import annotations
 
@@ -27,6 +37,10 @@ from lowcost.reference.quant.nf4 import dequantize_nf4, padded_width
 
 Tensor = torch.Tensor
 Rows = Union[slice, Tensor]
+
+
+ROW_TENSORS = ("codes", "absmax", "absmax_q", "qweight", "scale", "data")   # dim 0 is the weight's N rows
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -88,39 +102,108 @@ class QuantizedWeight(nn.Module):
             raise ValueError(f"a {scheme} weight needs tensors {list(fmt.tensor_names)}, missing {missing}")
         self.scheme, self.block_size, self.dtype = scheme, int(block_size), dtype
         self.shape = torch.Size((int(shape[0]), int(shape[1])))
+        self.bitcast: dict[str, torch.dtype] = {}   # stored name -> dtype ``packed`` views it as (row sharding)
         for name in fmt.tensor_names:
             self.register_buffer(name, tensors[name])
 
-    @property
-    def packed(self) -> list[Tensor]:
+    def _stored(self) -> list[Tensor]:
+        """The stored tensors as held (buffers, or row-shardable Parameters, possibly FSDP2 DTensor shards)."""
         return [getattr(self, n) for n in quant_format(self.scheme).tensor_names]
 
     @property
+    def packed(self) -> list[Tensor]:
+        """The format's tensors (``tensor_names`` order) in their own dtypes, whole. RuntimeError while FSDP2
+        holds them sharded (outside the owning block's forward/backward: ``unshard()`` the block first)."""
+        out = []
+        for name, t in zip(quant_format(self.scheme).tensor_names, self._stored()):
+            if _is_dtensor(t):
+                raise RuntimeError(f"the {self.scheme} weight's {name!r} is sharded by FSDP2 (rows "
+                                   f"{tuple(t.to_local().shape)} of {tuple(t.shape)} on this rank): its packed "
+                                   "tensors exist whole only inside the block's forward/backward or after "
+                                   "unshard()")
+            out.append(t.view(self.bitcast[name]) if name in self.bitcast else t)
+        return out
+
+    @property
     def device(self) -> torch.device:
-        return self.packed[0].device
+        return self._stored()[0].device
 
     @property
     def nbytes(self) -> int:
-        """Resident bytes of the stored tensors."""
-        return sum(t.numel() * t.element_size() for t in self.packed)
+        """Bytes of the whole stored tensors (every row, on one process or summed over the shards)."""
+        return sum(t.numel() * t.element_size() for t in self._stored())
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes this process holds: ``nbytes`` unsharded; under FSDP2 the storage of this rank's (padded)
+        row shards plus the whole buffers."""
+        return sum(_local_storage_bytes(t) for t in self._stored())
+
+    def make_row_shardable(self) -> "QuantizedWeight":
+        """Turns the row-indexed stored tensors into frozen Parameters (floating ones bit-cast to the integer
+        dtype of their width) so that FSDP2 shards them by rows; values and ``packed`` are unchanged.
+        Idempotent; returns self."""
+        for name in quant_format(self.scheme).tensor_names:
+            if name not in ROW_TENSORS or name not in self._buffers:
+                continue
+            t = self._buffers.pop(name)
+            if t.is_floating_point():
+                self.bitcast[name] = t.dtype
+                t = t.view(_SAME_WIDTH_INT[t.element_size()])
+            self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        return self
 
     def dequantize(self, dtype: Optional[torch.dtype] = None, rows: Rows = slice(None)) -> Tensor:
         """The dense weight (or the rows selected by a slice / LongTensor), in ``dtype`` (default: compute)."""
         return dequantize_packed(self.scheme, self.packed, self.shape[1], self.block_size, rows,
                                  dtype or self.dtype)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Entries keep their own dtypes whether or not the tensors are held bit-cast for row sharding (so a
+        state dict moves between sharded and unsharded models without a value conversion)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, dtype in self.bitcast.items():
+            if prefix + name in destination:
+                destination[prefix + name] = destination[prefix + name].detach().view(dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Reads entries in their own dtypes into tensors held bit-cast (the reverse of ``_save_to_state_dict``)."""
+        for name, dtype in self.bitcast.items():
+            value = state_dict.get(prefix + name)
+            if value is not None and value.dtype == dtype:
+                state_dict[prefix + name] = value.view(self._parameters[name].dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _apply(self, fn, recurse=True):
         """Devices follow ``fn``; stored dtypes never change: a floating cast sets the compute dtype instead."""
+        cast = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        if cast.is_floating_point():
+            self.dtype = cast.dtype
         for name in quant_format(self.scheme).tensor_names:
             old = getattr(self, name)
             new = fn(old)
             if new.dtype != old.dtype:
-                if new.is_floating_point():
-                    self.dtype = new.dtype
                 new = old.to(new.device)
-            self._buffers[name] = new
+            if name in self._parameters:
+                if new is not old:
+                    self._parameters[name] = nn.Parameter(new, requires_grad=False)
+            else:
+                self._buffers[name] = new
         return self
 
     def extra_repr(self) -> str:
         block = f", block_size={self.block_size}" if self.block_size else ""
         return f"{self.scheme}, shape={tuple(self.shape)}{block}, dtype={self.dtype}, bytes={self.nbytes}"
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local_storage_bytes(t: Tensor) -> int:
+    """Bytes of the storage behind this process's part of ``t`` (an FSDP2 shard's storage holds its padding)."""
+    if not _is_dtensor(t):
+        return t.numel() * t.element_size()
+    return t.to_local().untyped_storage().nbytes()

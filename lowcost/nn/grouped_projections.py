@@ -19,6 +19,7 @@ grouped (an adapter merged, disabled or several running, a base weight made trai
 """
 from __future__ import annotations
 
+import types
 import weakref
 from typing import Optional
 
@@ -54,14 +55,17 @@ class ProjectionGroup:
         self._pending.clear()
 
     def _member_forward(self, index: int):
+        """The layer's instance forward: a method bound to the layer, so a deep copy of the model rebinds it to
+        the copied layer, which is not this group's member and so runs its own op (never this group's)."""
         group = weakref.ref(self)    # the layer must not keep a removed group alive
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
+        def forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
             live = group()
-            return live.call(index, x) if live is not None else LoRALinear.forward(self_layer, x)
+            if live is None or live.layers[index] is not layer:
+                return LoRALinear.forward(layer, x)
+            return live.call(index, x)
 
-        self_layer = self.layers[index]
-        return forward
+        return types.MethodType(forward, self.layers[index])
 
     # ------------------------------------------------------------------------------------------ running
     def runnable(self) -> bool:

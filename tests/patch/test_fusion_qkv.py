@@ -154,6 +154,20 @@ def test_adapter_changes_between_calls_fall_back(grouped_llama):
     assert yk.requires_grad and not yq.requires_grad and group.stats["fallback"] == 3
 
 
+def test_a_deep_copy_never_reads_the_original_group(grouped_llama):
+    """copy.deepcopy rebinds each layer's forward to the copied layer: it runs its own op or its own group."""
+    clone = copy.deepcopy(grouped_llama)
+    q, k, v = _attention_layers(clone)
+    with torch.no_grad():
+        for layer in (q, k, v):
+            layer.lora_B.add_(0.5)                   # the copy's adapters differ from the original's
+    x = torch.randn(3, q.in_features)
+    _attention_layers(grouped_llama)[0](x)           # the original group has pending outputs for this x
+    for layer in (k, v):
+        torch.testing.assert_close(layer(x), _unfused(layer, x), rtol=0, atol=0)
+    assert groups_of(grouped_llama)[0].stats["handed"] == 0
+
+
 def test_report_refusals_name_the_reason():
     model = llama()
     lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4), fused=None)

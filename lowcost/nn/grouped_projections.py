@@ -15,7 +15,9 @@ A model's forward calls them one by one (HF attention: ``self.q_proj(h)``, then 
 So a pending output is never stale: the grouped call computes exactly what the unfused calls would from the
 same x and parameters (same dropout seeds, drawn in the members' order). A leader whose members cannot run
 grouped (an adapter merged, disabled or several running, a base weight made trainable) runs unfused too.
-``stats`` counts grouped calls, handed-back outputs and fallbacks (for tests and reports).
+``stats`` counts grouped calls, handed-back outputs and fallbacks (for tests and reports). Under
+``torch.compile`` (Dynamo tracing) every member runs its own op: the hand-off rests on tensor identity and
+version counters, which a traced graph cannot check (the norm tag is left out under compile for the same reason).
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ class ProjectionGroup:
         group = weakref.ref(self)    # the layer must not keep a removed group alive
 
         def forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+            if torch.compiler.is_compiling():   # Dynamo cannot guard on version counters: each layer its own op
+                return LoRALinear.forward(layer, x)
             live = group()
             if live is None or live.layers[index] is not layer:
                 return LoRALinear.forward(layer, x)

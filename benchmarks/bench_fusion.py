@@ -6,14 +6,17 @@ on every linear of the blocks, alpha 32, dropout 0.05 unless stated. Providers:
 
 - ``peft``: PEFT ``get_peft_model`` (target_modules="all-linear");
 - ``unfused``: ``lowcost.apply(..., fused=None)`` (fused LoRA linears only: the state before issue #12);
-- ``fused``: ``lowcost.apply(...)`` with the default fusions (gated MLP, norm, loss; qkv refused);
+- ``fused``: ``lowcost.apply(...)`` with the default fusions (gated MLP, norm, grouped q/k/v, loss);
+- ``fused no-qkv``: the same without the "qkv" fusion (q, k and v each their own fused LoRA linear), so the
+  grouped projections' share is the difference of the two rows;
 - each lowcost one also with ``CheckpointConfig(policy="selective")``.
 
 Saved bytes are exact, as bench_checkpoint.py counts them (saved_tensors_hooks storages + what checkpoint
 frames keep), with the matmuls recomputed in backward counted. The saved bytes of unfused/fused, with and
 without selective, are broken down by tensor (bench_checkpoint.breakdown) into fusion_breakdown.csv
 (rewritten each run); the totals go to fusion.csv. Step time (zero_grad + forward + backward) is timed
-round-robin: PEFT, unfused and fused at dropout 0.05, and unfused and fused at dropout 0 (the dropout cost of each).
+round-robin: PEFT, unfused, fused no-qkv and fused at dropout 0.05, and unfused and fused at dropout 0 (the dropout
+cost of each).
 
     .venv/bin/python benchmarks/bench_fusion.py [--rounds 5] [--families llama qwen2] [--no-timing]
 """
@@ -37,8 +40,8 @@ KV_HEADS = {"llama": SHAPE["heads"], "qwen2": 2}
 
 
 def build(family: str, kind: str, dropout: float = 0.05, fused=("mlp", "norm", "qkv", "loss")):
-    """A fresh model of ``family`` with LoRA per ``kind`` ("peft" | "unfused" | "fused": with ``fused``), same
-    weights."""
+    """A fresh model of ``family`` with LoRA per ``kind`` ("peft" | "unfused" | "fused": with ``fused`` | "fused
+    no-qkv": ``fused`` without "qkv"), same weights."""
     import transformers
     import lowcost
     config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -54,6 +57,8 @@ def build(family: str, kind: str, dropout: float = 0.05, fused=("mlp", "norm", "
         model = get_peft_model(model, LoraConfig(r=SHAPE["r"], lora_alpha=32, lora_dropout=dropout,
                                                  target_modules="all-linear"))
         return model.train(), None
+    if kind == "fused no-qkv":
+        fused = tuple(f for f in fused if f != "qkv")
     report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=SHAPE["r"], alpha=32, dropout=dropout),
                            fused=None if kind == "unfused" else fused)
     return model.train(), report
@@ -63,7 +68,7 @@ def providers(family: str, ids) -> list[Provider]:
     out = []
     peft_model, _ = build(family, "peft")
     out.append(Provider(f"{family} peft", peft_model, "plain"))
-    for kind in ("unfused", "fused"):
+    for kind in ("unfused", "fused no-qkv", "fused"):
         model, report = build(family, kind)
         if report.fusion is not None:
             print(f"{family} {kind}: {report.fusion}", flush=True)
@@ -104,7 +109,8 @@ def measure_family(family: str, ids, breakdown_rows: list[dict]) -> list[dict]:
 
 def time_family(family: str, ids, rounds: int) -> list[dict]:
     provs = [Provider(f"{family} peft", build(family, "peft")[0], "plain")]
-    provs += [Provider(f"{family} {kind}", build(family, kind)[0], "plain") for kind in ("unfused", "fused")]
+    provs += [Provider(f"{family} {kind}", build(family, kind)[0], "plain")
+              for kind in ("unfused", "fused no-qkv", "fused")]
     provs += [Provider(f"{family} {kind} p=0", build(family, kind, dropout=0.0)[0], "plain") for kind in ("unfused", "fused")]
     for p in provs:                       # warm-up, then round-robin
         time_round(p, ids)

@@ -1,4 +1,5 @@
-"""The launches of the fused gated MLP and fused linear cross-entropy Triton kernels, for the kernel report.
+"""The launches of the fused gated MLP, grouped projections and fused linear cross-entropy Triton kernels, for the
+kernel report.
 
     report_launches(op, M, K, N, r, dtype, p, num_sms) -> the launches of one step of ``op`` at a shape
     aot_launches()                                      -> every configuration their launchers can launch
@@ -11,6 +12,11 @@ projection; its gate and up projections are LoRA-linear launches at (M, H, I, r)
 "lora_linear"), so only the down projection's kernels are listed. "linear_cross_entropy" reads them as
 tokens M, hidden K, vocabulary N (r unused: the head's GEMMs are torch's); it lists the row kernel of one
 chunk, forward (loss) and backward (loss and dz), at the chunk the op uses on a GPU with ``num_sms`` SMs.
+"lora_grouped_linear" reads them as tokens M, hidden K, the q projection's outputs N and rank r of q/k/v, with
+k and v at N/4 outputs (grouped-query attention, 4 query heads per key head as Llama-3-8B); its y GEMMs and
+g-passes are LoRA-linear launches (reported as "lora_linear"), so only the grouped kernels are listed: the
+u-pass (every u_i from one pass over x), the dx kernel (every g_i W_i and D_i ⊙ (du_i A_i) in one tile), the
+dA pass (every dA_i from one pass over x) and its reductions.
 """
 from __future__ import annotations
 
@@ -21,10 +27,11 @@ import torch
 
 from .linear_cross_entropy import plan_xent_rows
 from .lora_gated_mlp import ACT_CODES, plan_down_backward, plan_down_forward
+from .lora_grouped_linear import plan_backward as plan_grouped_backward, plan_forward as plan_grouped_forward
 from .lora_linear_plan import PROGRAMS_PER_SM, Launch, dot_meta
 
 Tensor = torch.Tensor
-OPS = ("lora_gated_mlp", "linear_cross_entropy")
+OPS = ("lora_gated_mlp", "lora_grouped_linear", "linear_cross_entropy")
 _CHUNK_ELEMENTS = 2**23  # lowcost.ops.linear_cross_entropy.CHUNK_ELEMENTS (ops sit above kernels)
 _NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -50,6 +57,27 @@ def gated_mlp_launches(M: int, H: int, inter: int, r: int, dtype: torch.dtype, p
     return _report_precision(fwd + bwd, dtype, tf32)
 
 
+class _Projection:
+    """A placeholder projection for planning (the fields ``plan_forward`` / ``plan_backward`` read)."""
+    def __init__(self, weight, lora_a, lora_b, scale, dropout, seed):
+        self.weight, self.lora_a, self.lora_b, self.bias = weight, lora_a, lora_b, None
+        self.scale, self.dropout, self.seed = scale, dropout, seed
+
+
+def grouped_launches(M: int, K: int, outs, r: int, dtype: torch.dtype, p: float, num_sms: int,
+                     tf32: bool = False) -> list[Launch]:
+    """The grouped kernels' launches of one forward + backward (dx and every dA needed) of len(outs)
+    projections with N_i = outs[i] outputs, rank r each, dropout p each."""
+    x = torch.empty((M, K), dtype=dtype)
+    projections = [_Projection(torch.empty((n, K), dtype=dtype), torch.empty((r, K), dtype=dtype),
+                               torch.empty((n, r), dtype=dtype), 2.0, p, 1 + i) for i, n in enumerate(outs)]
+    fwd, ys, us = plan_grouped_forward(x, projections, num_sms)
+    bwd, _ = plan_grouped_backward([torch.empty_like(y) for y in ys], x, projections, us, (True, True, True, False),
+                                   num_sms)
+    grouped = [launch for launch in fwd + bwd if launch.label.startswith(("grouped", "reduce_grouped"))]
+    return _report_precision(grouped, dtype, tf32)
+
+
 def gpu_chunk(M: int, vocab: int, num_sms: int) -> int:
     """The op's default chunk on the Triton backend with ``num_sms`` SMs (lowcost.ops.linear_cross_entropy)."""
     return max(1, min(M, max(PROGRAMS_PER_SM * num_sms, _CHUNK_ELEMENTS // max(vocab, 1))))
@@ -67,6 +95,8 @@ def report_launches(op: str, M: int, K: int, N: int, r: int, dtype: torch.dtype,
     """The launches of ``op`` at the shape (see the module doc for how each op reads M, K, N, r)."""
     if op == "lora_gated_mlp":
         return gated_mlp_launches(M, K, N, r, dtype, p, num_sms)
+    if op == "lora_grouped_linear":
+        return grouped_launches(M, K, (N, max(1, N // 4), max(1, N // 4)), r, dtype, p, num_sms)
     if op == "linear_cross_entropy":
         return xent_launches(gpu_chunk(M, N, num_sms), N, dtype)
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -76,6 +106,7 @@ def report_launches(op: str, M: int, K: int, N: int, r: int, dtype: torch.dtype,
 MLP_RANKS = (16, 32, 64, 128)  # one per R_PAD of the u- and dA-passes (the GEMMs step r by 16)
 BENCH_MLP = (8192, 4096, 14336, 16)
 BENCH_LOSS = (8192, 4096, 128256)
+BENCH_GROUPED = (8192, 4096, 4096, 16)   # Llama-3-8B's q/k/v: q 4096 outputs, k and v 1024
 
 
 def _label(launch: Launch, dtype: torch.dtype, extra: str) -> Launch:
@@ -101,6 +132,24 @@ def _mlp_coverage() -> Iterator[Launch]:
                 gated_mlp_launches(1, 48, 128, 1, torch.bfloat16, 0.1, 132))
 
 
+def _grouped_coverage() -> Iterator[Launch]:
+    """Per dtype (fp32 with and without TF32): three projections at every R_PAD, dropout on/off; bf16 with one
+    and two projections (the constexpr P); bf16 at an odd K (unaligned rows, the mask's one-word path) and at
+    M = 1, r = 1 (constants for the JIT)."""
+    for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False), (torch.bfloat16, False)):
+        for r, p in itertools.product(MLP_RANKS, (0.0, 0.1)):
+            for launch in grouped_launches(40, 48, (64, 16, 16), r, dtype, p, 132, tf32):
+                if r == MLP_RANKS[0] or "R_PAD" in launch.constexprs:  # dx and the reductions do not read R_PAD
+                    yield _label(launch, dtype, "")
+    for count, p in itertools.product((1, 2), (0.0, 0.1)):
+        yield from (_label(launch, torch.bfloat16, "") for launch in
+                    grouped_launches(40, 48, (64, 64)[:count], 16, torch.bfloat16, p, 132))
+    yield from (_label(launch, torch.bfloat16, "(K=63 r=5)") for launch in
+                grouped_launches(40, 63, (64, 16, 16), 5, torch.bfloat16, 0.1, 132))
+    yield from (_label(launch, torch.bfloat16, "(M=1 r=1)") for launch in
+                grouped_launches(1, 48, (64, 16, 16), 1, torch.bfloat16, 0.1, 132))
+
+
 def _xent_coverage() -> Iterator[Launch]:
     for dtype, softcap in itertools.product((torch.float32, torch.float16, torch.bfloat16), (0.0, 30.0)):
         yield from (_label(launch, dtype, "") for launch in xent_launches(8, 64, dtype, softcap))
@@ -111,7 +160,7 @@ def aot_launches(num_sms: int = 132) -> Iterator[Launch]:
     (bf16: Llama-3-8B's MLP at 8192 tokens, p = 0 and 0.05; the loss at hidden 4096, vocab 128256). A
     launch whose label (kernel, dtype, tile, constexprs) repeats an earlier one is compiled once."""
     seen = set()
-    for launch in itertools.chain(_mlp_coverage(), _xent_coverage(), _bench_launches(num_sms)):
+    for launch in itertools.chain(_mlp_coverage(), _grouped_coverage(), _xent_coverage(), _bench_launches(num_sms)):
         if launch.label not in seen:
             seen.add(launch.label)
             yield launch
@@ -121,6 +170,9 @@ def _bench_launches(num_sms: int) -> Iterator[Launch]:
     for p in (0.0, 0.05):
         yield from (_label(launch, torch.bfloat16, f"bench M,H,I,r={BENCH_MLP}") for launch in
                     gated_mlp_launches(*BENCH_MLP, torch.bfloat16, p, num_sms))
+    for p in (0.0, 0.05):
+        yield from (_label(launch, torch.bfloat16, f"bench M,K,N,r={BENCH_GROUPED}") for launch in
+                    report_launches("lora_grouped_linear", *BENCH_GROUPED, torch.bfloat16, p, num_sms))
     M, K, V = BENCH_LOSS
     yield from (_label(launch, torch.bfloat16, f"bench vocab={V} chunk={gpu_chunk(M, V, num_sms)}") for launch in
                 xent_launches(gpu_chunk(M, V, num_sms), V, torch.bfloat16))

@@ -16,7 +16,8 @@ big GEMM a plain reference GEMM of the same tile (tools/kernel_report_reference.
 so the cost of the fusion is visible.
 
 Ops (``--op``, default all): "lora_linear" at the shapes above; "lora_gated_mlp" (the down projection's
-kernels of the fused MLP, at Llama-3-8B's MLP: M=8192, H=4096, I=14336, r=16) and "linear_cross_entropy"
+kernels of the fused MLP, at Llama-3-8B's MLP: M=8192, H=4096, I=14336, r=16); "lora_grouped_linear" (the
+grouped q/k/v kernels at Llama-3-8B's attention input: M=8192, K=4096, q 4096 and k/v 1024 outputs, r=16) and "linear_cross_entropy"
 (the fused loss's row kernel on one chunk at hidden 4096, vocabulary 128256), from
 ``kernels.fused_launches``. Only when named: "qlora_linear" (the dequantizing GEMMs, per --scheme, at the
 lora_linear shapes) and "qlora_gated_mlp" (the fused MLP's down-projection GEMMs with W_d decoded in the
@@ -50,7 +51,7 @@ BENCH_DROPOUTS = (0.0, 0.05)
 SM90_SMS = 132  # H100/H200 SXM: the SM count the report plans persistent grids and row tiles for
 SM90_MAX_SHARED = 232448
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-OPS = ("lora_linear", "lora_gated_mlp", "linear_cross_entropy")
+OPS = ("lora_linear", "lora_gated_mlp", "lora_grouped_linear", "linear_cross_entropy")
 # qlora_linear (--op qlora_linear, not in the default report): the dequantizing GEMMs on a quantized weight,
 # at the lora_linear shapes, one group per --scheme (internally the op "qlora_linear:SCHEME")
 QLORA = "qlora_linear"
@@ -62,7 +63,7 @@ QUANTIZED_OPS = (QLORA, QGATED)
 # lora_linear: M, K, N, r; lora_gated_mlp: M tokens, H = K, I = N, r (Llama-3-8B's MLP); linear_cross_entropy:
 # M tokens, hidden K, vocabulary N (Llama-3's 128256), r unused (the head's GEMMs are torch's)
 DEFAULT_SHAPES = {"lora_linear": BENCH_SHAPES, QLORA: BENCH_SHAPES, "lora_gated_mlp": ((8192, 4096, 14336, 16),),
-                  QGATED: ((8192, 4096, 14336, 16),),
+                  QGATED: ((8192, 4096, 14336, 16),), "lora_grouped_linear": ((8192, 4096, 4096, 16),),
                   "linear_cross_entropy": ((8192, 4096, 128256, 16),)}
 JSON_KEYS = ("kernel", "backend", "role", "grid", "persistent", "regs", "spills", "smem", "ctas_per_sm", "mma",
              "tma", "atomics", "barriers")
@@ -253,6 +254,9 @@ def _title(op: str, shape: str, p: float, dtype: str) -> str:
     if op == "lora_gated_mlp":
         return (f"lora_gated_mlp, down projection's kernels (gate and up are the lora_linear launches at "
                 f"M={M} K={K} N={N}): M={M} H={K} I={N} r={r} {dtype} p={p}")
+    if op == "lora_grouped_linear":
+        return (f"lora_grouped_linear, grouped q/k/v kernels (q: N={N} outputs, k and v: N/4; their y GEMMs and "
+                f"g-passes are the lora_linear launches): M={M} K={K} N={N} r={r} {dtype} p={p}")
     if op == "linear_cross_entropy":
         return f"linear_cross_entropy, row kernel of one chunk: M={M} hidden={K} vocab={N} {dtype}"
     if op.startswith(QLORA + ":"):

@@ -49,12 +49,13 @@ ATTENTION_OPS = _packets(["_scaled_dot_product_flash_attention_for_cpu", "_scale
 def _lowcost_ops() -> set:
     import lowcost.ops.lora_linear  # noqa: F401  (registers torch.ops.lowcost.lora_linear)
     import lowcost.ops.lora_gated_mlp  # noqa: F401  (a fused MLP: three matmuls, kept like lora_linear)
+    import lowcost.ops.lora_grouped_linear  # noqa: F401  (grouped q/k/v or gate/up: matmuls, kept like lora_linear)
     import lowcost.ops.linear_cross_entropy  # noqa: F401  (the loss's matmuls, kept like lora_linear)
     import lowcost.ops.qlora_linear  # noqa: F401  (the ops over a quantized weight: also matmuls)
     import lowcost.ops.qlora_gated_mlp  # noqa: F401  (the fused MLP over quantized weights)
     ops = torch.ops.lowcost
-    return {ops.lora_linear, ops.lora_gated_mlp, ops.linear_cross_entropy, ops.qlora_linear, ops.quantized_linear,
-            ops.qlora_gated_mlp}
+    return {ops.lora_linear, ops.lora_gated_mlp, ops.lora_grouped_linear, ops.linear_cross_entropy, ops.qlora_linear,
+            ops.quantized_linear, ops.qlora_gated_mlp}
 
 
 def default_save_ops() -> set:

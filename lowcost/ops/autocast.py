@@ -54,11 +54,13 @@ RULES = {
     "qlora_linear": Rule(compute=(0, 7), adapters=(5, 6)),                        # x, packed, …, A, B, bias
     "quantized_linear": Rule(compute=(0, 5)),                                     # x, packed, …, bias
     "qlora_gated_mlp": Rule(compute=(0,), adapters=(8, 9, 10, 11, 12, 13)),       # x, packed × 3, …, (A, B) × 3
+    "lora_grouped_linear": Rule(compute=(0, 1, 4), adapters=(2, 3)),              # x, [W], [A], [B], [biases]
     "rms_norm": Rule(compute=()),       # norms: nothing cast, run in the input's dtype (torch keeps norms fp32)
     "layer_norm": Rule(compute=()),
 }
 # Run as they are called, with autocast off: their dtypes were chosen by the forward.
-BACKWARD_OPS = ("lora_linear_backward", "lora_gated_mlp_backward", "linear_cross_entropy_backward",
+BACKWARD_OPS = ("lora_linear_backward", "lora_gated_mlp_backward", "lora_grouped_linear_backward",
+                "linear_cross_entropy_backward",
                 "qlora_linear_backward", "quantized_linear_dgrad", "qlora_gated_mlp_backward", "rms_norm_backward",
                 "layer_norm_backward")
 # The C++ kernels of lowcost._C, called inside the ops' bodies (where autocast is off) on exact dtypes.
@@ -116,10 +118,9 @@ def autocast_loss_dtype(hidden) -> Optional[torch.dtype]:
 
 def _cast_args(args: tuple, rule: Rule, low: torch.dtype) -> list:
     out = list(args)
-    for i in rule.compute:
-        out[i] = _lower(out[i], low)
-    for i in rule.adapters:
-        out[i] = _adapter(out[i], low)
+    for indices, cast in ((rule.compute, _lower), (rule.adapters, _adapter)):
+        for i in indices:   # a list operand (the grouped projections' weights, adapters, biases): each element
+            out[i] = [cast(t, low) for t in out[i]] if isinstance(out[i], (list, tuple)) else cast(out[i], low)
     return out
 
 

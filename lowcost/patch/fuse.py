@@ -4,7 +4,9 @@
     "loss"  causal-LM loss → ``lowcost.ops.linear_cross_entropy``, no logits (``fuse_loss``)
     "norm"  each block's RMSNorm / LayerNorm → ``FusedRMSNorm`` / ``FusedLayerNorm``: the LoRA ops reading
             its output keep the norm's input and statistics, not the normed tensor (``fuse_norm``)
-    "qkv"   q/k/v sharing one input as one grouped op                        (not implemented: refused)
+    "qkv"   q/k/v (and gate/up of an MLP the "mlp" fusion did not take) sharing one input → one
+            ``lowcost.ops.lora_grouped_linear`` call (``fuse_qkv``): installed on the projections themselves,
+            exact fallback to each projection's own op when they are not called on the same tensor
 
 Every requested fusion is either taken (per module, with what it does) or refused (with the reason) in a
 ``FusionReport``. The passes plan first and swap after; ``remove_fusions`` puts back the original modules
@@ -21,11 +23,10 @@ from torch import nn
 from lowcost.patch.fuse_loss import install_fused_loss, loss_problem, remove_fused_loss
 from lowcost.patch.fuse_mlp import plan_mlp_fusions
 from lowcost.patch.fuse_norm import plan_norm_fusions
+from lowcost.patch.fuse_qkv import plan_grouped_fusions
 
 FUSIONS = ("mlp", "norm", "qkv", "loss")
 STATE_ATTR = "_lowcost_fusion"
-_NOT_BUILT = {"qkv": "grouped q/k/v projections are not implemented in this build (each projection runs its "
-                     "own fused LoRA op)"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class FusionReport:
 @dataclass
 class FusionState:
     originals: dict = field(default_factory=dict)   # module path → original module
+    groups: list = field(default_factory=list)      # installed ProjectionGroups ("qkv")
     loss: bool = False
 
 
@@ -86,12 +88,21 @@ def apply_fusions(model: nn.Module, fused: Sequence[str], avoid: tuple[str, ...]
             taken, refused = plan(model, avoid)
             swaps += [(kind, path, module, detail) for path, (module, detail) in taken.items()]
             report.refused += [Fusion(kind, path, why) for path, why in refused]
+    groups: dict = {}
+    if "qkv" in fused:
+        mlp_taken = {path for kind, path, _, _ in swaps if kind == "mlp"}
+        groups, refused = plan_grouped_fusions(model, avoid, mlp_taken)
+        report.refused += [Fusion("qkv", path, why) for path, why in refused]
     loss_why = loss_problem(model) if "loss" in fused else None
     try:
         for kind, path, module, detail in swaps:
             state.originals[path] = model.get_submodule(path)
             _set_module(model, path, module)
             report.taken.append(Fusion(kind, path, detail))
+        for path, (group, detail) in groups.items():
+            group.install()
+            state.groups.append(group)
+            report.taken.append(Fusion("qkv", path, detail))
         if loss_why == "":
             install_fused_loss(model)
             state.loss = True
@@ -101,7 +112,6 @@ def apply_fusions(model: nn.Module, fused: Sequence[str], avoid: tuple[str, ...]
         raise
     if loss_why:
         report.refused.append(Fusion("loss", "", loss_why))
-    report.refused += [Fusion(kind, "*", _NOT_BUILT[kind]) for kind in ("qkv",) if kind in fused]
     model.__dict__[STATE_ATTR] = state
     return report
 
@@ -109,6 +119,8 @@ def apply_fusions(model: nn.Module, fused: Sequence[str], avoid: tuple[str, ...]
 def _restore(model: nn.Module, state: FusionState) -> None:
     if state.loss:
         remove_fused_loss(model)
+    for group in state.groups:
+        group.remove()
     for path, original in state.originals.items():
         _set_module(model, path, original)
 

@@ -11,6 +11,9 @@ backward and any forward a checkpoint policy runs again. Added here:
   its backward: the down projection's backward with dx (dh), then gate's and up's (du, dA, dB as requested,
   dx = dgate·W_g + dup·W_u + the two low-rank terms when requested). The elementwise activation is not counted
   (nor is it in torch's table).
+- ``lowcost::lora_grouped_linear`` (x: (M, K), projections W_i (N_i, K), A_i (r_i, K)): the sum of the P LoRA
+  linears' forwards; its backward: the sum of their backwards (the dx terms are summed in one accumulator, the
+  same multiply-adds);
 - ``lowcost::linear_cross_entropy`` (hidden (M, K), head (V, K)): the logits 2·M·K·V; when the op forms the
   gradients in the same pass (``needs``: dh, dW, dbias, dA, dB), dh = dz·W 2·M·V·K and dW = dzᵀ·h 2·V·M·K.
   Its backward recomputes the logits and forms the requested gradients the same way.
@@ -64,6 +67,16 @@ def _gated_backward(grad_shape, x_shape, w_gate, a_gate, b_gate, w_up, a_up, b_u
     return down + gate + up
 
 
+def _grouped_forward(x_shape, w_shapes, a_shapes, *args, out_shape=None, **kwargs) -> int:
+    return sum(_lora_forward(x_shape, w, a) for w, a in zip(w_shapes, a_shapes))
+
+
+def _grouped_backward(grad_shapes, x_shape, w_shapes, a_shapes, b_shapes, u_shapes, has_bias, scales, dropouts,
+                      seeds, needs, *args, out_shape=None, **kwargs) -> int:
+    return sum(_lora_backward(g, x_shape, w, a, b, None, 0, 0, None, None, needs)
+               for g, w, a, b in zip(grad_shapes, w_shapes, a_shapes, b_shapes))
+
+
 def _cross_entropy(hidden_shape, weight_shape, needs) -> int:
     M, K, V = math.prod(hidden_shape[:-1]), hidden_shape[-1], weight_shape[0]
     return 2 * M * K * V * (1 + int(bool(needs[0])) + int(bool(needs[1])))
@@ -93,6 +106,7 @@ def _custom_mapping() -> dict:
     aten, ops = torch.ops.aten, torch.ops.lowcost
     mapping = {ops.lora_linear: _lora_forward, ops.lora_linear_backward: _lora_backward,
                ops.lora_gated_mlp: _gated_forward, ops.lora_gated_mlp_backward: _gated_backward,
+               ops.lora_grouped_linear: _grouped_forward, ops.lora_grouped_linear_backward: _grouped_backward,
                ops.linear_cross_entropy: _cross_entropy_forward,
                ops.linear_cross_entropy_backward: _cross_entropy_backward, **flop_formulas()}
     for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _attention_forward),

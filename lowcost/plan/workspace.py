@@ -1,6 +1,6 @@
 """Memory a kernel allocates and frees inside itself, which no dispatch mode sees (an estimate per op).
 
-Modelled: ``lowcost::lora_linear``, ``lowcost::lora_gated_mlp``, ``lowcost::rms_norm`` and
+Modelled: ``lowcost::lora_linear``, ``lowcost::lora_gated_mlp``, ``lowcost::lora_grouped_linear``, ``lowcost::rms_norm`` and
 ``lowcost::linear_cross_entropy``, with their backward ops. For the LoRA linear, the ``torch`` backend (the CPU path,
 ``lowcost/reference/lora_linear.py``) makes full-size temporaries. With x: (M, K), W: (N, K), rank r, p the
 dropout probability, s the bytes of x's dtype and ``[p>0]`` 1 when dropout is on:
@@ -19,6 +19,13 @@ forward:  act(gate) and h = act(gate)⊙up while the down projection runs, plus 
           (2 + [p>0])·M·I·s (gate and up are outputs, already counted).
 backward: act(gate), h, dh, dh⊙up, and the activation's gradient temporaries are alive together before
           dgate and dup exist: about 5·M·I·s.
+
+Grouped projections (``lowcost::lora_grouped_linear``, x: (M, K), P projections of N_i outputs; torch backend,
+``lowcost/reference/lora_grouped_linear.py``): forward runs the LoRA linears' forwards one after the other, so
+its workspace is the largest of theirs. Backward (on = [any p_i > 0]): x float32: the one reused scratch for
+D⊙(du·A) and x̃ for dA, on·([dx] + [dA])·M·K·4 (dx itself is the output); x 16-bit: g_i in fp32
+(M·max N_i·4) and, for dx, the fp32 accumulator, one g_i·W_i in x's dtype and the scratch
+(M·K·(4 + s + 4·on)); for dA, x's fp32 copy and x̃ (M·K·(4 + s·on)).
 
 RMSNorm (``lowcost::rms_norm``, x: (M, H), computed in float32; ``lowcost/reference/rms_norm.py``): the fp32
 copy of a 16-bit x, x² (or x·rstd) and, for 16-bit x, the product before its rounding: 4·M·H bytes for fp32 x,
@@ -86,6 +93,21 @@ def _gated_backward(args) -> int:
     return _gated_mlp(args[1], args[2], 5)
 
 
+def _grouped_forward(args) -> int:
+    x, weights, dropouts = args[0], args[1], args[7]
+    return max(_lora_forward((x, w, None, None, None, None, p)) for w, p in zip(weights, dropouts))
+
+
+def _grouped_backward(args) -> int:
+    grads, x, dropouts, needs = args[0], args[1], args[8], args[10]
+    M, K, s = math.prod(x.shape[:-1]), x.shape[-1], x.element_size()
+    need_dx, need_da, on = int(bool(needs[0])), int(bool(needs[1])), int(any(p > 0 for p in dropouts))
+    if x.dtype in (torch.float32, torch.float64):
+        return on * (need_dx + need_da) * M * K * s
+    widest = max((g.shape[-1] for g in grads), default=0)
+    return M * widest * 4 + need_dx * M * K * (4 + s + 4 * on) + need_da * M * K * (4 + s * on)
+
+
 def _rms_norm(x: torch.Tensor, fp32_factor: int, low_precision_factor: int) -> int:
     factor = fp32_factor if x.element_size() >= 4 else low_precision_factor
     return factor * math.prod(x.shape)
@@ -117,6 +139,7 @@ def triton_loss_extra(tokens: int, vocab: int, itemsize: int, sms: int) -> int:
 
 _MODELS = {"lowcost::lora_linear": _lora_forward, "lowcost::lora_linear_backward": _lora_backward,
            "lowcost::lora_gated_mlp": _gated_forward, "lowcost::lora_gated_mlp_backward": _gated_backward,
+           "lowcost::lora_grouped_linear": _grouped_forward, "lowcost::lora_grouped_linear_backward": _grouped_backward,
            "lowcost::rms_norm": lambda args: _rms_norm(args[0], 4, 12),
            "lowcost::rms_norm_backward": lambda args: _rms_norm(args[1], 16, 20),
            "lowcost::linear_cross_entropy": lambda args: _cross_entropy(args[0], args[1], args[13]),

@@ -13,6 +13,7 @@ import lowcost
 from lowcost.nn.fused_rms_norm import FusedRMSNorm
 from lowcost.nn.lora_gated_mlp import LoRAGatedMLP
 from lowcost.patch import lora_layers
+from lowcost.patch.fuse import STATE_ATTR
 from tiny_models import VOCAB, _ids, assert_unchanged, gpt2, llama, qwen2, randomize_adapters, snapshot
 
 TOL = 1e-5
@@ -71,7 +72,8 @@ def test_fused_model_matches_peft(name, policy):
     original = copy.deepcopy(model)
     checkpoint = lowcost.CheckpointConfig(policy=policy) if policy else None
     report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8), checkpoint=checkpoint)
-    assert report.fusion.kinds() == {"mlp", "norm", "loss"}, str(report.fusion)
+    grouped = name != "phi3"                             # Phi-3 packs q/k/v into one qkv_proj: nothing to group
+    assert report.fusion.kinds() == {"mlp", "norm", "loss"} | ({"qkv"} if grouped else set()), str(report.fusion)
     assert all(isinstance(model.get_submodule(f"model.layers.{i}.mlp"), LoRAGatedMLP) for i in range(2))
     assert all(isinstance(model.get_submodule(f"model.layers.{i}.input_layernorm"), FusedRMSNorm) for i in range(2))
     layers = lora_layers(model)
@@ -83,6 +85,11 @@ def test_fused_model_matches_peft(name, policy):
     assert ours.logits is None
     ours.loss.backward()
     theirs.loss.backward()
+    groups = model.__dict__[STATE_ATTR].groups
+    assert len(groups) == (2 if grouped else 0)
+    for group in groups:                                 # q/k/v really ran grouped (forward and any recompute)
+        assert group.stats["grouped"] >= 1 and group.stats["fallback"] == 0, group.stats
+        assert group.stats["handed"] == 2 * group.stats["grouped"], group.stats
     assert ours.loss.dtype == torch.float32
     assert abs(ours.loss.item() - theirs.loss.item()) <= TOL * abs(theirs.loss.item()), (ours.loss, theirs.loss)
     for layer_name, layer in layers.items():
@@ -97,11 +104,12 @@ def test_report_names_taken_and_refused():
     report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4))
     taken = {(f.kind, f.module) for f in report.fusion.taken}
     norms = {("norm", f"model.layers.{i}.{n}") for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
-    assert taken == {("mlp", "model.layers.0.mlp"), ("mlp", "model.layers.1.mlp"), ("loss", "")} | norms
-    refused = {f.kind: f.detail for f in report.fusion.refused}
-    assert set(refused) == {"qkv"} and "not implemented" in refused["qkv"]
+    qkv = {("qkv", f"model.layers.{i}.self_attn") for i in range(2)}
+    assert taken == {("mlp", "model.layers.0.mlp"), ("mlp", "model.layers.1.mlp"), ("loss", "")} | norms | qkv
+    assert not report.fusion.refused
     text = str(report)
-    assert "fused mlp   model.layers.0.mlp  (gate/up/down, activation silu)" in text and "not fused qkv" in text
+    assert "fused mlp   model.layers.0.mlp  (gate/up/down, activation silu)" in text
+    assert "fused qkv   model.layers.1.self_attn  (q/k/v as one grouped op" in text
     assert "fused norm  model.layers.1.input_layernorm  (RMSNorm, llama form: LoRA ops keep its input and rstd)" in text
 
 
@@ -114,7 +122,10 @@ def test_unknown_and_partial_structures_are_refused_with_reasons():
     report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4, targets=["q_proj", "gate_proj", "up_proj"]))
     refused = {(f.kind, f.module): f.detail for f in report.fusion.refused}
     assert "down_proj is a Linear, not a fused LoRALinear" in refused[("mlp", "model.layers.0.mlp")]
-    assert report.fusion.kinds() == {"loss", "norm"}
+    assert "k_proj is a Linear, not a fused LoRALinear (no LoRA adapter on it)" in refused[
+        ("qkv", "model.layers.0.self_attn")]
+    assert report.fusion.kinds() == {"loss", "norm", "qkv"}        # gate/up of the unfused MLP run grouped
+    assert {f.module for f in report.fusion.taken if f.kind == "qkv"} == {f"model.layers.{i}.mlp" for i in range(2)}
 
 
 def test_recompute_region_inside_an_mlp_refuses_that_fusion():

@@ -1,0 +1,99 @@
+"""Fusion pass "qkv": projections that read one input run as one ``lowcost.ops.lora_grouped_linear``.
+
+Groups, per block (roles from the family table, ``lowcost._families``): q/k/v of the attention, and gate/up of
+the MLP when the "mlp" fusion did not take that MLP (the fused MLP already groups them). Each group is a
+``lowcost.nn.grouped_projections.ProjectionGroup`` installed on the layers: the first member computes every
+member's output on its input, the others take theirs only when called with that very tensor (same object,
+same version, nothing changed), else run their own op. So the model's forward is untouched and the result
+is exact whatever the forward does between the calls.
+
+Refused, with the reason: a member that is not a fused ``LoRALinear`` (a projection without LoRA), a Conv1D or
+quantized base weight (the grouped op takes dense (N, K) weights), members of different input widths,
+different backends, backend "cuda" (no CUDA C++ kernel for the grouped op), Triton where it cannot run, and
+members inside a checkpoint ``recompute=`` region.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from lowcost._families import module_roles
+from lowcost.nn.grouped_projections import ProjectionGroup
+from lowcost.nn.lora_linear import LoRALinear
+from lowcost.ops.backend import unavailable_reason
+from lowcost.ops.lora_grouped_linear import TRITON_MAX_PROJECTIONS
+
+GROUPS = (("q", "k", "v"), ("gate", "up"))
+
+
+def _groups(model: nn.Module, skip_parents: set[str]) -> dict[str, list[tuple[str, str]]]:
+    """Parent path → [(role, full path)] in role order, for each block's complete q/k/v and gate/up sets."""
+    found: dict[tuple[str, int], dict[str, str]] = {}
+    for path, role in module_roles(model).items():
+        for index, roles in enumerate(GROUPS):
+            if role in roles:
+                found.setdefault((path.rpartition(".")[0], index), {})[role] = path
+    out = {}
+    for (parent, index), members in found.items():
+        if set(members) == set(GROUPS[index]) and parent not in skip_parents:
+            out[parent] = [(role, members[role]) for role in GROUPS[index]]
+    return out
+
+
+def _member_problem(path: str, layer: nn.Module) -> str:
+    name = path.rpartition(".")[2]
+    if not isinstance(layer, LoRALinear):
+        return f"{name} is a {type(layer).__name__}, not a fused LoRALinear (no LoRA adapter on it)"
+    if layer.fan_in_fan_out:
+        return f"{name} is a Conv1D (the grouped op takes (N, K) weights)"
+    if layer.quantized:
+        return f"{name} has a quantized base weight ({layer.weight.scheme}): the grouped op takes dense weights"
+    return ""
+
+
+def _group_problem(layers: dict[str, LoRALinear]) -> str:
+    widths = {path.rpartition(".")[2]: layer.in_features for path, layer in layers.items()}
+    if len(set(widths.values())) > 1:
+        return f"the projections read inputs of different widths {widths}"
+    backends = {layer.backend for layer in layers.values()}
+    if len(backends) > 1:
+        return f"the projections ask for different backends {sorted(map(str, backends))}; the grouped op runs one"
+    backend = backends.pop()
+    if backend == "cuda":
+        return "backend='cuda': the grouped op has no CUDA C++ kernel (its backends: torch, triton)"
+    if backend == "triton":
+        weight = next(iter(layers.values())).weight
+        rank = max(layer.lora_A.shape[0] for layer in layers.values())
+        why = unavailable_reason("triton", weight.device, rank)
+        if why is None and len(layers) > TRITON_MAX_PROJECTIONS:
+            why = f"it groups at most {TRITON_MAX_PROJECTIONS} projections"
+        if why is None and weight.dtype.is_floating_point and weight.element_size() == 8:
+            why = "float64 weights (the Triton kernels take fp32/fp16/bf16)"
+        return f"backend='triton' cannot run here: {why}" if why else ""
+    return ""
+
+
+def plan_grouped_fusions(model: nn.Module, avoid: tuple[str, ...] = (), skip_parents: set[str] = frozenset()
+                         ) -> tuple[dict, list[tuple[str, str]]]:
+    """({parent path: (ProjectionGroup, detail)}, [(path, reason refused)]). ``skip_parents``: MLPs the "mlp"
+    fusion took (their gate/up are grouped inside the fused MLP); ``avoid``: checkpoint recompute paths."""
+    taken, refused = {}, []
+    groups = _groups(model, set(skip_parents))
+    if not groups:
+        return taken, [("*", "the family table names no q/k/v or gate/up projections in this model")]
+    for parent, members in groups.items():
+        paths = [path for _, path in members]
+        hit = [a for a in avoid for p in paths + [parent] if p == a or p.endswith("." + a)]
+        if hit:
+            refused.append((parent, f"checkpoint recompute={hit[0]!r} needs that module's own forward"))
+            continue
+        layers = {path: model.get_submodule(path) for path in paths}
+        problem = next((p for p in (_member_problem(path, layer) for path, layer in layers.items()) if p), "")
+        problem = problem or _group_problem(layers)
+        if problem:
+            refused.append((parent, problem))
+            continue
+        roles = "/".join(role for role, _ in members)
+        group = ProjectionGroup([(path, layers[path]) for path in paths])
+        taken[parent] = (group, f"{roles} as one grouped op on their shared input (each falls back to its own op "
+                                f"when called with another tensor)")
+    return taken, refused

@@ -54,14 +54,16 @@ void check_p(const char* op, double p) {
               ": dropout probability p must lie in [0, 1), got ", p);
 }
 
-
 QuantScheme parse_quant_scheme(const char* op, c10::string_view scheme) {
   const std::string name(scheme.data(), scheme.size());
   if (name == "nf4") return QuantScheme::kNf4;
   if (name == "nf4-dq") return QuantScheme::kNf4Dq;
   if (name == "int8") return QuantScheme::kInt8;
-  TORCH_CHECK(false, "lowcost::", op, ": scheme must be 'nf4', 'nf4-dq' or 'int8' (the formats with a CUDA ",
-              "dequantizing tile), got '", name, "'");
+  if (name == "q8_0") return QuantScheme::kQ8_0;
+  if (name == "q4_0") return QuantScheme::kQ4_0;
+  if (name == "q4_1") return QuantScheme::kQ4_1;
+  TORCH_CHECK(false, "lowcost::", op, ": scheme must be 'nf4', 'nf4-dq', 'int8', 'q8_0', 'q4_0' or 'q4_1' (the ",
+              "formats with a CUDA dequantizing tile), got '", name, "'");
 }
 
 // One stored tensor of a quantized weight: dtype, rank, device, unit inner stride (rows may be strided).
@@ -80,6 +82,32 @@ void check_stored(const char* op, const char* name, const at::Tensor& t, c10::Sc
 void check_shape(const char* op, const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape) {
   TORCH_CHECK(t.sizes().equals(shape), "lowcost::", op, ": packed tensor ", name, " must have shape ",
               c10::IntArrayRef(shape), ", got ", t.sizes());
+}
+
+const char* quant_scheme_name(QuantScheme s) {
+  switch (s) {
+    case QuantScheme::kNf4: return "nf4";
+    case QuantScheme::kNf4Dq: return "nf4-dq";
+    case QuantScheme::kInt8: return "int8";
+    case QuantScheme::kQ8_0: return "q8_0";
+    case QuantScheme::kQ4_0: return "q4_0";
+    default: return "q4_1";
+  }
+}
+
+// The packed tensors a format is passed as (stored tensors, then code books).
+size_t packed_count(QuantScheme s) {
+  return s == QuantScheme::kNf4 ? 3 : (s == QuantScheme::kNf4Dq ? 6 : (s == QuantScheme::kInt8 ? 2 : 1));
+}
+
+// data (N, K / 32 * type_size) of a GGUF block format.
+void check_gguf_blocks(const char* op, const at::Tensor& data, QuantScheme s, int64_t N, int64_t K,
+                       const at::Tensor& ref, c10::DeviceType device) {
+  const int64_t type_size = s == QuantScheme::kQ8_0 ? 34 : (s == QuantScheme::kQ4_0 ? 18 : 20);
+  TORCH_CHECK(K % 32 == 0, "lowcost::", op, ": a ", quant_scheme_name(s), " weight holds whole 32-element blocks: ",
+              "K must be a multiple of 32, got ", K);
+  check_stored(op, "data", data, at::kByte, 2, ref, device);
+  check_shape(op, "data", data, {N, K / 32 * type_size});
 }
 
 // codes (N, Kp / 2) and the block size of an NF4 weight; returns the blocks per padded row Kp / B.
@@ -101,10 +129,13 @@ int64_t check_nf4_codes(const char* op, c10::ArrayRef<at::Tensor> packed, int64_
 
 void check_quant_weight(const char* op, c10::ArrayRef<at::Tensor> packed, DequantGemmDims& d, int64_t block_size,
                         const at::Tensor& ref, c10::DeviceType device) {
-  const size_t want = d.scheme == QuantScheme::kInt8 ? 2 : (d.scheme == QuantScheme::kNf4 ? 3 : 6);
-  TORCH_CHECK(packed.size() == want, "lowcost::", op, ": a ",
-              d.scheme == QuantScheme::kInt8 ? "int8" : (d.scheme == QuantScheme::kNf4 ? "nf4" : "nf4-dq"),
-              " weight is passed as ", want, " packed tensors (stored tensors, then code books), got ", packed.size());
+  const size_t want = packed_count(d.scheme);
+  TORCH_CHECK(packed.size() == want, "lowcost::", op, ": a ", quant_scheme_name(d.scheme), " weight is passed as ",
+              want, " packed tensors (stored tensors, then code books), got ", packed.size());
+  if (d.scheme == QuantScheme::kQ8_0 || d.scheme == QuantScheme::kQ4_0 || d.scheme == QuantScheme::kQ4_1) {
+    check_gguf_blocks(op, packed[0], d.scheme, d.N, d.K, ref, device);
+    return;
+  }
   if (d.scheme == QuantScheme::kInt8) {
     check_stored(op, "qweight", packed[0], at::kChar, 2, ref, device);
     check_shape(op, "qweight", packed[0], {d.N, d.K});

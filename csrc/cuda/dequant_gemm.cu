@@ -1,5 +1,5 @@
-// CUDA entry points of dequant_gemm and dequant_gemm_dgrad (host side in dequant_launchers.h, kernel in
-// dequant_gemm_kernels.cuh).
+// CUDA entry point of dequant_gemm (host side in dequant_launchers.h, kernel in dequant_gemm_kernels.cuh;
+// the dgrad is dequant_gemm_dgrad.cu, a separate file so the two compile in parallel).
 #include "gpu_exec.cuh"
 #include "dequant_launchers.h"
 #include "ops_cuda.h"
@@ -10,13 +10,7 @@ namespace cuda {
 at::Tensor dequant_gemm(const at::Tensor& x, at::TensorList packed, c10::string_view scheme, int64_t n_rows,
                         int64_t block_size, const std::optional<at::Tensor>& c) {
   GpuExec exec;
-  return run_dequant_gemm(x, packed, scheme, n_rows, block_size, c, false, exec);
-}
-
-at::Tensor dequant_gemm_dgrad(const at::Tensor& grad_y, at::TensorList packed, c10::string_view scheme,
-                              int64_t n_cols, int64_t block_size, const std::optional<at::Tensor>& c) {
-  GpuExec exec;
-  return run_dequant_gemm(grad_y, packed, scheme, n_cols, block_size, c, true, exec);
+  return run_dequant_gemm<false>(x, packed, scheme, n_rows, block_size, c, exec);
 }
 
 }  // namespace cuda

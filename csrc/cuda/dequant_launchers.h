@@ -27,6 +27,9 @@ inline QuantTile make_quant_tile(c10::ArrayRef<at::Tensor> packed, const Dequant
   q.K = d.K;
   q.block_size = static_cast<int>(block_size);
   q.blocks_per_row = d.blocks_per_row;
+  if (d.scheme == QuantScheme::kQ8_0 || d.scheme == QuantScheme::kQ4_0 || d.scheme == QuantScheme::kQ4_1) {
+    return q;  // the blocks carry their own scales
+  }
   if (d.scheme == QuantScheme::kInt8) {
     q.absmax = packed[1].data_ptr<float>();
     return q;
@@ -52,16 +55,23 @@ void dispatch_quant_scheme(QuantScheme scheme, F&& f) {
     f(std::integral_constant<int, kFmtNf4>{});
   } else if (scheme == QuantScheme::kNf4Dq) {
     f(std::integral_constant<int, kFmtNf4Dq>{});
-  } else {
+  } else if (scheme == QuantScheme::kInt8) {
     f(std::integral_constant<int, kFmtInt8>{});
+  } else if (scheme == QuantScheme::kQ8_0) {
+    f(std::integral_constant<int, kFmtQ8_0>{});
+  } else if (scheme == QuantScheme::kQ4_0) {
+    f(std::integral_constant<int, kFmtQ4_0>{});
+  } else {
+    f(std::integral_constant<int, kFmtQ4_1>{});
   }
 }
 
-// dgrad false: c + x deq(W)^T (M, N); dgrad true: c + g deq(W) (M, K); in the activation's dtype.
-template <typename Exec>
+// DGRAD false: c + x deq(W)^T (M, N); DGRAD true: c + g deq(W) (M, K); in the activation's dtype. (A template
+// parameter, so dequant_gemm.cu and dequant_gemm_dgrad.cu each compile only their own kernels.)
+template <bool DGRAD, typename Exec>
 at::Tensor run_dequant_gemm(const at::Tensor& a, c10::ArrayRef<at::Tensor> packed, c10::string_view scheme,
-                            int64_t n_other, int64_t block_size, const std::optional<at::Tensor>& c, bool dgrad,
-                            Exec& exec) {
+                            int64_t n_other, int64_t block_size, const std::optional<at::Tensor>& c, Exec& exec) {
+  constexpr bool dgrad = DGRAD;
   const DequantGemmDims d = check_dequant_gemm_args(a, packed, scheme, n_other, block_size, c, dgrad, Exec::kDevice);
   [[maybe_unused]] const auto guard = exec.guard(a.device());
   const int64_t P = dgrad ? d.K : d.N, Q = dgrad ? d.N : d.K;
@@ -79,13 +89,8 @@ at::Tensor run_dequant_gemm(const at::Tensor& a, c10::ArrayRef<at::Tensor> packe
     const bool a_vec = rows_vec16(ap, d.M, a.stride(0), a.stride(1));
     dispatch_quant_scheme(d.scheme, [&](auto fmt) {
       constexpr int FMT = decltype(fmt)::value;
-      if (dgrad) {
-        exec.launch(plan.grid, plan.smem, op, dequant_gemm_kernel<T, FMT, true>, ap, d.M, Q, a.stride(0),
-                    a.stride(1), a_vec, q, cp, sc0, sc1, out.data_ptr<T>(), P);
-      } else {
-        exec.launch(plan.grid, plan.smem, op, dequant_gemm_kernel<T, FMT, false>, ap, d.M, Q, a.stride(0),
-                    a.stride(1), a_vec, q, cp, sc0, sc1, out.data_ptr<T>(), P);
-      }
+      exec.launch(plan.grid, plan.smem, op, dequant_gemm_kernel<T, FMT, DGRAD>, ap, d.M, Q, a.stride(0),
+                  a.stride(1), a_vec, q, cp, sc0, sc1, out.data_ptr<T>(), P);
     });
   });
   return out;

@@ -9,9 +9,14 @@
 //   nf4-dq   codes, absmax_q u8 (N, Kp/B), absmax_scale f32 (groups), absmax_offset f32
 //            absmax = DYN[absmax_q[n, b]] * absmax_scale[(n Kp/B + b) / 256] + absmax_offset,  b = k/B
 //   int8     qweight i8 (N, K), scale f32 (N,)                         q * scale[n]
+//   q8_0     data u8 (N, K/32 * 34): blocks d f16 | q i8[32]             q * d
+//   q4_0     data u8 (N, K/32 * 18): blocks d f16 | nibbles[16]          (q - 8) * d
+//   q4_1     data u8 (N, K/32 * 20): blocks d f16 | m f16 | nibbles[16]  q * d + m
 //
 // The NF4 nibble of element k is the high half of code byte k/2 for even k, the low half for odd k; Kp is
 // K padded to a whole block (the padding codes are never read: elements with k >= K are 0 in the tile).
+// The GGUF 4-bit blocks keep element j < 16 of a block in the low nibble of code byte j and element j >= 16
+// in the high nibble of byte j - 16 (the GGUF file's own bytes; K is a whole number of 32-element blocks).
 #pragma once
 
 #include "common.cuh"
@@ -26,10 +31,15 @@ namespace cuda {
 constexpr int kFmtNf4 = 0;
 constexpr int kFmtNf4Dq = 1;
 constexpr int kFmtInt8 = 2;
+constexpr int kFmtQ8_0 = 3;
+constexpr int kFmtQ4_0 = 4;
+constexpr int kFmtQ4_1 = 5;
+
+constexpr bool is_nf4(int fmt) { return fmt == kFmtNf4 || fmt == kFmtNf4Dq; }
 
 // Device view of a quantized weight (pointers into the stored tensors; unused ones are null).
 struct QuantTile {
-  const uint8_t* codes = nullptr;        // nf4 codes, or int8 qweight bytes
+  const uint8_t* codes = nullptr;        // nf4 codes, int8 qweight bytes, or GGUF block bytes
   int64_t code_stride = 0;               // bytes between rows of codes
   const float* absmax = nullptr;         // nf4: (N, Kp/B); int8: scale (N,)
   const uint8_t* absmax_q = nullptr;     // nf4-dq: (N, Kp/B)
@@ -61,11 +71,17 @@ __device__ __forceinline__ float add_rn(float a, float b) {
 #endif
 }
 
+// The little-endian float16 at p (a GGUF block's d or m), as float32 (exact).
+__device__ __forceinline__ float f16_at(const uint8_t* p) {
+  const uint16_t bits = static_cast<uint16_t>(p[0] | (p[1] << 8));
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
 // Copies the format's code books into shared memory: tables[0, 16) NF4, tables[16, 272) the dynamic map.
 // The caller synchronises before the first decode.
 template <int FMT>
 __device__ __forceinline__ void load_code_tables(const QuantTile& q, float* tables) {
-  if constexpr (FMT != kFmtInt8) {
+  if constexpr (is_nf4(FMT)) {
     const int n = FMT == kFmtNf4Dq ? kQgTableFloats : 16;
     for (int e = threadIdx.x; e < n; e += kThreads) tables[e] = e < 16 ? q.nf4_code[e] : q.dyn_code[e - 16];
   }
@@ -83,8 +99,8 @@ __device__ __forceinline__ float nf4_absmax(const QuantTile& q, const float* tab
   }
 }
 
-// v = W[n, k .. k + 8) in float32 (0 outside W); k is a multiple of 8, so the 8 elements share one NF4 block
-// (block sizes are multiples of 8).
+// v = W[n, k .. k + 8) in float32 (0 outside W); k is a multiple of 8, so the 8 elements share one block
+// (NF4 block sizes are multiples of 8, GGUF blocks hold 32).
 template <int FMT>
 __device__ __forceinline__ void decode8(const QuantTile& q, const float* tables, int64_t n, int64_t k,
                                         float (&v)[8]) {
@@ -97,6 +113,32 @@ __device__ __forceinline__ void decode8(const QuantTile& q, const float* tables,
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
       if (k + t < q.K) v[t] = mul_rn(static_cast<float>(row[k + t]), scale);
+    }
+  } else if constexpr (FMT == kFmtQ8_0) {
+    const uint8_t* block = q.codes + n * q.code_stride + (k / 32) * 34;
+    const float d = f16_at(block);
+    const int8_t* qs = reinterpret_cast<const int8_t*>(block + 2 + k % 32);
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      if (k + t < q.K) v[t] = mul_rn(static_cast<float>(qs[t]), d);
+    }
+  } else if constexpr (FMT == kFmtQ4_0 || FMT == kFmtQ4_1) {
+    constexpr int kTypeSize = FMT == kFmtQ4_0 ? 18 : 20;
+    const uint8_t* block = q.codes + n * q.code_stride + (k / 32) * kTypeSize;
+    const float d = f16_at(block);
+    const int j = static_cast<int>(k % 32);
+    const uint8_t* qs = block + (kTypeSize - 16) + j % 16;
+    const int shift = j < 16 ? 0 : 4;
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      if (k + t < q.K) {
+        const float code = static_cast<float>((qs[t] >> shift) & 15);
+        if constexpr (FMT == kFmtQ4_0) {
+          v[t] = mul_rn(code - 8.0f, d);
+        } else {
+          v[t] = add_rn(mul_rn(code, d), f16_at(block + 2));
+        }
+      }
     }
   } else {
     const float absmax = nf4_absmax<FMT>(q, tables, n, k / q.block_size);

@@ -4,7 +4,7 @@
 // host code the GPU runs (csrc/cuda/dequant_launchers.h), and compares them with a float64 reference of
 // c + x deq(W)^T and c + g deq(W). deq(W) comes from an independent host decoder written from the formats'
 // specification (lowcost/reference/quant: NF4 with the even element in the high nibble, block absmax,
-// double-quantized absmax; int8 with a per-row scale), rounded to the activation dtype as the reference's
+// double-quantized absmax; int8 with a per-row scale; GGUF Q8_0, Q4_0, Q4_1 blocks), rounded to the activation dtype as the reference's
 // dequantize_packed(..., dtype) rounds it. The packed codes are random bytes (padding included), so every
 // code and nibble value occurs; identity activations check the decoded tile bit for bit.
 #include "../checks.h"
@@ -68,8 +68,45 @@ Packed make_int8(int64_t N, int64_t K) {
   return {"int8", N, K, 0, {at::randint(-128, 128, {N, K}, at::kChar), at::rand({N}, at::kFloat) * 0.05 + 0.01}};
 }
 
+int gguf_type_size(const std::string& scheme) { return scheme == "q8_0" ? 34 : (scheme == "q4_0" ? 18 : 20); }
+
+// A GGUF Q8_0 / Q4_0 / Q4_1 weight: random block bytes (every code occurs) whose float16 fields (d, and m for
+// Q4_1) are set to finite values of either sign.
+Packed make_gguf(const std::string& scheme, int64_t N, int64_t K) {
+  const int ts = gguf_type_size(scheme);
+  at::Tensor data = at::randint(0, 256, {N, K / 32 * ts}, at::kByte);
+  auto* bytes = data.data_ptr<uint8_t>();
+  const at::Tensor fields = (at::rand({N * K / 32, 2}, at::kFloat) - 0.3) * 0.05;
+  for (int64_t b = 0; b < N * K / 32; ++b) {
+    for (int f = 0; f < (scheme == "q4_1" ? 2 : 1); ++f) {
+      const uint16_t bits = c10::Half(fields.data_ptr<float>()[2 * b + f]).x;
+      bytes[b * ts + 2 * f] = static_cast<uint8_t>(bits & 0xFF);
+      bytes[b * ts + 2 * f + 1] = static_cast<uint8_t>(bits >> 8);
+    }
+  }
+  return {scheme, N, K, 32, {data}};
+}
+
+float half_at(const uint8_t* p) { return static_cast<float>(c10::Half(p[0] | (p[1] << 8), c10::Half::from_bits())); }
+
+// GGUF spec: Q8_0 w = q d; Q4_0 w = (q - 8) d; Q4_1 w = q d + m; 4-bit element j of a block in the low nibble
+// of code byte j (j < 16) or the high nibble of byte j - 16.
+float gguf_value(const Packed& p, int64_t n, int64_t k) {
+  const int ts = gguf_type_size(p.scheme);
+  const uint8_t* block = p.tensors[0].data_ptr<uint8_t>() + n * (p.K / 32 * ts) + (k / 32) * ts;
+  const int j = static_cast<int>(k % 32);
+  const float d = half_at(block);
+  if (p.scheme == "q8_0") return static_cast<float>(static_cast<int8_t>(block[2 + j])) * d;
+  const uint8_t byte = block[ts - 16 + (j < 16 ? j : j - 16)];
+  const float q = static_cast<float>(j < 16 ? (byte & 15) : (byte >> 4));
+  if (p.scheme == "q4_0") return (q - 8.0f) * d;
+  const float scaled = q * d;
+  return scaled + half_at(block + 2);
+}
+
 // The spec's float32 value of W[n, k].
 float spec_value(const Packed& p, int64_t n, int64_t k) {
+  if (p.scheme[0] == 'q') return gguf_value(p, n, k);
   if (p.scheme == "int8") {
     return static_cast<float>(p.tensors[0].data_ptr<int8_t>()[n * p.K + k]) * p.tensors[1].data_ptr<float>()[n];
   }
@@ -97,7 +134,8 @@ at::Tensor spec_dequantize(const Packed& p, c10::ScalarType dt) {
 
 at::Tensor emu_gemm(const at::Tensor& a, const Packed& p, const std::optional<at::Tensor>& c, bool dgrad) {
   EmuExec exec;
-  return lowcost::cuda::run_dequant_gemm(a, p.tensors, p.scheme, dgrad ? p.K : p.N, p.block, c, dgrad, exec);
+  if (dgrad) return lowcost::cuda::run_dequant_gemm<true>(a, p.tensors, p.scheme, p.K, p.block, c, exec);
+  return lowcost::cuda::run_dequant_gemm<false>(a, p.tensors, p.scheme, p.N, p.block, c, exec);
 }
 
 // ---- checks ------------------------------------------------------------------------------------
@@ -166,6 +204,9 @@ void test_against_float64() {
     check_weight(make_nf4(129, 72, 8, true), 66, dt, true);     // 9 blocks a row
     check_weight(make_int8(9, 13), 1, dt, false);
     check_weight(make_int8(100, 70), 67, dt, true);
+    check_weight(make_gguf("q8_0", 70, 96), 1, dt, false);
+    check_weight(make_gguf("q4_0", 65, 160), 67, dt, true);
+    check_weight(make_gguf("q4_1", 33, 64), 130, dt, false);
   }
   check_weight(make_nf4(65, 80, 32, true), 3, at::kFloat, false);  // fp32 activations: the FMA path
   check_weight(make_int8(20, 30), 7, at::kFloat, true);
@@ -174,7 +215,8 @@ void test_against_float64() {
 // x = I (forward) and g = I (dgrad): each output element is one product 1 * w, exact, so the kernels'
 // outputs are deq(W)^T and deq(W) bit for bit: a wrong nibble order, block or scale index shows.
 void test_decode_bit_for_bit() {
-  const Packed weights[] = {make_nf4(70, 80, 32, false), make_nf4(66, 200, 64, true), make_int8(67, 75)};
+  const Packed weights[] = {make_nf4(70, 80, 32, false), make_nf4(66, 200, 64, true), make_int8(67, 75),
+                            make_gguf("q8_0", 70, 96),      make_gguf("q4_0", 66, 64),    make_gguf("q4_1", 65, 96)};
   for (const Packed& p : weights) {
     for (c10::ScalarType dt : {at::kBFloat16, at::kHalf}) {
       const at::Tensor w = spec_dequantize(p, dt).to(dt);
@@ -209,7 +251,10 @@ void test_edges_and_bad_input() {
   const at::Tensor x = at::randn({3, 64}).to(at::kBFloat16);
   Packed q4 = p;
   q4.scheme = "q4_k";
-  expect_error("unknown scheme", "scheme must be 'nf4', 'nf4-dq' or 'int8'", [&] { emu_gemm(x, q4, std::nullopt, false); });
+  expect_error("unknown scheme", "scheme must be 'nf4', 'nf4-dq', 'int8', 'q8_0', 'q4_0' or 'q4_1'",
+               [&] { emu_gemm(x, q4, std::nullopt, false); });
+  const Packed q8 = make_gguf("q8_0", 4, 64);
+  expect_error("GGUF K", "K must be a multiple of 32", [&] { emu_gemm(at::randn({3, 48}).to(at::kBFloat16), q8, std::nullopt, false); });
   Packed short_list = p;
   short_list.tensors.pop_back();
   expect_error("missing code book", "3 packed tensors", [&] { emu_gemm(x, short_list, std::nullopt, false); });

@@ -5,7 +5,7 @@
 // CUDA and no torch.
 //
 //   print_launch_plan M K N r X_DTYPE ADAPTER_DTYPE SMS HAS_BIAS [QUANT]
-//   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE; QUANT: nf4, nf4-dq or int8 for a
+//   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE; QUANT: nf4, nf4-dq, int8, q8_0, q4_0, q4_1 for a
 //   quantized weight, whose base GEMMs are lowcost's dequant_gemm / dequant_gemm_dgrad instead of cuBLAS)
 #include "../cuda/launch_plan.h"
 
@@ -74,6 +74,9 @@ int quant_format_id(const std::string& name) {
   if (name == "nf4") return 0;
   if (name == "nf4-dq") return 1;
   if (name == "int8") return 2;
+  if (name == "q8_0") return 3;
+  if (name == "q4_0") return 4;
+  if (name == "q4_1") return 5;
   return -1;
 }
 
@@ -94,7 +97,7 @@ int main(int argc, char** argv) {
   if ((argc != 9 && argc != 10) || !parse_dtype(argv[5], x) || !parse_dtype(argv[6], a) ||
       (!quant.empty() && fmt < 0)) {
     std::fprintf(stderr, "usage: %s M K N r X_DTYPE(bf16|fp16|fp32) ADAPTER_DTYPE SMS HAS_BIAS(0|1) "
-                 "[QUANT(nf4|nf4-dq|int8)]\n", argv[0]);
+                 "[QUANT(nf4|nf4-dq|int8|q8_0|q4_0|q4_1)]\n", argv[0]);
     return 2;
   }
   const int64_t M = std::atoll(argv[1]), K = std::atoll(argv[2]), N = std::atoll(argv[3]), r = std::atoll(argv[4]);

@@ -19,7 +19,7 @@ from lowcost.reference import qlora_linear as reference
 from lowcost.reference.quant import FORMATS, dequantize_packed, dynamic_map, nf4_code, workspace_elements
 
 TRITON_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
-CUDA_FORMATS = ("nf4", "nf4-dq", "int8")
+CUDA_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1")
 QUANT_SUPPORT = {"torch": tuple(FORMATS), "triton": TRITON_FORMATS, "cuda": CUDA_FORMATS}
 
 

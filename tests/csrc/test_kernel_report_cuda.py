@@ -55,7 +55,7 @@ def test_launch_plan_small_and_unsplit():
 
 
 @needs_cxx
-@pytest.mark.parametrize("quant, fmt", [("nf4", 0), ("nf4-dq", 1), ("int8", 2)])
+@pytest.mark.parametrize("quant, fmt", [("nf4", 0), ("nf4-dq", 1), ("int8", 2), ("q8_0", 3), ("q4_0", 4), ("q4_1", 5)])
 def test_launch_plan_on_a_quantized_weight(quant, fmt):
     """With a quantized weight the base GEMMs are lowcost's dequantizing kernels (forward after lora_up, dgrad
     last), 64 x 64 output tiles: N/64 x M/64 and K/64 x M/64 blocks, well above 2 per SM."""

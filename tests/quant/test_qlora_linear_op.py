@@ -185,10 +185,10 @@ def test_opcheck():
 
 @pytest.mark.parametrize("scheme", [s for s in SCHEMES if s not in qb.CUDA_FORMATS])
 def test_backend_without_the_format_is_a_clear_error(scheme):
-    """The GGUF block formats have no CUDA tile: refused by name (format, the formats it takes, the module)."""
+    """The k-quants (Q4_K, Q6_K) have no CUDA tile: refused by name (format, the formats it takes, the module)."""
     weight = make_quantized(scheme, 8, 256)
     t = _inputs(2, 256, 8, 2, torch.float32)
-    takes = r"\(it takes: nf4, nf4-dq, int8\)"
+    takes = r"\(it takes: nf4, nf4-dq, int8, q8_0, q4_0, q4_1\)"
     with pytest.raises(ValueError, match=rf"backend='cuda' has no kernel for a '{scheme}' weight \(model.q\) {takes}"):
         qb.resolve_quant_backend("cuda", torch.device("cuda"), 2, scheme, where="model.q")
     with pytest.raises(ValueError, match=rf"backend='cuda' has no kernel for a '{scheme}' weight {takes}"):
@@ -197,8 +197,8 @@ def test_backend_without_the_format_is_a_clear_error(scheme):
         lowcost.ops.quantized_linear(t["x"], weight, backend="cuda")
 
 
-@pytest.mark.parametrize("scheme", ["nf4", "nf4-dq", "int8"])
-def test_cuda_takes_nf4_and_int8_but_needs_cuda_tensors(scheme):
+@pytest.mark.parametrize("scheme", ["nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1"])
+def test_cuda_takes_its_formats_but_needs_cuda_tensors(scheme):
     """A format the CUDA tile decodes passes the format check; on CPU tensors the device is what is refused."""
     assert scheme in qb.QUANT_SUPPORT["cuda"]
     weight = make_quantized(scheme, 8, 256)
@@ -214,12 +214,12 @@ def test_cuda_formats_match_the_registered_ops():
     test csrc/tests/test_dequant_gemm_emulated.cpp, which also checks that other schemes are refused.)"""
     import lowcost._C  # noqa: F401  registers the schemas
     from lowcost.reference.quant import FORMATS
-    assert qb.QUANT_SUPPORT["cuda"] == qb.CUDA_FORMATS == ("nf4", "nf4-dq", "int8")
+    assert qb.QUANT_SUPPORT["cuda"] == qb.CUDA_FORMATS == ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1")
     assert set(qb.CUDA_FORMATS) <= set(FORMATS) and set(qb.CUDA_FORMATS) <= set(qb.TRITON_FORMATS)
     for op, size in (("dequant_gemm", "n_rows"), ("dequant_gemm_dgrad", "n_cols")):
         schema = str(getattr(torch.ops.lowcost, op).default._schema)
         assert f"Tensor[] packed, str scheme, int {size}, int block_size, Tensor? c) -> Tensor" in schema, schema
-    counts = {"nf4": 3, "nf4-dq": 6, "int8": 2}   # what csrc/checks.cpp expects per format
+    counts = {"nf4": 3, "nf4-dq": 6, "int8": 2, "q8_0": 1, "q4_0": 1, "q4_1": 1}   # csrc/checks.cpp's packed_count
     for scheme in qb.CUDA_FORMATS:
         packed = qb._with_code_books(make_quantized(scheme, 8, 256).packed, scheme)
         assert len(packed) == counts[scheme], scheme

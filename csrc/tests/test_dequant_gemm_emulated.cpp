@@ -4,9 +4,10 @@
 // host code the GPU runs (csrc/cuda/dequant_launchers.h), and compares them with a float64 reference of
 // c + x deq(W)^T and c + g deq(W). deq(W) comes from an independent host decoder written from the formats'
 // specification (lowcost/reference/quant: NF4 with the even element in the high nibble, block absmax,
-// double-quantized absmax; int8 with a per-row scale; GGUF Q8_0, Q4_0, Q4_1 blocks), rounded to the activation dtype as the reference's
-// dequantize_packed(..., dtype) rounds it. The packed codes are random bytes (padding included), so every
-// code and nibble value occurs; identity activations check the decoded tile bit for bit.
+// double-quantized absmax; int8 with a per-row scale; GGUF Q8_0, Q4_0, Q4_1 blocks), rounded to the
+// activation dtype as the reference's dequantize_packed(..., dtype) rounds it. The packed codes are random
+// bytes (padding included), so every code and nibble value occurs; identity activations check the decoded
+// tile bit for bit.
 #include "../checks.h"
 #include "../dispatch.h"
 #include "cuda_emulation.h"
@@ -254,11 +255,13 @@ void test_edges_and_bad_input() {
   expect_error("unknown scheme", "scheme must be 'nf4', 'nf4-dq', 'int8', 'q8_0', 'q4_0' or 'q4_1'",
                [&] { emu_gemm(x, q4, std::nullopt, false); });
   const Packed q8 = make_gguf("q8_0", 4, 64);
-  expect_error("GGUF K", "K must be a multiple of 32", [&] { emu_gemm(at::randn({3, 48}).to(at::kBFloat16), q8, std::nullopt, false); });
+  expect_error("GGUF K", "K must be a multiple of 32",
+               [&] { emu_gemm(at::randn({3, 48}).to(at::kBFloat16), q8, std::nullopt, false); });
   Packed short_list = p;
   short_list.tensors.pop_back();
   expect_error("missing code book", "3 packed tensors", [&] { emu_gemm(x, short_list, std::nullopt, false); });
-  expect_error("K mismatch", "codes must be (N, Kp / 2)", [&] { emu_gemm(at::randn({3, 100}).to(at::kBFloat16), p, std::nullopt, false); });
+  expect_error("K mismatch", "codes must be (N, Kp / 2)",
+               [&] { emu_gemm(at::randn({3, 100}).to(at::kBFloat16), p, std::nullopt, false); });
   expect_error("c shape", "c must be (3, 10)", [&] { emu_gemm(x, p, at::zeros({3, 9}, at::kBFloat16), false); });
 }
 

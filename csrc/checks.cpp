@@ -3,6 +3,8 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <initializer_list>
+#include <string>
 
 namespace lowcost {
 namespace {
@@ -50,6 +52,114 @@ void check_seed(const char* op, int64_t seed) {
 void check_p(const char* op, double p) {
   TORCH_CHECK(std::isfinite(p) && p >= 0.0 && p < 1.0, "lowcost::", op,
               ": dropout probability p must lie in [0, 1), got ", p);
+}
+
+QuantScheme parse_quant_scheme(const char* op, c10::string_view scheme) {
+  const std::string name(scheme.data(), scheme.size());
+  if (name == "nf4") return QuantScheme::kNf4;
+  if (name == "nf4-dq") return QuantScheme::kNf4Dq;
+  if (name == "int8") return QuantScheme::kInt8;
+  if (name == "q8_0") return QuantScheme::kQ8_0;
+  if (name == "q4_0") return QuantScheme::kQ4_0;
+  if (name == "q4_1") return QuantScheme::kQ4_1;
+  TORCH_CHECK(false, "lowcost::", op, ": scheme must be 'nf4', 'nf4-dq', 'int8', 'q8_0', 'q4_0' or 'q4_1' (the ",
+              "formats with a CUDA dequantizing tile), got '", name, "'");
+}
+
+// One stored tensor of a quantized weight: dtype, rank, device, unit inner stride (rows may be strided).
+void check_stored(const char* op, const char* name, const at::Tensor& t, c10::ScalarType dtype, int64_t dims,
+                  const at::Tensor& ref, c10::DeviceType device) {
+  TORCH_CHECK(t.defined() && t.dim() == dims, "lowcost::", op, ": packed tensor ", name, " must be ", dims,
+              "-D, got ", t.defined() ? t.dim() : -1, "-D");
+  check_device(op, name, t, ref, "the activation", device);
+  TORCH_CHECK(t.scalar_type() == dtype, "lowcost::", op, ": packed tensor ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(dims == 2 ? (t.size(1) <= 1 || t.stride(1) == 1) : t.is_contiguous(), "lowcost::", op,
+              ": packed tensor ", name, " must have contiguous ", dims == 2 ? "rows" : "elements", ", got strides ",
+              t.strides());
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& t, std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.sizes().equals(shape), "lowcost::", op, ": packed tensor ", name, " must have shape ",
+              c10::IntArrayRef(shape), ", got ", t.sizes());
+}
+
+const char* quant_scheme_name(QuantScheme s) {
+  switch (s) {
+    case QuantScheme::kNf4: return "nf4";
+    case QuantScheme::kNf4Dq: return "nf4-dq";
+    case QuantScheme::kInt8: return "int8";
+    case QuantScheme::kQ8_0: return "q8_0";
+    case QuantScheme::kQ4_0: return "q4_0";
+    default: return "q4_1";
+  }
+}
+
+// The packed tensors a format is passed as (stored tensors, then code books).
+size_t packed_count(QuantScheme s) {
+  return s == QuantScheme::kNf4 ? 3 : (s == QuantScheme::kNf4Dq ? 6 : (s == QuantScheme::kInt8 ? 2 : 1));
+}
+
+// data (N, K / 32 * type_size) of a GGUF block format.
+void check_gguf_blocks(const char* op, const at::Tensor& data, QuantScheme s, int64_t N, int64_t K,
+                       const at::Tensor& ref, c10::DeviceType device) {
+  const int64_t type_size = s == QuantScheme::kQ8_0 ? 34 : (s == QuantScheme::kQ4_0 ? 18 : 20);
+  TORCH_CHECK(K % 32 == 0, "lowcost::", op, ": a ", quant_scheme_name(s), " weight holds whole 32-element blocks: ",
+              "K must be a multiple of 32, got ", K);
+  check_stored(op, "data", data, at::kByte, 2, ref, device);
+  check_shape(op, "data", data, {N, K / 32 * type_size});
+}
+
+// codes (N, Kp / 2) and the block size of an NF4 weight; returns the blocks per padded row Kp / B.
+int64_t check_nf4_codes(const char* op, c10::ArrayRef<at::Tensor> packed, int64_t N, int64_t K,
+                        int64_t block_size, const at::Tensor& ref, c10::DeviceType device) {
+  check_stored(op, "codes", packed[0], at::kByte, 2, ref, device);
+  const int64_t Kp = 2 * packed[0].size(1);
+  TORCH_CHECK(block_size >= 8 && block_size % 8 == 0 && Kp % block_size == 0, "lowcost::", op,
+              ": block_size must be a positive multiple of 8 that divides the padded row (", Kp, " codes), got ",
+              block_size);
+  TORCH_CHECK(packed[0].size(0) == N && Kp >= K && Kp - K < block_size, "lowcost::", op,
+              ": codes must be (N, Kp / 2) = (", N, ", ceil(", K, " / ", block_size, ") * ", block_size / 2,
+              "), got ", packed[0].sizes());
+  const at::Tensor& code = packed[2 + (packed.size() == 6 ? 2 : 0)];
+  check_stored(op, "nf4 code book", code, at::kFloat, 1, ref, device);
+  TORCH_CHECK(code.numel() == 16, "lowcost::", op, ": the NF4 code book must have 16 values, got ", code.numel());
+  return Kp / block_size;
+}
+
+void check_quant_weight(const char* op, c10::ArrayRef<at::Tensor> packed, DequantGemmDims& d, int64_t block_size,
+                        const at::Tensor& ref, c10::DeviceType device) {
+  const size_t want = packed_count(d.scheme);
+  TORCH_CHECK(packed.size() == want, "lowcost::", op, ": a ", quant_scheme_name(d.scheme), " weight is passed as ",
+              want, " packed tensors (stored tensors, then code books), got ", packed.size());
+  if (d.scheme == QuantScheme::kQ8_0 || d.scheme == QuantScheme::kQ4_0 || d.scheme == QuantScheme::kQ4_1) {
+    check_gguf_blocks(op, packed[0], d.scheme, d.N, d.K, ref, device);
+    return;
+  }
+  if (d.scheme == QuantScheme::kInt8) {
+    check_stored(op, "qweight", packed[0], at::kChar, 2, ref, device);
+    check_shape(op, "qweight", packed[0], {d.N, d.K});
+    check_stored(op, "scale", packed[1], at::kFloat, 1, ref, device);
+    check_shape(op, "scale", packed[1], {d.N});
+    return;
+  }
+  d.blocks_per_row = check_nf4_codes(op, packed, d.N, d.K, block_size, ref, device);
+  if (d.scheme == QuantScheme::kNf4) {
+    check_stored(op, "absmax", packed[1], at::kFloat, 2, ref, device);
+    check_shape(op, "absmax", packed[1], {d.N, d.blocks_per_row});
+    return;
+  }
+  check_stored(op, "absmax_q", packed[1], at::kByte, 2, ref, device);
+  check_shape(op, "absmax_q", packed[1], {d.N, d.blocks_per_row});
+  check_stored(op, "absmax_scale", packed[2], at::kFloat, 1, ref, device);
+  const int64_t groups = (d.N * d.blocks_per_row + 255) / 256;
+  TORCH_CHECK(packed[2].numel() >= groups, "lowcost::", op, ": absmax_scale must hold one scale per 256 blocks (",
+              groups, "), got ", packed[2].numel());
+  check_stored(op, "absmax_offset", packed[3], at::kFloat, packed[3].dim(), ref, device);
+  TORCH_CHECK(packed[3].numel() == 1, "lowcost::", op, ": absmax_offset must be one value, got ", packed[3].numel());
+  check_stored(op, "dynamic map", packed[5], at::kFloat, 1, ref, device);
+  TORCH_CHECK(packed[5].numel() == 256, "lowcost::", op, ": the dynamic map must have 256 values, got ",
+              packed[5].numel());
 }
 
 }  // namespace
@@ -190,6 +300,33 @@ LoraDims check_lora_dx_da_args(const at::Tensor& x, const at::Tensor& du, const 
   d.M = x.size(0);
   d.K = x.size(1);
   d.r = du.size(1);
+  return d;
+}
+
+DequantGemmDims check_dequant_gemm_args(const at::Tensor& a, c10::ArrayRef<at::Tensor> packed,
+                                        c10::string_view scheme, int64_t n_other, int64_t block_size,
+                                        const std::optional<at::Tensor>& c, bool dgrad, c10::DeviceType device) {
+  const char* op = dgrad ? "dequant_gemm_dgrad" : "dequant_gemm";
+  const char* a_name = dgrad ? "grad_y" : "x";
+  check_2d(op, a_name, a, dgrad ? "(M, N)" : "(M, K)");
+  check_device(op, a_name, a, a, a_name, device);
+  check_activation_dtype(op, a_name, a);
+  TORCH_CHECK(n_other >= 0, "lowcost::", op, ": ", dgrad ? "n_cols" : "n_rows", " must be >= 0, got ", n_other);
+  DequantGemmDims d;
+  d.scheme = parse_quant_scheme(op, scheme);
+  d.M = a.size(0);
+  d.N = dgrad ? a.size(1) : n_other;
+  d.K = dgrad ? n_other : a.size(1);
+  check_quant_weight(op, packed, d, block_size, a, device);
+  if (c.has_value() && c->defined()) {
+    const int64_t cols = dgrad ? d.K : d.N;
+    check_2d(op, "c", *c, "(M, output columns)");
+    check_device(op, "c", *c, a, a_name, device);
+    TORCH_CHECK(c->size(0) == d.M && c->size(1) == cols, "lowcost::", op, ": c must be (", d.M, ", ", cols,
+                "), got ", c->sizes());
+    TORCH_CHECK(c->scalar_type() == a.scalar_type(), "lowcost::", op, ": c must have ", a_name, "'s dtype ",
+                a.scalar_type(), ", got ", c->scalar_type());
+  }
   return d;
 }
 

@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <optional>
@@ -40,5 +42,27 @@ LoraDims check_lora_grad_pass_args(const at::Tensor& grad_y, const at::Tensor& u
 
 LoraDims check_lora_dx_da_args(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_a,
                                int64_t seed, double p, c10::DeviceType device);
+
+// The quantized formats the CUDA dequantizing GEMMs decode (lowcost/reference/quant).
+enum class QuantScheme { kNf4, kNf4Dq, kInt8, kQ8_0, kQ4_0, kQ4_1 };
+
+// Sizes of a dequantizing GEMM on a quantized W (N, K): M rows of the activation, and the NF4 blocks per
+// (padded) row of W.
+struct DequantGemmDims {
+  int64_t M = 0;
+  int64_t N = 0;
+  int64_t K = 0;
+  QuantScheme scheme = QuantScheme::kNf4;
+  int64_t blocks_per_row = 0;
+};
+
+// dequant_gemm (dgrad false: a = x (M, K), n_other = N) and dequant_gemm_dgrad (dgrad true: a = grad_y
+// (M, N), n_other = K). packed: the format's stored tensors in QuantizedWeight order, then its code books
+// (nf4: codes, absmax, NF4 code (16,); nf4-dq: codes, absmax_q, absmax_scale, absmax_offset, NF4 code,
+// dynamic map (256,); int8: qweight, scale; q8_0, q4_0, q4_1: data, the GGUF blocks (K a multiple of 32)).
+// c: optional (M, output columns) in a's dtype, any strides.
+DequantGemmDims check_dequant_gemm_args(const at::Tensor& a, c10::ArrayRef<at::Tensor> packed,
+                                        c10::string_view scheme, int64_t n_other, int64_t block_size,
+                                        const std::optional<at::Tensor>& c, bool dgrad, c10::DeviceType device);
 
 }  // namespace lowcost

@@ -5,8 +5,8 @@
 # (a normal, non-editable install into .venv-cu; objects under build/cuda, apart from the CPU build),
 # imports lowcost._C outside the source tree and checks that every op has a CUDA kernel registered,
 # without running any. Then compiles the kernels for sm_90a and checks the kernel report's CUDA targets
-# at the benchmark shapes (tools/kernel_report_cuda.py --check: HMMA in the skinny kernels, no atomics,
-# no spills, >= 2 blocks per SM). Fails loudly (non-zero exit, compiler errors printed) if anything
+# at the benchmark shapes (tools/kernel_report_cuda.py --check: HMMA in the skinny kernels and the
+# dequantizing GEMMs of nf4 / nf4-dq / int8 weights, no atomics, no spills, >= 2 blocks per SM). Fails loudly (non-zero exit, compiler errors printed) if anything
 # does not compile, link or register, or a target is missed.
 #
 #   bash scripts/check_cuda_build.sh        # CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured
@@ -68,10 +68,14 @@ import lowcost._C as ext
 print(f"  lowcost._C: {ext.__file__}")
 assert ext.WITH_CUDA == 1, "lowcost._C was built without the CUDA kernels"
 ops = ["philox_dropout", "lora_down", "lora_up", "lora_grad_pass", "lora_dx_da"]
+cuda_only = ["dequant_gemm", "dequant_gemm_dgrad"]  # the quantized base GEMMs (issue #13): no CPU kernel
 missing = [(op, key) for op in ops for key in ("CPU", "CUDA")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lowcost::{op}", key)]
+missing += [(op, "CUDA") for op in cuda_only
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lowcost::{op}", "CUDA")]
 assert not missing, f"kernels not registered: {missing}"
-print(f"  {len(ops)} ops with CPU and CUDA kernels; torch.cuda.is_available() = {torch.cuda.is_available()}")
+print(f"  {len(ops)} ops with CPU and CUDA kernels, {len(cuda_only)} with CUDA kernels; "
+      f"torch.cuda.is_available() = {torch.cuda.is_available()}")
 try:
     import lowcost.kernels  # noqa: F401  top-level kernels/ installed as lowcost.kernels
     print("  lowcost.kernels imports from the installed package")

@@ -1,10 +1,13 @@
 """The CUDA half of the kernel report: the launches of the ``cuda`` backend, compiled for sm_90a, no GPU needed.
 
-    python tools/kernel_report_cuda.py --shape 8192,4096,4096,16 --dtype bf16 --dropout 0.05 [--json] [--check]
+    python tools/kernel_report_cuda.py --shape 8192,4096,4096,16 --dtype bf16 --dropout 0.05 [--quant nf4] [--json]
+                                       [--check]
 
 ``cuda_kernel_rows(M, K, N, r, dtype, dropout, arch)`` (imported by tools/kernel_report.py) returns one dict per
 kernel launch of a fused LoRA forward + backward on the ``cuda`` backend (lora_down, lora_up, lora_grad_pass,
-lora_dx_da, and sum_partials after each op that split a reduction; the two cuBLAS GEMMs are not ours), with the
+lora_dx_da, and sum_partials after each op that split a reduction; the two cuBLAS GEMMs are not ours; with
+``quant`` (nf4, nf4-dq, int8, q8_0, q4_0, q4_1) the base GEMMs on a quantized weight are ours, dequant_gemm and
+dequant_gemm_dgrad, which decode the W tile into shared memory before the MMA, and are listed), with the
 keys kernel, backend, role, grid (blocks), persistent, regs, spills (bytes stored + loaded), smem (static +
 dynamic bytes per block), ctas_per_sm and limiter (sm_90: registers, shared memory, threads, blocks), mma
 (wgmma | mma.sync | none, from HGMMA / HMMA in the SASS), tma (UTMALDG), atomics (RED/ATOM instructions) and
@@ -21,8 +24,10 @@ accepted so the rows line up with the Triton report. Compiles are cached by the 
 $LOWCOST_CACHE/kernel_report_cuda (default ~/.cache/lowcost). Missing tools or headers raise RuntimeError
 naming what is missing.
 
-``--check`` asserts the CUDA targets of issue #9 on the rows: HMMA in the skinny kernels' SASS (bf16/fp16),
-no atomic or reduction instruction in any kernel, 0 spills, and at least 2 x 132 blocks per launch at M >= 8192.
+``--check`` asserts the CUDA targets of issue #9 on the rows: HMMA in the skinny kernels' and the dequantizing
+GEMMs' SASS (bf16/fp16), no atomic or reduction instruction in any kernel, 0 spills, and at least 2 x 132
+blocks per launch at M >= 8192; by default on the dense weight and on each quantized format the CUDA tile
+decodes (issue #13).
 """
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ SM90 = {"regs": 65536, "reg_unit": 256, "quadrants": 4, "threads": 2048, "blocks
         "smem_block": 232448, "smem_reserved": 1024}
 DTYPES = ("bf16", "fp16", "fp32")
 SKINNY = ("lora_down", "lora_up", "lora_grad_pass", "lora_dx_da")
+DEQUANT = ("dequant_gemm", "dequant_gemm_dgrad")
+QUANT_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1")   # lowcost.ops._quant_backends.CUDA_FORMATS
 KEYS = ("kernel", "backend", "role", "grid", "persistent", "regs", "spills", "smem", "ctas_per_sm", "limiter", "mma",
         "tma", "atomics", "barriers")
 
@@ -123,10 +130,12 @@ def _plan_printer() -> str:
 
 
 def launches(M: int, K: int, N: int, r: int, dtype: str, adapter_dtype: str | None = None, sms: int = SM90_SMS,
-             bias: bool = False) -> list[dict]:
-    """The launches host_launchers.h makes for one forward + backward (from csrc/cuda/launch_plan.h)."""
+             bias: bool = False, quant: str | None = None) -> list[dict]:
+    """The launches host_launchers.h (and, with ``quant``, dequant_launchers.h) make for one forward + backward
+    (from csrc/cuda/launch_plan.h)."""
+    extra = [quant] if quant else []
     done = _run([_plan_printer(), str(M), str(K), str(N), str(r), dtype, adapter_dtype or dtype, str(sms),
-                 "1" if bias else "0"], "printing the launch plan")
+                 "1" if bias else "0", *extra], "printing the launch plan")
     return json.loads(done.stdout)
 
 
@@ -255,7 +264,7 @@ def _short(kernel: str) -> str:
 
 
 def launch_rows(M: int, K: int, N: int, r: int, dtype: str, dropout: float = 0.0, arch: str = "sm_90a",
-                adapter_dtype: str | None = None, bias: bool = False) -> list[dict]:
+                adapter_dtype: str | None = None, bias: bool = False, quant: str | None = None) -> list[dict]:
     """cuda_kernel_rows plus ``op``, ``grid_dims`` and ``config`` (what the launch plan chose)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -263,9 +272,11 @@ def launch_rows(M: int, K: int, N: int, r: int, dtype: str, dropout: float = 0.0
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     if arch not in ("sm_90", "sm_90a"):
         raise ValueError(f"arch must be sm_90 or sm_90a (the occupancy limits are sm_90's), got {arch!r}")
+    if quant is not None and quant not in QUANT_FORMATS:
+        raise ValueError(f"quant must be one of {QUANT_FORMATS} (the formats with a CUDA tile), got {quant!r}")
     resources = kernel_resources(arch)
     rows = []
-    for launch in launches(M, K, N, r, dtype, adapter_dtype, SM90_SMS, bias):
+    for launch in launches(M, K, N, r, dtype, adapter_dtype, SM90_SMS, bias, quant):
         res = resources.get(launch["kernel"])
         if res is None:
             raise RuntimeError(f"{launch['kernel']} is launched but was not found in the compiled csrc/cuda/*.cu")
@@ -297,7 +308,7 @@ def check_rows(rows: list[dict], M: int, dtype: str) -> list[str]:
             failures.append(f"{name}: {row['spills']} bytes of spills (target 0)")
         if row["atomics"]:
             failures.append(f"{name}: {row['atomics']} atomic/reduction instructions (target 0: deterministic sums)")
-        if row["op"] in SKINNY and dtype != "fp32" and row["mma"] == "none":
+        if row["op"] in SKINNY + DEQUANT and dtype != "fp32" and row["mma"] == "none":
             failures.append(f"{name}: no HMMA/HGMMA in the SASS (target: tensor cores for {dtype})")
         if M >= 8192 and not row["persistent"] and row["grid"] < 2 * SM90_SMS:
             failures.append(f"{name}: {row['grid']} blocks at M={M} (target >= {2 * SM90_SMS})")
@@ -335,35 +346,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--dropout", type=float, action="append", help="repeatable; default 0.05 (with --check: 0 "
                         "and 0.05)")
+    parser.add_argument("--quant", action="append", choices=("none",) + QUANT_FORMATS,
+                        help="repeatable: the weight's format ('none': dense, cuBLAS base GEMMs); default: none, and "
+                        "with --check also each quantized format")
     parser.add_argument("--arch", default="sm_90a", choices=("sm_90", "sm_90a"))
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per kernel launch")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the issue's CUDA targets hold")
     args = parser.parse_args(argv)
     shapes = args.shape or ([(8192, 4096, 4096, 16), (8192, 4096, 14336, 16)] if args.check else [(8192, 4096, 4096, 16)])
     dropouts = args.dropout or ([0.0, 0.05] if args.check else [0.05])
+    quants = args.quant or (["none", *QUANT_FORMATS] if args.check else ["none"])
     all_rows, failures = [], []
     try:
-        for shape in shapes:
-            for p in dropouts:
-                rows = launch_rows(*shape, args.dtype, p, args.arch)
-                failures += [f"{','.join(map(str, shape))} p={p}: {f}" for f in check_rows(rows, shape[0], args.dtype)]
-                all_rows.append((shape, p, rows))
+        for quant in quants:
+            for shape in shapes:
+                for p in dropouts:
+                    q = None if quant == "none" else quant
+                    rows = launch_rows(*shape, args.dtype, p, args.arch, quant=q)
+                    where = f"{','.join(map(str, shape))} p={p}" + (f" {q}" if q else "")
+                    failures += [f"{where}: {f}" for f in check_rows(rows, shape[0], args.dtype)]
+                    all_rows.append((shape, p, q, rows))
     except (RuntimeError, ValueError) as exc:
         print(f"kernel_report_cuda: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([{k: row[k] for k in KEYS} | {"shape": list(shape), "dropout": p}
-                          for shape, p, rows in all_rows for row in rows], indent=1))
+        print(json.dumps([{k: row[k] for k in KEYS} | {"shape": list(shape), "dropout": p, "quant": q}
+                          for shape, p, q, rows in all_rows for row in rows], indent=1))
     else:
-        for shape, p, rows in all_rows:
+        for shape, p, q, rows in all_rows:
             M, K, N, r = shape
-            print(f"\ncuda backend, {args.dtype}, M={M} K={K} N={N} r={r}, p={p}, {args.arch}:")
+            weight = f"{q} weight" if q else "dense weight"
+            print(f"\ncuda backend, {weight}, {args.dtype}, M={M} K={K} N={N} r={r}, p={p}, {args.arch}:")
             print(format_table(rows))
     if args.check:
         for failure in failures:
             print(f"TARGET MISSED: {failure}", file=sys.stderr)
         print(f"kernel_report_cuda --check: {'FAILED' if failures else 'all targets hold'} "
-              f"({sum(len(rows) for _, _, rows in all_rows)} launches)", file=sys.stderr)
+              f"({sum(len(rows) for *_, rows in all_rows)} launches)", file=sys.stderr)
         return 1 if failures else 0
     return 0
 

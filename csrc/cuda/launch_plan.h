@@ -225,6 +225,43 @@ inline DxDaPlan plan_lora_dx_da(int64_t M, int64_t K, int64_t r, int64_t sms, in
 }
 
 // ---------------------------------------------------------------------------------------------
+// dequant_gemm (out (M, N) = c + x deq(W)^T) and dequant_gemm_dgrad (out (M, K) = c + g deq(W)) on a
+// quantized W (N, K): blocks own 64 x 64 output tiles (grid.x over the output columns, grid.y over the
+// rows) and walk the reduction (K forward, N dgrad) in 64-wide steps through a 2-stage pipeline: the
+// activation tile by cp.async, the 64 x 64 W tile decoded from its packed codes by the block's threads
+// into shared memory in the compute dtype (rows of W x columns of W in both directions; the dgrad reads
+// it transposed). The reduction is never split: no partials, no atomics. The code books (NF4's 16 values,
+// the 256-value dynamic map of double quantization) sit after the stages.
+constexpr int kQgBM = 64;
+constexpr int kQgBN = 64;
+constexpr int kQgBK = 64;
+constexpr int kQgStages = 2;
+constexpr int kQgTableFloats = 16 + 256;
+
+struct DequantGemmLayout {
+  int64_t w_tile;  // offset of the W tile inside a stage (the activation tile starts the stage)
+  int64_t stage;
+  int64_t tables;  // offset of the code books (after the stages)
+  int64_t total;
+};
+
+constexpr DequantGemmLayout dequant_gemm_layout(int elem) {
+  const int64_t a = tile_bytes(kQgBM, kQgBK, elem);
+  const int64_t stage = a + tile_bytes(kQgBN, kQgBK, elem);
+  return {a, stage, stage * kQgStages, stage * kQgStages + kQgTableFloats * 4};
+}
+
+struct DequantGemmPlan {
+  LaunchGrid grid;
+  int64_t smem = 0;
+};
+
+// M rows, P output columns (N forward, K dgrad), elem: bytes of the activation dtype.
+inline DequantGemmPlan plan_dequant_gemm(int64_t M, int64_t P, int elem) {
+  return {{ceil_div(P, kQgBN), ceil_div(M, kQgBM), 1}, dequant_gemm_layout(elem).total};
+}
+
+// ---------------------------------------------------------------------------------------------
 // sum_partials: out[e] = sum over p of parts[p][e], p in increasing order, for up to three jobs in
 // one launch. A block covers 128 elements of one job; its two thread halves add the first and the
 // second half of the partials, then the first half's sum and the second's are added (a fixed order).

@@ -16,6 +16,7 @@
 #include "cuda_emulation.h"
 
 #include "../cuda/host_launchers.h"  // the kernels' headers and the ops' host side, as the .cu files use them
+#include "emulated_exec.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,49 +32,10 @@
 #include <utility>
 #include <vector>
 
-// ---- the hooks mma.cuh declares for the emulator ------------------------------------------------
-namespace lowcost {
-namespace cuda {
-
-MmaLaneOperands* emulated_warp_slots() {
-  static MmaLaneOperands slots[kWarps][2][32];
-  lowcost_emu::Fiber& f = lowcost_emu::self();
-  return slots[f.thread_idx.x / 32][f.mma_calls++ % 2];
-}
-void emulated_cp_async(void* smem, const void* gmem, int src_bytes) { lowcost_emu::cp_async(smem, gmem, src_bytes); }
-void emulated_cp_async_commit() { lowcost_emu::cp_async_commit(); }
-void emulated_cp_async_wait(int pending) { lowcost_emu::cp_async_wait(pending); }
-
-}  // namespace cuda
-}  // namespace lowcost
-
 namespace {
 
 using lowcost::cuda::LaunchGrid;
-
-// The emulator's side of csrc/cuda/host_launchers.h: CPU tensors, outputs the GPU would leave
-// uninitialised start as NaN (so an element no thread writes is caught), a chosen SM count, and
-// launches on fibers.
-struct EmuExec {
-  static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
-  int64_t sm_count = 132;
-
-  int guard(const c10::Device&) const { return 0; }
-
-  at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) const {
-    return at::full(shape, std::numeric_limits<double>::quiet_NaN(), options);
-  }
-
-  int64_t sms() const { return sm_count; }
-
-  template <typename Kernel, typename... Args>
-  void launch(const LaunchGrid& grid, int64_t smem, const char* op, Kernel kernel, Args... args) const {
-    lowcost::cuda::check_grid(grid, op);
-    const lowcost_emu::Dim3 dims{static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y),
-                                 static_cast<unsigned>(grid.z)};
-    lowcost_emu::run_grid(dims, static_cast<size_t>(smem), [&] { kernel(args...); });
-  }
-};
+using lowcost_emu::EmuExec;
 
 // ---- the ops, through the same host code as csrc/cuda/*.cu ----------------------------------------
 // `sms` sets the SM count the launch plans fill: 132 (H200) splits small problems into many blocks and

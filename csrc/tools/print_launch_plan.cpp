@@ -4,8 +4,9 @@
 // csrc/cuda/host_launchers.h launches with. Used by tools/kernel_report_cuda.py; plain C++17, no
 // CUDA and no torch.
 //
-//   print_launch_plan M K N r X_DTYPE ADAPTER_DTYPE SMS HAS_BIAS
-//   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE)
+//   print_launch_plan M K N r X_DTYPE ADAPTER_DTYPE SMS HAS_BIAS [QUANT]
+//   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE; QUANT: nf4, nf4-dq, int8, q8_0, q4_0, q4_1 for a
+//   quantized weight, whose base GEMMs are lowcost's dequant_gemm / dequant_gemm_dgrad instead of cuBLAS)
 #include "../cuda/launch_plan.h"
 
 #include <cstdio>
@@ -68,12 +69,35 @@ std::string kernel_name(const char* name, std::initializer_list<std::string> arg
   return out + ">";
 }
 
+// The kernel's format constant (csrc/cuda/dequant_tile.cuh) of a quantized format name, or -1.
+int quant_format_id(const std::string& name) {
+  if (name == "nf4") return 0;
+  if (name == "nf4-dq") return 1;
+  if (name == "int8") return 2;
+  if (name == "q8_0") return 3;
+  if (name == "q4_0") return 4;
+  if (name == "q4_1") return 5;
+  return -1;
+}
+
+void print_dequant_gemm(const char* op, const Dtype& x, int fmt, bool dgrad, int64_t M, int64_t P,
+                        const std::string& scheme) {
+  const DequantGemmPlan plan = plan_dequant_gemm(M, P, x.bytes);
+  print_launch(op, kernel_name("dequant_gemm_kernel", {x.cpp, std::to_string(fmt), dgrad ? "true" : "false"}),
+               plan.grid, plan.smem,
+               "64x64 tiles, " + scheme + " W tile decoded to smem, " + std::to_string(kQgStages) + " stages");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   Dtype x{}, a{};
-  if (argc != 9 || !parse_dtype(argv[5], x) || !parse_dtype(argv[6], a)) {
-    std::fprintf(stderr, "usage: %s M K N r X_DTYPE(bf16|fp16|fp32) ADAPTER_DTYPE SMS HAS_BIAS(0|1)\n", argv[0]);
+  const std::string quant = argc == 10 ? argv[9] : "";
+  const int fmt = quant.empty() ? -1 : quant_format_id(quant);
+  if ((argc != 9 && argc != 10) || !parse_dtype(argv[5], x) || !parse_dtype(argv[6], a) ||
+      (!quant.empty() && fmt < 0)) {
+    std::fprintf(stderr, "usage: %s M K N r X_DTYPE(bf16|fp16|fp32) ADAPTER_DTYPE SMS HAS_BIAS(0|1) "
+                 "[QUANT(nf4|nf4-dq|int8|q8_0|q4_0|q4_1)]\n", argv[0]);
     return 2;
   }
   const int64_t M = std::atoll(argv[1]), K = std::atoll(argv[2]), N = std::atoll(argv[3]), r = std::atoll(argv[4]);
@@ -91,6 +115,7 @@ int main(int argc, char** argv) {
   print_reduce("lora_down", {{M * r, down.splits}});
   const UpPlan up = plan_lora_up(M, N, a.bytes);
   print_launch("lora_up", kernel_name("lora_up_kernel", {x.cpp, a.cpp}), up.grid, up.smem, "64x128 tiles");
+  if (fmt >= 0) print_dequant_gemm("dequant_gemm", x, fmt, false, M, N, quant);
 
   const GradPassPlan gp = plan_lora_grad_pass(M, N, r, sms, x.bytes, a.bytes);
   print_launch("lora_grad_pass", kernel_name("lora_grad_pass_kernel", {x.cpp, a.cpp, std::to_string(gp.rt)}),
@@ -104,6 +129,7 @@ int main(int argc, char** argv) {
                "64x64 x tiles, " + std::to_string(kDxStages) + " stages, " + std::to_string(dxda.row_segments) +
                    " row segments");
   print_reduce("lora_dx_da", {{r * K, dxda.row_segments}});
+  if (fmt >= 0) print_dequant_gemm("dequant_gemm_dgrad", x, fmt, true, M, K, quant);
   std::printf("\n]\n");
   return 0;
 }

@@ -12,6 +12,15 @@ The skinny kernels (csrc/cuda/) run on the tensor cores (mma.sync, bf16/fp16 inp
 reductions across blocks into fp32 partials that a fixed-order sum adds inside each op, so u, du, dA, dB
 and dbias are bitwise reproducible from run to run (no atomics); workspaces stay inside the ops.
 The same ops have C++ CPU kernels, so this composition is also tested on CPU tensors.
+
+On a quantized weight (``QUANT_SUPPORT["cuda"]`` in ``_quant_backends``: nf4, nf4-dq, int8 and the GGUF
+blocks q8_0, q4_0, q4_1) the two cuBLAS GEMMs become lowcost's own dequantizing GEMMs, ``dequant_gemm``
+(c + x deq(W)ᵀ) and ``dequant_gemm_dgrad`` (c + g deq(W)), which decode each 64 x 64 tile of W from its
+packed codes into shared memory in x's dtype before the tensor-core MMA (csrc/cuda/dequant_gemm_kernels.cuh):
+no dense W is ever materialised. The LoRA term rides in their c operand as it does in cuBLAS's (added to the
+fp32 accumulator, one rounding); the frozen layer without adapter passes the bias as c (broadcast, stride 0).
+Their reduction is not split, so they are deterministic too. They have no CPU kernel: the emulated C++ test
+(csrc/tests/test_dequant_gemm_emulated.cpp) runs the CUDA kernels on the host against a float64 reference.
 """
 from __future__ import annotations
 
@@ -37,3 +46,36 @@ def backward(grad_y, x, weight, lora_a, lora_b, u, scale, dropout, seed, needs):
             dx = dx_lora.addmm_(grad_y, weight)
     return (dx, da, db.to(lora_b.dtype) if need_db else None,
             dbias.to(x.dtype) if need_dbias else None)
+
+
+# ----------------------------------------------------------------------------------------------- quantized base
+def quant_forward(x, packed, scheme, n_rows, block_size, lora_a, lora_b, bias, scale, dropout, seed):
+    """(y (M, N), u (M, r)) with W quantized; ``packed``: the stored tensors then the code books."""
+    u = ops.lora_down(x, lora_a, seed, dropout)
+    c = ops.lora_up(u, lora_b, bias, scale, x.dtype)
+    return ops.dequant_gemm(x, packed, scheme, n_rows, block_size, c), u
+
+
+def quant_backward(grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, seed, needs):
+    """(dx, dA, dB, dbias), None where not needed: dx = D⊙(du A) + g deq(W) (the LoRA term as c)."""
+    need_dx, need_da, need_db, need_dbias = needs
+    du, db, dbias = ops.lora_grad_pass(grad_y, u, lora_b, scale, need_dbias)
+    dx = da = None
+    if need_dx or need_da:
+        dx_lora, da = ops.lora_dx_da(x, du, lora_a, seed, dropout, need_dx)
+        da = da.to(lora_a.dtype) if need_da else None
+        if need_dx:
+            dx = ops.dequant_gemm_dgrad(grad_y, packed, scheme, x.shape[1], block_size, dx_lora)
+    return (dx, da, db.to(lora_b.dtype) if need_db else None,
+            dbias.to(x.dtype) if need_dbias else None)
+
+
+def quant_base_forward(x, packed, scheme, n_rows, block_size, bias):
+    """x deq(W)ᵀ + bias (M, N): the bias enters as c, broadcast over the rows."""
+    c = bias.expand(x.shape[0], n_rows) if bias is not None else None
+    return ops.dequant_gemm(x, packed, scheme, n_rows, block_size, c)
+
+
+def quant_base_dgrad(grad_y, packed, scheme, n_cols, block_size):
+    """g deq(W) (M, K)."""
+    return ops.dequant_gemm_dgrad(grad_y, packed, scheme, n_cols, block_size, None)

@@ -2,8 +2,11 @@
 
 Formats each backend takes (``QUANT_SUPPORT``): ``torch`` every format (``lowcost.reference.qlora_linear``,
 dequantizing one block of rows at a time); ``triton`` the formats its dequantizing GEMMs decode inside the
-tile loop (``lowcost.kernels.qlora_linear``); ``cuda`` none yet. Choice: explicit argument >
-``LOWCOST_BACKEND`` > the first of (triton, cuda, torch) that can run here and takes the format.
+tile loop (``lowcost.kernels.qlora_linear``); ``cuda`` the formats its dequantizing GEMMs decode into shared
+memory before the MMA (``CUDA_FORMATS``: the ``dequant_gemm`` ops of ``lowcost._C``, composed with the
+skinny LoRA kernels in ``_cuda_backend``); a format a backend lacks is refused with an error naming the
+format and the module. Choice: explicit argument > ``LOWCOST_BACKEND`` > the first of (triton, cuda, torch)
+that can run here and takes the format.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from lowcost.reference import qlora_linear as reference
 from lowcost.reference.quant import FORMATS, dequantize_packed, dynamic_map, nf4_code, workspace_elements
 
 TRITON_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
-QUANT_SUPPORT = {"torch": tuple(FORMATS), "triton": TRITON_FORMATS, "cuda": ()}
+CUDA_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1")
+QUANT_SUPPORT = {"torch": tuple(FORMATS), "triton": TRITON_FORMATS, "cuda": CUDA_FORMATS}
 
 
 def resolve_quant_backend(requested, device: torch.device, rank: int, scheme: str, where: str = "") -> str:
@@ -70,8 +74,16 @@ def _with_code_books(packed, scheme):
     return list(packed) + books
 
 
+def _cuda():
+    from lowcost.ops import _cuda_backend  # imported on first use, like the Triton kernels
+    return _cuda_backend
+
+
 def forward(backend, x, packed, scheme, N, block_size, lora_a, lora_b, bias, scale, dropout, seed):
     """(y (M, N), u (M, r)) for 2-D x."""
+    if backend == "cuda":
+        return _cuda().quant_forward(x, _with_code_books(packed, scheme), scheme, N, block_size, lora_a, lora_b,
+                                     bias, scale, dropout, seed)
     if backend == "triton":
         books = _with_code_books(packed, scheme)
         return _triton().qlora_linear_fwd(x, books, scheme, N, block_size, lora_a, lora_b, bias, scale, dropout, seed)
@@ -81,6 +93,9 @@ def forward(backend, x, packed, scheme, N, block_size, lora_a, lora_b, bias, sca
 
 def backward(backend, grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, seed, needs):
     """(dx, dA, dB, dbias), None where not needed."""
+    if backend == "cuda":
+        return _cuda().quant_backward(grad_y, x, _with_code_books(packed, scheme), scheme, block_size, lora_a,
+                                      lora_b, u, scale, dropout, seed, needs)
     if backend == "triton":
         books = _with_code_books(packed, scheme)
         return _triton().qlora_linear_bwd(grad_y, x, books, scheme, block_size, lora_a, lora_b, u, scale, dropout,
@@ -92,6 +107,8 @@ def backward(backend, grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, 
 
 def base_forward(backend, x, packed, scheme, N, block_size, bias):
     """x Wᵀ + bias (M, N) in x's dtype (a frozen quantized layer without adapter)."""
+    if backend == "cuda":
+        return _cuda().quant_base_forward(x, _with_code_books(packed, scheme), scheme, N, block_size, bias)
     if backend == "triton":
         return _triton().quantized_linear_fwd(x, _with_code_books(packed, scheme), scheme, N, block_size, bias)
     dequant = _rows(scheme, packed, x.shape[1], block_size, x.dtype)
@@ -100,6 +117,8 @@ def base_forward(backend, x, packed, scheme, N, block_size, bias):
 
 def base_dgrad(backend, grad_y, packed, scheme, K, block_size):
     """g W (M, K) in g's dtype."""
+    if backend == "cuda":
+        return _cuda().quant_base_dgrad(grad_y, _with_code_books(packed, scheme), scheme, K, block_size)
     if backend == "triton":
         return _triton().quantized_linear_dgrad(grad_y, _with_code_books(packed, scheme), scheme, K, block_size)
     dequant = _rows(scheme, packed, K, block_size, grad_y.dtype)

@@ -54,6 +54,22 @@ def test_launch_plan_small_and_unsplit():
     assert [launch["op"] for launch in launches] == ["lora_down", "lora_up", "lora_grad_pass", "lora_dx_da"]
 
 
+@needs_cxx
+@pytest.mark.parametrize("quant, fmt", [("nf4", 0), ("nf4-dq", 1), ("int8", 2), ("q8_0", 3), ("q4_0", 4), ("q4_1", 5)])
+def test_launch_plan_on_a_quantized_weight(quant, fmt):
+    """With a quantized weight the base GEMMs are lowcost's dequantizing kernels (forward after lora_up, dgrad
+    last), 64 x 64 output tiles: N/64 x M/64 and K/64 x M/64 blocks, well above 2 per SM."""
+    launches = krc.launches(8192, 4096, 14336, 16, "bf16", quant=quant)
+    ops = [launch["op"] for launch in launches]
+    assert ops == ["lora_down", "sum_partials", "lora_up", "dequant_gemm", "lora_grad_pass", "sum_partials",
+                   "lora_dx_da", "sum_partials", "dequant_gemm_dgrad"]
+    fwd, dgrad = launches[3], launches[-1]
+    assert fwd["kernel"] == f"lowcost::cuda::dequant_gemm_kernel<c10::BFloat16, {fmt}, false>"
+    assert dgrad["kernel"] == f"lowcost::cuda::dequant_gemm_kernel<c10::BFloat16, {fmt}, true>"
+    assert fwd["grid"] == [14336 // 64, 8192 // 64, 1] and dgrad["grid"] == [4096 // 64, 8192 // 64, 1]
+    assert fwd["smem"] == dgrad["smem"] == 2 * 2 * 64 * 72 * 2 + 272 * 4  # 2 stages of x and W tiles, code books
+
+
 def test_occupancy_on_sm90():
     assert krc.occupancy(128, 256, 0) == (2, "regs")
     assert krc.occupancy(61, 256, 67584) == (3, "smem")

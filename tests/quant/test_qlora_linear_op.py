@@ -183,15 +183,46 @@ def test_opcheck():
     torch.library.opcheck(_quantized_linear_op, (t["x"], weight.packed, "nf4", 12, 64, t["bias"], "torch"))
 
 
-@pytest.mark.parametrize("backend, scheme, message", [
-    ("cuda", "nf4", "backend='cuda' has no kernel for a 'nf4' weight"),
-    ("cuda", "q4_k", "backend='cuda' has no kernel for a 'q4_k' weight"),
-])
-def test_backend_without_the_format_is_a_clear_error(backend, scheme, message):
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s not in qb.CUDA_FORMATS])
+def test_backend_without_the_format_is_a_clear_error(scheme):
+    """The k-quants (Q4_K, Q6_K) have no CUDA tile: refused by name (format, the formats it takes, the module)."""
     weight = make_quantized(scheme, 8, 256)
     t = _inputs(2, 256, 8, 2, torch.float32)
-    with pytest.raises(ValueError, match=message):
-        lowcost.ops.lora_linear(t["x"], weight, t["lora_a"], t["lora_b"], 1.0, backend=backend)
+    takes = r"\(it takes: nf4, nf4-dq, int8, q8_0, q4_0, q4_1\)"
+    with pytest.raises(ValueError, match=rf"backend='cuda' has no kernel for a '{scheme}' weight \(model.q\) {takes}"):
+        qb.resolve_quant_backend("cuda", torch.device("cuda"), 2, scheme, where="model.q")
+    with pytest.raises(ValueError, match=rf"backend='cuda' has no kernel for a '{scheme}' weight {takes}"):
+        lowcost.ops.lora_linear(t["x"], weight, t["lora_a"], t["lora_b"], 1.0, backend="cuda")
+    with pytest.raises(ValueError, match=rf"backend='cuda' has no kernel for a '{scheme}' weight"):
+        lowcost.ops.quantized_linear(t["x"], weight, backend="cuda")
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1"])
+def test_cuda_takes_its_formats_but_needs_cuda_tensors(scheme):
+    """A format the CUDA tile decodes passes the format check; on CPU tensors the device is what is refused."""
+    assert scheme in qb.QUANT_SUPPORT["cuda"]
+    weight = make_quantized(scheme, 8, 256)
+    t = _inputs(2, 256, 8, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"backend='cuda' is not available: the CUDA kernels need CUDA tensors"):
+        lowcost.ops.lora_linear(t["x"], weight, t["lora_a"], t["lora_b"], 1.0, backend="cuda")
+
+
+def test_cuda_formats_match_the_registered_ops():
+    """QUANT_SUPPORT['cuda'] is exactly what the dequant_gemm ops of lowcost._C decode: both ops have a schema
+    taking the packed tensors (stored tensors, then code books), and the formats are a subset of the formats
+    lowcost stores. (The CUDA kernels themselves: tests/gpu/test_qlora_linear_gpu.py, and the emulated C++
+    test csrc/tests/test_dequant_gemm_emulated.cpp, which also checks that other schemes are refused.)"""
+    import lowcost._C  # noqa: F401  registers the schemas
+    from lowcost.reference.quant import FORMATS
+    assert qb.QUANT_SUPPORT["cuda"] == qb.CUDA_FORMATS == ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1")
+    assert set(qb.CUDA_FORMATS) <= set(FORMATS) and set(qb.CUDA_FORMATS) <= set(qb.TRITON_FORMATS)
+    for op, size in (("dequant_gemm", "n_rows"), ("dequant_gemm_dgrad", "n_cols")):
+        schema = str(getattr(torch.ops.lowcost, op).default._schema)
+        assert f"Tensor[] packed, str scheme, int {size}, int block_size, Tensor? c) -> Tensor" in schema, schema
+    counts = {"nf4": 3, "nf4-dq": 6, "int8": 2, "q8_0": 1, "q4_0": 1, "q4_1": 1}   # csrc/checks.cpp's packed_count
+    for scheme in qb.CUDA_FORMATS:
+        packed = qb._with_code_books(make_quantized(scheme, 8, 256).packed, scheme)
+        assert len(packed) == counts[scheme], scheme
 
 
 def test_bad_shapes_name_the_argument():

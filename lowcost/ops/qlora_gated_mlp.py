@@ -16,7 +16,8 @@ quantized projections is refused there). Backends:
   q8_0, q4_0, q4_1, q4_k, q6_k): gate and up through the dequantizing LoRA-linear kernels, the down
   projection through the fused MLP kernels with W_d's tile decoded inside the GEMM loop, in the forward
   (h W_dᵀ) and in backward (g W_d) (``lowcost.kernels.qlora_gated_mlp``); no dense W at any time;
-- ``cuda``: refused (no CUDA dequantizing tile yet).
+- ``cuda``: refused: there is no fused CUDA gated MLP (the CUDA dequantizing GEMMs serve the unfused
+  ``qlora_linear``, which ``lowcost.apply`` then runs for each projection).
 ``backend=None``: ``LOWCOST_BACKEND``, else Triton for CUDA tensors when it takes all three formats, else torch.
 
 Two custom ops: ``lowcost::qlora_gated_mlp`` → (y, gate, up, u_g, u_u, u_d) and
@@ -73,8 +74,8 @@ def _resolve(backend: Optional[str], x: Tensor, schemes: Sequence[str], rank: in
             all(s in TRITON_FORMATS for s in schemes) and unavailable_reason("triton", x.device, rank) is None
         return "triton" if usable else "torch"
     if name == "cuda":
-        raise ValueError(f"{source}='cuda': the fused gated MLP on quantized weights has no CUDA kernel (no "
-                         "CUDA dequantizing tile yet); use 'triton', 'torch' or None")
+        raise ValueError(f"{source}='cuda': the fused gated MLP on quantized weights has no CUDA kernel (the CUDA "
+                         "dequantizing GEMMs serve the unfused qlora_linear only); use 'triton', 'torch' or None")
     for role, scheme in zip(ROLES, schemes):
         check_quant_backend(source, name, x.device, rank, scheme, f"the {role} projection")
     if name == "triton" and x.dtype == torch.float64:
@@ -204,8 +205,8 @@ def qlora_gated_mlp(x: Tensor, gate: Sequence, up: Sequence, down: Sequence, sca
 
     backend: 'torch' (every format, any device), 'triton' (the formats with a Triton dequantizing tile: nf4,
     nf4-dq, int8, q8_0, q4_0, q4_1, q4_k, q6_k; W's tiles decoded inside the GEMM loops) or None (Triton for
-    CUDA tensors when it takes all three formats, else torch). 'cuda' is a clear error: no CUDA dequantizing
-    tile yet. Both backends save the same tensors for backward."""
+    CUDA tensors when it takes all three formats, else torch). 'cuda' is a clear error: no fused CUDA gated MLP
+    (the CUDA dequantizing GEMMs serve the unfused qlora_linear). Both backends save the same tensors for backward."""
     params = tuple(gate) + tuple(up) + tuple(down)
     if len(params) != 9:
         raise ValueError("gate, up and down must each be (weight, lora_a, lora_b)")

@@ -248,7 +248,7 @@ def test_fused_mlp_refuses_what_it_cannot_take_on_a_quantized_base():
 
 def test_fused_mlp_on_a_quantized_base_refuses_cuda(monkeypatch):
     """LOWCOST_BACKEND=cuda (apply refuses it on a machine without a GPU, so the fusion's check is called
-    directly on the adapted layers): no CUDA dequantizing tile, said with the backends there are."""
+    directly on the adapted layers): no fused CUDA MLP, said with the backends there are."""
     from lowcost.patch.fuse_mlp import _quantized_problem
     model = _frozen()
     quantize(model, "nf4")
@@ -257,5 +257,5 @@ def test_fused_mlp_on_a_quantized_base_refuses_cuda(monkeypatch):
     layers = {attr: getattr(mlp, attr) for attr in ("gate_proj", "up_proj", "down_proj")}
     assert _quantized_problem(layers, packed=False) == ""
     monkeypatch.setenv("LOWCOST_BACKEND", "cuda")
-    assert "no CUDA dequantizing tile (its backends on a quantized base: torch, triton)" in \
+    assert "the fused MLP has no CUDA kernel (its backends on a quantized base: torch, triton" in \
         _quantized_problem(layers, packed=False)

@@ -29,13 +29,15 @@ import torch
 ops = torch.ops.lowcost
 
 
-def forward(x, weight, lora_a, lora_b, bias, scale, dropout, seed):
+def _lora_forward(x, lora_a, lora_b, bias, scale, dropout, seed, add_base):
+    """(y, u): u = lora_down(x), c = lora_up(u) + bias, then y = add_base(c) adds x Wᵀ onto c (beta = 1)."""
     u = ops.lora_down(x, lora_a, seed, dropout)
-    y = ops.lora_up(u, lora_b, bias, scale, x.dtype)
-    return y.addmm_(x, weight.t()), u
+    c = ops.lora_up(u, lora_b, bias, scale, x.dtype)
+    return add_base(c), u
 
 
-def backward(grad_y, x, weight, lora_a, lora_b, u, scale, dropout, seed, needs):
+def _lora_backward(grad_y, x, lora_a, lora_b, u, scale, dropout, seed, needs, add_base_dgrad):
+    """(dx, dA, dB, dbias), None where not needed: dx = add_base_dgrad(D⊙(du A)) adds g W onto the LoRA term."""
     need_dx, need_da, need_db, need_dbias = needs
     du, db, dbias = ops.lora_grad_pass(grad_y, u, lora_b, scale, need_dbias)
     dx = da = None
@@ -43,31 +45,32 @@ def backward(grad_y, x, weight, lora_a, lora_b, u, scale, dropout, seed, needs):
         dx_lora, da = ops.lora_dx_da(x, du, lora_a, seed, dropout, need_dx)
         da = da.to(lora_a.dtype) if need_da else None
         if need_dx:
-            dx = dx_lora.addmm_(grad_y, weight)
+            dx = add_base_dgrad(dx_lora)
     return (dx, da, db.to(lora_b.dtype) if need_db else None,
             dbias.to(x.dtype) if need_dbias else None)
+
+
+def forward(x, weight, lora_a, lora_b, bias, scale, dropout, seed):
+    return _lora_forward(x, lora_a, lora_b, bias, scale, dropout, seed, lambda c: c.addmm_(x, weight.t()))
+
+
+def backward(grad_y, x, weight, lora_a, lora_b, u, scale, dropout, seed, needs):
+    return _lora_backward(grad_y, x, lora_a, lora_b, u, scale, dropout, seed, needs,
+                          lambda dx_lora: dx_lora.addmm_(grad_y, weight))
 
 
 # ----------------------------------------------------------------------------------------------- quantized base
 def quant_forward(x, packed, scheme, n_rows, block_size, lora_a, lora_b, bias, scale, dropout, seed):
     """(y (M, N), u (M, r)) with W quantized; ``packed``: the stored tensors then the code books."""
-    u = ops.lora_down(x, lora_a, seed, dropout)
-    c = ops.lora_up(u, lora_b, bias, scale, x.dtype)
-    return ops.dequant_gemm(x, packed, scheme, n_rows, block_size, c), u
+    return _lora_forward(x, lora_a, lora_b, bias, scale, dropout, seed,
+                         lambda c: ops.dequant_gemm(x, packed, scheme, n_rows, block_size, c))
 
 
 def quant_backward(grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, seed, needs):
     """(dx, dA, dB, dbias), None where not needed: dx = D⊙(du A) + g deq(W) (the LoRA term as c)."""
-    need_dx, need_da, need_db, need_dbias = needs
-    du, db, dbias = ops.lora_grad_pass(grad_y, u, lora_b, scale, need_dbias)
-    dx = da = None
-    if need_dx or need_da:
-        dx_lora, da = ops.lora_dx_da(x, du, lora_a, seed, dropout, need_dx)
-        da = da.to(lora_a.dtype) if need_da else None
-        if need_dx:
-            dx = ops.dequant_gemm_dgrad(grad_y, packed, scheme, x.shape[1], block_size, dx_lora)
-    return (dx, da, db.to(lora_b.dtype) if need_db else None,
-            dbias.to(x.dtype) if need_dbias else None)
+    return _lora_backward(grad_y, x, lora_a, lora_b, u, scale, dropout, seed, needs,
+                          lambda dx_lora: ops.dequant_gemm_dgrad(grad_y, packed, scheme, x.shape[1], block_size,
+                                                                 dx_lora))
 
 
 def quant_base_forward(x, packed, scheme, n_rows, block_size, bias):

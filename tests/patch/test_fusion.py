@@ -135,12 +135,17 @@ def test_recompute_region_inside_an_mlp_refuses_that_fusion():
     assert {f.kind for f in report.fusion.refused if "recompute" in f.detail} == {"mlp"}
 
 
-def test_dropout_masks_equal_the_unfused_lowcost_model():
-    """Same RNG state → the fused MLP and loss draw the same seeds as the unfused LoRALinear layers."""
+@pytest.mark.parametrize("fusions", [("mlp", "loss"), ("qkv",)])
+def test_dropout_masks_equal_the_unfused_lowcost_model(fusions):
+    """Same RNG state → the fused MLP and loss, or the grouped q/k/v and gate/up, draw the same seeds as the
+    unfused LoRALinear layers."""
     results = []
-    for fused in (("mlp", "loss"), None):
+    for fused in (fusions, None):
         model = llama()
-        lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, dropout=0.3, targets="all-linear"), fused=fused)
+        report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, dropout=0.3, targets="all-linear"),
+                               fused=fused)
+        taken = {f.kind for f in report.fusion.taken} if report.fusion is not None else set()
+        assert taken == set(fused or ()), str(report.fusion)
         randomize_adapters(lora_layers(model))
         model.train()
         ids = _ids()

@@ -170,6 +170,19 @@ def peft_copy(model: nn.Module, config, adapter_name: str = "default"):
     return get_peft_model(copy.deepcopy(model), config, adapter_name=adapter_name)
 
 
+def peft_twin(original: nn.Module, report, layers: dict):
+    """PEFT LoRA (r=4, alpha 8) on ``original`` over the modules ``report`` adapted, its factors copied from
+    lowcost's ``layers`` (path → LoRALinear); returns (peft_model, its named modules)."""
+    from peft import LoraConfig, get_peft_model
+    peft_model = get_peft_model(original, LoraConfig(r=4, lora_alpha=8, target_modules=report.names))
+    modules = dict(peft_model.named_modules())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            modules[f"base_model.model.{name}"].lora_A["default"].weight.copy_(layer.lora_A)
+            modules[f"base_model.model.{name}"].lora_B["default"].weight.copy_(layer.lora_B)
+    return peft_model, modules
+
+
 def peft_adapted_names(peft_model: nn.Module) -> set[str]:
     """Names (relative to the base model) of the modules PEFT wrapped with a LoRA layer."""
     from peft.tuners.lora import LoraLayer

@@ -7,13 +7,13 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 import lowcost
 from lowcost.nn.fused_rms_norm import FusedRMSNorm
 from lowcost.nn.lora_gated_mlp import LoRAGatedMLP
 from lowcost.patch import lora_layers
 from lowcost.patch.fuse import STATE_ATTR
+from peft_cases import peft_twin, rel_err
 from tiny_models import VOCAB, _ids, assert_unchanged, gpt2, llama, qwen2, randomize_adapters, snapshot
 
 TOL = 1e-5
@@ -43,20 +43,6 @@ def phi3():
 
 MODELS = {"llama": llama, "qwen2": qwen2, "gemma": gemma, "gemma2": gemma2, "phi3": phi3}
 POLICIES = [None, "full", "selective", "offload"]
-
-
-def peft_twin(original, report, layers):
-    peft_model = get_peft_model(original, LoraConfig(r=4, lora_alpha=8, target_modules=report.names))
-    modules = dict(peft_model.named_modules())
-    with torch.no_grad():
-        for name, layer in layers.items():
-            modules[f"base_model.model.{name}"].lora_A["default"].weight.copy_(layer.lora_A)
-            modules[f"base_model.model.{name}"].lora_B["default"].weight.copy_(layer.lora_B)
-    return peft_model, modules
-
-
-def rel_err(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def labels_with_ignored(ids):

@@ -16,29 +16,15 @@ from lowcost.nn.grouped_projections import ProjectionGroup
 from lowcost.patch import lora_layers
 from lowcost.patch.fuse import STATE_ATTR
 from lowcost.patch.fuse_qkv import plan_grouped_fusions
+from peft_cases import peft_twin, rel_err
 from tiny_models import _ids, assert_unchanged, llama, qwen2, randomize_adapters, snapshot
 
 TOL = 1e-5
 MODELS = {"llama": llama, "qwen2": qwen2}
 
 
-def rel_err(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def groups_of(model) -> list[ProjectionGroup]:
     return model.__dict__[STATE_ATTR].groups
-
-
-def peft_twin(original, report, layers):
-    from peft import LoraConfig, get_peft_model
-    peft_model = get_peft_model(original, LoraConfig(r=4, lora_alpha=8, target_modules=report.names))
-    modules = dict(peft_model.named_modules())
-    with torch.no_grad():
-        for name, layer in layers.items():
-            modules[f"base_model.model.{name}"].lora_A["default"].weight.copy_(layer.lora_A)
-            modules[f"base_model.model.{name}"].lora_B["default"].weight.copy_(layer.lora_B)
-    return peft_model, modules
 
 
 @pytest.mark.parametrize("policy", [None, "selective", "full"])

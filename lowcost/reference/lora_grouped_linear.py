@@ -25,15 +25,14 @@ temporary per projection, and never a dx per projection to sum afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from lowcost.reference.lora_linear import accumulation_dtype, lora_linear_forward
-from lowcost.reference.philox import apply_dropout, dropout_pair
+from lowcost.reference.philox import DropoutFn, apply_dropout, dropout_pair
 
 Tensor = torch.Tensor
-DropoutFn = Callable[[Tensor, int, float], Tensor]
 
 
 @dataclass(frozen=True)

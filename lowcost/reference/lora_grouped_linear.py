@@ -16,8 +16,8 @@ Backward (g_i = dL/dy_i, (M, N_i)):
     dbias_i = Σ_m g_i                         (N_i,)
     dx      = Σ_i g_i W_i + Σ_i D_i ⊙ (du_i A_i)      (M, K): ONE accumulator
 
-dx is one buffer (x's dtype when that is the accumulation dtype, else float32 rounded once at the end) that
-every term is added into in place: ``addmm_`` for g_i W_i, and for du_i A_i when p_i = 0; with dropout the
+dx is one buffer (x's dtype when that is the accumulation dtype, else float32 rounded once at the end),
+started by the first projection's g_1 W_1 (never a zeroed buffer), that every other term is added into in place: ``addmm_`` for g_i W_i, and for du_i A_i when p_i = 0; with dropout the
 masked term D_i ⊙ (du_i A_i) is formed in one scratch buffer, reused by every projection, together with
 D_i ⊙ x for dA_i (``dropout_pair``: one mask generation for both). So backward never holds an (M, K)
 temporary per projection, and never a dx per projection to sum afterwards.
@@ -58,12 +58,15 @@ def grouped_forward(x: Tensor, projections: Sequence[GroupedProjection],
     return ys, us
 
 
-def _add_dense(dx: Tensor, g: Tensor, weight: Tensor) -> None:
-    """dx += g W (dx in x's dtype when that is the accumulation dtype, else the float32 accumulator)."""
+def _add_dense(dx: Optional[Tensor], g: Tensor, weight: Tensor, acc: torch.dtype) -> Tensor:
+    """dx + g W, in place (dx in x's dtype when that is the accumulation dtype, else the float32
+    accumulator); the first projection's term starts the accumulator (``dx`` None), so it is never zeroed."""
+    if dx is None:
+        first = g @ weight        # the GEMM in x's dtype (as the unfused op); 0 + v == v, so no zeros needed
+        return first if first.dtype == acc else first.to(acc)
     if dx.dtype == g.dtype:
-        dx.addmm_(g, weight)
-    else:
-        dx += g @ weight          # the GEMM in x's dtype (as the unfused op), accumulated in float32
+        return dx.addmm_(g, weight)
+    return dx.add_(g @ weight)    # the GEMM in x's dtype, accumulated in float32
 
 
 def _add_low_rank(dx: Tensor, x: Tensor, du: Tensor, p: GroupedProjection, need_da: bool, scratch: list,
@@ -89,17 +92,14 @@ def grouped_backward(grads: Sequence[Tensor], x: Tensor, projections: Sequence[G
     not needed; dbias None for a projection without bias)."""
     need_dx, need_da, need_db, need_dbias = needs
     acc = accumulation_dtype(x)
-    M, K = x.shape
     dx = None
-    if need_dx:
-        dx = torch.zeros(M, K, dtype=x.dtype if x.dtype == acc else acc, device=x.device)
     das, dbs, dbiases, scratch = [], [], [], [None]
     for g, p, u in zip(grads, projections, us):
         g_acc = g.to(acc)
         dbs.append((g_acc.t() @ u).mul_(p.scale).to(p.lora_b.dtype) if need_db else None)
         dbiases.append(g_acc.sum(0).to(x.dtype) if need_dbias and p.bias is not None else None)
         if need_dx:
-            _add_dense(dx, g, p.weight)
+            dx = _add_dense(dx, g, p.weight, acc)
         if need_dx or need_da:
             du = (g_acc @ p.lora_b.to(acc)).mul_(p.scale)
             if need_dx:

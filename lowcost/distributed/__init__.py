@@ -9,6 +9,8 @@ wrapped model trains as usual. This package holds what the usual recipe is missi
     batch = lowcost.distributed.shard_batch(global_batch)     # this rank's rows; world size must divide
     ...train...
     lowcost.save_adapter(model, "out/")                       # every rank calls; rank 0 writes full tensors
+    with lowcost.distributed.unsharded(model):                # every rank gathers; one writes the GGUF
+        if rank == 0: lowcost.export_gguf(model, "tuned.gguf")
     lowcost.distributed.save_training_state("ckpt/", model, optimizer, step)   # resumable at any world size
     torch.distributed.destroy_process_group()
     lowcost.distributed.exit_skipping_finalisation(0)         # no gloo-thread abort at interpreter exit
@@ -23,10 +25,10 @@ from lowcost.distributed.batches import local_batch_size, shard_batch
 from lowcost.distributed.counting import AllGatherCounter
 from lowcost.distributed.exiting import exit_skipping_finalisation
 from lowcost.distributed.seeding import rank_seed, seed_rank
-from lowcost.distributed.sharding import shard_model
+from lowcost.distributed.sharding import shard_model, unsharded
 from lowcost.distributed.training_state import ResumeInfo, load_training_state, save_training_state
 from lowcost.patch.ranks import this_rank_only
 
-__all__ = ["shard_model", "seed_rank", "rank_seed", "local_batch_size", "shard_batch", "AllGatherCounter",
+__all__ = ["shard_model", "unsharded", "seed_rank", "rank_seed", "local_batch_size", "shard_batch", "AllGatherCounter",
            "save_training_state", "load_training_state", "ResumeInfo", "this_rank_only",
            "exit_skipping_finalisation"]

@@ -14,10 +14,14 @@ ceil(N / W) rows of every packed tensor (about 1/W of the base's bytes; FSDP2 pa
 rows that the all-gathered (N, ...) tensor never includes), gathered with the block's other parameters in
 the same one all-gather per forward and per backward. They are integer tensors (float scales bit-cast), so
 a ``MixedPrecisionPolicy`` never casts them. ``shard_quantized=False`` keeps them whole on every rank.
+
+``unsharded(model)`` gathers every unit's parameters for the duration of a ``with`` block (collective: every
+rank enters it), e.g. for ``lowcost.export_gguf`` from one rank, and frees them again on exit.
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -75,3 +79,24 @@ def _default_mesh(model: nn.Module):
         device = next((p.device for p in model.parameters()), None)
         device_type = device.type if device is not None else "cpu"
     return init_device_mesh(device_type, (dist.get_world_size(),))
+
+
+@contextmanager
+def unsharded(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every FSDP2 unit of ``model`` (each block and the root) holds its parameters whole
+    (quantized codes and scales included: ``QuantizedWeight.packed`` works); on exit each is resharded.
+
+    Collective: every rank must enter it (one all-gather per unit); what is done inside may be one rank's
+    alone (writing a file). Memory: the whole model, gathered, on every rank while inside."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        raise ValueError("lowcost.distributed.unsharded: the model has no FSDP2 unit (shard_model(model) first)")
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()

@@ -8,11 +8,22 @@ dequantized, and the result is written as float16 or Q8_0 (2-D weights whose row
 others float16) with the ``gguf`` package's writer and quantizer; 1-D tensors (norms) stay float32. Llama's
 q/k rows are put back in llama.cpp's per-head interleaved order. The file is written under a temporary name and
 renamed into place, one tensor in memory at a time.
+
+A model sharded by FSDP2 (``lowcost.distributed.shard_model``) holds only its rows of every weight, so it is
+refused; gather it first, on every rank, and let one rank write::
+
+    with lowcost.distributed.unsharded(model):
+        if torch.distributed.get_rank() == 0:
+            lowcost.export_gguf(model, "tuned.gguf")
+
+Nothing the export reads is pinned (each value is copied before numpy sees it), so FSDP2 can free the gathered
+tensors again when the ``with`` block ends.
 """
 from __future__ import annotations
 
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import Union
 
@@ -36,6 +47,17 @@ def _source_file(model: nn.Module) -> Path:
     if not Path(path).is_file():
         raise FileNotFoundError(f"lowcost.export_gguf: the source GGUF file {path} is gone")
     return Path(path)
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """RuntimeError when some parameter is an FSDP2 shard (a DTensor): its other rows live on other ranks."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    sharded = [n for n, p in model.named_parameters() if dtensor is not None and isinstance(p, dtensor)]
+    if sharded:
+        raise RuntimeError(f"lowcost.export_gguf: the model is sharded by FSDP2 ({len(sharded)} parameters, e.g. "
+                           f"{sharded[0]}, hold only this rank's rows); gather it first on every rank and export "
+                           "from one: with lowcost.distributed.unsharded(model): if rank == 0: "
+                           "lowcost.export_gguf(model, path)")
 
 
 def _is_adapter_layer(module: nn.Module) -> bool:
@@ -90,10 +112,11 @@ def _check_tied(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
 
 
 def _encode(value: torch.Tensor, dtype: str):
-    """(numpy array to write, raw GGML type or None) for one float32 tensor."""
+    """(numpy array to write, raw GGML type or None) for one float32 tensor. A copy: ``.numpy()`` would make
+    the storage it shares with a model tensor unresizable, and FSDP2 frees a gathered tensor by resizing it."""
     import gguf
     from gguf.quants import quantize
-    array = value.contiguous().numpy()
+    array = value.detach().clone().contiguous().numpy()
     if value.dim() == 1:
         return array.astype(np.float32), None
     if dtype == "q8_0" and value.shape[-1] % 32 == 0:
@@ -135,6 +158,7 @@ def export_gguf(model: nn.Module, path: Union[str, os.PathLike], dtype: str = "f
     import gguf
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    _refuse_sharded(model)
     source = _source_file(model)
     reader = gguf.GGUFReader(str(source))
     arch = reader.fields["general.architecture"].contents()

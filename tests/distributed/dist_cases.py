@@ -63,16 +63,17 @@ def sgd(model) -> torch.optim.Optimizer:
 
 
 def reference_run(world_size: int, dropout: float = 0.1, steps: int = STEPS, same_masks: bool = False,
-                  param_dtype: torch.dtype = torch.float32, quantize=None):
+                  param_dtype: torch.dtype = torch.float32, quantize=None, model_fn=None):
     """One process reproducing a ``world_size``-rank data-parallel run exactly.
 
     Rank r's rows run with rank r's generator stream (``rank_seed(DROPOUT_SEED, r)``, or rank 0's for every
     r with ``same_masks``); each contributes loss_r / W, so the summed gradient is the ranks' average.
     ``param_dtype=torch.bfloat16`` reproduces FSDP2's MixedPrecisionPolicy(bf16 params, fp32 reduce): the
     parameters (not the buffers) compute in bf16, each rank's gradient is cast to fp32 before the sum and
-    the fp32 master adapters take the SGD step. ``quantize`` quantizes the base as ``patched`` does.
+    the fp32 master adapters take the SGD step. ``quantize`` quantizes the base as ``patched`` does;
+    ``model_fn()`` builds another starting model instead (the ranks' own, without checkpointing).
     Returns (final adapters, the global mean loss of each step)."""
-    model = patched("none", dropout, quantize=quantize)
+    model = model_fn() if model_fn is not None else patched("none", dropout, quantize=quantize)
     master = {n: p.detach().clone().requires_grad_(True) for n, p in adapter_params(model).items()}
     optimizer = torch.optim.SGD(list(master.values()), lr=LR)
     for p in model.parameters():
@@ -155,6 +156,24 @@ def local_steps(trained, optimizer, steps: int = STEPS) -> list[float]:
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def counted_steps(trained, optimizer, steps: int = STEPS) -> tuple[list[float], list[dict]]:
+    """``local_steps``, also counting each step's all-gathers (``{"forward": n, "backward": m}`` per step)."""
+    from lowcost.distributed import AllGatherCounter
+    losses, gathers_per_step = [], []
+    with AllGatherCounter() as gathers:
+        for step in range(steps):
+            gathers.reset()
+            gathers.phase("forward")
+            loss = trained(**shard_batch(global_batch(step))).loss
+            gathers.phase("backward")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            gathers_per_step.append(dict(gathers.counts))
+            losses.append(loss.item())
+    return losses, gathers_per_step
 
 
 def save_counting_writes(model, directory) -> int:

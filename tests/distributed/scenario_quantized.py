@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lowcost
-from dist_cases import DROPOUT_SEED, STEPS, error_message, global_batch, patched, save_counting_writes, sgd
-from lowcost.distributed import AllGatherCounter, seed_rank, shard_batch, shard_model
+from dist_cases import DROPOUT_SEED, counted_steps, error_message, patched, save_counting_writes, sgd
+from lowcost.distributed import seed_rank, shard_model
 from lowcost.nn.quantized import QuantizedLinear
 from lowcost.reference.quant.weight import QuantizedWeight
 
@@ -41,7 +41,7 @@ def packed_sha256(tensors) -> str:
     return digest.hexdigest()
 
 
-def _stored_facts(weight: QuantizedWeight) -> list[dict]:
+def stored_facts(weight: QuantizedWeight) -> list[dict]:
     from torch.distributed.tensor import DTensor
     facts = []
     for t in weight._stored():
@@ -59,7 +59,7 @@ def _row_bytes(t: torch.Tensor) -> int:
     return t.numel() // t.shape[0] * t.element_size() if t.dim() and t.shape[0] else 0
 
 
-def _gathered_packed(weight: QuantizedWeight) -> list[torch.Tensor]:
+def gathered_packed(weight: QuantizedWeight) -> list[torch.Tensor]:
     """The whole packed tensors, each shard all-gathered (collective: same order on every rank)."""
     from lowcost.reference.quant import quant_format
     from torch.distributed.tensor import DTensor
@@ -74,10 +74,10 @@ def _storage_facts(model) -> dict:
     from torch.distributed.tensor import DTensor
     weights = quantized_weights(model)
     return {"quantized_layers": len(weights),
-            "stored": [_stored_facts(w) for w in weights],
+            "stored": [stored_facts(w) for w in weights],
             "resident_bytes": sum(w.resident_nbytes for w in weights),
             "total_bytes": sum(w.nbytes for w in weights),
-            "gathered_sha256": packed_sha256(t for w in weights for t in _gathered_packed(w)),
+            "gathered_sha256": packed_sha256(t for w in weights for t in gathered_packed(w)),
             "packed_outside_forward": error_message(lambda: weights[0].packed),
             "state_dict": _quantized_state_dict_facts(model),
             "float_params_dtensor": all(isinstance(p, DTensor) for p in model.parameters())}
@@ -126,18 +126,7 @@ def train(scheme: str, wrap: str, adapter_dir, mixed_precision: bool = False) ->
     else:
         trained = DDP(model)
     seed_rank(DROPOUT_SEED)
-    optimizer, losses, gathers_per_step = sgd(model), [], []
-    with AllGatherCounter() as gathers:
-        for step in range(STEPS):
-            gathers.reset()
-            gathers.phase("forward")
-            loss = trained(**shard_batch(global_batch(step))).loss
-            gathers.phase("backward")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            gathers_per_step.append(dict(gathers.counts))
-            losses.append(loss.item())
+    losses, gathers_per_step = counted_steps(trained, sgd(model))
     writes = save_counting_writes(model, adapter_dir)
     return {"writes": writes, "losses": losses, "storage": _storage_facts(model), "gathers": gathers_per_step, "inside_forward": seen}
 

@@ -10,7 +10,8 @@ from torch.nn.parallel import DistributedDataParallel
 import lowcost
 from conftest import needs_gloo
 from dist_cases import adapter_params, patched
-from lowcost.distributed import AllGatherCounter, local_batch_size, rank_seed, seed_rank, shard_batch, shard_model
+from lowcost.distributed import AllGatherCounter, local_batch_size, rank_seed, seed_rank, shard_batch, shard_model, \
+    unsharded
 from lowcost.patch import lora_layers, ranks
 from tiny_models import randomize_adapters
 
@@ -123,6 +124,25 @@ def test_shard_model_needs_a_process_group():
 
 
 @needs_gloo
+def test_unsharded_gathers_every_unit_then_reshards(world_of_one):
+    """Inside ``unsharded`` no parameter is a DTensor shard (the model computes as usual); after it every one
+    is again; a model without FSDP2 units is refused (nothing to gather: likely a mistake)."""
+    def is_shard(p):
+        return type(p).__name__ == "DTensor"
+    plain = patched("none")
+    with pytest.raises(ValueError, match=r"unsharded: the model has no FSDP2 unit \(shard_model\(model\) first\)"):
+        with unsharded(plain):
+            pass
+    model = shard_model(patched("none"))
+    ids = torch.arange(8).reshape(1, 8)
+    with torch.no_grad():
+        expected = plain(ids).logits
+        with unsharded(model):
+            assert not any(is_shard(p) for p in model.parameters())
+            assert torch.equal(model(ids).logits, expected)
+    assert all(is_shard(p) for p in model.parameters())
+
+
 def test_save_adapter_of_a_ddp_model_unwraps_it(world_of_one, tmp_path):
     model = patched("none")
     randomize_adapters(lora_layers(model))

@@ -122,6 +122,17 @@ def test_export_q8_0_loads_back_as_blocks(tiny_gguf, cache, tmp_path):
     assert float((logits(back) - expected).abs().max() / expected.abs().max()) < 3e-2
 
 
+def test_export_pins_no_model_storage(tiny_gguf, cache, tmp_path):
+    """``.numpy()`` on a tensor sharing a model tensor's storage makes that storage unresizable, and FSDP2
+    frees gathered parameters by resizing their storage (export from inside ``distributed.unsharded``)."""
+    model = _adapted(tiny_gguf, cache)
+    for p in model.parameters():   # the loader's tensors come from numpy (unresizable): torch-owned copies,
+        p.data = p.data.clone()     # as FSDP2's gathered parameters are
+    lowcost.export_gguf(model, tmp_path / "tuned.gguf")
+    pinned = [n for n, p in model.named_parameters() if not p.untyped_storage().resizable()]
+    assert not pinned, pinned
+
+
 def test_export_refuses_a_model_without_a_gguf_source(tmp_path):
     from tiny_models import llama
     with pytest.raises(ValueError, match="was not loaded from one"):

@@ -62,7 +62,10 @@ QuantScheme parse_quant_scheme(const char* op, c10::string_view scheme) {
   if (name == "q8_0") return QuantScheme::kQ8_0;
   if (name == "q4_0") return QuantScheme::kQ4_0;
   if (name == "q4_1") return QuantScheme::kQ4_1;
-  TORCH_CHECK(false, "lowcost::", op, ": scheme must be 'nf4', 'nf4-dq', 'int8', 'q8_0', 'q4_0' or 'q4_1' (the ",
+  if (name == "q4_k") return QuantScheme::kQ4_K;
+  if (name == "q6_k") return QuantScheme::kQ6_K;
+  TORCH_CHECK(false, "lowcost::", op, ": scheme must be 'nf4', 'nf4-dq', 'int8', 'q8_0', 'q4_0', 'q4_1', 'q4_k' or ",
+              "'q6_k' (the ",
               "formats with a CUDA dequantizing tile), got '", name, "'");
 }
 
@@ -91,23 +94,41 @@ const char* quant_scheme_name(QuantScheme s) {
     case QuantScheme::kInt8: return "int8";
     case QuantScheme::kQ8_0: return "q8_0";
     case QuantScheme::kQ4_0: return "q4_0";
-    default: return "q4_1";
+    case QuantScheme::kQ4_1: return "q4_1";
+    case QuantScheme::kQ4_K: return "q4_k";
+    default: return "q6_k";
   }
 }
 
 // The packed tensors a format is passed as (stored tensors, then code books).
 size_t packed_count(QuantScheme s) {
-  return s == QuantScheme::kNf4 ? 3 : (s == QuantScheme::kNf4Dq ? 6 : (s == QuantScheme::kInt8 ? 2 : 1));
+  return s == QuantScheme::kNf4 ? 3 : (s == QuantScheme::kNf4Dq ? 6 : (s == QuantScheme::kInt8 ? 2 : 1));  // GGUF: 1
 }
 
-// data (N, K / 32 * type_size) of a GGUF block format.
+// Elements and bytes of one block of a GGUF block format (the file's layout, lowcost/reference/quant/gguf_blocks.py).
+struct GgufBlock {
+  int64_t elements;
+  int64_t bytes;
+};
+
+GgufBlock gguf_block(QuantScheme s) {
+  switch (s) {
+    case QuantScheme::kQ8_0: return {32, 34};
+    case QuantScheme::kQ4_0: return {32, 18};
+    case QuantScheme::kQ4_1: return {32, 20};
+    case QuantScheme::kQ4_K: return {256, 144};
+    default: return {256, 210};  // kQ6_K
+  }
+}
+
+// data (N, K / block * type_size) of a GGUF block format.
 void check_gguf_blocks(const char* op, const at::Tensor& data, QuantScheme s, int64_t N, int64_t K,
                        const at::Tensor& ref, c10::DeviceType device) {
-  const int64_t type_size = s == QuantScheme::kQ8_0 ? 34 : (s == QuantScheme::kQ4_0 ? 18 : 20);
-  TORCH_CHECK(K % 32 == 0, "lowcost::", op, ": a ", quant_scheme_name(s), " weight holds whole 32-element blocks: ",
-              "K must be a multiple of 32, got ", K);
+  const GgufBlock block = gguf_block(s);
+  TORCH_CHECK(K % block.elements == 0, "lowcost::", op, ": a ", quant_scheme_name(s), " weight holds whole ",
+              block.elements, "-element blocks: K must be a multiple of ", block.elements, ", got ", K);
   check_stored(op, "data", data, at::kByte, 2, ref, device);
-  check_shape(op, "data", data, {N, K / 32 * type_size});
+  check_shape(op, "data", data, {N, K / block.elements * block.bytes});
 }
 
 // codes (N, Kp / 2) and the block size of an NF4 weight; returns the blocks per padded row Kp / B.
@@ -132,7 +153,7 @@ void check_quant_weight(const char* op, c10::ArrayRef<at::Tensor> packed, Dequan
   const size_t want = packed_count(d.scheme);
   TORCH_CHECK(packed.size() == want, "lowcost::", op, ": a ", quant_scheme_name(d.scheme), " weight is passed as ",
               want, " packed tensors (stored tensors, then code books), got ", packed.size());
-  if (d.scheme == QuantScheme::kQ8_0 || d.scheme == QuantScheme::kQ4_0 || d.scheme == QuantScheme::kQ4_1) {
+  if (is_gguf(d.scheme)) {
     check_gguf_blocks(op, packed[0], d.scheme, d.N, d.K, ref, device);
     return;
   }

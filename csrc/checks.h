@@ -44,7 +44,12 @@ LoraDims check_lora_dx_da_args(const at::Tensor& x, const at::Tensor& du, const 
                                int64_t seed, double p, c10::DeviceType device);
 
 // The quantized formats the CUDA dequantizing GEMMs decode (lowcost/reference/quant).
-enum class QuantScheme { kNf4, kNf4Dq, kInt8, kQ8_0, kQ4_0, kQ4_1 };
+enum class QuantScheme { kNf4, kNf4Dq, kInt8, kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K };
+
+// The GGUF block formats (q8_0, q4_0, q4_1, q4_k, q6_k): one stored tensor, the file's blocks as they are.
+inline bool is_gguf(QuantScheme s) {
+  return s != QuantScheme::kNf4 && s != QuantScheme::kNf4Dq && s != QuantScheme::kInt8;
+}
 
 // Sizes of a dequantizing GEMM on a quantized W (N, K): M rows of the activation, and the NF4 blocks per
 // (padded) row of W.
@@ -59,7 +64,8 @@ struct DequantGemmDims {
 // dequant_gemm (dgrad false: a = x (M, K), n_other = N) and dequant_gemm_dgrad (dgrad true: a = grad_y
 // (M, N), n_other = K). packed: the format's stored tensors in QuantizedWeight order, then its code books
 // (nf4: codes, absmax, NF4 code (16,); nf4-dq: codes, absmax_q, absmax_scale, absmax_offset, NF4 code,
-// dynamic map (256,); int8: qweight, scale; q8_0, q4_0, q4_1: data, the GGUF blocks (K a multiple of 32)).
+// dynamic map (256,); int8: qweight, scale; q8_0, q4_0, q4_1, q4_k, q6_k: data, the GGUF blocks (K a multiple of
+// the block: 32, or 256 for the k-quants q4_k and q6_k)).
 // c: optional (M, output columns) in a's dtype, any strides.
 DequantGemmDims check_dequant_gemm_args(const at::Tensor& a, c10::ArrayRef<at::Tensor> packed,
                                         c10::string_view scheme, int64_t n_other, int64_t block_size,

@@ -31,7 +31,8 @@ TORCH_LIBRARY(lowcost, m) {
       "-> (Tensor, Tensor)");
   // The frozen base GEMMs on a quantized weight W (N, K), dequantized tile by tile in the kernel (CUDA only;
   // lowcost/ops/_cuda_backend.py). packed: the format's stored tensors then its code books (see
-  // csrc/checks.h); scheme nf4, nf4-dq, int8, q8_0, q4_0 or q4_1; c: optional, added before the one rounding.
+  // csrc/checks.h); scheme nf4, nf4-dq, int8, q8_0, q4_0, q4_1, q4_k or q6_k; c: optional, added before the
+  // one rounding.
   // x (M, K) -> c + x deq(W)^T, (M, N = n_rows) in x.dtype.
   m.def("dequant_gemm(Tensor x, Tensor[] packed, str scheme, int n_rows, int block_size, Tensor? c) -> Tensor");
   // grad_y (M, N) -> c + grad_y deq(W), (M, K = n_cols) in grad_y.dtype.

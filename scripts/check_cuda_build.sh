@@ -6,7 +6,7 @@
 # imports lowcost._C outside the source tree and checks that every op has a CUDA kernel registered,
 # without running any. Then compiles the kernels for sm_90a and checks the kernel report's CUDA targets
 # at the benchmark shapes (tools/kernel_report_cuda.py --check: HMMA in the skinny kernels and the
-# dequantizing GEMMs of nf4 / nf4-dq / int8 weights, no atomics, no spills, >= 2 blocks per SM). Fails loudly (non-zero exit, compiler errors printed) if anything
+# dequantizing GEMMs of every quantized format, no atomics, no spills, >= 2 blocks per SM). Fails loudly (non-zero exit, compiler errors printed) if anything
 # does not compile, link or register, or a target is missed.
 #
 #   bash scripts/check_cuda_build.sh        # CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured

@@ -6,7 +6,7 @@
 ``cuda_kernel_rows(M, K, N, r, dtype, dropout, arch)`` (imported by tools/kernel_report.py) returns one dict per
 kernel launch of a fused LoRA forward + backward on the ``cuda`` backend (lora_down, lora_up, lora_grad_pass,
 lora_dx_da, and sum_partials after each op that split a reduction; the two cuBLAS GEMMs are not ours; with
-``quant`` (nf4, nf4-dq, int8, q8_0, q4_0, q4_1) the base GEMMs on a quantized weight are ours, dequant_gemm and
+``quant`` (nf4, nf4-dq, int8, q8_0, q4_0, q4_1, q4_k, q6_k) the base GEMMs on a quantized weight are ours, dequant_gemm and
 dequant_gemm_dgrad, which decode the W tile into shared memory before the MMA, and are listed), with the
 keys kernel, backend, role, grid (blocks), persistent, regs, spills (bytes stored + loaded), smem (static +
 dynamic bytes per block), ctas_per_sm and limiter (sm_90: registers, shared memory, threads, blocks), mma
@@ -51,7 +51,7 @@ SM90 = {"regs": 65536, "reg_unit": 256, "quadrants": 4, "threads": 2048, "blocks
 DTYPES = ("bf16", "fp16", "fp32")
 SKINNY = ("lora_down", "lora_up", "lora_grad_pass", "lora_dx_da")
 DEQUANT = ("dequant_gemm", "dequant_gemm_dgrad")
-QUANT_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1")   # lowcost.ops._quant_backends.CUDA_FORMATS
+QUANT_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")  # _quant_backends.CUDA_FORMATS
 KEYS = ("kernel", "backend", "role", "grid", "persistent", "regs", "spills", "smem", "ctas_per_sm", "limiter", "mma",
         "tma", "atomics", "barriers")
 

@@ -27,7 +27,7 @@ inline QuantTile make_quant_tile(c10::ArrayRef<at::Tensor> packed, const Dequant
   q.K = d.K;
   q.block_size = static_cast<int>(block_size);
   q.blocks_per_row = d.blocks_per_row;
-  if (d.scheme == QuantScheme::kQ8_0 || d.scheme == QuantScheme::kQ4_0 || d.scheme == QuantScheme::kQ4_1) {
+  if (is_gguf(d.scheme)) {
     return q;  // the blocks carry their own scales
   }
   if (d.scheme == QuantScheme::kInt8) {
@@ -61,8 +61,12 @@ void dispatch_quant_scheme(QuantScheme scheme, F&& f) {
     f(std::integral_constant<int, kFmtQ8_0>{});
   } else if (scheme == QuantScheme::kQ4_0) {
     f(std::integral_constant<int, kFmtQ4_0>{});
-  } else {
+  } else if (scheme == QuantScheme::kQ4_1) {
     f(std::integral_constant<int, kFmtQ4_1>{});
+  } else if (scheme == QuantScheme::kQ4_K) {
+    f(std::integral_constant<int, kFmtQ4_K>{});
+  } else {
+    f(std::integral_constant<int, kFmtQ6_K>{});
   }
 }
 

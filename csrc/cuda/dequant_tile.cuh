@@ -12,11 +12,21 @@
 //   q8_0     data u8 (N, K/32 * 34): blocks d f16 | q i8[32]             q * d
 //   q4_0     data u8 (N, K/32 * 18): blocks d f16 | nibbles[16]          (q - 8) * d
 //   q4_1     data u8 (N, K/32 * 20): blocks d f16 | m f16 | nibbles[16]  q * d + m
+//   q4_k     data u8 (N, K/256 * 144): super-blocks d f16 | dmin f16 | scales/mins 6-bit x 8 in 12 B |
+//            nibbles[128]                           sub-block s = j/32:  (d * sc_s) * q - (dmin * m_s)
+//   q6_k     data u8 (N, K/256 * 210): super-blocks ql[128] | qh[64] | scales i8[16] | d f16
+//                                                   group g = j/16:      (d * sc_g) * (q - 32)
 //
 // The NF4 nibble of element k is the high half of code byte k/2 for even k, the low half for odd k; Kp is
 // K padded to a whole block (the padding codes are never read: elements with k >= K are 0 in the tile).
 // The GGUF 4-bit blocks keep element j < 16 of a block in the low nibble of code byte j and element j >= 16
 // in the high nibble of byte j - 16 (the GGUF file's own bytes; K is a whole number of 32-element blocks).
+// The k-quants hold 256 elements a super-block (K is a whole number of them); j is the element's index in it:
+//   Q4_K: the code is the low nibble of byte 16 + 32 (j/64) + j%32 when j%64 < 32, else its high nibble;
+//         the 12 bytes from byte 4 hold sc_s, m_s as 6 bits each: s < 4: sc = b[s] & 63, m = b[s+4] & 63;
+//         s >= 4: sc = (b[s+4] & 15) | (b[s-4] >> 6) << 4, m = (b[s+4] >> 4) | (b[s] >> 6) << 4.
+//   Q6_K: with h = j/128, w = j%128, q = low | high << 4: low the low nibble of ql[64 h + w%64] for w < 64,
+//         else its high nibble; high = (qh[32 h + w%32] >> 2 (w/32)) & 3.
 #pragma once
 
 #include "common.cuh"
@@ -34,6 +44,8 @@ constexpr int kFmtInt8 = 2;
 constexpr int kFmtQ8_0 = 3;
 constexpr int kFmtQ4_0 = 4;
 constexpr int kFmtQ4_1 = 5;
+constexpr int kFmtQ4_K = 6;
+constexpr int kFmtQ6_K = 7;
 
 constexpr bool is_nf4(int fmt) { return fmt == kFmtNf4 || fmt == kFmtNf4Dq; }
 
@@ -71,6 +83,14 @@ __device__ __forceinline__ float add_rn(float a, float b) {
 #endif
 }
 
+__device__ __forceinline__ float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
 // The little-endian float16 at p (a GGUF block's d or m), as float32 (exact).
 __device__ __forceinline__ float f16_at(const uint8_t* p) {
   const uint16_t bits = static_cast<uint16_t>(p[0] | (p[1] << 8));
@@ -99,8 +119,45 @@ __device__ __forceinline__ float nf4_absmax(const QuantTile& q, const float* tab
   }
 }
 
+// The 6-bit scale and min of sub-block s (0 .. 7) of a Q4_K super-block, from its 12 packed bytes b.
+__device__ __forceinline__ void q4_k_scale_min(const uint8_t* b, int s, float& scale, float& min) {
+  const int sc = s < 4 ? b[s] & 63 : (b[s + 4] & 15) | ((b[s - 4] >> 6) << 4);
+  const int m = s < 4 ? b[s + 4] & 63 : (b[s + 4] >> 4) | ((b[s] >> 6) << 4);
+  scale = static_cast<float>(sc);
+  min = static_cast<float>(m);
+}
+
+// Q4_K: v = W[n, k .. k + 8), k < K a multiple of 8 (one sub-block of 32, one nibble half of 8 code bytes).
+__device__ __forceinline__ void decode8_q4_k(const QuantTile& q, int64_t n, int64_t k, float (&v)[8]) {
+  const uint8_t* block = q.codes + n * q.code_stride + (k / 256) * 144;
+  const int j = static_cast<int>(k % 256);
+  float sc, m;
+  q4_k_scale_min(block + 4, j / 32, sc, m);
+  const float scale = mul_rn(f16_at(block), sc), offset = mul_rn(f16_at(block + 2), m);
+  const uint8_t* qs = block + 16 + (j / 64) * 32 + j % 32;
+  const int shift = j % 64 < 32 ? 0 : 4;
+#pragma unroll
+  for (int t = 0; t < 8; ++t) v[t] = sub_rn(mul_rn(static_cast<float>((qs[t] >> shift) & 15), scale), offset);
+}
+
+// Q6_K: v = W[n, k .. k + 8), k < K a multiple of 8 (one scale group of 16, 8 consecutive ql and qh bytes).
+__device__ __forceinline__ void decode8_q6_k(const QuantTile& q, int64_t n, int64_t k, float (&v)[8]) {
+  const uint8_t* block = q.codes + n * q.code_stride + (k / 256) * 210;
+  const int j = static_cast<int>(k % 256), h = j / 128, w = j % 128;
+  const uint8_t* ql = block + 64 * h + w % 64;
+  const uint8_t* qh = block + 128 + 32 * h + w % 32;
+  const int low_shift = w < 64 ? 0 : 4, high_shift = 2 * (w / 32);
+  const float scale = mul_rn(f16_at(block + 208), static_cast<float>(static_cast<int8_t>(block[192 + j / 16])));
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    const int code = ((ql[t] >> low_shift) & 15) | (((qh[t] >> high_shift) & 3) << 4);
+    v[t] = mul_rn(static_cast<float>(code - 32), scale);
+  }
+}
+
 // v = W[n, k .. k + 8) in float32 (0 outside W); k is a multiple of 8, so the 8 elements share one block
-// (NF4 block sizes are multiples of 8, GGUF blocks hold 32).
+// (NF4 block sizes are multiples of 8, GGUF blocks hold 32, the k-quants' sub-blocks 32 and 16; K is a whole
+// number of GGUF blocks, so k < K puts all 8 inside W).
 template <int FMT>
 __device__ __forceinline__ void decode8(const QuantTile& q, const float* tables, int64_t n, int64_t k,
                                         float (&v)[8]) {
@@ -122,6 +179,10 @@ __device__ __forceinline__ void decode8(const QuantTile& q, const float* tables,
     for (int t = 0; t < 8; ++t) {
       if (k + t < q.K) v[t] = mul_rn(static_cast<float>(qs[t]), d);
     }
+  } else if constexpr (FMT == kFmtQ4_K) {
+    decode8_q4_k(q, n, k, v);
+  } else if constexpr (FMT == kFmtQ6_K) {
+    decode8_q6_k(q, n, k, v);
   } else if constexpr (FMT == kFmtQ4_0 || FMT == kFmtQ4_1) {
     constexpr int kTypeSize = FMT == kFmtQ4_0 ? 18 : 20;
     const uint8_t* block = q.codes + n * q.code_stride + (k / 32) * kTypeSize;

@@ -5,8 +5,9 @@
 // CUDA and no torch.
 //
 //   print_launch_plan M K N r X_DTYPE ADAPTER_DTYPE SMS HAS_BIAS [QUANT]
-//   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE; QUANT: nf4, nf4-dq, int8, q8_0, q4_0, q4_1 for a
-//   quantized weight, whose base GEMMs are lowcost's dequant_gemm / dequant_gemm_dgrad instead of cuBLAS)
+//   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE; QUANT: nf4, nf4-dq, int8, q8_0, q4_0,
+//   q4_1, q4_k, q6_k for a quantized weight, whose base GEMMs are lowcost's dequant_gemm / dequant_gemm_dgrad
+//   instead of cuBLAS)
 #include "../cuda/launch_plan.h"
 
 #include <cstdio>
@@ -77,6 +78,8 @@ int quant_format_id(const std::string& name) {
   if (name == "q8_0") return 3;
   if (name == "q4_0") return 4;
   if (name == "q4_1") return 5;
+  if (name == "q4_k") return 6;
+  if (name == "q6_k") return 7;
   return -1;
 }
 
@@ -97,7 +100,7 @@ int main(int argc, char** argv) {
   if ((argc != 9 && argc != 10) || !parse_dtype(argv[5], x) || !parse_dtype(argv[6], a) ||
       (!quant.empty() && fmt < 0)) {
     std::fprintf(stderr, "usage: %s M K N r X_DTYPE(bf16|fp16|fp32) ADAPTER_DTYPE SMS HAS_BIAS(0|1) "
-                 "[QUANT(nf4|nf4-dq|int8|q8_0|q4_0|q4_1)]\n", argv[0]);
+                 "[QUANT(nf4|nf4-dq|int8|q8_0|q4_0|q4_1|q4_k|q6_k)]\n", argv[0]);
     return 2;
   }
   const int64_t M = std::atoll(argv[1]), K = std::atoll(argv[2]), N = std::atoll(argv[3]), r = std::atoll(argv[4]);

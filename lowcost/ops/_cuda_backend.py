@@ -14,7 +14,7 @@ and dbias are bitwise reproducible from run to run (no atomics); workspaces stay
 The same ops have C++ CPU kernels, so this composition is also tested on CPU tensors.
 
 On a quantized weight (``QUANT_SUPPORT["cuda"]`` in ``_quant_backends``: nf4, nf4-dq, int8 and the GGUF
-blocks q8_0, q4_0, q4_1) the two cuBLAS GEMMs become lowcost's own dequantizing GEMMs, ``dequant_gemm``
+blocks q8_0, q4_0, q4_1 and super-blocks q4_k, q6_k) the two cuBLAS GEMMs become lowcost's own dequantizing GEMMs, ``dequant_gemm``
 (c + x deq(W)ᵀ) and ``dequant_gemm_dgrad`` (c + g deq(W)), which decode each 64 x 64 tile of W from its
 packed codes into shared memory in x's dtype before the tensor-core MMA (csrc/cuda/dequant_gemm_kernels.cuh):
 no dense W is ever materialised. The LoRA term rides in their c operand as it does in cuBLAS's (added to the

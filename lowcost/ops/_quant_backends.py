@@ -4,8 +4,8 @@ Formats each backend takes (``QUANT_SUPPORT``): ``torch`` every format (``lowcos
 dequantizing one block of rows at a time); ``triton`` the formats its dequantizing GEMMs decode inside the
 tile loop (``lowcost.kernels.qlora_linear``); ``cuda`` the formats its dequantizing GEMMs decode into shared
 memory before the MMA (``CUDA_FORMATS``: the ``dequant_gemm`` ops of ``lowcost._C``, composed with the
-skinny LoRA kernels in ``_cuda_backend``); a format a backend lacks is refused with an error naming the
-format and the module. Choice: explicit argument > ``LOWCOST_BACKEND`` > the first of (triton, cuda, torch)
+skinny LoRA kernels in ``_cuda_backend``). Today all three take every format; a format a backend lacks would
+be refused with an error naming the format, the formats the backend takes and the module. Choice: explicit argument > ``LOWCOST_BACKEND`` > the first of (triton, cuda, torch)
 that can run here and takes the format.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from lowcost.reference import qlora_linear as reference
 from lowcost.reference.quant import FORMATS, dequantize_packed, dynamic_map, nf4_code, workspace_elements
 
 TRITON_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
-CUDA_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1")
+CUDA_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
 QUANT_SUPPORT = {"torch": tuple(FORMATS), "triton": TRITON_FORMATS, "cuda": CUDA_FORMATS}
 
 

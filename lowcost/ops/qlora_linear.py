@@ -172,9 +172,9 @@ def qlora_linear(x: Tensor, weight: QuantizedWeight, lora_a: Tensor, lora_b: Ten
     Arguments as for ``lowcost.ops.lora_linear`` (x (..., K), lora_a (r, K), lora_b (N, r), bias (N,) in x's
     dtype); the weight is dequantized to x's dtype. ``where`` names the caller (a module path) in errors.
     ``backend`` (``_quant_backends.QUANT_SUPPORT``): 'torch' (every format, one block of rows decoded at a
-    time), 'triton' (every format, W's tile decoded inside the GEMM loop), 'cuda' (nf4, nf4-dq, int8, q8_0,
-    q4_0, q4_1: the dequant_gemm ops of lowcost._C decode each W tile into shared memory before the MMA) or None; a backend
-    without the weight's format is a ValueError naming the format and ``where``.
+    time), 'triton' (every format, W's tile decoded inside the GEMM loop), 'cuda' (every format: the
+    dequant_gemm ops of lowcost._C decode each W tile into shared memory before the MMA) or None; a backend without
+    the weight's format is a ValueError naming the format and ``where``.
     Returns y (..., N) in x's dtype.
     """
     (x, bias), (lora_a, lora_b) = autocast_operands((x, bias), (lora_a, lora_b))

@@ -55,7 +55,8 @@ def test_launch_plan_small_and_unsplit():
 
 
 @needs_cxx
-@pytest.mark.parametrize("quant, fmt", [("nf4", 0), ("nf4-dq", 1), ("int8", 2), ("q8_0", 3), ("q4_0", 4), ("q4_1", 5)])
+@pytest.mark.parametrize("quant, fmt", [("nf4", 0), ("nf4-dq", 1), ("int8", 2), ("q8_0", 3), ("q4_0", 4), ("q4_1", 5),
+                                        ("q4_k", 6), ("q6_k", 7)])
 def test_launch_plan_on_a_quantized_weight(quant, fmt):
     """With a quantized weight the base GEMMs are lowcost's dequantizing kernels (forward after lora_up, dgrad
     last), 64 x 64 output tiles: N/64 x M/64 and K/64 x M/64 blocks, well above 2 per SM."""
@@ -68,6 +69,12 @@ def test_launch_plan_on_a_quantized_weight(quant, fmt):
     assert dgrad["kernel"] == f"lowcost::cuda::dequant_gemm_kernel<c10::BFloat16, {fmt}, true>"
     assert fwd["grid"] == [14336 // 64, 8192 // 64, 1] and dgrad["grid"] == [4096 // 64, 8192 // 64, 1]
     assert fwd["smem"] == dgrad["smem"] == 2 * 2 * 64 * 72 * 2 + 272 * 4  # 2 stages of x and W tiles, code books
+
+
+def test_quant_formats_are_the_cuda_backends():
+    """The report covers exactly the formats the cuda backend takes (lowcost.ops._quant_backends.CUDA_FORMATS)."""
+    from lowcost.ops._quant_backends import CUDA_FORMATS
+    assert krc.QUANT_FORMATS == CUDA_FORMATS
 
 
 def test_occupancy_on_sm90():

@@ -1,7 +1,8 @@
 """GPU checks of the ``cuda`` backend on a quantized weight: the dequantizing GEMMs of lowcost._C
 (``dequant_gemm`` / ``dequant_gemm_dgrad``, csrc/cuda/dequant_gemm_kernels.cuh) composed with the skinny LoRA
 kernels, against float64 LoRA on the dense dequantized weight, output and every gradient, for every format
-the CUDA tile decodes (nf4, nf4-dq, int8, q8_0, q4_0, q4_1).
+the CUDA tile decodes (nf4, nf4-dq, int8, q8_0, q4_0, q4_1, q4_k, q6_k; GGUF rows are whole blocks, so K is
+rounded to the block: 32, or 256 for the k-quants).
 
 Marked ``gpu``: skipped with a reason on machines without CUDA (conftest), and each test skips when lowcost._C
 was built without its CUDA kernels. Run by benchmarks/device/run.sh.
@@ -28,20 +29,31 @@ def _cuda_or_skip():
         pytest.skip("the cuda backend's kernels are not built or no GPU")
 
 
+GGUF_F16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,)}  # byte offsets
+
+
+def _gguf_k(scheme: str, K: int) -> int:
+    """K rounded to a whole number of the format's blocks (at least one)."""
+    block = BLOCK_TYPES[scheme].block if scheme in BLOCK_TYPES else 1
+    return max(block, K // block * block)
+
+
 def _gguf_blocks(scheme: str, N: int, K: int, gen: torch.Generator) -> torch.Tensor:
-    """(N, K / 32 · type_size) uint8: random GGUF blocks (every code occurs) with small finite float16 d (and m)."""
+    """(N, K / block · type_size) uint8: random GGUF blocks (every code, k-quant scale and min occurs) with small
+    finite float16 d (and m / dmin)."""
     kind = BLOCK_TYPES[scheme]
     raw = torch.randint(0, 256, (N * K // kind.block, kind.type_size), generator=gen, dtype=torch.uint8)
-    fields = 2 if scheme == "q4_1" else 1
-    halves = ((torch.rand(raw.shape[0], fields, generator=gen) - 0.3) * 0.02 * K ** -0.5).half()
-    raw[:, :2 * fields] = halves.view(torch.uint8).reshape(raw.shape[0], 2 * fields)
+    for offset in GGUF_F16_FIELDS[scheme]:
+        halves = ((torch.rand(raw.shape[0], generator=gen) - 0.3) * 0.02 * K ** -0.5).half()
+        raw[:, offset:offset + 2] = halves.view(torch.uint8).reshape(raw.shape[0], 2)
     return raw.reshape(N, -1)
 
 
 def _weight(scheme: str, N: int, K: int, block_size: int = 64, seed: int = 0) -> QuantizedWeight:
     gen = torch.Generator().manual_seed(seed)
     if scheme in BLOCK_TYPES:
-        return QuantizedWeight(scheme, (N, K), {"data": _gguf_blocks(scheme, N, K, gen)}, 32).to(CUDA)
+        block = BLOCK_TYPES[scheme].block
+        return QuantizedWeight(scheme, (N, K), {"data": _gguf_blocks(scheme, N, K, gen)}, block).to(CUDA)
     dense = torch.randn(N, K, generator=gen, dtype=torch.float64) * K ** -0.5
     if scheme == "int8":
         return QuantizedWeight("int8", (N, K), quantize_int8(dense), 0).to(CUDA)
@@ -79,6 +91,7 @@ def _truth(t, weight, dtype, scale=1.5, dropout=0.1, seed=77):
 @pytest.mark.parametrize("M, K, N, r", [(0, 64, 48, 4), (1, 4096, 4096, 16), (129, 224, 72, 7), (1000, 1024, 3000, 64)])
 def test_cuda_quantized_matches_float64(scheme, dtype, M, K, N, r):
     _cuda_or_skip()
+    K = _gguf_k(scheme, K)
     weight, t = _weight(scheme, N, K, seed=M), _inputs(M, K, N, r, dtype, seed=M)
     got, want = _run(t, weight, "cuda"), _truth(t, weight, dtype)
     for name, expected in want.items():
@@ -89,7 +102,8 @@ def test_cuda_quantized_matches_float64(scheme, dtype, M, K, N, r):
 def test_cuda_frozen_quantized_linear(scheme):
     """The frozen layer without adapter: y = x deq(W)ᵀ + bias (bias as the GEMM's c), dx = g deq(W)."""
     _cuda_or_skip()
-    weight, t = _weight(scheme, 264, 352, block_size=32), _inputs(333, 352, 264, 1, torch.bfloat16)
+    K = _gguf_k(scheme, 352)
+    weight, t = _weight(scheme, 264, K, block_size=32), _inputs(333, K, 264, 1, torch.bfloat16)
     x = t["x"].clone().requires_grad_()
     y = lowcost.ops.quantized_linear(x, weight, t["bias"], backend="cuda")
     y.backward(t["grad_y"])
@@ -110,9 +124,21 @@ def test_cuda_quantized_bitwise_reproducible():
 
 def test_cuda_op_refuses_a_format_without_a_tile():
     """The C++ op itself names the formats it decodes (the Python layer refuses earlier, by QUANT_SUPPORT):
-    a Q4_K weight (no CUDA tile) is refused."""
+    a Q5_K weight (no CUDA tile, nor a lowcost format) is refused."""
     _cuda_or_skip()
-    x = torch.randn(4, 64, device=CUDA, dtype=torch.bfloat16)
-    packed = [torch.zeros(8, 144, dtype=torch.uint8, device=CUDA)]
-    with pytest.raises(RuntimeError, match="scheme must be 'nf4', 'nf4-dq', 'int8', 'q8_0', 'q4_0' or 'q4_1'"):
-        torch.ops.lowcost.dequant_gemm(x, packed, "q4_k", 8, 256, None)
+    x = torch.randn(4, 256, device=CUDA, dtype=torch.bfloat16)
+    packed = [torch.zeros(8, 176, dtype=torch.uint8, device=CUDA)]
+    with pytest.raises(RuntimeError, match="scheme must be 'nf4', 'nf4-dq', 'int8', 'q8_0', 'q4_0', 'q4_1', 'q4_k' "
+                       "or 'q6_k'"):
+        torch.ops.lowcost.dequant_gemm(x, packed, "q5_k", 8, 256, None)
+
+
+@pytest.mark.parametrize("scheme", ["q4_k", "q6_k"])
+def test_cuda_op_refuses_a_k_quant_k_off_the_super_block(scheme):
+    """GGUF stores the k-quants in whole 256-element super-blocks: the op refuses K = 288 by name."""
+    _cuda_or_skip()
+    x = torch.randn(4, 288, device=CUDA, dtype=torch.bfloat16)
+    packed = [torch.zeros(8, BLOCK_TYPES[scheme].type_size, dtype=torch.uint8, device=CUDA)]
+    with pytest.raises(RuntimeError, match=f"a {scheme} weight holds whole 256-element blocks: K must be a multiple "
+                       "of 256, got 288"):
+        torch.ops.lowcost.dequant_gemm(x, packed, scheme, 8, 256, None)

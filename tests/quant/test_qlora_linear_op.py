@@ -2,6 +2,9 @@
 (output and every gradient), on odd shapes: M = 0 and 1, N odd, a K the NF4 block does not divide."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -183,23 +186,25 @@ def test_opcheck():
     torch.library.opcheck(_quantized_linear_op, (t["x"], weight.packed, "nf4", 12, 64, t["bias"], "torch"))
 
 
-@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s not in qb.CUDA_FORMATS])
-def test_backend_without_the_format_is_a_clear_error(scheme):
-    """The k-quants (Q4_K, Q6_K) have no CUDA tile: refused by name (format, the formats it takes, the module)."""
-    weight = make_quantized(scheme, 8, 256)
+def test_backend_without_the_format_is_a_clear_error(monkeypatch):
+    """Every backend takes every format today; a backend that lacked one would refuse it by name (format, the
+    formats the backend takes, the module), listing exactly QUANT_SUPPORT: checked with cuda's list shortened."""
+    monkeypatch.setitem(qb.QUANT_SUPPORT, "cuda", tuple(f for f in qb.CUDA_FORMATS if f != "q6_k"))
+    weight = make_quantized("q6_k", 8, 256)
     t = _inputs(2, 256, 8, 2, torch.float32)
-    takes = r"\(it takes: nf4, nf4-dq, int8, q8_0, q4_0, q4_1\)"
-    with pytest.raises(ValueError, match=rf"backend='cuda' has no kernel for a '{scheme}' weight \(model.q\) {takes}"):
-        qb.resolve_quant_backend("cuda", torch.device("cuda"), 2, scheme, where="model.q")
-    with pytest.raises(ValueError, match=rf"backend='cuda' has no kernel for a '{scheme}' weight {takes}"):
+    takes = r"\(it takes: nf4, nf4-dq, int8, q8_0, q4_0, q4_1, q4_k\)"
+    with pytest.raises(ValueError, match=rf"backend='cuda' has no kernel for a 'q6_k' weight \(model.q\) {takes}"):
+        qb.resolve_quant_backend("cuda", torch.device("cuda"), 2, "q6_k", where="model.q")
+    with pytest.raises(ValueError, match=rf"backend='cuda' has no kernel for a 'q6_k' weight {takes}"):
         lowcost.ops.lora_linear(t["x"], weight, t["lora_a"], t["lora_b"], 1.0, backend="cuda")
-    with pytest.raises(ValueError, match=rf"backend='cuda' has no kernel for a '{scheme}' weight"):
+    with pytest.raises(ValueError, match=r"backend='cuda' has no kernel for a 'q6_k' weight"):
         lowcost.ops.quantized_linear(t["x"], weight, backend="cuda")
 
 
-@pytest.mark.parametrize("scheme", ["nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_cuda_takes_its_formats_but_needs_cuda_tensors(scheme):
-    """A format the CUDA tile decodes passes the format check; on CPU tensors the device is what is refused."""
+    """Every format passes cuda's format check (the k-quants since their CUDA tile, issue #13); on CPU tensors the
+    device is what is refused."""
     assert scheme in qb.QUANT_SUPPORT["cuda"]
     weight = make_quantized(scheme, 8, 256)
     t = _inputs(2, 256, 8, 2, torch.float32)
@@ -214,15 +219,30 @@ def test_cuda_formats_match_the_registered_ops():
     test csrc/tests/test_dequant_gemm_emulated.cpp, which also checks that other schemes are refused.)"""
     import lowcost._C  # noqa: F401  registers the schemas
     from lowcost.reference.quant import FORMATS
-    assert qb.QUANT_SUPPORT["cuda"] == qb.CUDA_FORMATS == ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1")
+    assert qb.QUANT_SUPPORT["cuda"] == qb.CUDA_FORMATS == ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k",
+                                                           "q6_k")
     assert set(qb.CUDA_FORMATS) <= set(FORMATS) and set(qb.CUDA_FORMATS) <= set(qb.TRITON_FORMATS)
     for op, size in (("dequant_gemm", "n_rows"), ("dequant_gemm_dgrad", "n_cols")):
         schema = str(getattr(torch.ops.lowcost, op).default._schema)
         assert f"Tensor[] packed, str scheme, int {size}, int block_size, Tensor? c) -> Tensor" in schema, schema
-    counts = {"nf4": 3, "nf4-dq": 6, "int8": 2, "q8_0": 1, "q4_0": 1, "q4_1": 1}   # csrc/checks.cpp's packed_count
+    counts = {"nf4": 3, "nf4-dq": 6, "int8": 2, "q8_0": 1, "q4_0": 1, "q4_1": 1, "q4_k": 1,
+              "q6_k": 1}   # csrc/checks.cpp's packed_count
     for scheme in qb.CUDA_FORMATS:
         packed = qb._with_code_books(make_quantized(scheme, 8, 256).packed, scheme)
         assert len(packed) == counts[scheme], scheme
+
+
+def test_cuda_formats_match_the_ops_refusal():
+    """The C++ ops parse exactly CUDA_FORMATS and their refusal of any other scheme lists exactly them, in order
+    (csrc/checks.cpp's parse_quant_scheme; the refusal itself runs in the emulated C++ test and in
+    tests/gpu, as the ops have no CPU kernel to reach it from here)."""
+    source = (Path(__file__).resolve().parents[2] / "csrc" / "checks.cpp").read_text()
+    body = source[source.index("QuantScheme parse_quant_scheme("):]
+    body = body[:body.index("\n}\n")]
+    assert tuple(re.findall(r'name == "([^"]+)"', body)) == qb.CUDA_FORMATS
+    message = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body[body.index("TORCH_CHECK(false"):]))
+    listed = message[message.index("scheme must be"):message.index("(the")]
+    assert tuple(re.findall(r"'([^']+)'", listed)) == qb.CUDA_FORMATS, listed
 
 
 def test_bad_shapes_name_the_argument():

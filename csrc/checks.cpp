@@ -10,6 +10,7 @@ namespace lowcost {
 namespace {
 
 const char* device_name(c10::DeviceType device) {
+  if (device == c10::DeviceType::Meta) return "Meta";
   return device == c10::DeviceType::CUDA ? "CUDA" : "CPU";
 }
 
@@ -348,6 +349,55 @@ DequantGemmDims check_dequant_gemm_args(const at::Tensor& a, c10::ArrayRef<at::T
     TORCH_CHECK(c->scalar_type() == a.scalar_type(), "lowcost::", op, ": c must have ", a_name, "'s dtype ",
                 a.scalar_type(), ", got ", c->scalar_type());
   }
+  return d;
+}
+
+namespace {
+
+GatedActDims check_gate_up(const char* op, const at::Tensor& gate, const at::Tensor& up, c10::string_view activation,
+                           c10::DeviceType device) {
+  check_2d(op, "gate", gate, "(M, I)");
+  check_2d(op, "up", up, "(M, I)");
+  check_device(op, "gate", gate, gate, "gate", device);
+  check_device(op, "up", up, gate, "gate", device);
+  check_activation_dtype(op, "gate", gate);
+  TORCH_CHECK(up.scalar_type() == gate.scalar_type(), "lowcost::", op, ": up must have gate's dtype ",
+              gate.scalar_type(), ", got ", up.scalar_type());
+  TORCH_CHECK(up.sizes().equals(gate.sizes()), "lowcost::", op, ": up must have gate's shape ", gate.sizes(),
+              ", got ", up.sizes());
+  const std::string name(activation.data(), activation.size());
+  GatedActDims d;
+  if (name == "silu") {
+    d.act = kSilu;
+  } else if (name == "gelu_tanh") {
+    d.act = kGeluTanh;
+  } else if (name == "gelu") {
+    d.act = kGelu;
+  } else {
+    TORCH_CHECK(false, "lowcost::", op, ": activation must be 'silu', 'gelu_tanh' or 'gelu', got '", name, "'");
+  }
+  d.M = gate.size(0);
+  d.I = gate.size(1);
+  return d;
+}
+
+}  // namespace
+
+GatedActDims check_gated_act_mul_args(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation,
+                                      c10::DeviceType device) {
+  return check_gate_up("gated_act_mul", gate, up, activation, device);
+}
+
+GatedActDims check_gated_act_mul_backward_args(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
+                                               c10::string_view activation, c10::DeviceType device) {
+  const char* op = "gated_act_mul_backward";
+  const GatedActDims d = check_gate_up(op, gate, up, activation, device);
+  check_2d(op, "dh", dh, "(M, I)");
+  check_device(op, "dh", dh, gate, "gate", device);
+  TORCH_CHECK(dh.scalar_type() == gate.scalar_type(), "lowcost::", op, ": dh must have gate's dtype ",
+              gate.scalar_type(), ", got ", dh.scalar_type());
+  TORCH_CHECK(dh.sizes().equals(gate.sizes()), "lowcost::", op, ": dh must have gate's shape ", gate.sizes(),
+              ", got ", dh.sizes());
   return d;
 }
 

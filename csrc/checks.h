@@ -8,6 +8,8 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/string_view.h>
 
+#include "gated_act.h"
+
 #include <cstdint>
 #include <optional>
 
@@ -70,5 +72,21 @@ struct DequantGemmDims {
 DequantGemmDims check_dequant_gemm_args(const at::Tensor& a, c10::ArrayRef<at::Tensor> packed,
                                         c10::string_view scheme, int64_t n_other, int64_t block_size,
                                         const std::optional<at::Tensor>& c, bool dgrad, c10::DeviceType device);
+
+// Sizes of the gated MLP's elementwise ops: gate, up (and dh) are (M, I) with any strides.
+struct GatedActDims {
+  int64_t M = 0;
+  int64_t I = 0;
+  GatedAct act = kSilu;
+};
+
+// gated_act_mul(gate, up, activation): gate and up 2-D, one shape, one float32/float16/bfloat16 dtype, one
+// device; activation "silu", "gelu_tanh" or "gelu".
+GatedActDims check_gated_act_mul_args(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation,
+                                      c10::DeviceType device);
+
+// gated_act_mul_backward(dh, gate, up, activation): as above, and dh with gate's shape, dtype and device.
+GatedActDims check_gated_act_mul_backward_args(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
+                                               c10::string_view activation, c10::DeviceType device);
 
 }  // namespace lowcost

@@ -39,6 +39,12 @@ TORCH_LIBRARY(lowcost, m) {
   m.def(
       "dequant_gemm_dgrad(Tensor grad_y, Tensor[] packed, str scheme, int n_cols, int block_size, Tensor? c) "
       "-> Tensor");
+  // The fused gated MLP's elementwise steps (lowcost/ops/_cuda_gated_mlp.py; math in csrc/gated_act.h), float32
+  // arithmetic, one rounding per output. gate, up, dh: (M, I), one dtype, any strides; activation silu,
+  // gelu_tanh or gelu. h = act(gate) (.) up, contiguous (M, I) in gate.dtype.
+  m.def("gated_act_mul(Tensor gate, Tensor up, str activation) -> Tensor");
+  // (d_gate, d_up) = ((dh (.) up) (.) act'(gate), dh (.) act(gate)), contiguous (M, I) in gate.dtype.
+  m.def("gated_act_mul_backward(Tensor dh, Tensor gate, Tensor up, str activation) -> (Tensor, Tensor)");
 }
 
 #ifndef LOWCOST_NO_PYTHON_MODULE

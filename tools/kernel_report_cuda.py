@@ -24,6 +24,11 @@ accepted so the rows line up with the Triton report. Compiles are cached by the 
 $LOWCOST_CACHE/kernel_report_cuda (default ~/.cache/lowcost). Missing tools or headers raise RuntimeError
 naming what is missing.
 
+``gated_act_rows(M, I, dtype, act)`` lists the fused gated MLP's own launches on the ``cuda`` backend (issue #12,
+lowcost/ops/_cuda_gated_mlp.py; its three projections are the LoRA-linear launches above): gated_act_mul in the
+forward, gated_act_mul again (h recomputed) and gated_act_mul_backward in the backward. Elementwise and
+memory-bound, so their targets are 0 spills and no local memory (LDL/STL in the SASS), no atomics, and no MMA.
+
 ``--check`` asserts the CUDA targets of issue #9 on the rows: HMMA in the skinny kernels' and the dequantizing
 GEMMs' SASS (bf16/fp16), no atomic or reduction instruction in any kernel, 0 spills, and at least 2 x 132
 blocks per launch at M >= 8192; by default on the dense weight and on each quantized format the CUDA tile
@@ -51,6 +56,8 @@ SM90 = {"regs": 65536, "reg_unit": 256, "quadrants": 4, "threads": 2048, "blocks
 DTYPES = ("bf16", "fp16", "fp32")
 SKINNY = ("lora_down", "lora_up", "lora_grad_pass", "lora_dx_da")
 DEQUANT = ("dequant_gemm", "dequant_gemm_dgrad")
+ELEMENTWISE = ("gated_act_mul", "gated_act_mul_backward")     # the fused MLP's steps between its projections
+GATED_ACTS = ("silu", "gelu_tanh", "gelu")                       # lowcost.reference.lora_gated_mlp.ACTIVATIONS
 QUANT_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")  # _quant_backends.CUDA_FORMATS
 KEYS = ("kernel", "backend", "role", "grid", "persistent", "regs", "spills", "smem", "ctas_per_sm", "limiter", "mma",
         "tma", "atomics", "barriers")
@@ -136,6 +143,12 @@ def launches(M: int, K: int, N: int, r: int, dtype: str, adapter_dtype: str | No
     extra = [quant] if quant else []
     done = _run([_plan_printer(), str(M), str(K), str(N), str(r), dtype, adapter_dtype or dtype, str(sms),
                  "1" if bias else "0", *extra], "printing the launch plan")
+    return json.loads(done.stdout)
+
+
+def gated_act_launches(M: int, I: int, dtype: str, act: str, sms: int = SM90_SMS) -> list[dict]:
+    """The elementwise launches of one fused-MLP forward + backward on the cuda backend (csrc/cuda/launch_plan.h)."""
+    done = _run([_plan_printer(), "gated_act", str(M), str(I), dtype, act, str(sms)], "printing the launch plan")
     return json.loads(done.stdout)
 
 
@@ -265,7 +278,8 @@ def _short(kernel: str) -> str:
 
 def launch_rows(M: int, K: int, N: int, r: int, dtype: str, dropout: float = 0.0, arch: str = "sm_90a",
                 adapter_dtype: str | None = None, bias: bool = False, quant: str | None = None) -> list[dict]:
-    """cuda_kernel_rows plus ``op``, ``grid_dims`` and ``config`` (what the launch plan chose)."""
+    """cuda_kernel_rows plus ``op``, ``grid_dims``, ``config`` (what the launch plan chose) and ``local`` (LDL/STL
+    instructions in the kernel's SASS)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if not 0.0 <= dropout < 1.0:
@@ -275,22 +289,35 @@ def launch_rows(M: int, K: int, N: int, r: int, dtype: str, dropout: float = 0.0
     if quant is not None and quant not in QUANT_FORMATS:
         raise ValueError(f"quant must be one of {QUANT_FORMATS} (the formats with a CUDA tile), got {quant!r}")
     resources = kernel_resources(arch)
-    rows = []
-    for launch in launches(M, K, N, r, dtype, adapter_dtype, SM90_SMS, bias, quant):
-        res = resources.get(launch["kernel"])
-        if res is None:
-            raise RuntimeError(f"{launch['kernel']} is launched but was not found in the compiled csrc/cuda/*.cu")
-        ops = res["ops"]
-        smem = res["static_smem"] + launch["smem"]
-        ctas, limiter = occupancy(res["regs"], launch["threads"], smem)
-        grid = launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
-        rows.append({"kernel": _short(launch["kernel"]), "backend": "cuda", "role": "pass", "grid": grid,
-                     "persistent": False, "regs": res["regs"], "spills": res["spills"], "smem": smem,
-                     "ctas_per_sm": ctas, "limiter": limiter, "mma": _mma_kind(ops), "tma": ops.get("UTMALDG", 0) > 0,
-                     "atomics": sum(ops.get(op, 0) for op in ("RED", "REDG", "ATOM", "ATOMG", "ATOMS")),
-                     "barriers": ops.get("BAR", 0), "op": launch["op"], "grid_dims": launch["grid"],
-                     "config": launch["config"]})
-    return rows
+    return [_launch_row(launch, resources) for launch in launches(M, K, N, r, dtype, adapter_dtype, SM90_SMS, bias,
+                                                                   quant)]
+
+
+def _launch_row(launch: dict, resources: dict[str, dict]) -> dict:
+    """One report row: a planned launch joined with its kernel's compiled resources."""
+    res = resources.get(launch["kernel"])
+    if res is None:
+        raise RuntimeError(f"{launch['kernel']} is launched but was not found in the compiled csrc/cuda/*.cu")
+    ops = res["ops"]
+    smem = res["static_smem"] + launch["smem"]
+    ctas, limiter = occupancy(res["regs"], launch["threads"], smem)
+    grid = launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
+    return {"kernel": _short(launch["kernel"]), "backend": "cuda", "role": "pass", "grid": grid,
+            "persistent": False, "regs": res["regs"], "spills": res["spills"], "smem": smem,
+            "ctas_per_sm": ctas, "limiter": limiter, "mma": _mma_kind(ops), "tma": ops.get("UTMALDG", 0) > 0,
+            "atomics": sum(ops.get(op, 0) for op in ("RED", "REDG", "ATOM", "ATOMG", "ATOMS")),
+            "barriers": ops.get("BAR", 0), "op": launch["op"], "grid_dims": launch["grid"],
+            "config": launch["config"], "local": ops.get("LDL", 0) + ops.get("STL", 0)}
+
+
+def gated_act_rows(M: int, I: int, dtype: str, act: str = "silu", arch: str = "sm_90a") -> list[dict]:
+    """Rows (as ``launch_rows``) of the fused gated MLP's elementwise launches: gate and up (M, I), ``act``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if act not in GATED_ACTS:
+        raise ValueError(f"act must be one of {GATED_ACTS}, got {act!r}")
+    resources = kernel_resources(arch)
+    return [_launch_row(launch, resources) for launch in gated_act_launches(M, I, dtype, act)]
 
 
 def cuda_kernel_rows(M: int, K: int, N: int, r: int, dtype: str, dropout: float, arch: str) -> list[dict]:
@@ -310,6 +337,8 @@ def check_rows(rows: list[dict], M: int, dtype: str) -> list[str]:
             failures.append(f"{name}: {row['atomics']} atomic/reduction instructions (target 0: deterministic sums)")
         if row["op"] in SKINNY + DEQUANT and dtype != "fp32" and row["mma"] == "none":
             failures.append(f"{name}: no HMMA/HGMMA in the SASS (target: tensor cores for {dtype})")
+        if row["op"] in ELEMENTWISE and row.get("local"):
+            failures.append(f"{name}: {row['local']} local-memory instructions (target 0: elementwise in registers)")
         if M >= 8192 and not row["persistent"] and row["grid"] < 2 * SM90_SMS:
             failures.append(f"{name}: {row['grid']} blocks at M={M} (target >= {2 * SM90_SMS})")
     return failures
@@ -349,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quant", action="append", choices=("none",) + QUANT_FORMATS,
                         help="repeatable: the weight's format ('none': dense, cuBLAS base GEMMs); default: none, and "
                         "with --check also each quantized format")
+    parser.add_argument("--mlp-act", action="append", choices=GATED_ACTS,
+                        help="repeatable: also list the fused gated MLP's elementwise launches for this activation, "
+                        "at M,I = the shape's M and N (default with --check: each activation, at M=8192, I=14336)")
     parser.add_argument("--arch", default="sm_90a", choices=("sm_90", "sm_90a"))
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per kernel launch")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the issue's CUDA targets hold")
@@ -356,8 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shape or ([(8192, 4096, 4096, 16), (8192, 4096, 14336, 16)] if args.check else [(8192, 4096, 4096, 16)])
     dropouts = args.dropout or ([0.0, 0.05] if args.check else [0.05])
     quants = args.quant or (["none", *QUANT_FORMATS] if args.check else ["none"])
-    all_rows, failures = [], []
+    mlp_acts = args.mlp_act or (list(GATED_ACTS) if args.check else [])
+    mlp_shapes = [(8192, 14336)] if args.check and not args.shape else [(s[0], s[2]) for s in shapes]
+    all_rows, mlp_rows, failures = [], [], []
     try:
+        for act in mlp_acts:
+            for M, inter in mlp_shapes:
+                rows = gated_act_rows(M, inter, args.dtype, act, args.arch)
+                failures += [f"fused MLP M={M} I={inter} {act}: {f}" for f in check_rows(rows, M, args.dtype)]
+                mlp_rows.append(((M, inter), act, rows))
         for quant in quants:
             for shape in shapes:
                 for p in dropouts:
@@ -371,18 +410,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         print(json.dumps([{k: row[k] for k in KEYS} | {"shape": list(shape), "dropout": p, "quant": q}
-                          for shape, p, q, rows in all_rows for row in rows], indent=1))
+                          for shape, p, q, rows in all_rows for row in rows]
+                         + [{k: row[k] for k in KEYS} | {"shape": list(shape), "activation": act}
+                            for shape, act, rows in mlp_rows for row in rows], indent=1))
     else:
         for shape, p, q, rows in all_rows:
             M, K, N, r = shape
             weight = f"{q} weight" if q else "dense weight"
             print(f"\ncuda backend, {weight}, {args.dtype}, M={M} K={K} N={N} r={r}, p={p}, {args.arch}:")
             print(format_table(rows))
+        for (M, inter), act, rows in mlp_rows:
+            print(f"\ncuda backend, fused gated MLP's elementwise launches, {args.dtype}, M={M} I={inter}, {act}, "
+                  f"{args.arch}:")
+            print(format_table(rows))
     if args.check:
         for failure in failures:
             print(f"TARGET MISSED: {failure}", file=sys.stderr)
         print(f"kernel_report_cuda --check: {'FAILED' if failures else 'all targets hold'} "
-              f"({sum(len(rows) for *_, rows in all_rows)} launches)", file=sys.stderr)
+              f"({sum(len(rows) for *_, rows in all_rows + mlp_rows)} launches)", file=sys.stderr)
         return 1 if failures else 0
     return 0
 

@@ -19,6 +19,7 @@
 
 #include "dropout_down_kernels.cuh"
 #include "dx_da_kernels.cuh"
+#include "gated_act_kernels.cuh"
 #include "reduce_kernels.cuh"
 #include "up_grad_kernels.cuh"
 
@@ -215,6 +216,54 @@ std::tuple<at::Tensor, at::Tensor> run_lora_dx_da(const at::Tensor& x, const at:
     sum_partials(exec, {{parts.data_ptr<float>(), dA.data_ptr<float>(), dims.r * dims.K, plan.row_segments}});
   });
   return {dx, dA};
+}
+
+template <typename Exec>
+at::Tensor run_gated_act_mul(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation, Exec& exec) {
+  const GatedActDims dims = check_gated_act_mul_args(gate, up, activation, Exec::kDevice);
+  [[maybe_unused]] const auto guard = exec.guard(gate.device());
+  at::Tensor h = exec.empty({dims.M, dims.I}, gate.options());
+  if (h.numel() == 0) return h;
+  const LaunchGrid grid{gated_act_blocks(h.numel(), exec.sms()), 1, 1};
+  dispatch_act(gate.scalar_type(), "gated_act_mul", [&](auto tv) {
+    using T = decltype(tv);
+    const T* gp = gate.data_ptr<T>();
+    const T* up_p = up.data_ptr<T>();
+    const bool flat_vec = rows_are_flat_vectorizable(gp, dims.M, dims.I, gate.stride(0), gate.stride(1)) &&
+                          rows_are_flat_vectorizable(up_p, dims.M, dims.I, up.stride(0), up.stride(1));
+    dispatch_gated_act(dims.act, [&](auto act) {
+      exec.launch(grid, 0, "gated_act_mul", gated_act_mul_kernel<T, decltype(act)::value>, gp, gate.stride(0),
+                  gate.stride(1), up_p, up.stride(0), up.stride(1), dims.M, dims.I, flat_vec, h.data_ptr<T>());
+    });
+  });
+  return h;
+}
+
+template <typename Exec>
+std::tuple<at::Tensor, at::Tensor> run_gated_act_mul_backward(const at::Tensor& dh, const at::Tensor& gate,
+                                                              const at::Tensor& up, c10::string_view activation,
+                                                              Exec& exec) {
+  const GatedActDims dims = check_gated_act_mul_backward_args(dh, gate, up, activation, Exec::kDevice);
+  [[maybe_unused]] const auto guard = exec.guard(gate.device());
+  at::Tensor d_gate = exec.empty({dims.M, dims.I}, gate.options());
+  at::Tensor d_up = exec.empty({dims.M, dims.I}, gate.options());
+  if (d_gate.numel() == 0) return {d_gate, d_up};
+  const LaunchGrid grid{gated_act_blocks(d_gate.numel(), exec.sms()), 1, 1};
+  dispatch_act(gate.scalar_type(), "gated_act_mul_backward", [&](auto tv) {
+    using T = decltype(tv);
+    const T* dp = dh.data_ptr<T>();
+    const T* gp = gate.data_ptr<T>();
+    const T* up_p = up.data_ptr<T>();
+    const bool flat_vec = rows_are_flat_vectorizable(dp, dims.M, dims.I, dh.stride(0), dh.stride(1)) &&
+                          rows_are_flat_vectorizable(gp, dims.M, dims.I, gate.stride(0), gate.stride(1)) &&
+                          rows_are_flat_vectorizable(up_p, dims.M, dims.I, up.stride(0), up.stride(1));
+    dispatch_gated_act(dims.act, [&](auto act) {
+      exec.launch(grid, 0, "gated_act_mul_backward", gated_act_mul_backward_kernel<T, decltype(act)::value>, dp,
+                  dh.stride(0), dh.stride(1), gp, gate.stride(0), gate.stride(1), up_p, up.stride(0), up.stride(1),
+                  dims.M, dims.I, flat_vec, d_gate.data_ptr<T>(), d_up.data_ptr<T>());
+    });
+  });
+  return {d_gate, d_up};
 }
 
 }  // namespace cuda

@@ -281,5 +281,10 @@ inline int64_t philox_dropout_blocks(int64_t numel, int64_t sm_count) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(ceil_div(numel, 4), kThreads), sm_count * 16));
 }
 
+// ---------------------------------------------------------------------------------------------
+// gated_act_mul, gated_act_mul_backward: elementwise, the same grid-stride shape as philox_dropout (one
+// thread per 4 consecutive elements, at most 16 blocks per SM; larger problems loop).
+inline int64_t gated_act_blocks(int64_t numel, int64_t sm_count) { return philox_dropout_blocks(numel, sm_count); }
+
 }  // namespace cuda
 }  // namespace lowcost

@@ -12,4 +12,6 @@ TORCH_LIBRARY_IMPL(lowcost, CUDA, m) {
   m.impl("lora_dx_da", &lowcost::cuda::lora_dx_da);
   m.impl("dequant_gemm", &lowcost::cuda::dequant_gemm);
   m.impl("dequant_gemm_dgrad", &lowcost::cuda::dequant_gemm_dgrad);
+  m.impl("gated_act_mul", &lowcost::cuda::gated_act_mul);
+  m.impl("gated_act_mul_backward", &lowcost::cuda::gated_act_mul_backward);
 }

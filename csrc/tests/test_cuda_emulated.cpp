@@ -69,6 +69,17 @@ std::tuple<at::Tensor, at::Tensor> emu_lora_dx_da(const at::Tensor& x, const at:
   return lowcost::cuda::run_lora_dx_da(x, du, lora_a, seed, p, need_dx, exec);
 }
 
+at::Tensor emu_gated_act_mul(const at::Tensor& gate, const at::Tensor& up, const char* act, int64_t sms) {
+  EmuExec exec{sms};
+  return lowcost::cuda::run_gated_act_mul(gate, up, act, exec);
+}
+
+std::tuple<at::Tensor, at::Tensor> emu_gated_act_mul_backward(const at::Tensor& dh, const at::Tensor& gate,
+                                                              const at::Tensor& up, const char* act, int64_t sms) {
+  EmuExec exec{sms};
+  return lowcost::cuda::run_gated_act_mul_backward(dh, gate, up, act, exec);
+}
+
 // ---- checks ------------------------------------------------------------------------------------
 int g_failures = 0;
 int g_checks = 0;
@@ -332,6 +343,34 @@ void test_lora_dx_da() {
   }
 }
 
+// The fused MLP's elementwise kernels against the CPU ops (csrc/gated_act.h's math on both sides, so equal to
+// the bit): M = 0 and 1, sizes off the 4-element groups (the scalar tail), strided and contiguous inputs (the
+// scalar and the 4-wide paths), 1 SM (a grid-stride loop with several trips) and 132.
+void test_gated_act() {
+  const int64_t shapes[][2] = {{0, 7}, {1, 1}, {7, 13}, {129, 33}, {3, 1000}, {64, 64}};
+  for (c10::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const char* act : {"silu", "gelu_tanh", "gelu"}) {
+      for (const auto& s : shapes) {
+        for (bool transposed : {false, true}) {
+          const at::Tensor gate = make(s[0], s[1], dt, transposed) * 3, up = make(s[0], s[1], dt, false);
+          const at::Tensor dh = make(s[0], s[1], dt, transposed);
+          const at::Tensor h_c = lowcost::cpu::gated_act_mul(gate, up, act);
+          at::Tensor dg_c, du_c, dg, du;
+          std::tie(dg_c, du_c) = lowcost::cpu::gated_act_mul_backward(dh, gate, up, act);
+          const std::string n = name("gated_act_mul", s[0], s[1], 0, dt, dt, transposed, 0.0) + " " + act;
+          for (int64_t sms : {1, 132}) {
+            const std::string ns = n + " sms " + std::to_string(sms);
+            expect_equal(ns + " h", emu_gated_act_mul(gate, up, act, sms), h_c);
+            std::tie(dg, du) = emu_gated_act_mul_backward(dh, gate, up, act, sms);
+            expect_equal(ns + " d_gate", dg, dg_c);
+            expect_equal(ns + " d_up", du, du_c);
+          }
+        }
+      }
+    }
+  }
+}
+
 // Two runs of the backward ops give bitwise identical results (no atomics: fixed reduction order).
 void test_backward_bitwise_reproducible() {
   const at::Tensor g = make(300, 136, at::kBFloat16, false), u = make(300, 16, at::kFloat, false);
@@ -358,7 +397,8 @@ int main(int argc, char** argv) {
       {"mma_fragment_layout", test_mma_fragment_layout}, {"mma_operands", test_mma_operands},
       {"philox_dropout", test_philox_dropout},           {"lora_down", test_lora_down},
       {"lora_up", test_lora_up},                         {"lora_grad_pass", test_lora_grad_pass},
-      {"lora_dx_da", test_lora_dx_da},                   {"bitwise_reproducible", test_backward_bitwise_reproducible}};
+      {"lora_dx_da", test_lora_dx_da},                   {"bitwise_reproducible", test_backward_bitwise_reproducible},
+      {"gated_act", test_gated_act}};
   for (const auto& test : tests) {
     if (argc < 2 || std::string(test.first).find(argv[1]) != std::string::npos) test.second();
   }

@@ -5,6 +5,9 @@
 // CUDA and no torch.
 //
 //   print_launch_plan M K N r X_DTYPE ADAPTER_DTYPE SMS HAS_BIAS [QUANT]
+//   print_launch_plan gated_act M I DTYPE ACT SMS
+//   (the second form: the fused gated MLP's own elementwise launches, lowcost/ops/_cuda_gated_mlp.py: h in the
+//   forward, h again and the two input gradients in the backward; ACT: silu, gelu_tanh or gelu)
 //   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE; QUANT: nf4, nf4-dq, int8, q8_0, q4_0,
 //   q4_1, q4_k, q6_k for a quantized weight, whose base GEMMs are lowcost's dequant_gemm / dequant_gemm_dgrad
 //   instead of cuBLAS)
@@ -91,9 +94,41 @@ void print_dequant_gemm(const char* op, const Dtype& x, int fmt, bool dgrad, int
                "64x64 tiles, " + scheme + " W tile decoded to smem, " + std::to_string(kQgStages) + " stages");
 }
 
+// The kernels' ACT template argument (csrc/gated_act.h's GatedAct) of an activation name, or -1.
+int gated_act_id(const std::string& name) {
+  if (name == "silu") return 0;
+  if (name == "gelu_tanh") return 1;
+  if (name == "gelu") return 2;
+  return -1;
+}
+
+int print_gated_act(int argc, char** argv) {
+  Dtype x{};
+  const int act = argc == 7 ? gated_act_id(argv[5]) : -1;
+  if (argc != 7 || !parse_dtype(argv[4], x) || act < 0) {
+    std::fprintf(stderr, "usage: %s gated_act M I DTYPE(bf16|fp16|fp32) ACT(silu|gelu_tanh|gelu) SMS\n", argv[0]);
+    return 2;
+  }
+  const int64_t M = std::atoll(argv[2]), I = std::atoll(argv[3]), sms = std::atoll(argv[6]);
+  if (M < 1 || I < 1 || sms < 1) {
+    std::fprintf(stderr, "M, I and SMS must be >= 1\n");
+    return 2;
+  }
+  const LaunchGrid grid{gated_act_blocks(M * I, sms), 1, 1};
+  const std::string config = "grid-stride, 4 elements per thread, " + std::string(argv[5]);
+  const std::string fwd = kernel_name("gated_act_mul_kernel", {x.cpp, std::to_string(act)});
+  print_launch("gated_act_mul", fwd, grid, 0, "forward: " + config);
+  print_launch("gated_act_mul", fwd, grid, 0, "backward, h recomputed: " + config);
+  print_launch("gated_act_mul_backward", kernel_name("gated_act_mul_backward_kernel", {x.cpp, std::to_string(act)}),
+               grid, 0, "backward: " + config);
+  std::printf("\n]\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && std::string(argv[1]) == "gated_act") return print_gated_act(argc, argv);
   Dtype x{}, a{};
   const std::string quant = argc == 10 ? argv[9] : "";
   const int fmt = quant.empty() ? -1 : quant_format_id(quant);

@@ -15,6 +15,10 @@ calls its LoRA linears (gate, up, down), each as ``lowcost.ops.lora_linear(seed=
 torch's CPU generator, only when that projection's dropout is > 0). So the fused MLP drops exactly the
 elements the three unfused ``LoRALinear`` layers drop, for the same generator state.
 
+Backends: torch (``lowcost.reference.lora_gated_mlp``), triton (``kernels/lora_gated_mlp.py``: h rebuilt inside the
+down projection's tiles) and cuda (``lowcost.ops._cuda_gated_mlp``: the LoRA linear's CUDA composition per
+projection, h = act(gate) ⊙ up from the ``gated_act_mul`` kernel, built for the down projection and freed).
+
 Two custom ops: ``lowcost::lora_gated_mlp`` → (y, gate, up, u_g, u_u, u_d) and
 ``lowcost::lora_gated_mlp_backward`` → (dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d).
 """
@@ -94,19 +98,23 @@ def _seeds_tensor(seeds, dropouts) -> Tensor:
 
 
 def _resolve(backend: Optional[str], x: Tensor, ranks: Sequence[int]) -> str:
-    """"torch" or "triton" (no CUDA C++ kernel: on a GPU the default is Triton, else torch's GEMMs)."""
-    if backend == "cuda":
-        raise ValueError("backend='cuda' is not available for lora_gated_mlp: use 'triton' or 'torch'")
+    """"torch", "triton" or "cuda" (the CUDA C++ composition, ``_cuda_gated_mlp``; on a GPU the default is
+    Triton, then CUDA, else torch's GEMMs)."""
     name = resolve_backend(backend, x.device, max(ranks))
-    if name == "triton" and x.dtype == torch.float64:
-        raise TypeError("x of dtype float64 runs only on backend='torch' (got backend='triton')")
-    return "torch" if name == "cuda" else name
+    if name != "torch" and x.dtype == torch.float64:
+        raise TypeError(f"x of dtype float64 runs only on backend='torch' (got backend={name!r})")
+    return name
 
 
 def _impl(backend: str):
+    """The module with ``gated_mlp_fwd`` / ``gated_mlp_bwd`` of a kernel backend (imported on first use), or None
+    for torch (``lowcost.reference.lora_gated_mlp``)."""
     if backend == "triton":
         from lowcost.kernels import lora_gated_mlp as kernels  # triton: imported on first use
         return kernels
+    if backend == "cuda":
+        from lowcost.ops import _cuda_gated_mlp
+        return _cuda_gated_mlp
     return None
 
 
@@ -218,7 +226,8 @@ def lora_gated_mlp(x: Tensor, gate: Sequence[Tensor], up: Sequence[Tensor], down
         scales: (s_gate, s_up, s_down); dropouts: (p_gate, p_up, p_down), each in [0, 1).
         activation: "silu" (SwiGLU), "gelu_tanh" (GeGLU, tanh-approximated, Gemma) or "gelu" (exact).
         seeds: 3 ints / a (3,) int64 CPU tensor, or None (drawn as three ``lora_linear(seed=None)`` calls).
-        backend: "torch", "triton" or None (``LOWCOST_BACKEND``, else the best available).
+        backend: "torch", "triton", "cuda" or None (``LOWCOST_BACKEND``, else the best available). "cuda": the
+            CUDA C++ kernels of ``lowcost._C`` around cuBLAS (``lowcost.ops._cuda_gated_mlp``), CUDA tensors only.
     Returns:
         y: (..., H) in x's dtype.
 

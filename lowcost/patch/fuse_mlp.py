@@ -2,7 +2,7 @@
 
 Eligibility, per MLP (roles from the family table, ``lowcost._families``): gate/up/down (Llama, Mistral,
 Qwen2, Gemma) or gate_up/down (Phi-3) all adapted on the fused path (no bias, not Conv1D, one backend for
-all of them: None, "torch", or "triton" where the Triton kernels can run there), an MLP module with no
+all of them: None, "torch", or "triton" / "cuda" where those kernels can run there), an MLP module with no
 parameters or buffers of its own and no children but those projections and its activation, an activation
 the op knows (checked numerically), and — the structure check — the wrapper computes what the original
 forward computes on a probe input (eval mode, no gradient). Anything else is refused with the reason.
@@ -57,28 +57,30 @@ def _layer_problem(name: str, layer: nn.Module) -> str:
         return f"{name} has a bias (the fused MLP takes bias-free projections)"
     if layer.fan_in_fan_out:
         return f"{name} is a Conv1D"
-    if layer.backend == "cuda":
-        return f"{name} asks for backend='cuda'; the fused MLP has no CUDA C++ kernels (its backends: torch, triton)"
     return ""
 
 
 def _backend_problem(layers: dict[str, LoRALinear]) -> str:
     """Why the projections cannot share one fused-MLP backend ("" when they can). The op takes one backend;
-    on "triton" it runs the unfused layers' own LoRA-linear kernels and Philox masks, so it is exact
-    wherever those can run (CUDA, or TRITON_INTERPRET=1), for r <= TRITON_MAX_RANK and no float64."""
+    on "triton" and "cuda" it runs the unfused layers' own LoRA-linear kernels and Philox masks, so it is exact
+    wherever those can run (Triton: CUDA, or TRITON_INTERPRET=1, r <= TRITON_MAX_RANK; cuda: CUDA tensors on
+    sm_80+ with lowcost._C built for CUDA), with no float64."""
     backends = {attr: layer.backend for attr, layer in layers.items()}
     if len(set(backends.values())) > 1:
         return f"the projections ask for different backends {backends}; the fused MLP runs one backend"
-    if set(backends.values()) != {"triton"}:
+    name = next(iter(backends.values()))
+    if name not in ("triton", "cuda"):
         return ""
     weight = next(iter(layers.values())).weight
     if weight.dtype == torch.float64:
-        return "backend='triton' with float64 weights (the Triton kernels take fp32/fp16/bf16)"
+        return f"backend={name!r} with float64 weights (the {name} kernels take fp32/fp16/bf16)"
     rank = max(layer.lora_A.shape[0] for layer in layers.values())
-    # a meta-device model (lowcost plan) runs later on a device we cannot see: only the rank is checked
+    # a meta-device model (lowcost plan) runs later on a device we cannot see: only what does not need it is checked
     device = weight.device   # a dense tensor's or a QuantizedWeight's (its stored tensors')
-    why = unavailable_reason("triton", torch.device("cuda") if device.type == "meta" else device, rank)
-    return f"backend='triton' cannot run here: {why}" if why else ""
+    if device.type == "meta" and name == "cuda":
+        return ""
+    why = unavailable_reason(name, torch.device("cuda") if device.type == "meta" else device, rank)
+    return f"backend={name!r} cannot run here: {why}" if why else ""
 
 
 def _structure_problem(mlp: nn.Module, roles: dict[str, str]) -> str:

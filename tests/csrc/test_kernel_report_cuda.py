@@ -140,3 +140,30 @@ def test_report_rows_and_targets_at_the_benchmark_shape():
     assert len(skinny) == 4 and all(row["mma"] == "mma.sync" for row in skinny)
     assert all(row["atomics"] == 0 and row["spills"] == 0 and row["grid"] >= 264 for row in rows)
     assert all(row["backend"] == "cuda" and row["role"] == "pass" and not row["persistent"] for row in rows)
+
+
+@needs_cxx
+@pytest.mark.parametrize("act, code", [("silu", 0), ("gelu_tanh", 1), ("gelu", 2)])
+def test_launch_plan_of_the_fused_mlp_elementwise_steps(act, code):
+    """The fused MLP's own launches (issue #12): h forward, h again and its gradients backward, grid-stride."""
+    launches = krc.gated_act_launches(8192, 14336, "bf16", act)
+    assert [launch["op"] for launch in launches] == ["gated_act_mul", "gated_act_mul", "gated_act_mul_backward"]
+    assert launches[0]["kernel"] == f"lowcost::cuda::gated_act_mul_kernel<c10::BFloat16, {code}>"
+    assert launches[2]["kernel"] == f"lowcost::cuda::gated_act_mul_backward_kernel<c10::BFloat16, {code}>"
+    assert all(launch["grid"] == [132 * 16, 1, 1] and launch["smem"] == 0 for launch in launches)
+    assert krc.gated_act_launches(3, 5, "fp32", act)[0]["grid"] == [1, 1, 1]   # 15 elements: one block
+
+
+def test_check_flags_local_memory_of_the_elementwise_kernels():
+    row = {"kernel": "gated_act_mul_kernel<bf16, 0>", "config": "", "op": "gated_act_mul", "spills": 0,
+           "atomics": 0, "mma": "none", "grid": 2112, "persistent": False, "local": 0}
+    assert krc.check_rows([row], 8192, "bf16") == []          # no MMA target for an elementwise kernel
+    failures = krc.check_rows([dict(row, local=6)], 8192, "bf16")
+    assert len(failures) == 1 and "local-memory" in failures[0]
+
+
+@pytest.mark.skipif(bool(_toolchain_missing()), reason=f"CUDA toolchain for the report: {_toolchain_missing()}")
+def test_report_rows_of_the_fused_mlp_elementwise_steps():
+    rows = krc.gated_act_rows(8192, 14336, "bf16", "gelu_tanh")
+    assert krc.check_rows(rows, 8192, "bf16") == []
+    assert all(row["mma"] == "none" and row["local"] == 0 and row["barriers"] == 0 for row in rows)

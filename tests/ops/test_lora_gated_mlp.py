@@ -217,7 +217,7 @@ BAD = [
     ("down shape", dict(down=2), ValueError, "down weight must have shape"),
     ("dropout", dict(dropouts=(0.1, 1.0, 0.0)), ValueError, "dropout must be a probability"),
     ("seeds", dict(seeds=(1, 2)), ValueError, "seeds must hold 3 seeds"),
-    ("backend", dict(backend="cuda"), ValueError, "backend='cuda' is not available for lora_gated_mlp"),
+    ("backend", dict(backend="cuda"), ValueError, "backend='cuda' is not available: the CUDA kernels need CUDA tensors"),
     ("float64 triton", dict(backend="triton", x64=True), TypeError, "float64 runs only on backend='torch'"),
     ("frozen", dict(train_w=True), ValueError, "gate weight must be frozen"),
 ]

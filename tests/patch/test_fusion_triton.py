@@ -53,7 +53,7 @@ def _mlp_with_backends(backends):
 @pytest.mark.parametrize("backends,reason", [
     (("triton", "triton", None), "the projections ask for different backends"),
     (("torch", "triton", "torch"), "the projections ask for different backends"),
-    (("cuda", "cuda", "cuda"), "the fused MLP has no CUDA C++ kernels"),
+    (("cuda", "cuda", "cuda"), "backend='cuda' cannot run here: the CUDA kernels need CUDA tensors"),
 ])
 def test_mixed_or_cuda_backends_are_refused_with_the_reason(backends, reason):
     fused, detail = build_mlp_fusion(_mlp_with_backends(backends), "model.layers.0.mlp", ROLES)

@@ -68,3 +68,14 @@ def assert_close_to_reference(name: str, actual: torch.Tensor, expected64: torch
     tol = TOLERANCE[dtype]
     assert err <= tol, (f"{name} ({dtype}): max normalised error {err:.3e} > {tol:.1e} at {index}: "
                         f"got {actual[index].item():.6g}, expected {expected64[index].item():.6g}")
+
+
+def gpu_backends() -> list[str]:
+    """The backends to run on CUDA tensors: torch always, Triton and the CUDA C++ kernels where they can run.
+    Without CUDA all three are listed, so the tests are collected (then skipped by the ``gpu`` marker)."""
+    from lowcost.ops.backend import cuda_kernels_usable, triton_usable
+    if not torch.cuda.is_available():
+        return ["torch", "triton", "cuda"]
+    cuda = torch.device("cuda")
+    return (["torch"] + (["triton"] if triton_usable(cuda) else [])
+            + (["cuda"] if cuda_kernels_usable(cuda) else []))

@@ -10,22 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import lowcost
-from lowcost.ops.backend import cuda_kernels_usable, triton_usable
-from helpers import assert_close_to_reference
+from lowcost.ops.backend import cuda_kernels_usable
+from helpers import assert_close_to_reference, gpu_backends
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 ACTS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu}
 ADAPTERS = ("a_gate", "b_gate", "a_up", "b_up", "a_down", "b_down")
-
-
-def gpu_backends():
-    if not torch.cuda.is_available():
-        return ["torch", "triton", "cuda"]  # collected, then skipped by the gpu marker
-    names = ["torch"]
-    names += ["triton"] if triton_usable(CUDA) else []
-    names += ["cuda"] if cuda_kernels_usable(CUDA) else []
-    return names
 
 
 def _cuda_backend_or_skip():

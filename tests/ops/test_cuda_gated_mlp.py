@@ -16,8 +16,9 @@ import torch
 
 import lowcost
 from lowcost._extension import has_kernel
-from helpers import TOLERANCE, assert_close_to_reference, max_normalized_error
-from test_lora_gated_mlp import ACTS, ADAPTERS, check, make_inputs, projections, run_op, unfused_lowcost
+from helpers import assert_close_to_reference, max_normalized_error
+from test_lora_gated_mlp import (ACTS, ADAPTERS, assert_same_masks_as_three_lora_linears, check, make_inputs,
+                                 projections, run_op)
 
 pytestmark = pytest.mark.skipif(not has_kernel("gated_act_mul", "CPU"),
                                 reason="lowcost._C is not built (pip install --no-build-isolation -e .)")
@@ -167,22 +168,7 @@ def test_same_dropped_elements_as_three_lora_linears(cuda_on_cpu, seeds):
     """The same seeds (explicit, or drawn from torch's generator in the unfused order) give the unfused model's
     masks: every output and gradient within fp32 rounding of three lowcost.lora_linear calls (a mask that
     differs in one element is O(1) off)."""
-    inputs = make_inputs(21, 24, 40, seed=8)
-    results = []
-    for fused in (True, False):
-        d = {k: v.clone().requires_grad_(k == "x" or k in ADAPTERS) for k, v in inputs.items()}
-        torch.manual_seed(1234)
-        if fused:
-            y = lowcost.ops.lora_gated_mlp(d["x"], *projections(d), scales=(2.0,) * 3, dropouts=(0.2,) * 3,
-                                           seeds=seeds, backend="cuda")
-        else:
-            y = unfused_lowcost(d, (2.0,) * 3, (0.2,) * 3, seeds or (None, None, None), "silu")
-        y.backward(d["grad_y"])
-        results.append((y.detach(), {k: d[k].grad for k in ("x",) + ADAPTERS}))
-    (y, grads), (y_ref, grads_ref) = results
-    assert max_normalized_error(y, y_ref)[0] <= TOLERANCE[torch.float32]
-    for name in grads_ref:
-        assert max_normalized_error(grads[name], grads_ref[name])[0] <= TOLERANCE[torch.float32], name
+    assert_same_masks_as_three_lora_linears("cuda", seeds)
 
 
 def test_dropped_elements_of_h_are_the_unfused_down_projections():

@@ -13,6 +13,8 @@ Transient (M, K) buffers: besides dx, one t_i at a time (i ≥ 1), freed once ad
 low-rank term itself (it generates D_i inside, once for t_i and dA_i) and has no operand to add into, so a
 term per projection after the first is what it forces; the dense terms g_i W_i never get a buffer of their own
 (``addmm_`` into dx). No dx per projection is summed afterwards and no (M, K) buffer is zeroed.
+dx is in x's dtype throughout (the GEMM's C operand): in 16 bits each of its 2P - 1 adds rounds once, as the sum
+of P unfused ``lora_linear(backend='cuda')`` dx's does (the torch backend keeps an fp32 accumulator instead).
 
 Each projection draws its mask from its own seed with the Philox ops of ``lora_linear(backend='cuda')``, so the
 dropped elements are those of P separate ``lora_linear`` calls. The autograd op (``lowcost.ops.

@@ -206,3 +206,18 @@ def test_more_than_three_projections_run_on_cuda(cuda_on_cpu):
     """The Triton kernels have three projection slots; the cuda composition loops, so P = 4 runs there."""
     d = make_inputs(6, 16, (5, 7, 3, 9), (2, 5, 3, 17), biases=(True, False, True, False), seed=6)
     check(d, (0.1, 0.0, 0.2, 0.3), scales=(1.5, 0.5, 2.0, 1.0), seeds=(1, 2, 3, 4), backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------- the plan's model
+@pytest.mark.parametrize("dropouts,count,want_mk", [((0.0,) * 3, 3, 1), ((0.1,) * 3, 3, 2), ((0.0,), 1, 0)])
+def test_plan_workspace_covers_the_transient_low_rank_term(dropouts, count, want_mk):
+    """lowcost.plan's workspace model of the backward op: on cuda with fp32 x, the larger of the torch estimate
+    (0 without dropout, 2·M·K·4 with it, dx and dA asked) and the one transient t_i (M·K·4 when P > 1)."""
+    from lowcost.plan.workspace import kernel_workspace
+    M, K = 10, 12
+    d = make_inputs(M, K, (6, 4, 4)[:count], (2, 3, 4)[:count], seed=0)
+    us = [torch.zeros(M, a.shape[0]) for a in d["a"]]
+    args = (d["g"], d["x"], d["w"], d["a"], d["b"], us, [False] * count, [1.0] * count, list(dropouts),
+            torch.arange(count), [True, True, True, False], "cuda")
+    assert kernel_workspace(torch.ops.lowcost.lora_grouped_linear_backward.default, args, {}, None) == \
+        want_mk * M * K * 4

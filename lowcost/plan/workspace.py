@@ -26,9 +26,9 @@ its workspace is the largest of theirs. Backward (on = [any p_i > 0]): x float32
 D⊙(du·A) and x̃ for dA, on·([dx] + [dA])·M·K·4 (dx itself is the output); x 16-bit: g_i in fp32
 (M·max N_i·4) and, for dx, the fp32 accumulator, one g_i·W_i in x's dtype and the scratch
 (M·K·(4 + s + 4·on)); for dA, x's fp32 copy and x̃ (M·K·(4 + s·on)). On the cuda backend
-(``lowcost/ops/_cuda_grouped_linear.py``) dx's only transient is one projection's low-rank term at a time, in x's
-dtype ([dx]·[P > 1]·M·K·s), which the torch estimate does not cover for float32 x without dropout: the model takes
-the larger of the two there.
+(``lowcost/ops/_cuda_grouped_linear.py``) dx's only transient is at most one projection's low-rank term at a time,
+in x's dtype ([dx]·[P > 1]·M·K·s; none on its stacked path without dropout), which the torch estimate does not
+cover for float32 x without dropout: the model takes the larger of the two there (an upper bound).
 
 RMSNorm (``lowcost::rms_norm``, x: (M, H), computed in float32; ``lowcost/reference/rms_norm.py``): the fp32
 copy of a 16-bit x, x² (or x·rstd) and, for 16-bit x, the product before its rounding: 4·M·H bytes for fp32 x,

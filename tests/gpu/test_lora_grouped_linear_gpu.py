@@ -102,6 +102,17 @@ def test_cuda_backend_other_group_sizes(count):
         assert_close_to_reference(f"d{name}", grads[name].cpu(), g, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,outs,ranks", [(1, 256, (256, 64, 64), (16, 5, 17)),
+                                            (1000, 512, (512, 128, 128), (16, 16, 40))])
+def test_cuda_backend_stacked_path_matches_float64(dtype, M, K, outs, ranks):
+    """No dropout: one lora_down and one lora_dx_da over the stacked adapters (Σr = 38 / 72: one and two rank
+    chunks)."""
+    _cuda_backend_or_skip()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check(make_inputs(M, K, outs, ranks, dtype, seed=M + 1), "cuda", (0.0, 0.0, 0.0), (1, 2, 3), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cuda_backend_bitwise_reproducible(dtype):
     """Two identical fwd+bwd runs: bitwise equal outputs and gradients (the LoRA ops sum their split reductions

@@ -46,17 +46,20 @@ def test_fewer_projections(cuda_on_cpu, count, biases):
     check(d, (0.2, 0.1)[:count], backend="cuda")
 
 
+@pytest.mark.parametrize("dropouts", [(0.1, 0.2, 0.0), (0.0, 0.0, 0.0)], ids=["dropout", "stacked"])
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float16, None), (torch.bfloat16, None),
                                                  (torch.bfloat16, torch.float32)])
-def test_low_precision(cuda_on_cpu, dtype, adapter_dtype):
+def test_low_precision(cuda_on_cpu, dtype, adapter_dtype, dropouts):
     """16-bit: the dtype's tolerance (2e-3 fp16, 1e-2 bf16), as every backend. y_i: the LoRA term rounded once to
     the dtype (lora_up), then once more when the GEMM adds x W_iᵀ. dx is accumulated in x's dtype (cuBLAS beta = 1
-    writes it): each t_i is rounded once by lora_dx_da, then each of the 2P - 1 adds rounds once, the same count
-    as P unfused lora_linear(backend='cuda') calls summed by autograd (the torch backend's fp32 accumulator rounds
-    once). Measured here and at (M, K) = (129, 200) over six seeds: dx within 8.2e-3 (bf16) and 1.2e-3 (fp16) of
-    float64, normalised; every other gradient within 3.6e-3 / 7e-4."""
+    writes it): each low-rank term is rounded once by lora_dx_da, then each add rounds once (2P - 1 with dropout,
+    P on the stacked path without), as P unfused lora_linear(backend='cuda') calls summed by autograd do (the
+    torch backend's fp32 accumulator rounds once). Measured here and at (M, K) = (129, 200) over six seeds, both
+    paths: dx within 8.8e-3 (bf16) and 1.2e-3 (fp16) of float64, normalised; y and every other gradient within
+    6.0e-3 / 7.9e-4. The bf16 margin on dx is thin: an fp32 accumulator would need a GEMM with an fp32 output
+    from 16-bit operands (torch's out_dtype addmm is CUDA-only, so it could not be tested here)."""
     d = make_inputs(17, 32, GQA[0], GQA[1], dtype=dtype, adapter_dtype=adapter_dtype, seed=2)
-    check(d, (0.1, 0.2, 0.0), dtype=dtype, backend="cuda")
+    check(d, dropouts, dtype=dtype, backend="cuda")
 
 
 @pytest.mark.parametrize("frozen", ["adapters", "x", "biases"])
@@ -113,6 +116,28 @@ def test_same_dropped_elements_as_unfused_cuda_lora_linears(cuda_on_cpu, seeds):
         assert max_normalized_error(grads[name], grads_ref[name])[0] <= TOLERANCE[torch.float32], name
 
 
+def test_stacked_path_matches_unfused_cuda_lora_linears(cuda_on_cpu):
+    """No dropout (one lora_down and one lora_dx_da over the stacked adapters): outputs and gradients within fp32
+    rounding of three ``lora_linear(backend='cuda')`` calls (on a GPU the stacked rank changes the K split, so
+    the sums need not be bitwise equal)."""
+    d = make_inputs(21, 24, GQA[0], GQA[1], seed=8)
+    results = []
+    for fused in (True, False):
+        c = _leaves(d)
+        if fused:
+            ys = lora_grouped_linear(c["x"], c["w"], c["a"], c["b"], (2.0, 0.5, 1.0), c["bias"], backend="cuda")
+        else:
+            ys = [lowcost.lora_linear(c["x"], w, a, b, s, bias, backend="cuda")
+                  for w, a, b, bias, s in zip(c["w"], c["a"], c["b"], c["bias"], (2.0, 0.5, 1.0))]
+        torch.autograd.backward(ys, c["g"])
+        results.append(([y.detach() for y in ys], _grads(c)))
+    (ys, grads), (ys_ref, grads_ref) = results
+    for y, y_ref in zip(ys, ys_ref):
+        assert max_normalized_error(y, y_ref)[0] <= TOLERANCE[torch.float32]
+    for name in grads_ref:
+        assert max_normalized_error(grads[name], grads_ref[name])[0] <= TOLERANCE[torch.float32], name
+
+
 def test_u_is_exactly_the_masked_input():
     """With A_i = the identity, u_i = D_i ⊙ x: every kept and dropped element is the reference Philox mask's."""
     M, K, seeds, dropouts = 13, 20, torch.tensor([3, 4, 5]), [0.3, 0.5, 0.1]
@@ -126,25 +151,37 @@ def test_u_is_exactly_the_masked_input():
 
 
 # ------------------------------------------------------------------------------------------- structure
-def test_one_dx_accumulator(cuda_on_cpu):
-    """Backward: one lora_grad_pass and one lora_dx_da per projection, the dense terms added by addmm_ in place
-    (one per projection), the P-1 later low-rank terms by add_, and no (M, K) tensor zeroed, summed out of
-    place or allocated besides lora_dx_da's outputs."""
+@pytest.mark.parametrize("dropouts,passes,adds", [((0.1, 0.0, 0.2), 3, 2), ((0.0, 0.0, 0.0), 1, 0)],
+                         ids=["dropout", "stacked"])
+def test_one_dx_accumulator(cuda_on_cpu, dropouts, passes, adds):
+    """Backward: one lora_grad_pass per projection; lora_dx_da once per projection with dropout (then the P-1
+    later low-rank terms join dx by add_), once for all without (the stacked [du_i] and [A_i]: its result is dx);
+    the dense terms added by addmm_ in place (one per projection); no (M, K) tensor zeroed or summed out of
+    place. Forward: lora_down once per projection with dropout, once for all without (one read of x)."""
     from torch.profiler import profile
     M, K = 9, 20
     d = make_inputs(M, K, GQA[0], GQA[1])
     c = _leaves(d)
-    ys = lora_grouped_linear(c["x"], c["w"], c["a"], c["b"], (1.0,) * 3, c["bias"], (0.1, 0.0, 0.2), (1, 2, 3),
-                             backend="cuda")
+    with profile() as prof:
+        ys = lora_grouped_linear(c["x"], c["w"], c["a"], c["b"], (1.0,) * 3, c["bias"], dropouts, (1, 2, 3),
+                                 backend="cuda")
+    assert [e.name for e in prof.events()].count("lowcost::lora_down") == passes
     with profile(record_shapes=True) as prof:
         torch.autograd.backward(ys, c["g"])
     names = [e.name for e in prof.events()]
-    assert names.count("lowcost::lora_grad_pass") == 3 and names.count("lowcost::lora_dx_da") == 3
-    mk = [M, K]
-    with_mk = [e.name for e in prof.events() if e.input_shapes and e.input_shapes[0] == mk]
+    assert names.count("lowcost::lora_grad_pass") == 3 and names.count("lowcost::lora_dx_da") == passes
+    with_mk = [e.name for e in prof.events() if e.input_shapes and e.input_shapes[0] == [M, K]]
     assert with_mk.count("aten::addmm_") == 3, with_mk
-    assert with_mk.count("aten::add_") == 2, with_mk
+    assert with_mk.count("aten::add_") == adds, with_mk
     assert not {"aten::add", "aten::zeros", "aten::zero_", "aten::zeros_like", "aten::sum"} & set(with_mk), with_mk
+
+
+def test_stacked_path_needs_one_adapter_dtype(cuda_on_cpu):
+    """No dropout but A_0 in float32 beside bf16 A_1, A_2: they cannot concatenate, so each projection runs its
+    own passes, and the result is still within bf16's tolerance of float64."""
+    d = make_inputs(13, 24, GQA[0], GQA[1], dtype=torch.bfloat16, seed=3)
+    d["a"][0], d["b"][0] = d["a"][0].float(), d["b"][0].float()
+    check(d, (0.0, 0.0, 0.0), dtype=torch.bfloat16, backend="cuda")
 
 
 def test_saves_x_once_the_u_and_the_seeds(cuda_on_cpu):
@@ -212,7 +249,8 @@ def test_more_than_three_projections_run_on_cuda(cuda_on_cpu):
 @pytest.mark.parametrize("dropouts,count,want_mk", [((0.0,) * 3, 3, 1), ((0.1,) * 3, 3, 2), ((0.0,), 1, 0)])
 def test_plan_workspace_covers_the_transient_low_rank_term(dropouts, count, want_mk):
     """lowcost.plan's workspace model of the backward op: on cuda with fp32 x, the larger of the torch estimate
-    (0 without dropout, 2·M·K·4 with it, dx and dA asked) and the one transient t_i (M·K·4 when P > 1)."""
+    (0 without dropout, 2·M·K·4 with it, dx and dA asked) and at most one transient t_i (M·K·4 when P > 1; an
+    upper bound, as the stacked path without dropout has none)."""
     from lowcost.plan.workspace import kernel_workspace
     M, K = 10, 12
     d = make_inputs(M, K, (6, 4, 4)[:count], (2, 3, 4)[:count], seed=0)

@@ -79,3 +79,12 @@ def test_cuda_where_the_kernels_cannot_run_is_refused_with_the_reason():
 def test_cuda_with_float64_weights_is_refused(cuda_on_cpu):
     _, refused = plan_grouped_fusions(_cuda_model(torch.float64))
     assert refused and all("backend='cuda' cannot run here: float64 weights" in why for _, why in refused), refused
+
+
+def test_meta_device_model_takes_cuda_unchecked():
+    """``lowcost plan`` patches a meta-device model that runs later on a device it cannot see: cuda is not
+    checked against the meta device (as the "mlp" fusion does), float64 still is."""
+    taken, refused = plan_grouped_fusions(_cuda_model().to("meta"))
+    assert set(taken) == BLOCKS and not refused, refused
+    _, refused = plan_grouped_fusions(_cuda_model(torch.float64).to("meta"))
+    assert refused and all("float64 weights" in why for _, why in refused), refused

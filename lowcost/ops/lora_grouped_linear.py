@@ -10,13 +10,15 @@ lora_grouped_linear`` has the math and every gradient.
 Saved for backward: x once (the caller's tensor; a lowcost norm's output as the norm's input and statistics,
 ``lowcost.ops.normed_input``), the u_i = (D_i⊙x)A_iᵀ (M, r_i) in float32 and the seeds; never a D_i ⊙ x,
 never a mask. Backward computes dx = Σ_i g_i W_i + Σ_i D_i ⊙ (du_i A_i) into one accumulator (torch: an
-``addmm_`` chain; Triton: one kernel summing every projection's terms in its tile), and dA_i, dB_i, db_i.
+``addmm_`` chain; Triton: one kernel summing every projection's terms in its tile; cuda: the first low-rank
+term as the accumulator, each g_i W_i added by cuBLAS with beta = 1), and dA_i, dB_i, db_i.
 
 Two custom ops: ``lowcost::lora_grouped_linear`` → ([y_i], [u_i]) and ``lowcost::lora_grouped_linear_backward``
-→ (dx, [dA_i], [dB_i], [db_i]). Backends: "torch" (the reference with the fastest dropout kernel) and
+→ (dx, [dA_i], [dB_i], [db_i]). Backends: "torch" (the reference with the fastest dropout kernel),
 "triton" (``lowcost.kernels.lora_grouped_linear``: the u_i of every projection from one pass over each x tile,
-dA_i from another, dx from one grouped kernel; at most ``TRITON_MAX_PROJECTIONS`` projections). There is no
-CUDA C++ kernel for it: ``backend="cuda"`` is refused.
+dA_i from another, dx from one grouped kernel; at most ``TRITON_MAX_PROJECTIONS`` projections) and "cuda"
+(``lowcost.ops._cuda_grouped_linear``: per projection the LoRA linear's CUDA C++ composition around cuBLAS, with
+one dx accumulator that the dense terms g_i W_i join in place; CUDA tensors on sm_80+, no float64).
 """
 from __future__ import annotations
 
@@ -79,24 +81,26 @@ def _seeds_tensor(seeds, dropouts) -> Tensor:
 
 
 def _resolve(backend: Optional[str], x: Tensor, ranks: Sequence[int]) -> str:
-    """"torch" or "triton"; "cuda" is refused (no CUDA C++ kernel for the grouped op)."""
-    if backend == "cuda":
-        raise ValueError("backend='cuda' is not available for lora_grouped_linear (no CUDA C++ kernel is built for "
-                         "it): use 'triton' or 'torch'")
+    """"torch", "triton" or "cuda" (the CUDA C++ composition, ``_cuda_grouped_linear``; on a GPU the default is
+    Triton, then CUDA, else torch's GEMMs)."""
     name = resolve_backend(backend, x.device, max(ranks))
-    if name == "triton" and x.dtype == torch.float64:
-        raise TypeError("x of dtype float64 runs only on backend='torch' (got backend='triton')")
+    if name != "torch" and x.dtype == torch.float64:
+        raise TypeError(f"x of dtype float64 runs only on backend='torch' (got backend={name!r})")
     if name == "triton" and len(ranks) > TRITON_MAX_PROJECTIONS:
         raise ValueError(f"backend='triton' groups at most {TRITON_MAX_PROJECTIONS} projections, got {len(ranks)}")
-    return "torch" if name == "cuda" else name
+    return name
 
 
 def _kernels(backend: str, x2: Tensor):
-    """The Triton launchers, or None for the torch backend (and for M = 0 or K = 0: no tile to launch, the
-    torch path computes the empty / zero results exactly)."""
+    """The module with ``grouped_fwd`` / ``grouped_bwd`` of a kernel backend (imported on first use), or None for
+    the torch backend. Triton with M = 0 or K = 0 also gets None: no tile to launch, the torch path computes the
+    empty / zero results exactly; the CUDA ops take empty operands themselves."""
     if backend == "triton" and x2.shape[0] > 0 and x2.shape[1] > 0:
         from lowcost.kernels import lora_grouped_linear as kernels  # triton: imported on first use
         return kernels
+    if backend == "cuda":
+        from lowcost.ops import _cuda_grouped_linear
+        return _cuda_grouped_linear
     return None
 
 
@@ -209,8 +213,9 @@ def lora_grouped_linear(x: Tensor, weights: Sequence[Tensor], lora_as: Sequence[
         biases: None, or P entries each (N_i,) in x's dtype or None.
         dropouts: None (all 0), or P probabilities in [0, 1), applied to x on projection i's LoRA path only.
         seeds: P ints / a (P,) int64 CPU tensor, or None (drawn as P ``lora_linear(seed=None)`` calls, in order).
-        backend: "torch", "triton" or None (``LOWCOST_BACKEND``, else the best available). "cuda" is refused:
-            no CUDA C++ kernel is built for this op.
+        backend: "torch", "triton", "cuda" or None (``LOWCOST_BACKEND``, else the best available). "cuda": the
+            CUDA C++ kernels of ``lowcost._C`` around cuBLAS (``lowcost.ops._cuda_grouped_linear``), CUDA tensors
+            only; "triton" groups at most ``TRITON_MAX_PROJECTIONS`` projections.
     Returns:
         [y_i (..., N_i)] in x's dtype.
     """

@@ -9,7 +9,8 @@ is exact whatever the forward does between the calls.
 
 Refused, with the reason: a member that is not a fused ``LoRALinear`` (a projection without LoRA), a Conv1D or
 quantized base weight (the grouped op takes dense (N, K) weights), members of different input widths,
-different backends, backend "cuda" (no CUDA C++ kernel for the grouped op), Triton where it cannot run, and
+different backends, Triton or CUDA where their kernels cannot run (the grouped op's cuda backend: CUDA tensors on
+sm_80+ with lowcost._C built for CUDA, as the unfused layers' own cuda backend), float64 weights on either, and
 members inside a checkpoint ``recompute=`` region.
 """
 from __future__ import annotations
@@ -58,18 +59,18 @@ def _group_problem(layers: dict[str, LoRALinear]) -> str:
     if len(backends) > 1:
         return f"the projections ask for different backends {sorted(map(str, backends))}; the grouped op runs one"
     backend = backends.pop()
-    if backend == "cuda":
-        return "backend='cuda': the grouped op has no CUDA C++ kernel (its backends: torch, triton)"
-    if backend == "triton":
-        weight = next(iter(layers.values())).weight
-        rank = max(layer.lora_A.shape[0] for layer in layers.values())
-        why = unavailable_reason("triton", weight.device, rank)
-        if why is None and len(layers) > TRITON_MAX_PROJECTIONS:
-            why = f"it groups at most {TRITON_MAX_PROJECTIONS} projections"
-        if why is None and weight.dtype.is_floating_point and weight.element_size() == 8:
-            why = "float64 weights (the Triton kernels take fp32/fp16/bf16)"
-        return f"backend='triton' cannot run here: {why}" if why else ""
-    return ""
+    if backend not in ("triton", "cuda"):
+        return ""
+    weight = next(iter(layers.values())).weight
+    rank = max(layer.lora_A.shape[0] for layer in layers.values())
+    # a meta-device model (lowcost plan) runs later on a device we cannot see: cuda is not checked against it
+    meta_cuda = backend == "cuda" and weight.device.type == "meta"
+    why = None if meta_cuda else unavailable_reason(backend, weight.device, rank)
+    if why is None and backend == "triton" and len(layers) > TRITON_MAX_PROJECTIONS:
+        why = f"it groups at most {TRITON_MAX_PROJECTIONS} projections"
+    if why is None and weight.dtype.is_floating_point and weight.element_size() == 8:
+        why = f"float64 weights (the {backend} kernels take fp32/fp16/bf16)"
+    return f"backend={backend!r} cannot run here: {why}" if why else ""
 
 
 def plan_grouped_fusions(model: nn.Module, avoid: tuple[str, ...] = (), skip_parents: set[str] = frozenset()

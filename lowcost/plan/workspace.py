@@ -25,7 +25,10 @@ Grouped projections (``lowcost::lora_grouped_linear``, x: (M, K), P projections 
 its workspace is the largest of theirs. Backward (on = [any p_i > 0]): x float32: the one reused scratch for
 D⊙(du·A) and x̃ for dA, on·([dx] + [dA])·M·K·4 (dx itself is the output); x 16-bit: g_i in fp32
 (M·max N_i·4) and, for dx, the fp32 accumulator, one g_i·W_i in x's dtype and the scratch
-(M·K·(4 + s + 4·on)); for dA, x's fp32 copy and x̃ (M·K·(4 + s·on)).
+(M·K·(4 + s + 4·on)); for dA, x's fp32 copy and x̃ (M·K·(4 + s·on)). On the cuda backend
+(``lowcost/ops/_cuda_grouped_linear.py``) dx's only transient is at most one projection's low-rank term at a time,
+in x's dtype ([dx]·[P > 1]·M·K·s; none on its stacked path without dropout), which the torch estimate does not
+cover for float32 x without dropout: the model takes the larger of the two there (an upper bound).
 
 RMSNorm (``lowcost::rms_norm``, x: (M, H), computed in float32; ``lowcost/reference/rms_norm.py``): the fp32
 copy of a 16-bit x, x² (or x·rstd) and, for 16-bit x, the product before its rounding: 4·M·H bytes for fp32 x,
@@ -99,13 +102,16 @@ def _grouped_forward(args) -> int:
 
 
 def _grouped_backward(args) -> int:
-    grads, x, dropouts, needs = args[0], args[1], args[8], args[10]
+    grads, x, dropouts, needs, backend = args[0], args[1], args[8], args[10], args[11]
     M, K, s = math.prod(x.shape[:-1]), x.shape[-1], x.element_size()
     need_dx, need_da, on = int(bool(needs[0])), int(bool(needs[1])), int(any(p > 0 for p in dropouts))
     if x.dtype in (torch.float32, torch.float64):
-        return on * (need_dx + need_da) * M * K * s
-    widest = max((g.shape[-1] for g in grads), default=0)
-    return M * widest * 4 + need_dx * M * K * (4 + s + 4 * on) + need_da * M * K * (4 + s * on)
+        torch_bytes = on * (need_dx + need_da) * M * K * s
+    else:
+        widest = max((g.shape[-1] for g in grads), default=0)
+        torch_bytes = M * widest * 4 + need_dx * M * K * (4 + s + 4 * on) + need_da * M * K * (4 + s * on)
+    cuda_bytes = need_dx * int(len(grads) > 1) * M * K * s if backend == "cuda" else 0
+    return max(torch_bytes, cuda_bytes)
 
 
 def _rms_norm(x: torch.Tensor, fp32_factor: int, low_precision_factor: int) -> int:

@@ -233,7 +233,7 @@ BAD = [
     ("seeds", dict(seeds=(1, 2)), ValueError, "seeds must hold 3 seeds"),
     ("seed tensor", dict(seeds=torch.tensor([1, 2])), ValueError, r"seeds must be a \(3,\) int64 CPU tensor"),
     ("dropout", dict(dropouts=(0.1, 1.0, 0.0)), ValueError, "projection 1: dropout must be a probability"),
-    ("backend", dict(backend="cuda"), ValueError, "backend='cuda' is not available for lora_grouped_linear"),
+    ("cuda on cpu", dict(backend="cuda"), ValueError, "backend='cuda' is not available: the CUDA kernels need CUDA"),
     ("float64 triton", dict(backend="triton", x64=True), TypeError, "float64 runs only on backend='torch'"),
     ("frozen", dict(train_w=True), ValueError, "projection 0: weight must be frozen"),
     ("empty", dict(empty=True), ValueError, "weights must hold at least one"),

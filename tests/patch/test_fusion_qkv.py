@@ -144,7 +144,7 @@ def test_report_refusals_name_the_reason():
     layers[1].self_attn.v_proj.backend = "torch"
     _, refused = plan_grouped_fusions(model, avoid=("mlp.up_proj",))
     reasons = dict(refused)
-    assert "no CUDA C++ kernel" in reasons["model.layers.0.self_attn"]
+    assert "backend='cuda' cannot run here: the CUDA kernels need CUDA tensors" in reasons["model.layers.0.self_attn"]
     assert "different backends" in reasons["model.layers.1.self_attn"]
     assert "recompute='mlp.up_proj'" in reasons["model.layers.0.mlp"]
     report = lowcost.apply(qwen2(), lora=lowcost.LoRAConfig(r=2, alpha=4, targets=["q_proj", "v_proj"]),

@@ -1,0 +1,140 @@
+"""The ``cuda`` backend of ``lowcost.ops.lora_grouped_linear``: per projection the LoRA linear's CUDA composition
+(``_cuda_backend``: the ``lowcost._C`` ops ``lora_down``, ``lora_up``, ``lora_grad_pass``, ``lora_dx_da`` around
+cuBLAS GEMMs), with one dx accumulator shared by the P projections.
+
+forward:  y_i, u_i = _cuda_backend.forward(x, W_i, A_i, B_i, b_i, s_i, p_i, seed_i)     for i = 0 … P-1
+          (u_i = lora_down(x, A_i) (M, r_i) fp32; c_i = lora_up(u_i, B_i, b_i); y_i = c_i + x W_iᵀ, beta = 1)
+backward: du_i, dB_i, db_i = lora_grad_pass(g_i, u_i, B_i)          one read of g_i
+          t_i, dA_i = lora_dx_da(x, du_i, A_i, seed_i, p_i)       t_i = D_i ⊙ (du_i A_i), dA_i = du_iᵀ (D_i ⊙ x)
+          dx = t_0 + g_0 W_0                                       cuBLAS beta = 1 in place on t_0: t_0 IS dx
+          dx += g_i W_i ; dx += t_i                                i ≥ 1: addmm_ (beta = 1), then one add
+
+Transient (M, K) buffers: besides dx, one t_i at a time (i ≥ 1), freed once added. ``lora_dx_da`` allocates the
+low-rank term itself (it generates D_i inside, once for t_i and dA_i) and has no operand to add into, so a
+term per projection after the first is what it forces; the dense terms g_i W_i never get a buffer of their own
+(``addmm_`` into dx). No dx per projection is summed afterwards and no (M, K) buffer is zeroed.
+
+Without dropout on any projection (and one adapter dtype) every projection reads the same unmasked x, so the
+passes over x are shared through the stacked adapters [A_0; A_1; …] (Σr_i, K), an adapter-sized copy:
+forward:  [u_0 u_1 …] = lora_down(x, [A_0; A_1; …])                one read of x for all projections
+backward: dx, [dA_0; dA_1; …] = lora_dx_da(x, [du_0 du_1 …], [A_0; A_1; …])   Σ_i du_i A_i starts dx (no t_i
+          transient), every dA_i from one read of x; then dx += g_i W_i by addmm_ for each i.
+With dropout the masks differ per projection and each projection makes its own passes (a lora_down that masks
+one staged x tile per projection, as the Triton kernels do, is not built).
+
+dx is in x's dtype throughout (the GEMM's C operand): in 16 bits each of its adds rounds once (2P - 1 of them
+with dropout, P without), as the sum of P unfused ``lora_linear(backend='cuda')`` dx's does; the torch backend
+keeps an fp32 accumulator instead.
+
+Each projection draws its mask from its own seed with the Philox ops of ``lora_linear(backend='cuda')``, so the
+dropped elements are those of P separate ``lora_linear`` calls. The autograd op (``lowcost.ops.
+lora_grouped_linear``) saves x once, the u_i and the seeds, as for the other backends; this module only
+computes. The ops have C++ CPU kernels, so the composition also runs, and is tested, on CPU tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from lowcost.ops import _cuda_backend
+from lowcost.reference.lora_grouped_linear import GroupedProjection
+
+Tensor = torch.Tensor
+ops = torch.ops.lowcost
+
+
+def _stackable(projections: Sequence[GroupedProjection]) -> bool:
+    """True when the projections can share every pass over x: more than one, no dropout on any (so every one reads
+    the same unmasked x) and one adapter dtype (so their A_i concatenate into one (Σr_i, K) operand)."""
+    return (len(projections) > 1 and all(p.dropout == 0.0 for p in projections)
+            and len({p.lora_a.dtype for p in projections}) == 1)
+
+
+def _ranks(projections: Sequence[GroupedProjection]) -> list[int]:
+    return [p.lora_a.shape[0] for p in projections]
+
+
+def _stacked_a(projections: Sequence[GroupedProjection]) -> Tensor:
+    """[A_0; A_1; …] (Σr_i, K): adapter-sized, copied per call."""
+    return torch.cat([p.lora_a for p in projections])
+
+
+def grouped_fwd(x: Tensor, projections: Sequence[GroupedProjection]) -> tuple[list[Tensor], list[Tensor]]:
+    """([y_i (M, N_i) in x.dtype], [u_i (M, r_i) float32]) for x (M, K)."""
+    if _stackable(projections):   # one lora_down for all: [u_0 u_1 …] = x [A_0; A_1; …]ᵀ, one read of x
+        u_all = ops.lora_down(x, _stacked_a(projections), 0, 0.0)
+        us = [u.clone() for u in u_all.split(_ranks(projections), dim=1)]   # own storage: outputs must not alias
+        ys = [ops.lora_up(u, p.lora_b, p.bias, p.scale, x.dtype).addmm_(x, p.weight.t())
+              for u, p in zip(us, projections)]
+        return ys, us
+    ys, us = [], []
+    for p in projections:
+        y, u = _cuda_backend.forward(x, p.weight, p.lora_a, p.lora_b, p.bias, p.scale, p.dropout, p.seed)
+        ys.append(y)
+        us.append(u)
+    return ys, us
+
+
+def _grad_pass(g: Tensor, x: Tensor, p: GroupedProjection, u: Tensor, needs: Sequence[bool]):
+    """(du (M, r) float32, dB or None, dbias or None) of one projection: one read of g."""
+    need_db, need_dbias = needs[2], needs[3] and p.bias is not None
+    du, db, dbias = ops.lora_grad_pass(g, u, p.lora_b, p.scale, need_dbias)
+    return du, db.to(p.lora_b.dtype) if need_db else None, dbias.to(x.dtype) if need_dbias else None
+
+
+def _low_rank_grads(g: Tensor, x: Tensor, p: GroupedProjection, u: Tensor, needs: Sequence[bool]):
+    """(t = D ⊙ (du A) (M, K) or None, dA, dB, dbias) of one projection, None where ``needs`` does not ask."""
+    need_dx, need_da = needs[0], needs[1]
+    du, db, dbias = _grad_pass(g, x, p, u, needs)
+    low_rank = da = None
+    if need_dx or need_da:
+        low_rank, da = ops.lora_dx_da(x, du, p.lora_a, p.seed, p.dropout, need_dx)
+        low_rank = low_rank if need_dx else None
+        da = da.to(p.lora_a.dtype) if need_da else None
+    return low_rank, da, db, dbias
+
+
+def _stacked_bwd(grads, x, projections, us, needs):
+    """``grouped_bwd`` for ``_stackable`` projections: one lora_dx_da over [du_0 du_1 …] (M, Σr_i) and [A_0; A_1; …]
+    gives Σ_i du_i A_i, which starts dx (no transient (M, K) term), and every dA_i as a row block of its
+    (Σr_i, K) result (one read of x for all of them)."""
+    need_dx, need_da = needs[0], needs[1]
+    passes = [_grad_pass(g, x, p, u, needs) for g, p, u in zip(grads, projections, us)]
+    dbs, dbiases = [db for _, db, _ in passes], [dbias for _, _, dbias in passes]
+    dx, das = None, [None] * len(projections)
+    if need_dx or need_da:
+        du_all = torch.cat([du for du, _, _ in passes], dim=1)
+        del passes
+        low_rank, da_all = ops.lora_dx_da(x, du_all, _stacked_a(projections), 0, 0.0, need_dx)
+        if need_da:
+            das = [da.to(p.lora_a.dtype, copy=True)    # own storage: outputs must not alias one another
+                   for da, p in zip(da_all.split(_ranks(projections), dim=0), projections)]
+        if need_dx:
+            dx = low_rank
+            for g, p in zip(grads, projections):
+                dx.addmm_(g, p.weight)
+    return dx, das, dbs, dbiases
+
+
+def grouped_bwd(grads: Sequence[Tensor], x: Tensor, projections: Sequence[GroupedProjection], us: Sequence[Tensor],
+                needs: Sequence[bool]) -> tuple[Optional[Tensor], list, list, list]:
+    """(dx (M, K), [dA_i], [dB_i], [dbias_i]) as ``lowcost.reference.lora_grouped_linear.grouped_backward``
+    defines them; ``needs`` = (dx, dA, dB, dbias) for every projection (None where not needed)."""
+    if _stackable(projections):
+        return _stacked_bwd(grads, x, projections, us, needs)
+    dx = None
+    das, dbs, dbiases = [], [], []
+    for g, p, u in zip(grads, projections, us):
+        low_rank, da, db, dbias = _low_rank_grads(g, x, p, u, needs)
+        das.append(da)
+        dbs.append(db)
+        dbiases.append(dbias)
+        if low_rank is None:
+            continue
+        if dx is None:
+            dx = low_rank.addmm_(g, p.weight)       # the first projection's term becomes the accumulator
+        else:
+            dx.addmm_(g, p.weight).add_(low_rank)
+        del low_rank
+    return dx, das, dbs, dbiases

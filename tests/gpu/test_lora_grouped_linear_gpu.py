@@ -10,20 +10,11 @@ import pytest
 import torch
 
 import lowcost
-from lowcost.ops.backend import cuda_kernels_usable, triton_usable
-from helpers import assert_close_to_reference
+from lowcost.ops.backend import cuda_kernels_usable
+from helpers import assert_close_to_reference, gpu_backends
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
-
-
-def gpu_backends():
-    if not torch.cuda.is_available():
-        return ["torch", "triton", "cuda"]  # collected, then skipped by the gpu marker
-    names = ["torch"]
-    names += ["triton"] if triton_usable(CUDA) else []
-    names += ["cuda"] if cuda_kernels_usable(CUDA) else []
-    return names
 
 
 def _cuda_backend_or_skip():

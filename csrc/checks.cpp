@@ -401,4 +401,39 @@ GatedActDims check_gated_act_mul_backward_args(const at::Tensor& dh, const at::T
   return d;
 }
 
+XentSettings check_softmax_xent_rows_args(const at::Tensor& z, const at::Tensor& labels,
+                                          const std::optional<at::Tensor>& row_weight, int64_t ignore_index,
+                                          double label_smoothing, double softcap, c10::DeviceType device) {
+  const char* op = "softmax_xent_rows";
+  check_2d(op, "z", z, "(C, V) logits");
+  check_device(op, "z", z, z, "z", device);
+  check_activation_dtype(op, "z", z);
+  TORCH_CHECK(z.size(1) >= 1, "lowcost::", op, ": z must have V >= 1 columns (classes), got shape ", z.sizes());
+  TORCH_CHECK(z.size(1) <= 1 || z.stride(1) == 1, "lowcost::", op, ": z must have unit column stride (a row-major ",
+              "chunk of logits), got strides ", z.strides());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == z.size(0), "lowcost::", op, ": labels must be a 1-D (C,) ",
+              "tensor with C=", z.size(0), " (z's rows), got shape ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "lowcost::", op, ": labels must be int64, got ",
+              labels.scalar_type());
+  check_device(op, "labels", labels, z, "z", device);
+  if (row_weight.has_value()) {
+    const at::Tensor& w = *row_weight;
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == z.size(0), "lowcost::", op, ": row_weight must be a 1-D (C,) ",
+                "tensor with C=", z.size(0), " (z's rows), got shape ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == at::kFloat, "lowcost::", op, ": row_weight must be float32, got ",
+                w.scalar_type());
+    check_device(op, "row_weight", w, z, "z", device);
+  }
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "lowcost::", op,
+              ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "lowcost::", op,
+              ": softcap must be finite and >= 0 (0: no soft-capping), got ", softcap);
+  XentSettings st;
+  st.V = z.size(1);
+  st.ignore_index = ignore_index;
+  st.smoothing = static_cast<float>(label_smoothing);
+  st.softcap = static_cast<float>(softcap);
+  return st;
+}
+
 }  // namespace lowcost

@@ -9,6 +9,7 @@
 #include <c10/util/string_view.h>
 
 #include "gated_act.h"
+#include "xent_rows.h"
 
 #include <cstdint>
 #include <optional>
@@ -88,5 +89,12 @@ GatedActDims check_gated_act_mul_args(const at::Tensor& gate, const at::Tensor& 
 // gated_act_mul_backward(dh, gate, up, activation): as above, and dh with gate's shape, dtype and device.
 GatedActDims check_gated_act_mul_backward_args(const at::Tensor& dh, const at::Tensor& gate, const at::Tensor& up,
                                                c10::string_view activation, c10::DeviceType device);
+
+// softmax_xent_rows(z, labels, row_weight, ignore_index, label_smoothing, softcap): z a 2-D (C, V) float32/
+// float16/bfloat16 chunk with unit column stride, labels (C,) int64, row_weight None or (C,) float32, one device;
+// label_smoothing in [0, 1], softcap finite and >= 0 (0: none). Returns the settings the kernels read.
+XentSettings check_softmax_xent_rows_args(const at::Tensor& z, const at::Tensor& labels,
+                                          const std::optional<at::Tensor>& row_weight, int64_t ignore_index,
+                                          double label_smoothing, double softcap, c10::DeviceType device);
 
 }  // namespace lowcost

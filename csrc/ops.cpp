@@ -45,6 +45,13 @@ TORCH_LIBRARY(lowcost, m) {
   m.def("gated_act_mul(Tensor gate, Tensor up, str activation) -> Tensor");
   // (d_gate, d_up) = ((dh (.) up) (.) act'(gate), dh (.) act(gate)), contiguous (M, I) in gate.dtype.
   m.def("gated_act_mul_backward(Tensor dh, Tensor gate, Tensor up, str activation) -> (Tensor, Tensor)");
+  // The fused linear cross-entropy's row pass (lowcost/ops/linear_cross_entropy.py; math in csrc/xent_rows.h):
+  // z (C, V) logits chunk, float32/float16/bfloat16, unit column stride; labels (C,) int64 in [0, V) or
+  // ignore_index. Returns the loss of each row, float32 (C,) (0 for an ignored row). With row_weight (C,) float32,
+  // z <- dz in place: w (softmax(zc) - (1 - eps) onehot(y) - eps / V) (. (1 - (zc / c)^2) when softcap c > 0).
+  m.def(
+      "softmax_xent_rows(Tensor(a!) z, Tensor labels, Tensor? row_weight, int ignore_index, float label_smoothing, "
+      "float softcap) -> Tensor");
 }
 
 #ifndef LOWCOST_NO_PYTHON_MODULE

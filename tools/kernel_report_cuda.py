@@ -29,6 +29,12 @@ lowcost/ops/_cuda_gated_mlp.py; its three projections are the LoRA-linear launch
 forward, gated_act_mul again (h recomputed) and gated_act_mul_backward in the backward. Elementwise and
 memory-bound, so their targets are 0 spills and no local memory (LDL/STL in the SASS), no atomics, and no MMA.
 
+``xent_rows_rows(C, V, dtype)`` lists the fused linear cross-entropy's row pass on the ``cuda`` backend (issue #12,
+lowcost/ops/linear_cross_entropy.py; its GEMMs are torch's): softmax_xent_rows over one chunk of C rows of V logits,
+without and with dz. A reduction over V per row, in registers and a shared-memory tree: targets 0 spills, no local
+memory, no atomics, no MMA, and a grid of one block per row (>= 2 x 132 blocks for the default chunk of a 132-SM GPU,
+264 rows).
+
 ``--check`` asserts the CUDA targets of issue #9 on the rows: HMMA in the skinny kernels' and the dequantizing
 GEMMs' SASS (bf16/fp16), no atomic or reduction instruction in any kernel, 0 spills, and at least 2 x 132
 blocks per launch at M >= 8192; by default on the dense weight and on each quantized format the CUDA tile
@@ -57,6 +63,8 @@ DTYPES = ("bf16", "fp16", "fp32")
 SKINNY = ("lora_down", "lora_up", "lora_grad_pass", "lora_dx_da")
 DEQUANT = ("dequant_gemm", "dequant_gemm_dgrad")
 ELEMENTWISE = ("gated_act_mul", "gated_act_mul_backward")     # the fused MLP's steps between its projections
+XENT = ("softmax_xent_rows",)                                  # the fused linear cross-entropy's row pass
+XENT_CHECK_SHAPE = (264, 128256)   # the cuda backend's default chunk on a 132-SM GPU at Llama-3's vocabulary
 GATED_ACTS = ("silu", "gelu_tanh", "gelu")                       # lowcost.reference.lora_gated_mlp.ACTIVATIONS
 QUANT_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")  # _quant_backends.CUDA_FORMATS
 KEYS = ("kernel", "backend", "role", "grid", "persistent", "regs", "spills", "smem", "ctas_per_sm", "limiter", "mma",
@@ -149,6 +157,12 @@ def launches(M: int, K: int, N: int, r: int, dtype: str, adapter_dtype: str | No
 def gated_act_launches(M: int, I: int, dtype: str, act: str, sms: int = SM90_SMS) -> list[dict]:
     """The elementwise launches of one fused-MLP forward + backward on the cuda backend (csrc/cuda/launch_plan.h)."""
     done = _run([_plan_printer(), "gated_act", str(M), str(I), dtype, act, str(sms)], "printing the launch plan")
+    return json.loads(done.stdout)
+
+
+def xent_rows_launches(C: int, V: int, dtype: str, sms: int = SM90_SMS) -> list[dict]:
+    """The row-pass launches of one logits chunk (C, V) on the cuda backend (csrc/cuda/launch_plan.h)."""
+    done = _run([_plan_printer(), "xent_rows", str(C), str(V), dtype, str(sms)], "printing the launch plan")
     return json.loads(done.stdout)
 
 
@@ -320,6 +334,27 @@ def gated_act_rows(M: int, I: int, dtype: str, act: str = "silu", arch: str = "s
     return [_launch_row(launch, resources) for launch in gated_act_launches(M, I, dtype, act)]
 
 
+def xent_rows_rows(C: int, V: int, dtype: str, arch: str = "sm_90a") -> list[dict]:
+    """Rows (as ``launch_rows``) of the fused linear cross-entropy's row pass over a (C, V) logits chunk."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if C < 1 or V < 1:
+        raise ValueError(f"C and V must be >= 1, got C={C}, V={V}")
+    resources = kernel_resources(arch)
+    return [_launch_row(launch, resources) for launch in xent_rows_launches(C, V, dtype)]
+
+
+def check_xent_rows(rows: list[dict], C: int) -> list[str]:
+    """The row pass's targets: those of check_rows, no MMA, and one block per row up to 2 x 132 blocks."""
+    failures = check_rows(rows, C, "fp32")
+    for row in rows:
+        if row["mma"] != "none":
+            failures.append(f"{row['kernel']}: {row['mma']} in the SASS (target: none, a reduction)")
+        if row["grid"] < min(C, 2 * SM90_SMS):
+            failures.append(f"{row['kernel']}: {row['grid']} blocks for {C} rows (target >= {min(C, 2 * SM90_SMS)})")
+    return failures
+
+
 def cuda_kernel_rows(M: int, K: int, N: int, r: int, dtype: str, dropout: float, arch: str) -> list[dict]:
     """One dict per CUDA kernel launch of a fused LoRA forward + backward (keys: see the module docstring)."""
     return [{k: row[k] for k in KEYS} for row in launch_rows(M, K, N, r, dtype, dropout, arch)]
@@ -337,7 +372,7 @@ def check_rows(rows: list[dict], M: int, dtype: str) -> list[str]:
             failures.append(f"{name}: {row['atomics']} atomic/reduction instructions (target 0: deterministic sums)")
         if row["op"] in SKINNY + DEQUANT and dtype != "fp32" and row["mma"] == "none":
             failures.append(f"{name}: no HMMA/HGMMA in the SASS (target: tensor cores for {dtype})")
-        if row["op"] in ELEMENTWISE and row.get("local"):
+        if row["op"] in ELEMENTWISE + XENT and row.get("local"):
             failures.append(f"{name}: {row['local']} local-memory instructions (target 0: elementwise in registers)")
         if M >= 8192 and not row["persistent"] and row["grid"] < 2 * SM90_SMS:
             failures.append(f"{name}: {row['grid']} blocks at M={M} (target >= {2 * SM90_SMS})")
@@ -381,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlp-act", action="append", choices=GATED_ACTS,
                         help="repeatable: also list the fused gated MLP's elementwise launches for this activation, "
                         "at M,I = the shape's M and N (default with --check: each activation, at M=8192, I=14336)")
+    parser.add_argument("--xent", action="append", type=int, nargs=2, metavar=("C", "V"),
+                        help="repeatable: also list the fused linear cross-entropy's row pass over a (C, V) logits "
+                        f"chunk (default with --check: {XENT_CHECK_SHAPE[0]} {XENT_CHECK_SHAPE[1]})")
     parser.add_argument("--arch", default="sm_90a", choices=("sm_90", "sm_90a"))
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per kernel launch")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the issue's CUDA targets hold")
@@ -390,8 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     quants = args.quant or (["none", *QUANT_FORMATS] if args.check else ["none"])
     mlp_acts = args.mlp_act or (list(GATED_ACTS) if args.check else [])
     mlp_shapes = [(8192, 14336)] if args.check and not args.shape else [(s[0], s[2]) for s in shapes]
-    all_rows, mlp_rows, failures = [], [], []
+    xent_shapes = [tuple(shape) for shape in args.xent or ([XENT_CHECK_SHAPE] if args.check else [])]
+    all_rows, mlp_rows, xent_rows, failures = [], [], [], []
     try:
+        for C, V in xent_shapes:
+            rows = xent_rows_rows(C, V, args.dtype, args.arch)
+            failures += [f"linear cross-entropy rows C={C} V={V}: {f}" for f in check_xent_rows(rows, C)]
+            xent_rows.append(((C, V), rows))
         for act in mlp_acts:
             for M, inter in mlp_shapes:
                 rows = gated_act_rows(M, inter, args.dtype, act, args.arch)
@@ -412,7 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([{k: row[k] for k in KEYS} | {"shape": list(shape), "dropout": p, "quant": q}
                           for shape, p, q, rows in all_rows for row in rows]
                          + [{k: row[k] for k in KEYS} | {"shape": list(shape), "activation": act}
-                            for shape, act, rows in mlp_rows for row in rows], indent=1))
+                            for shape, act, rows in mlp_rows for row in rows]
+                         + [{k: row[k] for k in KEYS} | {"shape": list(shape), "op": "softmax_xent_rows"}
+                            for shape, rows in xent_rows for row in rows], indent=1))
     else:
         for shape, p, q, rows in all_rows:
             M, K, N, r = shape
@@ -423,11 +468,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ncuda backend, fused gated MLP's elementwise launches, {args.dtype}, M={M} I={inter}, {act}, "
                   f"{args.arch}:")
             print(format_table(rows))
+        for (C, V), rows in xent_rows:
+            print(f"\ncuda backend, fused linear cross-entropy's row pass, {args.dtype}, C={C} V={V}, {args.arch}:")
+            print(format_table(rows))
     if args.check:
         for failure in failures:
             print(f"TARGET MISSED: {failure}", file=sys.stderr)
         print(f"kernel_report_cuda --check: {'FAILED' if failures else 'all targets hold'} "
-              f"({sum(len(rows) for *_, rows in all_rows + mlp_rows)} launches)", file=sys.stderr)
+              f"({sum(len(rows) for *_, rows in all_rows + mlp_rows + xent_rows)} launches)", file=sys.stderr)
         return 1 if failures else 0
     return 0
 

@@ -22,6 +22,7 @@
 #include "gated_act_kernels.cuh"
 #include "reduce_kernels.cuh"
 #include "up_grad_kernels.cuh"
+#include "xent_rows_kernels.cuh"
 
 #include "../checks.h"
 #include "../dispatch.h"
@@ -264,6 +265,33 @@ std::tuple<at::Tensor, at::Tensor> run_gated_act_mul_backward(const at::Tensor& 
     });
   });
   return {d_gate, d_up};
+}
+
+// The row pass of the fused linear cross-entropy: loss (C,) float32, and z <- dz in place when row_weight is given.
+template <typename Exec>
+at::Tensor run_softmax_xent_rows(at::Tensor& z, const at::Tensor& labels, const std::optional<at::Tensor>& row_weight,
+                                 int64_t ignore_index, double label_smoothing, double softcap, Exec& exec) {
+  const XentSettings st = check_softmax_xent_rows_args(z, labels, row_weight, ignore_index, label_smoothing, softcap,
+                                                       Exec::kDevice);
+  [[maybe_unused]] const auto guard = exec.guard(z.device());
+  const int64_t C = z.size(0);
+  at::Tensor loss = exec.empty({C}, z.options().dtype(at::kFloat));
+  if (C == 0) return loss;
+  const at::Tensor weight = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
+  const LaunchGrid grid{xent_rows_blocks(C, exec.sms()), 1, 1};
+  dispatch_act(z.scalar_type(), "softmax_xent_rows", [&](auto tv) {
+    using T = decltype(tv);
+    if (weight.defined()) {
+      exec.launch(grid, xent_rows_smem(), "softmax_xent_rows", xent_rows_kernel<T, true>, z.data_ptr<T>(),
+                  z.stride(0), labels.data_ptr<int64_t>(), labels.stride(0), weight.data_ptr<float>(), C, st,
+                  loss.data_ptr<float>());
+    } else {
+      exec.launch(grid, xent_rows_smem(), "softmax_xent_rows", xent_rows_kernel<T, false>, z.data_ptr<T>(),
+                  z.stride(0), labels.data_ptr<int64_t>(), labels.stride(0), static_cast<const float*>(nullptr), C,
+                  st, loss.data_ptr<float>());
+    }
+  });
+  return loss;
 }
 
 }  // namespace cuda

@@ -286,5 +286,17 @@ inline int64_t philox_dropout_blocks(int64_t numel, int64_t sm_count) {
 // thread per 4 consecutive elements, at most 16 blocks per SM; larger problems loop).
 inline int64_t gated_act_blocks(int64_t numel, int64_t sm_count) { return philox_dropout_blocks(numel, sm_count); }
 
+// ---------------------------------------------------------------------------------------------
+// softmax_xent_rows (the fused linear cross-entropy's row pass): one block per row of the (C, V) logits chunk,
+// at most kXentBlocksPerSm resident blocks per SM (256 threads each: the SM's 2048 threads); more rows loop.
+// Shared memory: the block's kThreads (max, sum, sum) partials for the tree merge.
+constexpr int64_t kXentBlocksPerSm = 8;
+
+inline int64_t xent_rows_blocks(int64_t rows, int64_t sm_count) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, sm_count * kXentBlocksPerSm));
+}
+
+inline int64_t xent_rows_smem() { return 3 * kThreads * static_cast<int64_t>(sizeof(float)); }
+
 }  // namespace cuda
 }  // namespace lowcost

@@ -14,4 +14,5 @@ TORCH_LIBRARY_IMPL(lowcost, CUDA, m) {
   m.impl("dequant_gemm_dgrad", &lowcost::cuda::dequant_gemm_dgrad);
   m.impl("gated_act_mul", &lowcost::cuda::gated_act_mul);
   m.impl("gated_act_mul_backward", &lowcost::cuda::gated_act_mul_backward);
+  m.impl("softmax_xent_rows", &lowcost::cuda::softmax_xent_rows);
 }

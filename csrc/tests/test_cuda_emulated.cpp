@@ -80,6 +80,12 @@ std::tuple<at::Tensor, at::Tensor> emu_gated_act_mul_backward(const at::Tensor& 
   return lowcost::cuda::run_gated_act_mul_backward(dh, gate, up, act, exec);
 }
 
+at::Tensor emu_softmax_xent_rows(at::Tensor& z, const at::Tensor& labels, const std::optional<at::Tensor>& row_weight,
+                                 int64_t ignore_index, double smoothing, double softcap, int64_t sms) {
+  EmuExec exec{sms};
+  return lowcost::cuda::run_softmax_xent_rows(z, labels, row_weight, ignore_index, smoothing, softcap, exec);
+}
+
 // ---- checks ------------------------------------------------------------------------------------
 int g_failures = 0;
 int g_checks = 0;
@@ -371,6 +377,49 @@ void test_gated_act() {
   }
 }
 
+// The fused cross-entropy's row pass against the CPU op (csrc/xent_rows.h's math and lane order on both sides, so
+// equal to the bit): loss and, with row weights, dz written over the logits. C = 0 and 1, V below one group, odd
+// (unaligned rows: the element-by-element path), a multiple of 4 (the 4-wide path) and longer than one sweep of
+// the block's lanes; a chunk that is a column slice of a wider buffer; ignored rows (one all-ignored chunk),
+// smoothing and soft-capping; 1 SM (blocks loop over rows) and 132.
+void test_softmax_xent_rows() {
+  const int64_t shapes[][2] = {{0, 5}, {1, 1}, {1, 3}, {7, 1001}, {5, 1024}, {3, 4099}, {19, 37}};
+  const double settings[][2] = {{0.0, 0.0}, {0.1, 0.0}, {0.0, 3.0}, {0.25, 1.5}};
+  for (c10::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const auto& s : shapes) {
+      for (bool sliced : {false, true}) {
+        for (const auto& st : settings) {
+          const int64_t C = s[0], V = s[1];
+          at::Tensor base = sliced ? (at::randn({C, V + 3}, at::kDouble) * 4).to(dt).narrow(1, 1, V)
+                                   : (at::randn({C, V}, at::kDouble) * 4).to(dt);
+          at::Tensor labels = at::randint(0, std::max<int64_t>(V, 1), {C}, at::kLong);
+          if (C > 2) labels.index_put_({at::indexing::Slice(0, C, 3)}, -100);  // every third row ignored
+          const at::Tensor all_ignored = at::full({C}, -100, at::kLong);
+          const at::Tensor weight = at::rand({C}, at::kFloat) + 0.5;
+          const std::string n = name("softmax_xent_rows", C, V, 0, dt, dt, sliced, st[0]) +
+                                " softcap=" + std::to_string(st[1]);
+          for (const at::Tensor* lab : {static_cast<const at::Tensor*>(&labels), &all_ignored}) {
+            at::Tensor z_cpu = base.clone();
+            const at::Tensor loss_cpu = lowcost::cpu::softmax_xent_rows(z_cpu, *lab, weight, -100, st[0], st[1]);
+            at::Tensor z_fwd = base.clone();
+            const at::Tensor loss_fwd = lowcost::cpu::softmax_xent_rows(z_fwd, *lab, std::nullopt, -100, st[0], st[1]);
+            for (int64_t sms : {1, 132}) {
+              const std::string ns = n + (lab == &labels ? "" : " all ignored") + " sms " + std::to_string(sms);
+              at::Tensor z = base.clone();
+              expect_equal(ns + " loss", emu_softmax_xent_rows(z, *lab, weight, -100, st[0], st[1], sms), loss_cpu);
+              expect_equal(ns + " dz", z, z_cpu);
+              at::Tensor z_keep = base.clone();
+              expect_equal(ns + " loss (no grad)",
+                           emu_softmax_xent_rows(z_keep, *lab, std::nullopt, -100, st[0], st[1], sms), loss_fwd);
+              expect_equal(ns + " z untouched without row_weight", z_keep, base);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // Two runs of the backward ops give bitwise identical results (no atomics: fixed reduction order).
 void test_backward_bitwise_reproducible() {
   const at::Tensor g = make(300, 136, at::kBFloat16, false), u = make(300, 16, at::kFloat, false);
@@ -398,7 +447,7 @@ int main(int argc, char** argv) {
       {"philox_dropout", test_philox_dropout},           {"lora_down", test_lora_down},
       {"lora_up", test_lora_up},                         {"lora_grad_pass", test_lora_grad_pass},
       {"lora_dx_da", test_lora_dx_da},                   {"bitwise_reproducible", test_backward_bitwise_reproducible},
-      {"gated_act", test_gated_act}};
+      {"gated_act", test_gated_act},                     {"softmax_xent_rows", test_softmax_xent_rows}};
   for (const auto& test : tests) {
     if (argc < 2 || std::string(test.first).find(argv[1]) != std::string::npos) test.second();
   }

@@ -6,8 +6,11 @@
 //
 //   print_launch_plan M K N r X_DTYPE ADAPTER_DTYPE SMS HAS_BIAS [QUANT]
 //   print_launch_plan gated_act M I DTYPE ACT SMS
+//   print_launch_plan xent_rows C V DTYPE SMS
 //   (the second form: the fused gated MLP's own elementwise launches, lowcost/ops/_cuda_gated_mlp.py: h in the
 //   forward, h again and the two input gradients in the backward; ACT: silu, gelu_tanh or gelu)
+//   (the third form: the fused linear cross-entropy's row pass on the cuda backend, lowcost/ops/linear_cross_entropy.py,
+//   for one chunk of C rows of V logits: softmax_xent_rows without dz (a forward that saves nothing) and with dz)
 //   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE; QUANT: nf4, nf4-dq, int8, q8_0, q4_0,
 //   q4_1, q4_k, q6_k for a quantized weight, whose base GEMMs are lowcost's dequant_gemm / dequant_gemm_dgrad
 //   instead of cuBLAS)
@@ -125,10 +128,32 @@ int print_gated_act(int argc, char** argv) {
   return 0;
 }
 
+int print_xent_rows(int argc, char** argv) {
+  Dtype x{};
+  if (argc != 6 || !parse_dtype(argv[4], x)) {
+    std::fprintf(stderr, "usage: %s xent_rows C V DTYPE(bf16|fp16|fp32) SMS\n", argv[0]);
+    return 2;
+  }
+  const int64_t C = std::atoll(argv[2]), V = std::atoll(argv[3]), sms = std::atoll(argv[5]);
+  if (C < 1 || V < 1 || sms < 1) {
+    std::fprintf(stderr, "C, V and SMS must be >= 1\n");
+    return 2;
+  }
+  const LaunchGrid grid{xent_rows_blocks(C, sms), 1, 1};
+  const std::string config = "one block per row, " + std::to_string(V) + " logits, 4 per thread per step";
+  print_launch("softmax_xent_rows", kernel_name("xent_rows_kernel", {x.cpp, "false"}), grid, xent_rows_smem(),
+               "loss only: " + config);
+  print_launch("softmax_xent_rows", kernel_name("xent_rows_kernel", {x.cpp, "true"}), grid, xent_rows_smem(),
+               "loss and dz in place: " + config);
+  std::printf("\n]\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc >= 2 && std::string(argv[1]) == "gated_act") return print_gated_act(argc, argv);
+  if (argc >= 2 && std::string(argv[1]) == "xent_rows") return print_xent_rows(argc, argv);
   Dtype x{}, a{};
   const std::string quant = argc == 10 ? argv[9] : "";
   const int fmt = quant.empty() ? -1 : quant_format_id(quant);

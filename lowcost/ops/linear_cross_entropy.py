@@ -19,6 +19,11 @@ Two custom ops carry it through the dispatcher, FakeTensor and ``torch.compile``
   incoming gradient) or a trainable W (whose gradient would be a saved (V, K) tensor), backward recomputes
   each chunk's logits instead. Saved: h (the caller's tensor), labels and the seed.
 
+Backends: the composition (``lowcost.reference.linear_cross_entropy_rows``: GEMMs by torch) is one; only the row
+pass differs: "torch" (the reference's), "triton" (``lowcost.kernels.linear_cross_entropy``), "cuda" (lowcost._C's
+``softmax_xent_rows``, csrc/xent_rows.h: a CUDA kernel, with a C++ twin that runs the same composition on CPU
+tensors for the tests). "triton" and "cuda" take fp32/fp16/bf16 and compute the row pass in float32.
+
 Backward (g = ∂L/∂loss; w_m = g_m, or g/n_valid for "mean", g for "sum"):
     dz = w ⊙ (softmax(z) − (1−ε)·onehot(y) − ε/V) (⊙ (1 − (z/c)²) with soft-capping); ignored rows 0
     dh = dz W + D⊙(du A),  du = s·dz B,  dW = dzᵀ h,  dbias = Σ_m dz,  dB = s·dzᵀ u,  dA = duᵀ (D⊙h)
@@ -41,15 +46,19 @@ Tensor = torch.Tensor
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_ELEMENTS = 2**23          # default chunk: about 8M logits (32 MiB in float32) per buffer
 NO_GRADS = (False,) * 5
+# The cuda backend's row pass runs one block per row: 2 rows per SM fill the GPU (as the Triton kernel's programs).
+CUDA_ROW_BLOCKS_PER_SM = 2
 
 
 def default_chunk(rows: int, vocab: int, min_rows: int = 1) -> int:
-    """Rows per logits buffer: ~CHUNK_ELEMENTS logits, at least ``min_rows`` (the Triton row kernel's rows
-    that fill the GPU; 1 on the torch backend) and at least 1 row, at most all of them."""
+    """Rows per logits buffer: ~CHUNK_ELEMENTS logits, at least ``min_rows`` (the Triton or CUDA row kernel's
+    rows that fill the GPU; 1 on the torch backend) and at least 1 row, at most all of them."""
     return max(1, min(rows, max(min_rows, CHUNK_ELEMENTS // max(vocab, 1))))
 
 
 def _min_chunk_rows(backend: str, device: torch.device) -> int:
+    if backend == "cuda" and device.type == "cuda":
+        return CUDA_ROW_BLOCKS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     if backend != "triton":
         return 1
     from lowcost.kernels.linear_cross_entropy import min_chunk_rows  # triton: heavy import
@@ -130,17 +139,22 @@ def _check_label_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
 
 
 def _resolve(backend: Optional[str], device: torch.device) -> str:
-    """"torch" or "triton" (no CUDA C++ kernel: on a GPU the default is Triton, then torch's GEMMs)."""
-    if backend == "cuda":
-        raise ValueError("backend='cuda' has no linear_cross_entropy kernel; use 'triton' or 'torch'")
-    name = resolve_backend(backend, device)
-    return "torch" if name == "cuda" else name
+    """"torch", "triton" or "cuda" (on a GPU the default is Triton, then CUDA; on CPU torch). backend='cuda' needs
+    CUDA tensors and lowcost._C built with the CUDA kernels, and is refused with the reason otherwise."""
+    return resolve_backend(backend, device)
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
 def _rows_fn(backend: str):
+    """The row pass of ``linear_cross_entropy_rows``: the reference's (torch), the Triton kernel, or lowcost._C's
+    ``softmax_xent_rows`` (cuda: a CUDA kernel on CUDA tensors, its C++ twin on CPU tensors)."""
     if backend == "torch":
         return softmax_xent_rows
+    if backend == "cuda":
+        def cuda_rows(z, labels, row_weight, spec):
+            return torch.ops.lowcost.softmax_xent_rows(z, labels, row_weight, spec.ignore_index,
+                                                       spec.label_smoothing, spec.softcap)
+        return cuda_rows
     from lowcost.kernels.linear_cross_entropy import softmax_xent_rows as triton_rows  # triton: heavy import
 
     def rows(z, labels, row_weight, spec):
@@ -274,12 +288,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
         labels: (...) int64 class indices in [0, V) or ``ignore_index``; hidden's leading shape.
         bias: (V,) or None. ignore_index, reduction ("mean" | "sum" | "none"), label_smoothing: as in
             ``F.cross_entropy`` ("mean" over the labels not ignored; NaN when all are ignored).
-        chunk: rows per logits buffer (default: about 2**23 logits per buffer; on the Triton backend at least
-            2 rows per SM, so the row kernel fills the GPU: 264 rows on a 132-SM H100/H200).
+        chunk: rows per logits buffer (default: about 2**23 logits per buffer; on the Triton and CUDA backends
+            at least 2 rows per SM, so the row kernel fills the GPU: 264 rows on a 132-SM H100/H200).
         softcap: c for Gemma's final-logit soft-capping z ← c·tanh(z/c), or None.
         lora_a (r, K), lora_b (V, r), lora_scale, lora_dropout, seed: a LoRA adapter on the head, exactly
             as ``lowcost.ops.lora_linear`` computes it (same Philox mask for the same seed).
-        backend: "torch", "triton" or None (``LOWCOST_BACKEND``, else the best available).
+        backend: "torch", "triton", "cuda" or None (``LOWCOST_BACKEND``, else the best available). "cuda": the
+            row pass is lowcost._C's ``softmax_xent_rows`` kernel, the GEMMs torch's (CUDA tensors only).
         loss_dtype: the returned loss's dtype (default hidden's; transformers' losses are float32). The loss
             is accumulated in float32 (float64 for float64 inputs) and rounded once.
     Returns:

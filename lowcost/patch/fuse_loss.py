@@ -9,7 +9,8 @@ the op. Without labels, with ``logits_to_keep``, or with ``return_logits=True`` 
 forward unchanged (logits as usual).
 
 The head may be a frozen or trainable ``nn.Linear`` (a tied embedding included: the op reads the same
-weight) or a fused ``LoRALinear`` (its dropout seed drawn as its own forward would draw it). Families
+weight) or a fused ``LoRALinear`` (its dropout seed drawn as its own forward would draw it; its backend is the
+op's: backend='cuda' where the CUDA kernels can run, refused with the reason elsewhere). Families
 outside ``LOSS_FAMILIES``, MoE variants (their forward adds a router loss), models whose forward is
 already replaced, and any other head are refused with the reason.
 """
@@ -25,6 +26,7 @@ from torch import nn
 
 from lowcost._families import detect_family
 from lowcost.nn.lora_linear import LoRALinear
+from lowcost.ops.backend import unavailable_reason
 from lowcost.ops.linear_cross_entropy import linear_cross_entropy
 
 LOSS_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3")
@@ -48,13 +50,26 @@ def loss_problem(model: nn.Module) -> str:
         return "no decoder (model.model) and head (model.lm_head) pair"
     head = model.lm_head
     if isinstance(head, LoRALinear):
-        if head.fan_in_fan_out or head.backend == "cuda":
-            return "lm_head is a LoRALinear the fused loss does not take (Conv1D, or backend='cuda')"
+        if head.fan_in_fan_out:
+            return "lm_head is a LoRALinear the fused loss does not take (Conv1D)"
         if not isinstance(head.weight, torch.Tensor):
             return "lm_head has a quantized base weight (the fused loss has no dequantizing path yet)"
+        if head.backend == "cuda":
+            return _cuda_head_problem(head)
     elif type(head) is not nn.Linear:
         return f"lm_head is a {type(head).__name__} (the fused loss takes nn.Linear or a fused LoRALinear)"
     return ""
+
+
+def _cuda_head_problem(head: LoRALinear) -> str:
+    """Why the fused loss cannot run a backend='cuda' LoRA head ("" when it can): its row pass is lowcost._C's CUDA
+    kernel (CUDA tensors, sm_80+, a CUDA build) and takes fp32/fp16/bf16. A meta-device model (lowcost plan) runs
+    later on a device we cannot see: only the dtype is checked."""
+    if head.weight.dtype == torch.float64:
+        return "lm_head asks for backend='cuda' with float64 weights (the cuda kernels take fp32/fp16/bf16)"
+    device = head.weight.device
+    why = None if device.type == "meta" else unavailable_reason("cuda", device, head.lora_A.shape[0])
+    return f"lm_head asks for backend='cuda', which cannot run here: {why}" if why else ""
 
 
 def _head_fusable(head: nn.Module) -> bool:

@@ -255,7 +255,7 @@ BAD = [
     ("bias", dict(bias=torch.randn(29)), ValueError, "bias must have shape (30,)"),
     ("lora pair", dict(lora_a=torch.randn(2, 8)), ValueError, "lora_a and lora_b must be given together"),
     ("lora_b", dict(lora_a=torch.randn(2, 8), lora_b=torch.randn(30, 3)), ValueError, "lora_b must have shape"),
-    ("cuda", dict(backend="cuda"), ValueError, "backend='cuda' has no linear_cross_entropy kernel"),
+    ("cuda", dict(backend="cuda"), ValueError, "backend='cuda' is not available: the CUDA kernels need CUDA tensors"),
     ("dtype", dict(weight=torch.randn(30, 8, dtype=torch.float64)), TypeError, "weight must have hidden's dtype"),
 ]
 

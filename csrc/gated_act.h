@@ -13,17 +13,11 @@
 //   gated_act_mul_backward:  d_up = dh a(g),  d_gate = (dh u) a'(g)
 #pragma once
 
+#include "host_device.h"
+
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
-
-#ifndef LOWCOST_HD
-#if defined(__CUDACC__)
-#define LOWCOST_HD __host__ __device__ __forceinline__
-#else
-#define LOWCOST_HD inline
-#endif
-#endif
 
 namespace lowcost {
 

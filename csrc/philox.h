@@ -8,13 +8,9 @@
 //   value   = keep ? float32(x) * keep_scale : 0,  keep_scale = float32(1 / (1 - p))
 #pragma once
 
-#include <cstdint>
+#include "host_device.h"
 
-#if defined(__CUDACC__)
-#define LOWCOST_HD __host__ __device__ __forceinline__
-#else
-#define LOWCOST_HD inline
-#endif
+#include <cstdint>
 
 namespace lowcost {
 

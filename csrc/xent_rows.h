@@ -16,16 +16,10 @@
 // block; the CPU kernel walks the same lanes, so under host emulation both produce the same bits.
 #pragma once
 
+#include "host_device.h"
+
 #include <cmath>
 #include <cstdint>
-
-#ifndef LOWCOST_HD
-#if defined(__CUDACC__)
-#define LOWCOST_HD __host__ __device__ __forceinline__
-#else
-#define LOWCOST_HD inline
-#endif
-#endif
 
 namespace lowcost {
 

@@ -145,3 +145,21 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     for key, value in before["state"].items():
         assert torch.equal(after["state"][key], value), f"{key} changed"
     assert "_lowcost_patch" not in model.__dict__
+
+
+def lora_llama_step(backend: str, fused, dropout: float):
+    """One training step of ``llama()`` under ``lowcost.apply`` (LoRA r=4 on every linear, ``backend``, the
+    ``fused`` tuple or None): (apply's report, the model, the loss, {trainable name: grad}). Adapters randomized
+    and the dropout generator seeded the same way on every call, so fused and unfused runs compare exactly."""
+    import lowcost
+    from lowcost.patch import lora_layers
+    model = llama()
+    report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, dropout=dropout, targets="all-linear",
+                                                         backend=backend), fused=fused)
+    randomize_adapters(lora_layers(model))
+    model.train()
+    torch.manual_seed(7)
+    ids = _ids(batch=1)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return report, model, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

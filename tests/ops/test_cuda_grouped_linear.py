@@ -19,7 +19,8 @@ from lowcost.ops import backend as backend_module
 from lowcost.ops.lora_grouped_linear import _grouped_backward_op, _grouped_op, lora_grouped_linear
 from lowcost.reference import dropout_keep_mask, keep_scale
 from helpers import TOLERANCE, max_normalized_error
-from test_lora_grouped_linear import GQA, SHAPES, _grads, _leaves, check, make_inputs, run_op
+from test_lora_grouped_linear import (GQA, SHAPES, _grads, _leaves, assert_bitwise_reproducible, check, make_inputs,
+                                     run_op)
 
 pytestmark = pytest.mark.skipif(not has_kernel("lora_dx_da", "CPU"),
                                 reason="lowcost._C is not built (pip install --no-build-isolation -e .)")
@@ -202,12 +203,7 @@ def test_saves_x_once_the_u_and_the_seeds(cuda_on_cpu):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_bitwise_reproducible(cuda_on_cpu, dropout):
-    d = make_inputs(70, 24, GQA[0], GQA[1], seed=5)
-    runs = [run_op(d, (1.5, 0.5, 2.0), (dropout,) * 3, (1, 2, 3), backend="cuda") for _ in range(2)]
-    for y0, y1 in zip(runs[0][0], runs[1][0]):
-        assert torch.equal(y0, y1)
-    for name, grad in runs[0][1].items():
-        assert torch.equal(grad, runs[1][1][name]), name
+    assert_bitwise_reproducible("cuda", dropout)
 
 
 def test_opcheck():

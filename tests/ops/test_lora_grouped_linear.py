@@ -159,16 +159,21 @@ def test_u_is_exactly_the_masked_input(backend):
             assert torch.equal(triton_mask(M, K, seed, p, "cpu"), keep)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_triton_bitwise_reproducible(dropout):
-    if not triton_usable(torch.device("cpu")):
-        pytest.skip("triton not installed")
+def assert_bitwise_reproducible(backend, dropout):
+    """Two runs of the same call give the same bits: every output and every gradient (no atomics, fixed orders)."""
     d = make_inputs(70, 24, GQA[0], GQA[1], seed=5)
-    runs = [run_op(d, (1.5, 0.5, 2.0), (dropout,) * 3, (1, 2, 3), backend="triton") for _ in range(2)]
+    runs = [run_op(d, (1.5, 0.5, 2.0), (dropout,) * 3, (1, 2, 3), backend=backend) for _ in range(2)]
     for y0, y1 in zip(runs[0][0], runs[1][0]):
         assert torch.equal(y0, y1)
     for name, grad in runs[0][1].items():
         assert torch.equal(grad, runs[1][1][name]), name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_triton_bitwise_reproducible(dropout):
+    if not triton_usable(torch.device("cpu")):
+        pytest.skip("triton not installed")
+    assert_bitwise_reproducible("triton", dropout)
 
 
 def test_saves_x_once_the_u_and_the_seeds():

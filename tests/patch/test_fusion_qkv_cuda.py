@@ -17,7 +17,7 @@ from lowcost.ops import backend as backend_module
 from lowcost.patch import lora_layers
 from lowcost.patch.fuse import STATE_ATTR
 from lowcost.patch.fuse_qkv import plan_grouped_fusions
-from tiny_models import _ids, llama, randomize_adapters
+from tiny_models import llama, lora_llama_step
 
 pytestmark = pytest.mark.skipif(not has_kernel("lora_dx_da", "CPU"),
                                 reason="lowcost._C is not built (pip install --no-build-isolation -e .)")
@@ -32,29 +32,15 @@ def cuda_on_cpu(monkeypatch):
     monkeypatch.setattr(lowcost_api, "_check_backend_here", lambda config: None)
 
 
-def _step(fused, dropout):
-    model = llama()
-    report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, dropout=dropout, targets="all-linear",
-                                                         backend="cuda"), fused=fused)
-    randomize_adapters(lora_layers(model))
-    model.train()
-    torch.manual_seed(7)
-    ids = _ids(batch=1)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    return report, model, loss.detach(), grads
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_cuda_layers_group_and_match_the_unfused_cuda_model(cuda_on_cpu, dropout):
     """Loss within 1e-5 relative and every adapter gradient within 1e-5 of its largest element (fp32: the same
     ops per projection; only dx sums the projections' terms in another order)."""
-    report, model, loss, grads = _step(("qkv",), dropout)
+    report, model, loss, grads = lora_llama_step("cuda", ("qkv",), dropout)
     assert {f.module for f in report.fusion.taken if f.kind == "qkv"} == BLOCKS, str(report.fusion)
     groups = model.__dict__[STATE_ATTR].groups
     assert groups and all(g.stats["grouped"] >= 1 and g.stats["fallback"] == 0 for g in groups)
-    _, _, loss_ref, grads_ref = _step(None, dropout)
+    _, _, loss_ref, grads_ref = lora_llama_step("cuda", None, dropout)
     assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
     assert set(grads) == set(grads_ref)
     for name, ref in grads_ref.items():

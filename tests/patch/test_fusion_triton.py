@@ -8,33 +8,19 @@ import torch
 
 import lowcost
 from lowcost.ops.backend import triton_usable
-from lowcost.patch import lora_layers
 from lowcost.patch.fuse_mlp import build_mlp_fusion
-from tiny_models import _ids, llama, randomize_adapters
+from tiny_models import llama, lora_llama_step
 
 pytestmark = pytest.mark.skipif(not triton_usable(torch.device("cpu")), reason="triton not installed")
 ROLES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-def _step(fused, dropout):
-    model = llama()
-    report = lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, dropout=dropout, targets="all-linear",
-                                                         backend="triton"), fused=fused)
-    randomize_adapters(lora_layers(model))
-    model.train()
-    torch.manual_seed(7)
-    ids = _ids(batch=1)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return report, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_triton_layers_fuse_and_match_the_unfused_triton_model(dropout):
-    report, loss, grads = _step(("mlp",), dropout)
+    report, _, loss, grads = lora_llama_step("triton", ("mlp",), dropout)
     assert {(f.kind, f.module) for f in report.fusion.taken} == {("mlp", "model.layers.0.mlp"),
                                                                   ("mlp", "model.layers.1.mlp")}
-    _, loss_ref, grads_ref = _step(None, dropout)
+    _, _, loss_ref, grads_ref = lora_llama_step("triton", None, dropout)
     assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
     for name, ref in grads_ref.items():
         err = float((grads[name] - ref).abs().max() / ref.abs().max().clamp_min(1e-30))

@@ -19,8 +19,8 @@ from lowcost.ops import backend as backend_module
 from lowcost.ops.lora_grouped_linear import _grouped_backward_op, _grouped_op, lora_grouped_linear
 from lowcost.reference import dropout_keep_mask, keep_scale
 from helpers import TOLERANCE, max_normalized_error
-from test_lora_grouped_linear import (GQA, SHAPES, _grads, _leaves, assert_bitwise_reproducible, check, make_inputs,
-                                     run_op)
+from test_lora_grouped_linear import (GQA, SHAPES, _grads, _leaves, assert_bitwise_reproducible, check,
+                                     grouped_and_unfused_runs, make_inputs, run_op)
 
 pytestmark = pytest.mark.skipif(not has_kernel("lora_dx_da", "CPU"),
                                 reason="lowcost._C is not built (pip install --no-build-isolation -e .)")
@@ -94,21 +94,7 @@ def test_same_dropped_elements_as_unfused_cuda_lora_linears(cuda_on_cpu, seeds):
     """Explicit seeds, and seeds=None drawn from torch's generator in the unfused order: the outputs of three
     ``lora_linear(backend='cuda')`` calls bit for bit (same ops, same masks), every gradient within fp32
     rounding (dx sums the same terms in another order; a mask that differs in one element is O(1) off)."""
-    d = make_inputs(21, 24, GQA[0], GQA[1], seed=8)
-    dropouts = (0.2, 0.3, 0.25)
-    results = []
-    for fused in (True, False):
-        c = _leaves(d)
-        torch.manual_seed(1234)
-        if fused:
-            ys = lora_grouped_linear(c["x"], c["w"], c["a"], c["b"], (2.0,) * 3, c["bias"], dropouts, seeds,
-                                     backend="cuda")
-        else:
-            ys = [lowcost.lora_linear(c["x"], w, a, b, 2.0, bias, p, s, backend="cuda")
-                  for w, a, b, bias, p, s in zip(c["w"], c["a"], c["b"], c["bias"], dropouts, seeds or (None,) * 3)]
-        torch.autograd.backward(ys, c["g"])
-        results.append(([y.detach() for y in ys], _grads(c)))
-    (ys, grads), (ys_ref, grads_ref) = results
+    (ys, grads), (ys_ref, grads_ref) = grouped_and_unfused_runs("cuda", seeds)
     for y, y_ref in zip(ys, ys_ref):
         assert torch.equal(y, y_ref)
     for name in grads_ref:

@@ -114,11 +114,9 @@ def test_low_precision(backend, dtype, adapter_dtype):
     check(d, (0.1, 0.2, 0.0), dtype=dtype, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("seeds", [(5, 6, 7), None])
-def test_same_dropped_elements_as_unfused_lora_linears(backend, seeds):
-    """Explicit seeds, and seeds=None drawn from torch's generator in the unfused order: the same outputs and
-    gradients as three lowcost.lora_linear calls (bit-identical forward on torch: same masks, same GEMMs)."""
+def grouped_and_unfused_runs(backend, seeds):
+    """[(outputs, grads) of lora_grouped_linear, the same of three lowcost.lora_linear calls] on ``backend``, with
+    dropout on and the dropout generator seeded alike (``seeds`` None draws them in the unfused order)."""
     d = make_inputs(21, 24, GQA[0], GQA[1], seed=8)
     dropouts = (0.2, 0.3, 0.25)
     results = []
@@ -133,7 +131,15 @@ def test_same_dropped_elements_as_unfused_lora_linears(backend, seeds):
                   for w, a, b, bias, p, s in zip(c["w"], c["a"], c["b"], c["bias"], dropouts, seeds or (None,) * 3)]
         torch.autograd.backward(ys, c["g"])
         results.append(([y.detach() for y in ys], _grads(c)))
-    (ys, grads), (ys_ref, grads_ref) = results
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seeds", [(5, 6, 7), None])
+def test_same_dropped_elements_as_unfused_lora_linears(backend, seeds):
+    """Explicit seeds, and seeds=None drawn from torch's generator in the unfused order: the same outputs and
+    gradients as three lowcost.lora_linear calls (bit-identical forward on torch: same masks, same GEMMs)."""
+    (ys, grads), (ys_ref, grads_ref) = grouped_and_unfused_runs(backend, seeds)
     for y, y_ref in zip(ys, ys_ref):
         if backend == "torch":
             assert torch.equal(y, y_ref)

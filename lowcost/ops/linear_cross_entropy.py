@@ -162,9 +162,11 @@ def _rows_fn(backend: str):
     return rows
 
 
-def _row_weights(grad: Tensor, labels: Tensor, spec: CrossEntropySpec, reduction: str) -> Tensor:
-    """w (M,) float32: ∂L/∂loss_m for the incoming gradient ``grad`` (0-D for "mean"/"sum", (M,) for "none")."""
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+def _row_weights(grad: Tensor, labels: Tensor, spec: CrossEntropySpec, reduction: str, hidden: Tensor) -> Tensor:
+    """w (M,): ∂L/∂loss_m for the incoming gradient ``grad`` (0-D for "mean"/"sum", (M,) for "none"), in the row
+    pass's accumulation dtype: float64 for float64 hidden, else float32 — whatever ``loss_dtype`` made of
+    ``grad`` (a float64 loss of fp32 logits must not hand the row kernels float64 weights)."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     grad = grad.to(acc).reshape(-1)
     if reduction == "mean":
         grad = grad / valid_count(labels, spec)
@@ -195,7 +197,7 @@ def _lce_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
             backend: str, loss_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = CrossEntropySpec(ignore_index, label_smoothing, softcap)
     lab = labels.reshape(-1).long()
-    row_weight = _row_weights(hidden.new_ones(()), lab, spec, reduction) if any(needs) else None
+    row_weight = _row_weights(hidden.new_ones(()), lab, spec, reduction, hidden) if any(needs) else None
     (loss_rows, grads), lab = _run(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, lora_dropout, seed,
                                    spec, chunk, backend, row_weight, needs)
     loss = reduce_rows(loss_rows, lab, spec, reduction).to(loss_dtype)
@@ -225,7 +227,7 @@ def _lce_backward_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, labels: 
                      chunk: int, needs: Sequence[bool], backend: str
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = CrossEntropySpec(ignore_index, label_smoothing, softcap)
-    row_weight = _row_weights(grad_loss, labels.reshape(-1).long(), spec, reduction)
+    row_weight = _row_weights(grad_loss, labels.reshape(-1).long(), spec, reduction, hidden)
     (_, grads), _ = _run(hidden, weight, labels, bias, lora_a, lora_b, lora_scale, lora_dropout, seed, spec, chunk,
                          backend, row_weight, needs)
     return _grads_out(grads, hidden)

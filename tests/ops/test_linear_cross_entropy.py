@@ -162,6 +162,26 @@ def test_lora_head_equals_unfused_lowcost_lora_linear_then_cross_entropy():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("train_w", [False, True])
+def test_float64_loss_of_fp32_hidden(backend, reduction, train_w):
+    """loss_dtype=float64 on fp32 hidden: the loss is returned in float64, the row pass still accumulates in
+    float32 (its row weights stay float32 whatever the incoming gradient's dtype: the Triton and cuda row
+    kernels take nothing else), and every gradient matches the float64 computation to fp32 tolerance. The
+    backward of "none" and of a trainable W recomputes the chunks from the float64 incoming gradient."""
+    inputs = make_inputs(13, 24, 50, seed=4)
+    grad = grad_of(reduction, inputs["labels"], torch.float64)
+    loss, grads = run_op(inputs, grad, train_w, backend, reduction=reduction, loss_dtype=torch.float64)
+    loss64, grads64 = truth64(inputs, grad, train_w, reduction)
+    assert loss.dtype == torch.float64
+    assert_close_to_reference(f"{backend} loss", loss, loss64, torch.float32)
+    assert grads.keys() == grads64.keys()
+    for name, g64 in grads64.items():
+        assert grads[name].dtype == torch.float32, name
+        assert_close_to_reference(f"{backend} d{name}", grads[name], g64, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(backend, dtype):
     if backend == "triton" and dtype == torch.bfloat16:

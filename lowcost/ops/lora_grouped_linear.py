@@ -29,7 +29,7 @@ import torch
 
 from lowcost.ops import _torch_backend
 from lowcost.ops.autocast import autocast_operands
-from lowcost.ops.backend import resolve_backend
+from lowcost.ops.backend import requested_backend, resolve_backend, unavailable_reason
 from lowcost.ops.lora_linear import _check_dtypes_devices, _check_scalars, _check_shapes, _seed_tensor
 from lowcost.ops.normed_input import pack_input, unpack_input
 from lowcost.reference.lora_grouped_linear import GroupedProjection, grouped_backward, grouped_forward
@@ -82,8 +82,11 @@ def _seeds_tensor(seeds, dropouts) -> Tensor:
 
 def _resolve(backend: Optional[str], x: Tensor, ranks: Sequence[int]) -> str:
     """"torch", "triton" or "cuda" (the CUDA C++ composition, ``_cuda_grouped_linear``; on a GPU the default is
-    Triton, then CUDA, else torch's GEMMs)."""
+    Triton, then CUDA, else torch's GEMMs). More projections than the Triton kernels group: the default passes
+    on to CUDA, then torch; an explicit 'triton' is refused."""
     name = resolve_backend(backend, x.device, max(ranks))
+    if name == "triton" and len(ranks) > TRITON_MAX_PROJECTIONS and requested_backend(backend)[1] is None:
+        name = "cuda" if unavailable_reason("cuda", x.device, max(ranks)) is None else "torch"
     if name != "torch" and x.dtype == torch.float64:
         raise TypeError(f"x of dtype float64 runs only on backend='torch' (got backend={name!r})")
     if name == "triton" and len(ranks) > TRITON_MAX_PROJECTIONS:

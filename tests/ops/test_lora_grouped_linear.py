@@ -287,3 +287,20 @@ def test_torch_backend_backward_generates_each_mask_once():
         torch.autograd.backward(ys, c["g"])
     calls = sorted(e.name.split("::")[1] for e in prof.events() if e.name.startswith("lowcost::philox_dropout"))
     assert calls == ["philox_dropout_pair_"] * 3
+
+
+@pytest.mark.parametrize("cuda_runs", [True, False])
+def test_default_backend_with_more_projections_than_triton_groups(monkeypatch, cuda_runs):
+    """On a GPU the default is Triton, which groups at most TRITON_MAX_PROJECTIONS projections: with more, the
+    default passes on to cuda (where its kernels run), else torch; an explicit backend='triton' is refused."""
+    import importlib
+    module = importlib.import_module("lowcost.ops.lora_grouped_linear")
+    monkeypatch.delenv("LOWCOST_BACKEND", raising=False)
+    monkeypatch.setattr(module, "resolve_backend", lambda requested, device, rank: requested or "triton")
+    monkeypatch.setattr(module, "unavailable_reason", lambda name, device, rank: None if cuda_runs else "no GPU")
+    x = torch.randn(4, 8)
+    many = [2] * (module.TRITON_MAX_PROJECTIONS + 1)
+    assert module._resolve(None, x, many) == ("cuda" if cuda_runs else "torch")
+    assert module._resolve(None, x, [2] * module.TRITON_MAX_PROJECTIONS) == "triton"
+    with pytest.raises(ValueError, match="groups at most"):
+        module._resolve("triton", x, many)

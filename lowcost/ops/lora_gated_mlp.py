@@ -231,8 +231,8 @@ def lora_gated_mlp(x: Tensor, gate: Sequence[Tensor], up: Sequence[Tensor], down
     Returns:
         y: (..., H) in x's dtype.
 
-    Quantized frozen weights (three ``QuantizedWeight``) run ``lowcost.ops.qlora_gated_mlp`` (torch, or
-    Triton with W's tiles decoded inside the GEMM loops; no CUDA backend).
+    Quantized frozen weights (three ``QuantizedWeight``) run ``lowcost.ops.qlora_gated_mlp`` (torch; Triton
+    with W's tiles decoded inside the GEMM loops; or cuda, this composition with the CUDA dequantizing GEMMs).
     """
     params = tuple(gate) + tuple(up) + tuple(down)
     if len(params) != 9:

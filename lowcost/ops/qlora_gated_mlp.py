@@ -16,9 +16,13 @@ quantized projections is refused there). Backends:
   q8_0, q4_0, q4_1, q4_k, q6_k): gate and up through the dequantizing LoRA-linear kernels, the down
   projection through the fused MLP kernels with W_d's tile decoded inside the GEMM loop, in the forward
   (h W_dᵀ) and in backward (g W_d) (``lowcost.kernels.qlora_gated_mlp``); no dense W at any time;
-- ``cuda``: refused: there is no fused CUDA gated MLP (the CUDA dequantizing GEMMs serve the unfused
-  ``qlora_linear``, which ``lowcost.apply`` then runs for each projection).
-``backend=None``: ``LOWCOST_BACKEND``, else Triton for CUDA tensors when it takes all three formats, else torch.
+- ``cuda`` (CUDA tensors on sm_80+ with lowcost._C built for CUDA; every format of ``CUDA_FORMATS``: nf4,
+  nf4-dq, int8, q8_0, q4_0, q4_1, q4_k, q6_k): the dense cuda backend's composition (``_cuda_gated_mlp``: the
+  skinny LoRA kernels, ``gated_act_mul`` and its backward) with each projection's GEMM the CUDA dequantizing
+  GEMM (``dequant_gemm`` forward, ``dequant_gemm_dgrad`` backward), W's tiles decoded into shared memory; no
+  dense W at any time.
+``backend=None``: ``LOWCOST_BACKEND``, else, for CUDA tensors, the first of Triton, cuda that can run here and
+takes all three formats (as ``lora_gated_mlp`` chooses on dense weights), else torch.
 
 Two custom ops: ``lowcost::qlora_gated_mlp`` → (y, gate, up, u_g, u_u, u_d) and
 ``lowcost::qlora_gated_mlp_backward`` → (dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d). The stored tensors are
@@ -32,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from lowcost.ops import _torch_backend
-from lowcost.ops._quant_backends import TRITON_FORMATS, _rows, _with_code_books, check_quant_backend
+from lowcost.ops._quant_backends import QUANT_SUPPORT, _rows, _with_code_books, check_quant_backend
 from lowcost.ops.autocast import autocast_projections
 from lowcost.ops.backend import requested_backend, unavailable_reason
 from lowcost.ops.lora_gated_mlp import ROLES, _check_inputs, _seeds_tensor
@@ -66,20 +70,20 @@ def _check_projection(role: str, weight: QuantizedWeight, lora_a: Tensor, lora_b
 
 
 def _resolve(backend: Optional[str], x: Tensor, schemes: Sequence[str], rank: int) -> str:
-    """"torch" or "triton" for three weights of formats ``schemes`` (gate, up, down); a clear error naming the
-    choice's source (argument or LOWCOST_BACKEND) and the projection when it cannot run them."""
+    """"torch", "triton" or "cuda" for three weights of formats ``schemes`` (gate, up, down); a clear error naming
+    the choice's source (argument or LOWCOST_BACKEND) and the projection when it cannot run them. None: the
+    first of triton, cuda that can run here and takes all three formats, for CUDA tensors (not float64), else
+    torch."""
     source, name = requested_backend(backend)
     if name is None:
-        usable = x.device.type == "cuda" and x.dtype != torch.float64 and \
-            all(s in TRITON_FORMATS for s in schemes) and unavailable_reason("triton", x.device, rank) is None
-        return "triton" if usable else "torch"
-    if name == "cuda":
-        raise ValueError(f"{source}='cuda': the fused gated MLP on quantized weights has no CUDA kernel (the CUDA "
-                         "dequantizing GEMMs serve the unfused qlora_linear only); use 'triton', 'torch' or None")
+        if x.device.type != "cuda" or x.dtype == torch.float64:
+            return "torch"
+        return next((c for c in ("triton", "cuda") if all(s in QUANT_SUPPORT[c] for s in schemes)
+                     and unavailable_reason(c, x.device, rank) is None), "torch")
     for role, scheme in zip(ROLES, schemes):
         check_quant_backend(source, name, x.device, rank, scheme, f"the {role} projection")
-    if name == "triton" and x.dtype == torch.float64:
-        raise TypeError("x of dtype float64 runs only on backend='torch' (got backend='triton')")
+    if name != "torch" and x.dtype == torch.float64:
+        raise TypeError(f"x of dtype float64 runs only on backend='torch' (got backend={name!r})")
     return name
 
 
@@ -95,14 +99,18 @@ def _projections(x: Tensor, packed: tuple, schemes: tuple, block_sizes, adapters
 
 def _kernel_projections(packed: tuple, schemes: tuple, block_sizes, adapters: tuple, scales, dropouts,
                         seeds) -> list[tuple]:
-    """gate, up, down for the Triton kernels: (stored tensors + code books, scheme, N, block size, A, B, scale,
-    dropout, seed), N the projection's output size (B's rows)."""
+    """gate, up, down for the Triton kernels and the CUDA composition: (stored tensors + code books, scheme, N,
+    block size, A, B, scale, dropout, seed), N the projection's output size (B's rows)."""
     return [(_with_code_books(packed[i], schemes[i]), schemes[i], adapters[2 * i + 1].shape[0], block_sizes[i],
              adapters[2 * i], adapters[2 * i + 1], scales[i], dropouts[i], int(seeds[i])) for i in range(3)]
 
 
-def _kernels():
-    from lowcost.kernels import qlora_gated_mlp as kernels  # triton: imported on first use
+def _kernels(backend: str):
+    """The module with ``qgated_mlp_fwd`` / ``qgated_mlp_bwd`` of a kernel backend (imported on first use)."""
+    if backend == "cuda":
+        from lowcost.ops import _cuda_gated_mlp
+        return _cuda_gated_mlp
+    from lowcost.kernels import qlora_gated_mlp as kernels  # triton
     return kernels
 
 
@@ -115,9 +123,9 @@ def _qgated_op(x: Tensor, packed_gate: list[Tensor], packed_up: list[Tensor], pa
     stored, schemes = (packed_gate, packed_up, packed_down), (scheme_gate, scheme_up, scheme_down)
     adapters = (a_gate, b_gate, a_up, b_up, a_down, b_down)
     x2 = x.reshape(-1, x.shape[-1])
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         projections = _kernel_projections(stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
-        y, gate_out, up_out, u_g, u_u, u_d = _kernels().qgated_mlp_fwd(x2, *projections, activation)
+        y, gate_out, up_out, u_g, u_u, u_d = _kernels(backend).qgated_mlp_fwd(x2, *projections, activation)
         return y.reshape(x.shape), gate_out, up_out, u_g, u_u, u_d
     gate, up, down = _projections(x, stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
     y, gate_out, up_out, u_g, u_u, u_d = gated_mlp_forward(x2, gate, up, down, activation, _torch_backend._dropout)
@@ -144,10 +152,10 @@ def _qgated_backward_op(grad_y: Tensor, x: Tensor, packed_gate: list[Tensor], pa
     stored, schemes = (packed_gate, packed_up, packed_down), (scheme_gate, scheme_up, scheme_down)
     adapters = (a_gate, b_gate, a_up, b_up, a_down, b_down)
     x2, g2 = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         projections = _kernel_projections(stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
-        grads = _kernels().qgated_mlp_bwd(g2, x2, *projections, gate_out, up_out, u_g, u_u, u_d, activation,
-                                          tuple(bool(n) for n in needs))
+        grads = _kernels(backend).qgated_mlp_bwd(g2, x2, *projections, gate_out, up_out, u_g, u_u, u_d, activation,
+                                                 tuple(bool(n) for n in needs))
     else:
         gate, up, down = _projections(x, stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
         grads = gated_mlp_backward(g2, x2, gate, up, down, gate_out, up_out, u_g, u_u, u_d, activation,
@@ -204,9 +212,11 @@ def qlora_gated_mlp(x: Tensor, gate: Sequence, up: Sequence, down: Sequence, sca
     float32 / float16 / bfloat16 (float64 for tests) → y (..., H) in x's dtype.
 
     backend: 'torch' (every format, any device), 'triton' (the formats with a Triton dequantizing tile: nf4,
-    nf4-dq, int8, q8_0, q4_0, q4_1, q4_k, q6_k; W's tiles decoded inside the GEMM loops) or None (Triton for
-    CUDA tensors when it takes all three formats, else torch). 'cuda' is a clear error: no fused CUDA gated MLP
-    (the CUDA dequantizing GEMMs serve the unfused qlora_linear). Both backends save the same tensors for backward."""
+    nf4-dq, int8, q8_0, q4_0, q4_1, q4_k, q6_k; W's tiles decoded inside the GEMM loops), 'cuda' (CUDA tensors,
+    the same formats: the CUDA dequantizing GEMMs with the skinny LoRA kernels and the gated-activation ops) or
+    None (for CUDA tensors Triton, then cuda, whichever first can run and takes all three formats; else torch).
+    A backend that cannot run a format or on x's device is a clear error naming the projection. Every backend
+    saves the same tensors for backward."""
     params = tuple(gate) + tuple(up) + tuple(down)
     if len(params) != 9:
         raise ValueError("gate, up and down must each be (weight, lora_a, lora_b)")

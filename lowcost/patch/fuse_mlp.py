@@ -101,9 +101,9 @@ def _structure_problem(mlp: nn.Module, roles: dict[str, str]) -> str:
 
 def _quantized_problem(layers: dict[str, LoRALinear], packed: bool) -> str:
     """Why quantized base weights cannot be fused ("" when none is quantized, or all three can be): the fused
-    MLP takes three dense or three quantized weights, unpacked, on the torch backend or on Triton (formats
-    with a Triton dequantizing tile); there is no fused CUDA MLP (the CUDA dequantizing GEMMs serve the unfused
-    projections)."""
+    MLP takes three dense or three quantized weights, unpacked, on the torch backend, or on Triton / cuda in
+    the formats their dequantizing GEMMs decode (``QUANT_SUPPORT``). Whether Triton / cuda can run here at
+    all is ``_backend_problem``'s check, as for dense weights."""
     quantized = [attr for attr, layer in layers.items() if not isinstance(layer.weight, torch.Tensor)]
     if not quantized:
         return ""
@@ -112,12 +112,12 @@ def _quantized_problem(layers: dict[str, LoRALinear], packed: bool) -> str:
     if packed:
         return "a packed gate_up projection with a quantized base weight (its halves cannot be sliced)"
     asked = {layer.backend or os.environ.get(ENV_VAR) for layer in layers.values()} - {None, "", "torch"}
-    if "cuda" in asked:
-        return ("quantized base weights with backend='cuda': the fused MLP has no CUDA kernel (its backends on a "
-                "quantized base: torch, triton; the projections run unfused on the CUDA dequantizing GEMMs)")
-    lacking = sorted({layer.weight.scheme for layer in layers.values()} - set(QUANT_SUPPORT["triton"]))
-    if "triton" in asked and lacking:
-        return f"quantized base weights in {lacking} with backend='triton': no Triton dequantizing tile for them"
+    schemes = {layer.weight.scheme for layer in layers.values()}
+    for name in sorted(asked & set(QUANT_SUPPORT)):
+        lacking = sorted(schemes - set(QUANT_SUPPORT[name]))
+        if lacking:
+            return (f"quantized base weights in {lacking} with backend={name!r}: its dequantizing GEMMs do not "
+                    "decode them")
     return ""
 
 

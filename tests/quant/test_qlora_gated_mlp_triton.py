@@ -138,8 +138,8 @@ def _mlp_args():
 
 
 @pytest.mark.parametrize("backend, env, error, match", [
-    ("cuda", None, ValueError, r"backend='cuda': .*has no CUDA kernel"),
-    (None, "cuda", ValueError, r"LOWCOST_BACKEND='cuda': .*has no CUDA kernel"),
+    ("cuda", None, ValueError, r"backend='cuda' is not available \(the gate projection\): .*need CUDA tensors"),
+    (None, "cuda", ValueError, r"LOWCOST_BACKEND='cuda' is not available \(the gate projection\)"),
     ("cudnn", None, ValueError, r"backend must be one of"),
 ])
 def test_bad_backend(backend, env, error, match, monkeypatch):

@@ -246,16 +246,24 @@ def test_fused_mlp_refuses_what_it_cannot_take_on_a_quantized_base():
     assert refused and all("quantized but not the other projections" in f.detail for f in refused)
 
 
-def test_fused_mlp_on_a_quantized_base_refuses_cuda(monkeypatch):
-    """LOWCOST_BACKEND=cuda (apply refuses it on a machine without a GPU, so the fusion's check is called
-    directly on the adapted layers): no fused CUDA MLP, said with the backends there are."""
-    from lowcost.patch.fuse_mlp import _quantized_problem
+def test_fused_mlp_on_a_quantized_base_with_cuda_checks_formats_and_the_device(monkeypatch):
+    """backend cuda on a quantized base (apply refuses it on a machine without a GPU, so the fusion's checks are
+    called directly on the adapted layers): a format cuda's dequantizing GEMMs do not decode is refused by name
+    (cuda's list shortened to simulate one), a device it cannot run on with the reason; else no objection
+    (tests/quant/test_qlora_gated_mlp_cuda.py runs the fusion)."""
+    from lowcost.ops import _quant_backends
+    from lowcost.patch.fuse_mlp import _backend_problem, _quantized_problem
     model = _frozen()
     quantize(model, "nf4")
     lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8), fused=None)
     mlp = model.model.layers[0].mlp
     layers = {attr: getattr(mlp, attr) for attr in ("gate_proj", "up_proj", "down_proj")}
-    assert _quantized_problem(layers, packed=False) == ""
     monkeypatch.setenv("LOWCOST_BACKEND", "cuda")
-    assert "the fused MLP has no CUDA kernel (its backends on a quantized base: torch, triton" in \
-        _quantized_problem(layers, packed=False)
+    assert _quantized_problem(layers, packed=False) == ""
+    monkeypatch.setitem(_quant_backends.QUANT_SUPPORT, "cuda", ("int8", "q8_0"))
+    assert _quantized_problem(layers, packed=False) == \
+        "quantized base weights in ['nf4'] with backend='cuda': its dequantizing GEMMs do not decode them"
+    for layer in layers.values():
+        layer.backend = "cuda"
+    assert _backend_problem(layers) == "backend='cuda' cannot run here: the CUDA kernels need CUDA tensors " \
+        "(tensors are on cpu)"

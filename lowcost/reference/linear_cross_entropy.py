@@ -53,6 +53,32 @@ class HeadLoRA:
 RowsFn = Callable[[Tensor, Tensor, Optional[Tensor], CrossEntropySpec], Tensor]
 
 
+class DenseHead:
+    """The head's two GEMMs on a dense W (V, K): the strategy ``linear_cross_entropy_rows`` calls per chunk.
+
+    Another head (e.g. a quantized W, dequantized inside its GEMMs) provides the same members: ``shape`` (V, K),
+    ``dtype`` (of dW and dbias), ``trainable`` (whether dW can be formed: ``dense`` is W itself then) and
+    ``logits`` / ``dgrad``."""
+    trainable = True
+
+    def __init__(self, weight: Tensor):
+        self.dense = weight
+        self.shape, self.dtype = weight.shape, weight.dtype
+
+    def logits(self, h: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """z = h Wᵀ + bias (C, V) in h's dtype (one rounding of the fp32 accumulation)."""
+        return torch.addmm(bias, h, self.dense.t()) if bias is not None else h @ self.dense.t()
+
+    def dgrad(self, dz: Tensor, out: Tensor) -> None:
+        """out (C, K) ← dz W, dz (C, V) in h's dtype."""
+        torch.mm(dz, self.dense, out=out)
+
+
+def as_head(weight) -> "DenseHead":
+    """A tensor W as a ``DenseHead``; a head strategy as itself."""
+    return DenseHead(weight) if isinstance(weight, Tensor) else weight
+
+
 def softmax_xent_rows(z: Tensor, labels: Tensor, row_weight: Optional[Tensor], spec: CrossEntropySpec) -> Tensor:
     """Loss of each row of the logits chunk z (C, V); when ``row_weight`` (C,) is given, z is overwritten in
     place with dz_raw (the gradient of Σ_m w_m·loss_m with respect to the un-capped logits).
@@ -87,13 +113,13 @@ def softmax_xent_rows(z: Tensor, labels: Tensor, row_weight: Optional[Tensor], s
     return loss
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], lora: Optional[HeadLoRA],
+def _chunk_logits(h: Tensor, head: DenseHead, bias: Optional[Tensor], lora: Optional[HeadLoRA],
                   u: Optional[Tensor]) -> Tensor:
     """z (C, V) in h's dtype, as ``h @ W.T + bias`` (plus LoRA's term, as lowcost's LoRA linear adds it)."""
     if lora is None:
-        return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+        return head.logits(h, bias)
     acc = u.dtype
-    z = (h @ weight.t()).to(acc).addmm_(u, lora.lora_b.to(acc).t(), alpha=lora.scale)
+    z = head.logits(h, None).to(acc).addmm_(u, lora.lora_b.to(acc).t(), alpha=lora.scale)
     if bias is not None:
         z += bias.to(acc)
     return z.to(h.dtype)
@@ -104,7 +130,7 @@ def _lora_input(hidden: Tensor, lora: HeadLoRA, dropout_fn: DropoutFn) -> Tensor
     return dropout_fn(hidden, lora.seed, lora.dropout) if lora.dropout > 0 else hidden
 
 
-def linear_cross_entropy_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
+def linear_cross_entropy_rows(hidden: Tensor, weight, labels: Tensor, bias: Optional[Tensor],
                               lora: Optional[HeadLoRA], spec: CrossEntropySpec, chunk: int,
                               row_weight: Optional[Tensor] = None, needs: tuple = NEEDS_ALL,
                               rows_fn: RowsFn = softmax_xent_rows,
@@ -112,8 +138,13 @@ def linear_cross_entropy_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bi
     """Loss rows (M,) in the accumulation dtype and, when ``row_weight`` (M,) is given, the gradients of
     Σ_m w_m·loss_m: {"dh", "dw", "dbias", "da", "db"}, each present where ``needs`` asks for it.
 
-    hidden (M, K), weight (V, K), labels (M,) int64, bias (V,) or None; ``chunk`` rows per logits buffer.
+    hidden (M, K), weight (V, K) (a tensor, or a head strategy such as ``DenseHead`` whose GEMMs form the
+    logits and dh; a head that is not ``trainable`` has no dW), labels (M,) int64, bias (V,) or None;
+    ``chunk`` rows per logits buffer.
     """
+    weight = as_head(weight)
+    if row_weight is not None and needs[1] and not weight.trainable:
+        raise ValueError("needs asks for dW of a head whose weight is frozen (quantized): it has no gradient")
     M, acc = hidden.shape[0], accumulation_dtype(hidden)
     x_tilde = _lora_input(hidden, lora, dropout_fn) if lora is not None else None
     u = x_tilde.to(acc) @ lora.lora_a.to(acc).t() if lora is not None else None
@@ -131,7 +162,7 @@ def linear_cross_entropy_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bi
     return loss, grads
 
 
-def _grad_buffers(hidden: Tensor, weight: Tensor, lora: Optional[HeadLoRA], needs) -> dict:
+def _grad_buffers(hidden: Tensor, weight: DenseHead, lora: Optional[HeadLoRA], needs) -> dict:
     """Zeroed accumulators (float32, or float64 for float64 inputs) for every gradient asked for."""
     need_dh, need_dw, need_dbias, need_da, need_db = needs
     acc, dev = accumulation_dtype(hidden), hidden.device
@@ -146,12 +177,12 @@ def _grad_buffers(hidden: Tensor, weight: Tensor, lora: Optional[HeadLoRA], need
     return out
 
 
-def _accumulate_chunk(grads: dict, dz: Tensor, h: Tensor, weight: Tensor, lora: Optional[HeadLoRA],
+def _accumulate_chunk(grads: dict, dz: Tensor, h: Tensor, weight: DenseHead, lora: Optional[HeadLoRA],
                       u: Optional[Tensor], rows: slice) -> None:
     """One chunk's share of every gradient, from dz (C, V) in h's dtype."""
     acc = grads["dw"].dtype if grads["dw"] is not None else accumulation_dtype(h)
     if grads["dh"] is not None:
-        torch.mm(dz, weight, out=grads["dh"][rows])
+        weight.dgrad(dz, grads["dh"][rows])
     if grads["dw"] is not None:
         grads["dw"] += (dz.t() @ h).to(acc)
     if grads["dbias"] is not None:
@@ -164,7 +195,7 @@ def _accumulate_chunk(grads: dict, dz: Tensor, h: Tensor, weight: Tensor, lora: 
             grads["db"].addmm_(dz_acc.t(), u, alpha=lora.scale)
 
 
-def _finish_grads(grads: dict, hidden: Tensor, weight: Tensor, lora: Optional[HeadLoRA], x_tilde: Optional[Tensor],
+def _finish_grads(grads: dict, hidden: Tensor, weight: DenseHead, lora: Optional[HeadLoRA], x_tilde: Optional[Tensor],
                   dropout_fn: DropoutFn) -> None:
     """LoRA's input-side terms over all rows (dA = duᵀ(D⊙h), dh += D⊙(du A)) and the final dtypes."""
     du = grads.pop("du")

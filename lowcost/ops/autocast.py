@@ -51,6 +51,7 @@ RULES = {
     "lora_linear": Rule(compute=(0, 1, 4), adapters=(2, 3)),                      # x, W, A, B, bias
     "lora_gated_mlp": Rule(compute=(0, 1, 4, 7), adapters=(2, 3, 5, 6, 8, 9)),    # x, (W, A, B) × 3
     "linear_cross_entropy": Rule(compute=(0, 1, 3), adapters=(4, 5)),             # hidden, W, labels, bias, A, B
+    "qlinear_cross_entropy": Rule(compute=(0, 6), adapters=(7, 8)),              # hidden, packed, …, labels, bias, A, B
     "qlora_linear": Rule(compute=(0, 7), adapters=(5, 6)),                        # x, packed, …, A, B, bias
     "quantized_linear": Rule(compute=(0, 5)),                                     # x, packed, …, bias
     "qlora_gated_mlp": Rule(compute=(0,), adapters=(8, 9, 10, 11, 12, 13)),       # x, packed × 3, …, (A, B) × 3
@@ -60,7 +61,7 @@ RULES = {
 }
 # Run as they are called, with autocast off: their dtypes were chosen by the forward.
 BACKWARD_OPS = ("lora_linear_backward", "lora_gated_mlp_backward", "lora_grouped_linear_backward",
-                "linear_cross_entropy_backward",
+                "linear_cross_entropy_backward", "qlinear_cross_entropy_backward",
                 "qlora_linear_backward", "quantized_linear_dgrad", "qlora_gated_mlp_backward", "rms_norm_backward",
                 "layer_norm_backward")
 # The C++ kernels of lowcost._C, called inside the ops' bodies (where autocast is off) on exact dtypes.

@@ -39,6 +39,7 @@ from lowcost.ops import _torch_backend
 from lowcost.ops.autocast import autocast_loss_dtype, autocast_operands
 from lowcost.ops.backend import resolve_backend
 from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _check_tensor, _seed_tensor
+from lowcost.reference.quant import QuantizedWeight
 from lowcost.reference.linear_cross_entropy import (CrossEntropySpec, HeadLoRA, linear_cross_entropy_rows,
                                                     reduce_rows, softmax_xent_rows, valid_count)
 
@@ -66,13 +67,13 @@ def _min_chunk_rows(backend: str, device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _check_operands(hidden, weight, labels, bias, lora_a, lora_b) -> None:
+def _check_hidden_and_labels(hidden, weight_shape, labels) -> None:
+    """hidden (..., K) and labels (...) against W's shape (V, K); the weight's own checks are the caller's."""
     _check_tensor("hidden", hidden)
-    _check_tensor("weight", weight, 2)
     _check_tensor("labels", labels)
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden must have last dimension K={weight.shape[1]} (weight is "
-                         f"{tuple(weight.shape)}), got shape {tuple(hidden.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight_shape[1]:
+        raise ValueError(f"hidden must have last dimension K={weight_shape[1]} (weight is "
+                         f"{tuple(weight_shape)}), got shape {tuple(hidden.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got "
                          f"{tuple(labels.shape)}")
@@ -80,6 +81,11 @@ def _check_operands(hidden, weight, labels, bias, lora_a, lora_b) -> None:
         raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
     if hidden.dtype not in SUPPORTED_DTYPES + (torch.float64,):
         raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+
+
+def _check_operands(hidden, weight, labels, bias, lora_a, lora_b) -> None:
+    _check_tensor("weight", weight, 2)
+    _check_hidden_and_labels(hidden, weight.shape, labels)
     V = weight.shape[0]
     for name, t, shape in (("weight", weight, None), ("bias", bias, (V,))):
         if t is not None and t.dtype != hidden.dtype:
@@ -286,7 +292,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
 
     Args:
         hidden: (..., K) float32 / float16 / bfloat16 (float64 on backend "torch").
-        weight: (V, K), hidden's dtype; frozen or trainable (a tied embedding works: same tensor).
+        weight: (V, K), hidden's dtype; frozen or trainable (a tied embedding works: same tensor). A frozen
+            ``QuantizedWeight`` (NF4, int8, GGUF blocks) runs ``lowcost.ops.qlinear_cross_entropy``: the same
+            composition with W dequantized inside the head's two GEMMs (no dW).
         labels: (...) int64 class indices in [0, V) or ``ignore_index``; hidden's leading shape.
         bias: (V,) or None. ignore_index, reduction ("mean" | "sum" | "none"), label_smoothing: as in
             ``F.cross_entropy`` ("mean" over the labels not ignored; NaN when all are ignored).
@@ -302,6 +310,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
     Returns:
         the loss: 0-D for "mean"/"sum", labels' shape for "none".
     """
+    if isinstance(weight, QuantizedWeight):
+        from lowcost.ops.qlinear_cross_entropy import qlinear_cross_entropy  # imports this module: bound here
+        return qlinear_cross_entropy(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing, chunk,
+                                     softcap=softcap, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale,
+                                     lora_dropout=lora_dropout, seed=seed, backend=backend, loss_dtype=loss_dtype)
     loss_dtype = loss_dtype or autocast_loss_dtype(hidden)
     (hidden, weight, bias), (lora_a, lora_b) = autocast_operands((hidden, weight, bias), (lora_a, lora_b))
     _check_operands(hidden, weight, labels, bias, lora_a, lora_b)

@@ -259,3 +259,18 @@ def test_qlora_gated_mlp():
         d[f"w_{role}"] = _nf4(*d.pop(f"w_{role}").shape, seed=seed)
     y = _check_case(_mlp_call(ops.lora_gated_mlp), d, compute=("x",))
     assert y.dtype == BF16
+
+
+def test_linear_cross_entropy_on_a_quantized_head():
+    """hidden and bias to bf16 (the dequantized W follows hidden), fp32 adapters kept, the loss fp32."""
+    d = _lce_inputs()
+    V, K = d.pop("weight").shape
+    weight = _nf4(V, K, seed=4)
+
+    def call(hidden, labels, bias, lora_a, lora_b):
+        loss_dtype = None if torch.is_autocast_enabled("cpu") else torch.float32
+        return ops.linear_cross_entropy(hidden, weight, labels, bias, lora_a=lora_a, lora_b=lora_b, lora_scale=2.0,
+                                        lora_dropout=0.1, seed=9, chunk=4, backend="torch", loss_dtype=loss_dtype)
+    with torch.autocast("cpu", dtype=BF16):
+        assert call(**_leaves(d, {})).dtype == torch.float32
+    _check_case(call, d, compute=("hidden", "bias"))

@@ -9,8 +9,10 @@ the op. Without labels, with ``logits_to_keep``, or with ``return_logits=True`` 
 forward unchanged (logits as usual).
 
 The head may be a frozen or trainable ``nn.Linear`` (a tied embedding included: the op reads the same
-weight) or a fused ``LoRALinear`` (its dropout seed drawn as its own forward would draw it; its backend is the
-op's: backend='cuda' where the CUDA kernels can run, refused with the reason elsewhere). Families
+weight), a frozen ``QuantizedLinear`` (NF4, int8, GGUF blocks: the op dequantizes W inside the head's GEMMs;
+a GGUF's quantized output or tied-embedding weight) or a fused ``LoRALinear`` over either (its dropout seed
+drawn as its own forward would draw it; its backend is the op's: a backend that cannot run here or has no
+kernel for the weight's format is refused with the reason). Families
 outside ``LOSS_FAMILIES``, MoE variants (their forward adds a router loss), models whose forward is
 already replaced, and any other head are refused with the reason.
 """
@@ -26,8 +28,11 @@ from torch import nn
 
 from lowcost._families import detect_family
 from lowcost.nn.lora_linear import LoRALinear
+from lowcost.nn.quantized import QuantizedLinear
+from lowcost.ops._quant_backends import QUANT_SUPPORT
 from lowcost.ops.backend import unavailable_reason
 from lowcost.ops.linear_cross_entropy import linear_cross_entropy
+from lowcost.reference.quant import QuantizedWeight
 
 LOSS_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -52,13 +57,30 @@ def loss_problem(model: nn.Module) -> str:
     if isinstance(head, LoRALinear):
         if head.fan_in_fan_out:
             return "lm_head is a LoRALinear the fused loss does not take (Conv1D)"
-        if not isinstance(head.weight, torch.Tensor):
-            return "lm_head has a quantized base weight (the fused loss has no dequantizing path yet)"
+        if head.quantized:
+            return _quantized_head_problem(head)
         if head.backend == "cuda":
             return _cuda_head_problem(head)
+    elif isinstance(head, QuantizedLinear):
+        return _quantized_head_problem(head)
     elif type(head) is not nn.Linear:
-        return f"lm_head is a {type(head).__name__} (the fused loss takes nn.Linear or a fused LoRALinear)"
+        return (f"lm_head is a {type(head).__name__} (the fused loss takes nn.Linear, a QuantizedLinear or a fused "
+                "LoRALinear)")
     return ""
+
+
+def _quantized_head_problem(head: nn.Module) -> str:
+    """Why the fused loss cannot run a head over a ``QuantizedWeight`` ("" when it can): its backend must take
+    the weight's format and run on the weight's device (a meta-device model: only the format is checked)."""
+    weight, requested = head.weight, head.backend
+    if requested is None:
+        return ""
+    if weight.scheme not in QUANT_SUPPORT[requested]:
+        return f"lm_head asks for backend={requested!r}, which has no kernel for a {weight.scheme!r} weight"
+    device = weight.device
+    rank = head.lora_A.shape[0] if isinstance(head, LoRALinear) and head.running_adapters() else 1
+    why = None if device.type == "meta" else unavailable_reason(requested, device, rank)
+    return f"lm_head asks for backend={requested!r}, which cannot run here: {why}" if why else ""
 
 
 def _cuda_head_problem(head: LoRALinear) -> str:
@@ -87,8 +109,9 @@ def _head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, redu
                                     softcap=softcap, lora_a=f.lora_A, lora_b=f.lora_B, lora_scale=f.scaling,
                                     lora_dropout=p, backend=head.backend, loss_dtype=torch.float32)
     weight = head.base_weight() if isinstance(head, LoRALinear) else head.weight
+    backend = getattr(head, "backend", None) if isinstance(weight, QuantizedWeight) else None
     return linear_cross_entropy(hidden, weight, labels, head.bias, ignore_index, reduction, softcap=softcap,
-                                loss_dtype=torch.float32)
+                                backend=backend, loss_dtype=torch.float32)
 
 
 def _output_class():

@@ -19,6 +19,9 @@ Two custom ops carry it through the dispatcher, FakeTensor and ``torch.compile``
   incoming gradient) or a trainable W (whose gradient would be a saved (V, K) tensor), backward recomputes
   each chunk's logits instead. Saved: h (the caller's tensor), labels and the seed.
 
+A ``QuantizedWeight`` as the weight runs ``lowcost.ops.qlinear_cross_entropy`` (the same composition with W
+dequantized inside the head's two GEMMs; no dW).
+
 Backends: the composition (``lowcost.reference.linear_cross_entropy_rows``: GEMMs by torch) is one; only the row
 pass differs: "torch" (the reference's), "triton" (``lowcost.kernels.linear_cross_entropy``), "cuda" (lowcost._C's
 ``softmax_xent_rows``, csrc/xent_rows.h: a CUDA kernel, with a C++ twin that runs the same composition on CPU

@@ -8,6 +8,10 @@ which is exactly ``F.cross_entropy(z, y, ignore_index, label_smoothing=ε)`` per
 never formed: rows are taken ``chunk`` at a time, and each chunk's logits buffer is overwritten in place by
 its gradient before the next chunk starts.
 
+The head's two GEMMs (z = h Wᵀ + bias and dh = dz W) are a small strategy: ``DenseHead`` (W a tensor, the
+default) or another head with the same members, e.g. ``lowcost.ops.qlinear_cross_entropy.QuantizedHead``
+(W dequantized inside its GEMMs; frozen, so no dW).
+
 Gradient of the loss rows weighted by w (w_m = ∂L/∂loss_m, e.g. 1/n_valid for "mean"):
     dz     = w ⊙ (softmax(z) − (1−ε)·onehot(y) − ε/V)            rows with y == ignore_index: 0
     dz_raw = dz ⊙ (1 − (z/c)²)                                    through the soft-cap (z = c·tanh(z_raw/c))

@@ -79,3 +79,18 @@ def gpu_backends() -> list[str]:
     cuda = torch.device("cuda")
     return (["torch"] + (["triton"] if triton_usable(cuda) else [])
             + (["cuda"] if cuda_kernels_usable(cuda) else []))
+
+
+def assert_loss_and_grads_close(label: str, loss, grads: dict, loss64, grads64: dict, inputs: dict,
+                                dtype: torch.dtype) -> None:
+    """A loss and its gradients against their float64 truth: the same shape and dtype, NaN where the truth is
+    NaN ("mean" over no row), each within ``dtype``'s tolerance; each gradient in its input's dtype."""
+    assert loss.dtype == dtype and loss.shape == loss64.shape
+    if torch.isnan(loss64).all():
+        assert torch.isnan(loss).all()
+    else:
+        assert_close_to_reference(f"{label} loss", loss, loss64, dtype)
+    assert grads.keys() == grads64.keys()
+    for name, g64 in grads64.items():
+        assert grads[name].dtype == inputs[name].dtype, name
+        assert_close_to_reference(f"{label} d{name}", grads[name], g64, dtype)

@@ -14,7 +14,7 @@ import lowcost
 from lowcost.ops.backend import triton_usable
 from lowcost.ops.linear_cross_entropy import _lce_backward_op, _lce_op, linear_cross_entropy
 from lowcost.reference import dropout_keep_mask, keep_scale
-from helpers import assert_close_to_reference
+from helpers import assert_close_to_reference, assert_loss_and_grads_close
 
 CPU = torch.device("cpu")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_usable(CPU),
@@ -84,15 +84,7 @@ def check(inputs, reduction, backend, dtype=torch.float32, train_w=False, smooth
     loss64, grads64 = truth64(inputs, grad, train_w, reduction, smoothing, softcap,
                               scale=lora.get("lora_scale", 1.0), dropout=lora.get("lora_dropout", 0.0),
                               seed=lora.get("seed", 0))
-    assert loss.dtype == dtype and loss.shape == loss64.shape
-    if torch.isnan(loss64).all():
-        assert torch.isnan(loss).all()
-    else:
-        assert_close_to_reference(f"{backend} loss", loss, loss64, dtype)
-    assert grads.keys() == grads64.keys()
-    for name, g64 in grads64.items():
-        assert grads[name].dtype == inputs[name].dtype, name
-        assert_close_to_reference(f"{backend} d{name}", grads[name], g64, dtype)
+    assert_loss_and_grads_close(backend, loss, grads, loss64, grads64, inputs, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -94,3 +94,39 @@ def assert_loss_and_grads_close(label: str, loss, grads: dict, loss64, grads64: 
     for name, g64 in grads64.items():
         assert grads[name].dtype == inputs[name].dtype, name
         assert_close_to_reference(f"{label} d{name}", grads[name], g64, dtype)
+
+
+def cross_entropy_grad(reduction: str, labels: torch.Tensor, dtype: torch.dtype = torch.float32, seed: int = 7):
+    """The incoming gradient of a cross-entropy loss: one per label for ``reduction="none"``, else a scalar
+    that is not 1 (so a missing factor shows)."""
+    if reduction == "none":
+        return torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return torch.tensor(1.7, dtype=dtype)
+
+
+def cross_entropy_truth64(inputs: dict, grad, reduction: str, *, weight64=None, train_w: bool = False,
+                          smoothing: float = 0.0, softcap=None, scale: float = 1.0, dropout: float = 0.0,
+                          seed: int = 0):
+    """Loss and gradients of the unfused float64 head + cross-entropy: z = h Wᵀ + bias + s·(D⊙h) Aᵀ Bᵀ
+    (D: the spec's Philox mask), soft-capped, then ``F.cross_entropy``.
+
+    ``inputs``: "hidden" (..., K), "labels" (...), "bias", "lora_a", "lora_b" (None or absent when not used) and
+    "weight" (V, K) unless ``weight64`` gives W (e.g. a quantized weight's dequantized values; a constant).
+    Returns (loss, {name: gradient}) for every float input that takes one ("weight" only with ``train_w``)."""
+    from lowcost.reference import dropout_keep_mask, keep_scale
+    leaves = {k: v.double().requires_grad_(k != "weight" or train_w) for k, v in inputs.items()
+              if k != "labels" and v is not None}
+    h = leaves["hidden"].reshape(-1, leaves["hidden"].shape[-1])
+    z = h @ (leaves["weight"] if weight64 is None else weight64).t()
+    if "bias" in leaves:
+        z = z + leaves["bias"]
+    if "lora_a" in leaves:
+        mask = dropout_keep_mask(*h.shape, seed, dropout).double() * (keep_scale(dropout) if dropout else 1.0)
+        z = z + scale * ((h * mask) @ leaves["lora_a"].t()) @ leaves["lora_b"].t()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    loss = torch.nn.functional.cross_entropy(z, inputs["labels"].reshape(-1), reduction=reduction,
+                                             label_smoothing=smoothing)
+    loss = loss.reshape(inputs["labels"].shape) if reduction == "none" else loss
+    loss.backward(grad.double())
+    return loss.detach(), {k: v.grad for k, v in leaves.items() if v.requires_grad}

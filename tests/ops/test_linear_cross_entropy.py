@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import lowcost
 from lowcost.ops.backend import triton_usable
 from lowcost.ops.linear_cross_entropy import _lce_backward_op, _lce_op, linear_cross_entropy
-from lowcost.reference import dropout_keep_mask, keep_scale
-from helpers import assert_close_to_reference, assert_loss_and_grads_close
+from helpers import (assert_close_to_reference, assert_loss_and_grads_close, cross_entropy_grad,
+                     cross_entropy_truth64)
 
 CPU = torch.device("cpu")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_usable(CPU),
@@ -41,25 +41,6 @@ def make_inputs(M, K, V, dtype=torch.float32, bias=True, r=0, seed=0, ignored=(3
     return out
 
 
-def truth64(inputs, grad, train_w, reduction, smoothing=0.0, softcap=None, scale=1.0, dropout=0.0, seed=0):
-    """Loss and gradients of the unfused float64 computation (mask drawn from the spec's Philox)."""
-    leaves = {k: v.double().requires_grad_(k != "weight" or train_w) for k, v in inputs.items()
-              if k != "labels" and v is not None}
-    h = leaves["hidden"].reshape(-1, leaves["hidden"].shape[-1])
-    z = h @ leaves["weight"].t()
-    if "bias" in leaves:
-        z = z + leaves["bias"]
-    if "lora_a" in leaves:
-        mask = dropout_keep_mask(*h.shape, seed, dropout).double() * (keep_scale(dropout) if dropout else 1.0)
-        z = z + scale * ((h * mask) @ leaves["lora_a"].t()) @ leaves["lora_b"].t()
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    loss = F.cross_entropy(z, inputs["labels"].reshape(-1), reduction=reduction, label_smoothing=smoothing)
-    loss = loss.reshape(inputs["labels"].shape) if reduction == "none" else loss
-    loss.backward(grad.double())
-    return loss.detach(), {k: v.grad for k, v in leaves.items() if v.requires_grad}
-
-
 def run_op(inputs, grad, train_w, backend, **kwargs):
     leaves = {k: v.clone().requires_grad_(k != "weight" or train_w) for k, v in inputs.items()
               if k != "labels" and v is not None}
@@ -69,21 +50,15 @@ def run_op(inputs, grad, train_w, backend, **kwargs):
     return loss.detach(), {k: v.grad for k, v in leaves.items() if v.requires_grad}
 
 
-def grad_of(reduction, labels, dtype=torch.float32, seed=7):
-    if reduction == "none":
-        return torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    return torch.tensor(1.7, dtype=dtype)
-
-
 def check(inputs, reduction, backend, dtype=torch.float32, train_w=False, smoothing=0.0, softcap=None, chunk=None,
           lora=None):
-    grad = grad_of(reduction, inputs["labels"], dtype)
+    grad = cross_entropy_grad(reduction, inputs["labels"], dtype)
     lora = lora or {}
     loss, grads = run_op(inputs, grad, train_w, backend, reduction=reduction, label_smoothing=smoothing,
                          softcap=softcap, chunk=chunk, **{k: v for k, v in lora.items()})
-    loss64, grads64 = truth64(inputs, grad, train_w, reduction, smoothing, softcap,
-                              scale=lora.get("lora_scale", 1.0), dropout=lora.get("lora_dropout", 0.0),
-                              seed=lora.get("seed", 0))
+    loss64, grads64 = cross_entropy_truth64(inputs, grad, reduction, train_w=train_w, smoothing=smoothing,
+                                            softcap=softcap, scale=lora.get("lora_scale", 1.0),
+                                            dropout=lora.get("lora_dropout", 0.0), seed=lora.get("seed", 0))
     assert_loss_and_grads_close(backend, loss, grads, loss64, grads64, inputs, dtype)
 
 
@@ -162,9 +137,9 @@ def test_float64_loss_of_fp32_hidden(backend, reduction, train_w):
     kernels take nothing else), and every gradient matches the float64 computation to fp32 tolerance. The
     backward of "none" and of a trainable W recomputes the chunks from the float64 incoming gradient."""
     inputs = make_inputs(13, 24, 50, seed=4)
-    grad = grad_of(reduction, inputs["labels"], torch.float64)
+    grad = cross_entropy_grad(reduction, inputs["labels"], torch.float64)
     loss, grads = run_op(inputs, grad, train_w, backend, reduction=reduction, loss_dtype=torch.float64)
-    loss64, grads64 = truth64(inputs, grad, train_w, reduction)
+    loss64, grads64 = cross_entropy_truth64(inputs, grad, reduction, train_w=train_w)
     assert loss.dtype == torch.float64
     assert_close_to_reference(f"{backend} loss", loss, loss64, torch.float32)
     assert grads.keys() == grads64.keys()
@@ -293,7 +268,7 @@ def test_triton_gradients_are_bitwise_reproducible_and_the_default_chunk_fills_t
         assert gpu_chunk(M, V, 132) == default_chunk(M, V, 2 * 132)
     assert gpu_chunk(8192, 128256, 132) == 264
     inputs = make_inputs(29, 17, 1100, r=3)
-    grad = grad_of("mean", inputs["labels"])
+    grad = cross_entropy_grad("mean", inputs["labels"])
     runs = [run_op(inputs, grad, True, "triton", lora_dropout=0.1, seed=5) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0])
     for name, g in runs[0][1].items():

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lowcost
 from lowcost.ops.backend import triton_usable
 from lowcost.ops.qlinear_cross_entropy import _qlce_backward_op, _qlce_op
 from lowcost.quant import quantize
-from lowcost.reference import dropout_keep_mask, keep_scale
-from helpers import assert_loss_and_grads_close
+from helpers import assert_loss_and_grads_close, cross_entropy_grad, cross_entropy_truth64
 from quant_cases import k_for, make_quantized
 from tiny_models import llama
 
@@ -33,29 +31,6 @@ def _inputs(M, K, V, dtype=torch.float32, bias=True, r=0, seed=0):
     return out
 
 
-def _grad(reduction, M, dtype):
-    if reduction == "none":
-        return torch.randn(M, generator=torch.Generator().manual_seed(7)).to(dtype)
-    return torch.tensor(1.7, dtype=dtype)
-
-
-def _truth(t, weight64, grad, reduction, smoothing=0.0, softcap=None, scale=1.0, dropout=0.0, seed=0):
-    """The unfused float64 loss of h Wᵀ + bias (+ LoRA) on the dequantized W, and its gradients."""
-    leaves = {k: v.double().requires_grad_() for k, v in t.items() if k != "labels" and v is not None}
-    h = leaves["hidden"]
-    z = h @ weight64.t()
-    if "bias" in leaves:
-        z = z + leaves["bias"]
-    if "lora_a" in leaves:
-        mask = dropout_keep_mask(*h.shape, seed, dropout).double() * (keep_scale(dropout) if dropout else 1.0)
-        z = z + scale * ((h * mask) @ leaves["lora_a"].t()) @ leaves["lora_b"].t()
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    loss = F.cross_entropy(z, t["labels"], reduction=reduction, label_smoothing=smoothing)
-    loss.backward(grad.double())
-    return loss.detach(), {k: v.grad for k, v in leaves.items()}
-
-
 def _run(t, weight, grad, reduction, backend="torch", **kwargs):
     leaves = {k: v.clone().requires_grad_() for k, v in t.items() if k != "labels" and v is not None}
     loss = lowcost.ops.linear_cross_entropy(leaves["hidden"], weight, t["labels"], leaves.get("bias"),
@@ -68,11 +43,12 @@ def _run(t, weight, grad, reduction, backend="torch", **kwargs):
 def _check(t, weight, reduction, dtype=torch.float32, backend="torch", lora=None, smoothing=0.0, softcap=None,
            chunk=None):
     lora = lora or {}
-    grad = _grad(reduction, t["hidden"].shape[0], dtype)
+    grad = cross_entropy_grad(reduction, t["labels"], dtype)
     loss, grads = _run(t, weight, grad, reduction, backend, chunk=chunk, label_smoothing=smoothing, softcap=softcap,
                        **lora)
-    loss64, grads64 = _truth(t, weight.dequantize(torch.float64), grad, reduction, smoothing, softcap,
-                             lora.get("lora_scale", 1.0), lora.get("lora_dropout", 0.0), lora.get("seed", 0))
+    loss64, grads64 = cross_entropy_truth64(t, grad, reduction, weight64=weight.dequantize(torch.float64),
+                                            smoothing=smoothing, softcap=softcap, scale=lora.get("lora_scale", 1.0),
+                                            dropout=lora.get("lora_dropout", 0.0), seed=lora.get("seed", 0))
     assert_loss_and_grads_close(weight.scheme, loss, grads, loss64, grads64, t, dtype)
 
 

@@ -3,17 +3,20 @@
 # cuBLAS/torch, run the LoRA benchmark (fused op vs the frozen floor and PEFT), the offload benchmark.
 # For a GPU machine with no internet (Python 3.12, torch 2.11 + CUDA 13, triton 3.6 preinstalled).
 # Usage (from the repository root):
-#   OUT=/some/dir bash benchmarks/device/run.sh [build] [tests] [kernels] [lora] [offload]
+#   OUT=/some/dir bash benchmarks/device/run.sh [build] [tests] [kernels] [lora] [targets] [offload]
 # With no arguments every part runs. Issue #9's measurement in one call of <= 8 minutes:
 #   OUT=/some/dir bash benchmarks/device/run.sh build kernels lora
 # (build ~1-2 min on 16 cores, kernels <= 2.5 min, lora <= 3.3 min: the timeouts below). The device tool
 # allows 10 minutes per command; every part at its timeout is ~13, so for everything split it:
 # `run.sh build kernels lora`, then `run.sh tests offload` on the same warm machine (the built extension
 # stays in the tree between calls).
+# The open issues' GPU targets (#12's decoder layer, #13's NF4 op: bench_targets.py, <= 4 min) come first when
+# device time is short (15 minutes a session, the machine's start included):
+#   OUT=/some/dir bash benchmarks/device/run.sh build targets      then, if time is left:   ... run.sh tests
 # Everything it produces lands in $OUT: build.log, tests.log, junit.xml, kernels.log, kernels.csv,
-# bench.log, lora_linear.csv, *.png, offload.log, offload.csv.
+# bench.log, lora_linear.csv, *.png, targets.log, targets.csv, offload.log, offload.csv.
 set -uo pipefail
-PARTS=${*:-build tests kernels lora offload}
+PARTS=${*:-build tests kernels lora targets offload}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 OUT=${OUT:-$(pwd)/device-out}
 mkdir -p "$OUT"
@@ -61,6 +64,13 @@ timeout 200 python benchmarks/bench_lora_linear.py --device cuda --dtype bfloat1
 stamp "bench exit $?"
 cp benchmarks/results/lora_linear.csv "$OUT/" 2>/dev/null
 cp benchmarks/results/lora_linear_cuda.png "$OUT/" 2>/dev/null
+fi
+
+if want targets; then
+stamp "GPU targets of #12 (Llama-8B layer with LoRA on 7 projections <= 1.08x frozen) and #13 (NF4 op <= 1.15x bf16)"
+timeout 240 python benchmarks/device/bench_targets.py --out "$OUT" >"$OUT/targets.log" 2>&1
+stamp "targets exit $?"
+grep '^target' "$OUT/targets.log" | tee -a "$OUT/summary.txt"
 fi
 
 if want offload; then

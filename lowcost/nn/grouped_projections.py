@@ -35,6 +35,13 @@ def _tensor_key(t: Optional[torch.Tensor]) -> tuple:
     return (None,) if t is None else (id(t), t._version)
 
 
+def _weight_key(layer: LoRALinear) -> tuple:
+    """The base weight's key: a quantized weight's stored tensors, else the dense weight."""
+    if layer.quantized:
+        return tuple(k for t in layer.weight.packed for k in _tensor_key(t))
+    return _tensor_key(layer.weight)
+
+
 class ProjectionGroup:
     """``ProjectionGroup([(path, layer), ...])``: the first layer leads. ``install()`` / ``remove()``."""
 
@@ -73,9 +80,11 @@ class ProjectionGroup:
 
     # ------------------------------------------------------------------------------------------ running
     def runnable(self) -> bool:
-        """Members that can run grouped now: one running adapter each, frozen dense base weights."""
-        return all(len(m.running_adapters()) == 1 and not m.quantized and not m.fan_in_fan_out
-                   and not m.weight.requires_grad for m in self.layers)
+        """Members that can run grouped now: one running adapter each, frozen base weights (all dense or all
+        quantized)."""
+        return (len({m.quantized for m in self.layers}) == 1
+                and all(len(m.running_adapters()) == 1 and not m.fan_in_fan_out
+                        and (m.quantized or not m.weight.requires_grad) for m in self.layers))
 
     def _state(self, x: torch.Tensor) -> tuple:
         """Everything a member's output depends on besides x's values (which x's version counter covers)."""
@@ -83,7 +92,7 @@ class ProjectionGroup:
         for m in self.layers:
             f = m.factors(m.running_adapters()[0])
             members.append((m.training, m.running_adapters()[0], m.backend, f.scaling, f.dropout,
-                            *_tensor_key(m.weight), *_tensor_key(m.bias), *_tensor_key(f.lora_A),
+                            *_weight_key(m), *_tensor_key(m.bias), *_tensor_key(f.lora_A),
                             *_tensor_key(f.lora_B)))
         autocast = (torch.is_autocast_enabled(x.device.type),
                     torch.get_autocast_dtype(x.device.type) if x.device.type in ("cpu", "cuda") else None)

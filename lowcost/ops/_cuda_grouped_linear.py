@@ -60,17 +60,27 @@ def _stacked_a(projections: Sequence[GroupedProjection]) -> Tensor:
     return torch.cat([p.lora_a for p in projections])
 
 
-def grouped_fwd(x: Tensor, projections: Sequence[GroupedProjection]) -> tuple[list[Tensor], list[Tensor]]:
-    """([y_i (M, N_i) in x.dtype], [u_i (M, r_i) float32]) for x (M, K)."""
+def _bases(projections: Sequence[GroupedProjection], bases: Optional[Sequence]) -> list:
+    """Per projection (add_base, add_base_dgrad): ``bases`` as given (a quantized W: ``_cuda_backend.quant_base``),
+    else each dense W's cuBLAS steps (``_cuda_backend.dense_base``)."""
+    return list(bases) if bases is not None else [_cuda_backend.dense_base(p.weight) for p in projections]
+
+
+def grouped_fwd(x: Tensor, projections: Sequence[GroupedProjection], bases: Optional[Sequence] = None
+                ) -> tuple[list[Tensor], list[Tensor]]:
+    """([y_i (M, N_i) in x.dtype], [u_i (M, r_i) float32]) for x (M, K). ``bases``: per projection
+    (add_base, add_base_dgrad) (``_cuda_backend.dense_base`` / ``quant_base``); None: the dense W_i's."""
+    bases = _bases(projections, bases)
     if _stackable(projections):   # one lora_down for all: [u_0 u_1 …] = x [A_0; A_1; …]ᵀ, one read of x
         u_all = ops.lora_down(x, _stacked_a(projections), 0, 0.0)
         us = [u.clone() for u in u_all.split(_ranks(projections), dim=1)]   # own storage: outputs must not alias
-        ys = [ops.lora_up(u, p.lora_b, p.bias, p.scale, x.dtype).addmm_(x, p.weight.t())
-              for u, p in zip(us, projections)]
+        ys = [_cuda_backend.lora_up_base(u, p.lora_b, p.bias, p.scale, x, lambda c, add=add: add(c, x))
+              for u, p, (add, _) in zip(us, projections, bases)]
         return ys, us
     ys, us = [], []
-    for p in projections:
-        y, u = _cuda_backend.forward(x, p.weight, p.lora_a, p.lora_b, p.bias, p.scale, p.dropout, p.seed)
+    for p, (add, _) in zip(projections, bases):
+        y, u = _cuda_backend._lora_forward(x, p.lora_a, p.lora_b, p.bias, p.scale, p.dropout, p.seed,
+                                           lambda c, add=add: add(c, x))
         ys.append(y)
         us.append(u)
     return ys, us
@@ -78,24 +88,10 @@ def grouped_fwd(x: Tensor, projections: Sequence[GroupedProjection]) -> tuple[li
 
 def _grad_pass(g: Tensor, x: Tensor, p: GroupedProjection, u: Tensor, needs: Sequence[bool]):
     """(du (M, r) float32, dB or None, dbias or None) of one projection: one read of g."""
-    need_db, need_dbias = needs[2], needs[3] and p.bias is not None
-    du, db, dbias = ops.lora_grad_pass(g, u, p.lora_b, p.scale, need_dbias)
-    return du, db.to(p.lora_b.dtype) if need_db else None, dbias.to(x.dtype) if need_dbias else None
+    return _cuda_backend.grad_pass(g, u, p.lora_b, p.scale, needs[2], needs[3] and p.bias is not None, x.dtype)
 
 
-def _low_rank_grads(g: Tensor, x: Tensor, p: GroupedProjection, u: Tensor, needs: Sequence[bool]):
-    """(t = D ⊙ (du A) (M, K) or None, dA, dB, dbias) of one projection, None where ``needs`` does not ask."""
-    need_dx, need_da = needs[0], needs[1]
-    du, db, dbias = _grad_pass(g, x, p, u, needs)
-    low_rank = da = None
-    if need_dx or need_da:
-        low_rank, da = ops.lora_dx_da(x, du, p.lora_a, p.seed, p.dropout, need_dx)
-        low_rank = low_rank if need_dx else None
-        da = da.to(p.lora_a.dtype) if need_da else None
-    return low_rank, da, db, dbias
-
-
-def _stacked_bwd(grads, x, projections, us, needs):
+def _stacked_bwd(grads, x, projections, us, needs, bases):
     """``grouped_bwd`` for ``_stackable`` projections: one lora_dx_da over [du_0 du_1 …] (M, Σr_i) and [A_0; A_1; …]
     gives Σ_i du_i A_i, which starts dx (no transient (M, K) term), and every dA_i as a row block of its
     (Σr_i, K) result (one read of x for all of them)."""
@@ -112,29 +108,37 @@ def _stacked_bwd(grads, x, projections, us, needs):
                    for da, p in zip(da_all.split(_ranks(projections), dim=0), projections)]
         if need_dx:
             dx = low_rank
-            for g, p in zip(grads, projections):
-                dx.addmm_(g, p.weight)
+            for g, (_, add_dgrad) in zip(grads, bases):
+                dx = add_dgrad(dx, g)
     return dx, das, dbs, dbiases
 
 
 def grouped_bwd(grads: Sequence[Tensor], x: Tensor, projections: Sequence[GroupedProjection], us: Sequence[Tensor],
-                needs: Sequence[bool]) -> tuple[Optional[Tensor], list, list, list]:
+                needs: Sequence[bool], bases: Optional[Sequence] = None) -> tuple[Optional[Tensor], list, list, list]:
     """(dx (M, K), [dA_i], [dB_i], [dbias_i]) as ``lowcost.reference.lora_grouped_linear.grouped_backward``
-    defines them; ``needs`` = (dx, dA, dB, dbias) for every projection (None where not needed)."""
+    defines them; ``needs`` = (dx, dA, dB, dbias) for every projection (None where not needed); ``bases`` as
+    for ``grouped_fwd``."""
+    bases = _bases(projections, bases)
     if _stackable(projections):
-        return _stacked_bwd(grads, x, projections, us, needs)
+        return _stacked_bwd(grads, x, projections, us, needs, bases)
+    need_dx = needs[0]
     dx = None
     das, dbs, dbiases = [], [], []
-    for g, p, u in zip(grads, projections, us):
-        low_rank, da, db, dbias = _low_rank_grads(g, x, p, u, needs)
+    for g, p, u, (_, add_dgrad) in zip(grads, projections, us, bases):
+        needs_i = (need_dx, needs[1], needs[2], needs[3] and p.bias is not None)
+        # the first projection's low-rank term becomes the accumulator (g_0 W_0 added onto it); every later one
+        # is a transient added after its g_i W_i joined dx
+        first = (lambda t, g=g, add_dgrad=add_dgrad: add_dgrad(t, g)) if dx is None else (lambda t: t)
+        low_rank, da, db, dbias = _cuda_backend._lora_backward(g, x, p.lora_a, p.lora_b, u, p.scale, p.dropout,
+                                                               p.seed, needs_i, first)
         das.append(da)
         dbs.append(db)
         dbiases.append(dbias)
-        if low_rank is None:
+        if not need_dx:
             continue
         if dx is None:
-            dx = low_rank.addmm_(g, p.weight)       # the first projection's term becomes the accumulator
+            dx = low_rank
         else:
-            dx.addmm_(g, p.weight).add_(low_rank)
+            dx = add_dgrad(dx, g).add_(low_rank)
         del low_rank
     return dx, das, dbs, dbiases

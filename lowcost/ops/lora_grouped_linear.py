@@ -19,6 +19,8 @@ Two custom ops: ``lowcost::lora_grouped_linear`` → ([y_i], [u_i]) and ``lowcos
 dA_i from another, dx from one grouped kernel; at most ``TRITON_MAX_PROJECTIONS`` projections) and "cuda"
 (``lowcost.ops._cuda_grouped_linear``: per projection the LoRA linear's CUDA C++ composition around cuBLAS, with
 one dx accumulator that the dense terms g_i W_i join in place; CUDA tensors on sm_80+, no float64).
+Quantized frozen weights (all P ``QuantizedWeight``) route to ``lowcost.ops.qlora_grouped_linear`` (torch and
+cuda backends, the same saved set); a group mixing dense and quantized weights is refused.
 """
 from __future__ import annotations
 
@@ -33,14 +35,15 @@ from lowcost.ops.backend import requested_backend, resolve_backend, unavailable_
 from lowcost.ops.lora_linear import _check_dtypes_devices, _check_scalars, _check_shapes, _seed_tensor
 from lowcost.ops.normed_input import pack_input, unpack_input
 from lowcost.reference.lora_grouped_linear import GroupedProjection, grouped_backward, grouped_forward
+from lowcost.reference.quant import QuantizedWeight
 
 Tensor = torch.Tensor
 TRITON_MAX_PROJECTIONS = 3   # kernels/lora_grouped_linear.py MAX_PROJECTIONS: one slot per projection
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _check_group(x, weights, lora_as, lora_bs, biases, scales, dropouts) -> int:
-    """P after checking every projection against x (the shape and dtype rules of ``lora_linear``)."""
+def _check_counts(weights, lora_as, lora_bs, biases, scales, dropouts) -> int:
+    """P, after checking that every per-projection list holds P entries (P >= 1)."""
     count = len(weights)
     if count < 1:
         raise ValueError("weights must hold at least one projection's weight, got none")
@@ -48,6 +51,12 @@ def _check_group(x, weights, lora_as, lora_bs, biases, scales, dropouts) -> int:
                          ("dropouts", dropouts)):
         if len(values) != count:
             raise ValueError(f"{what} must hold {count} entries (one per projection, as weights), got {len(values)}")
+    return count
+
+
+def _check_group(x, weights, lora_as, lora_bs, biases, scales, dropouts) -> int:
+    """P after checking every projection against x (the shape and dtype rules of ``lora_linear``)."""
+    count = _check_counts(weights, lora_as, lora_bs, biases, scales, dropouts)
     for i, (w, a, b, bias) in enumerate(zip(weights, lora_as, lora_bs, biases)):
         if isinstance(w, Tensor) and w.dim() == 2 and x.dim() >= 1 and w.shape[1] != x.shape[-1]:
             raise ValueError(f"projection {i}: weight must have K={x.shape[-1]} columns (every projection reads the "
@@ -221,8 +230,14 @@ def lora_grouped_linear(x: Tensor, weights: Sequence[Tensor], lora_as: Sequence[
             only; "triton" groups at most ``TRITON_MAX_PROJECTIONS`` projections.
     Returns:
         [y_i (..., N_i)] in x's dtype.
+
+    Quantized frozen weights (P ``QuantizedWeight``) run ``lowcost.ops.qlora_grouped_linear`` (torch, or cuda:
+    the CUDA dequantizing GEMMs; not Triton); a mix of dense and quantized weights is a TypeError.
     """
     weights, lora_as, lora_bs = list(weights), list(lora_as), list(lora_bs)
+    if any(isinstance(w, QuantizedWeight) for w in weights):
+        from lowcost.ops.qlora_grouped_linear import qlora_grouped_linear  # imports this module: bound here
+        return qlora_grouped_linear(x, weights, lora_as, lora_bs, scales, biases, dropouts, seeds, backend)
     count = len(weights)
     biases = [None] * count if biases is None else list(biases)
     dropouts = [0.0] * count if dropouts is None else list(dropouts)

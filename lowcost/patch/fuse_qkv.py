@@ -7,21 +7,27 @@ member's output on its input, the others take theirs only when called with that 
 same version, nothing changed), else run their own op. So the model's forward is untouched and the result
 is exact whatever the forward does between the calls.
 
-Refused, with the reason: a member that is not a fused ``LoRALinear`` (a projection without LoRA), a Conv1D or
-quantized base weight (the grouped op takes dense (N, K) weights), members of different input widths,
+A group whose members all have quantized base weights runs ``lowcost.ops.qlora_grouped_linear`` (torch, or cuda
+for the formats of ``CUDA_FORMATS``). Refused, with the reason: a member that is not a fused ``LoRALinear`` (a
+projection without LoRA), a Conv1D (the grouped op takes (N, K) weights), a group mixing dense and quantized
+base weights, a quantized group on Triton (``qlora_grouped_linear.TRITON_REFUSAL``) or on cuda with a format it
+does not decode, members of different input widths,
 different backends, Triton or CUDA where their kernels cannot run (the grouped op's cuda backend: CUDA tensors on
 sm_80+ with lowcost._C built for CUDA, as the unfused layers' own cuda backend), float64 weights on either, and
 members inside a checkpoint ``recompute=`` region.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lowcost._families import module_roles
 from lowcost.nn.grouped_projections import ProjectionGroup
 from lowcost.nn.lora_linear import LoRALinear
-from lowcost.ops.backend import unavailable_reason
+from lowcost.ops._quant_backends import QUANT_SUPPORT
+from lowcost.ops.backend import requested_backend, unavailable_reason
 from lowcost.ops.lora_grouped_linear import TRITON_MAX_PROJECTIONS
+from lowcost.ops.qlora_grouped_linear import TRITON_REFUSAL
 
 GROUPS = (("q", "k", "v"), ("gate", "up"))
 
@@ -46,8 +52,23 @@ def _member_problem(path: str, layer: nn.Module) -> str:
         return f"{name} is a {type(layer).__name__}, not a fused LoRALinear (no LoRA adapter on it)"
     if layer.fan_in_fan_out:
         return f"{name} is a Conv1D (the grouped op takes (N, K) weights)"
-    if layer.quantized:
-        return f"{name} has a quantized base weight ({layer.weight.scheme}): the grouped op takes dense weights"
+    return ""
+
+
+def _quantized_problem(layers: dict[str, LoRALinear], backend) -> str:
+    """Why a group with quantized base weights cannot run grouped ("" when it can): a dense/quantized mix, Triton,
+    or cuda without one member's format."""
+    quantized = {path.rpartition(".")[2]: layer.quantized for path, layer in layers.items()}
+    if len(set(quantized.values())) > 1:
+        return (f"the projections mix dense and quantized base weights {quantized}; the grouped op takes all "
+                "dense or all quantized")
+    source, name = requested_backend(backend)
+    if name == "triton":
+        return f"{source}='triton' on quantized base weights: {TRITON_REFUSAL}"
+    for path, layer in layers.items():
+        if name is not None and layer.weight.scheme not in QUANT_SUPPORT[name]:
+            return (f"{source}={name!r} has no kernel for {path.rpartition('.')[2]}'s {layer.weight.scheme!r} "
+                    f"weight (it takes: {', '.join(QUANT_SUPPORT[name])})")
     return ""
 
 
@@ -59,6 +80,10 @@ def _group_problem(layers: dict[str, LoRALinear]) -> str:
     if len(backends) > 1:
         return f"the projections ask for different backends {sorted(map(str, backends))}; the grouped op runs one"
     backend = backends.pop()
+    if any(layer.quantized for layer in layers.values()):
+        problem = _quantized_problem(layers, backend)
+        if problem:
+            return problem
     if backend not in ("triton", "cuda"):
         return ""
     weight = next(iter(layers.values())).weight
@@ -68,7 +93,7 @@ def _group_problem(layers: dict[str, LoRALinear]) -> str:
     why = None if meta_cuda else unavailable_reason(backend, weight.device, rank)
     if why is None and backend == "triton" and len(layers) > TRITON_MAX_PROJECTIONS:
         why = f"it groups at most {TRITON_MAX_PROJECTIONS} projections"
-    if why is None and weight.dtype.is_floating_point and weight.element_size() == 8:
+    if why is None and isinstance(weight, torch.Tensor) and weight.dtype == torch.float64:
         why = f"float64 weights (the {backend} kernels take fp32/fp16/bf16)"
     return f"backend={backend!r} cannot run here: {why}" if why else ""
 

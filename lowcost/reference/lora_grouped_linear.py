@@ -21,6 +21,11 @@ started by the first projection's g_1 W_1 (never a zeroed buffer), that every ot
 masked term D_i ⊙ (du_i A_i) is formed in one scratch buffer, reused by every projection, together with
 D_i ⊙ x for dA_i (``dropout_pair``: one mask generation for both). So backward never holds an (M, K)
 temporary per projection, and never a dx per projection to sum afterwards.
+
+A projection's W may be quantized (``GroupedProjection.dequant``, a row source as in ``lowcost.reference.
+qlora_linear``, ``weight`` None): its x W_iᵀ and g_i W_i are then summed over dequantized blocks of rows
+(``qlora_linear_forward``, ``quantized_base_dgrad``), so no dense W exists; such a first term starts dx as a
+zeroed accumulator that the row blocks add into.
 """
 from __future__ import annotations
 
@@ -31,20 +36,23 @@ import torch
 
 from lowcost.reference.lora_linear import accumulation_dtype, lora_linear_forward
 from lowcost.reference.philox import DropoutFn, apply_dropout, dropout_pair
+from lowcost.reference.qlora_linear import RowSource, qlora_linear_forward, quantized_base_dgrad
 
 Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
 class GroupedProjection:
-    """One projection of the group: W (N, K), A (r, K), B (N, r), bias (N,) or None, s, p, seed."""
-    weight: Tensor
+    """One projection of the group: W (N, K), A (r, K), B (N, r), bias (N,) or None, s, p, seed. A quantized W:
+    ``weight`` None and ``dequant`` the row source (rows -> those rows of W in x's dtype)."""
+    weight: Optional[Tensor]
     lora_a: Tensor
     lora_b: Tensor
     bias: Optional[Tensor]
     scale: float
     dropout: float
     seed: int
+    dequant: Optional[RowSource] = None
 
 
 def grouped_forward(x: Tensor, projections: Sequence[GroupedProjection],
@@ -52,15 +60,24 @@ def grouped_forward(x: Tensor, projections: Sequence[GroupedProjection],
     """([y_i (M, N_i) in x.dtype], [u_i (M, r_i) in the accumulation dtype]) for x (M, K)."""
     ys, us = [], []
     for p in projections:
-        y, u = lora_linear_forward(x, p.weight, p.lora_a, p.lora_b, p.bias, p.scale, p.dropout, p.seed, dropout_fn)
+        if p.dequant is not None:
+            y, u = qlora_linear_forward(x, p.dequant, p.lora_b.shape[0], p.lora_a, p.lora_b, p.bias, p.scale,
+                                        p.dropout, p.seed, dropout_fn)
+        else:
+            y, u = lora_linear_forward(x, p.weight, p.lora_a, p.lora_b, p.bias, p.scale, p.dropout, p.seed,
+                                       dropout_fn)
         ys.append(y)
         us.append(u)
     return ys, us
 
 
-def _add_dense(dx: Optional[Tensor], g: Tensor, weight: Tensor, acc: torch.dtype) -> Tensor:
+def _add_dense(dx: Optional[Tensor], g: Tensor, p: GroupedProjection, K: int, acc: torch.dtype) -> Tensor:
     """dx + g W, in place (dx in x's dtype when that is the accumulation dtype, else the float32
-    accumulator); the first projection's term starts the accumulator (``dx`` None), so it is never zeroed."""
+    accumulator); the first projection's term starts the accumulator (``dx`` None), so it is never zeroed
+    (a quantized W: a zeroed accumulator, its row blocks' products added in)."""
+    if p.dequant is not None:
+        return quantized_base_dgrad(g, p.dequant, K, out=dx)
+    weight = p.weight
     if dx is None:
         first = g @ weight        # the GEMM in x's dtype (as the unfused op); 0 + v == v, so no zeros needed
         return first if first.dtype == acc else first.to(acc)
@@ -99,7 +116,7 @@ def grouped_backward(grads: Sequence[Tensor], x: Tensor, projections: Sequence[G
         dbs.append((g_acc.t() @ u).mul_(p.scale).to(p.lora_b.dtype) if need_db else None)
         dbiases.append(g_acc.sum(0).to(x.dtype) if need_dbias and p.bias is not None else None)
         if need_dx:
-            dx = _add_dense(dx, g, p.weight, acc)
+            dx = _add_dense(dx, g, p, x.shape[1], acc)
         if need_dx or need_da:
             du = (g_acc @ p.lora_b.to(acc)).mul_(p.scale)
             if need_dx:

@@ -1,0 +1,228 @@
+"""Grouped LoRA projections (q/k/v, gate/up) sharing one input on quantized frozen weights, as registered ops.
+
+    y_i = x deq(W_i)ᵀ + b_i + s_i · (D_i ⊙ x) A_iᵀ B_iᵀ          i = 0 … P-1,  each W_i a ``QuantizedWeight``
+
+the math, the masks and every gradient of ``lowcost.ops.lora_grouped_linear`` (``lowcost.reference.
+lora_grouped_linear``), with the base GEMMs x W_iᵀ and g_i W_i on W_i decoded a block of rows at a time (torch)
+or a tile at a time inside the GEMM (cuda), so no dense W exists. Saved for backward: x once, the u_i and the
+seeds, plus references to the stored codes and scales (never a dequantized W, never a copy of x per projection).
+Backward: dB_i = s_i g_iᵀu_i, du_i = s_i g_i B_i, dA_i = du_iᵀ(D_i⊙x), db_i = Σ_m g_i and ONE accumulator
+dx = Σ_i g_i deq(W_i) + Σ_i D_i⊙(du_i A_i).
+
+``lowcost.ops.lora_grouped_linear`` routes here when its weights are quantized (all P; a mix of dense and
+quantized weights is refused there). Backends:
+- ``torch`` (any device, every format): the grouped reference with each projection's row source
+  (``_quant_backends._rows``: one block of rows decoded into one reused workspace);
+- ``cuda`` (CUDA tensors on sm_80+ with lowcost._C built for CUDA; the formats of ``CUDA_FORMATS``): the dense
+  grouped composition (``_cuda_grouped_linear``, one dx accumulator) with each projection's base step the CUDA
+  dequantizing GEMM (``_cuda_backend.quant_base``: ``dequant_gemm`` forward, ``dequant_gemm_dgrad`` backward);
+- ``triton``: refused (``TRITON_REFUSAL``); ``backend=None`` passes on to cuda, then torch.
+``backend=None``: ``LOWCOST_BACKEND``, else cuda for CUDA tensors when it can run and takes every format, else
+torch.
+
+Two custom ops: ``lowcost::qlora_grouped_linear`` → ([y_i], [u_i]) and ``lowcost::qlora_grouped_linear_backward``
+→ (dx, [dA_i], [dB_i], [db_i]). The P weights' stored tensors travel as one flat ``Tensor[]`` with their counts,
+their formats as one comma-separated string (the schema has no ``str[]``), so FakeTensor and the dispatcher
+see plain tensors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from lowcost.ops import _cuda_backend, _torch_backend
+from lowcost.ops._quant_backends import QUANT_SUPPORT, _rows, _with_code_books, check_quant_backend
+from lowcost.ops.autocast import autocast_operands
+from lowcost.ops.backend import requested_backend, unavailable_reason
+from lowcost.ops.lora_grouped_linear import _check_counts, _seeds_tensor, _spread
+from lowcost.ops.lora_linear import _check_scalars
+from lowcost.ops.normed_input import pack_input, unpack_input
+from lowcost.ops.qlora_linear import _check_adapters, _check_quantized
+from lowcost.reference.lora_grouped_linear import GroupedProjection, grouped_backward, grouped_forward
+from lowcost.reference.quant import QuantizedWeight
+
+Tensor = torch.Tensor
+TRITON_REFUSAL = ("the Triton grouped dx kernel reads dense W_i and the dequantizing dgrad kernel "
+                  "(kernels/qlora_linear.py) stores its tile instead of adding into a shared accumulator, so no "
+                  "Triton piece sums g_i deq(W_i) over the group into one dx")
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_group(x: Tensor, weights, lora_as, lora_bs, biases, scales, dropouts) -> None:
+    _check_counts(weights, lora_as, lora_bs, biases, scales, dropouts)
+    for i, (w, a, b, bias) in enumerate(zip(weights, lora_as, lora_bs, biases)):
+        try:
+            N, K = _check_quantized(x, w, bias)
+            _check_adapters(x, N, K, a, b)
+            _check_scalars(scales[i], dropouts[i])
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"projection {i}: {error}") from None
+
+
+def _resolve(backend: Optional[str], x: Tensor, schemes: str, rank: int) -> str:
+    """"torch" or "cuda" for P weights of formats ``schemes``; a clear error naming the choice's source (argument
+    or LOWCOST_BACKEND) and the projection when it cannot run them; "triton" is refused (``TRITON_REFUSAL``)."""
+    source, name = requested_backend(backend)
+    if name is None:
+        cuda_ok = (x.device.type == "cuda" and x.dtype != torch.float64 and all(s in QUANT_SUPPORT["cuda"]
+                                                                               for s in schemes)
+                   and unavailable_reason("cuda", x.device, rank) is None)
+        return "cuda" if cuda_ok else "torch"
+    if name == "triton":
+        raise ValueError(f"{source}='triton' cannot run grouped projections on quantized weights: {TRITON_REFUSAL}; "
+                         "use backend='cuda', 'torch' or None")
+    for i, scheme in enumerate(schemes):
+        check_quant_backend(source, name, x.device, rank, scheme, f"projection {i}")
+    if name != "torch" and x.dtype == torch.float64:
+        raise TypeError(f"x of dtype float64 runs only on backend='torch' (got backend={name!r})")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+def _split(packed: Sequence[Tensor], counts: Sequence[int]) -> list[list[Tensor]]:
+    """The flat stored tensors back into one list per projection."""
+    out, start = [], 0
+    for count in counts:
+        out.append(list(packed[start:start + count]))
+        start += count
+    return out
+
+
+def _run_args(backend, x2, packed, counts, schemes, block_sizes, lora_as, lora_bs, biases, scales, dropouts, seeds):
+    """(projections, bases): GroupedProjection per projection (torch: with its row source) and, for cuda, each
+    projection's dequantizing GEMM steps (None for torch)."""
+    stored, K = _split(packed, counts), x2.shape[1]
+    projections = [GroupedProjection(None, a, b, bias, float(s), float(p), int(seed),
+                                     dequant=_rows(scheme, st, K, bs, x2.dtype) if backend == "torch" else None)
+                   for st, scheme, bs, a, b, bias, s, p, seed in zip(stored, schemes, block_sizes, lora_as, lora_bs,
+                                                                     biases, scales, dropouts, seeds)]
+    if backend == "torch":
+        return projections, None
+    bases = [_cuda_backend.quant_base(_with_code_books(st, scheme), scheme, b.shape[0], K, bs)
+             for st, scheme, bs, b in zip(stored, schemes, block_sizes, lora_bs)]
+    return projections, bases
+
+
+@torch.library.custom_op("lowcost::qlora_grouped_linear", mutates_args=())
+def _qgrouped_op(x: Tensor, packed: Sequence[Tensor], counts: Sequence[int], schemes: str,
+                 block_sizes: Sequence[int], lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor],
+                 biases: Sequence[Tensor], has_bias: Sequence[bool], scales: Sequence[float],
+                 dropouts: Sequence[float], seeds: Tensor, backend: str) -> tuple[list[Tensor], list[Tensor]]:
+    x2 = x.reshape(-1, x.shape[-1])
+    projections, bases = _run_args(backend, x2, packed, counts, schemes.split(","), block_sizes, lora_as, lora_bs,
+                                   _spread(biases, has_bias), scales, dropouts, seeds)
+    if backend == "cuda":
+        from lowcost.ops import _cuda_grouped_linear
+        ys, us = _cuda_grouped_linear.grouped_fwd(x2, projections, bases)
+    else:
+        ys, us = grouped_forward(x2, projections, _torch_backend._dropout)
+    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys], list(us)
+
+
+@_qgrouped_op.register_fake
+def _(x, packed, counts, schemes, block_sizes, lora_as, lora_bs, biases, has_bias, scales, dropouts, seeds, backend):
+    M = math.prod(x.shape[:-1])
+    u_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return ([x.new_empty(*x.shape[:-1], b.shape[0]) for b in lora_bs],
+            [x.new_empty(M, a.shape[0], dtype=u_dtype) for a in lora_as])
+
+
+@torch.library.custom_op("lowcost::qlora_grouped_linear_backward", mutates_args=())
+def _qgrouped_backward_op(grads: Sequence[Tensor], x: Tensor, packed: Sequence[Tensor], counts: Sequence[int],
+                          schemes: str, block_sizes: Sequence[int], lora_as: Sequence[Tensor],
+                          lora_bs: Sequence[Tensor], us: Sequence[Tensor], has_bias: Sequence[bool],
+                          scales: Sequence[float], dropouts: Sequence[float], seeds: Tensor, needs: Sequence[bool],
+                          backend: str) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    x2 = x.reshape(-1, x.shape[-1])
+    biases = [x if flag else None for flag in has_bias]   # only "is there a bias" matters here
+    projections, bases = _run_args(backend, x2, packed, counts, schemes.split(","), block_sizes, lora_as, lora_bs,
+                                   biases, scales, dropouts, seeds)
+    g2 = [g.reshape(-1, g.shape[-1]) for g in grads]
+    if backend == "cuda":
+        from lowcost.ops import _cuda_grouped_linear
+        dx, das, dbs, dbiases = _cuda_grouped_linear.grouped_bwd(g2, x2, projections, list(us), tuple(needs), bases)
+    else:
+        dx, das, dbs, dbiases = grouped_backward(g2, x2, projections, list(us), tuple(needs), _torch_backend._dropout)
+
+    def fill(t):  # a fresh empty tensor per gradient not computed (outputs must not alias one another)
+        return t if t is not None else x.new_empty(0)
+    return (fill(dx.reshape(x.shape) if dx is not None else None), [fill(t) for t in das], [fill(t) for t in dbs],
+            [fill(t) for t in dbiases])
+
+
+@_qgrouped_backward_op.register_fake
+def _(grads, x, packed, counts, schemes, block_sizes, lora_as, lora_bs, us, has_bias, scales, dropouts, seeds, needs,
+      backend):
+    need_dx, need_da, need_db, need_dbias = needs
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            [a.new_empty(a.shape if need_da else (0,)) for a in lora_as],
+            [b.new_empty(b.shape if need_db else (0,)) for b in lora_bs],
+            [x.new_empty(b.shape[0] if need_dbias and flag else 0) for b, flag in zip(lora_bs, has_bias)])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, packed, counts, schemes, block_sizes, lora_as, lora_bs, biases, has_bias, scales, dropouts, seeds, backend \
+        = inputs
+    _, us = output
+    ctx.mark_non_differentiable(*us)
+    stored, ctx.input_rebuild = pack_input(x)   # a normed x: kept as its norm's input and statistics
+    ctx.count = len(lora_as)
+    ctx.save_for_backward(*stored, *lora_as, *lora_bs, *us, seeds, *packed)
+    ctx.settings = (list(counts), schemes, list(block_sizes), list(has_bias), list(scales), list(dropouts),
+                    backend)
+
+
+def _backward(ctx, grad_ys, _grad_us):
+    x, rest = unpack_input(ctx.saved_tensors, ctx.input_rebuild)
+    count = ctx.count
+    lora_as, lora_bs, us = (list(rest[i * count:(i + 1) * count]) for i in range(3))
+    seeds, packed = rest[3 * count], list(rest[3 * count + 1:])
+    counts, schemes, block_sizes, has_bias, scales, dropouts, backend = ctx.settings
+    grads = [g if g is not None else x.new_zeros(*x.shape[:-1], b.shape[0]) for g, b in zip(grad_ys, lora_bs)]
+    need = [any(n) if isinstance(n, (list, tuple)) else bool(n) for n in ctx.needs_input_grad]  # per list input
+    needs = [need[0], need[5], need[6], need[7] and any(has_bias)]
+    dx, das, dbs, dbiases = _qgrouped_backward_op(grads, x, packed, counts, schemes, block_sizes, lora_as, lora_bs,
+                                                  us, has_bias, scales, dropouts, seeds, needs, backend)
+    nothing = [None] * count                      # list inputs get a list back (autograd checks the structure)
+    present = [d if needs[3] else None for d, flag in zip(dbiases, has_bias) if flag]
+    return (dx if needs[0] else None, [None] * len(packed), None, None, None, das if needs[1] else nothing,
+            dbs if needs[2] else nothing, present, None, None, None, None, None)
+
+
+_qgrouped_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- public
+def qlora_grouped_linear(x: Tensor, weights: Sequence[QuantizedWeight], lora_as: Sequence[Tensor],
+                         lora_bs: Sequence[Tensor], scales: Sequence[float],
+                         biases: Optional[Sequence[Optional[Tensor]]] = None,
+                         dropouts: Optional[Sequence[float]] = None, seeds=None,
+                         backend: Optional[str] = None) -> list[Tensor]:
+    """``lowcost.ops.lora_grouped_linear`` with P quantized frozen weights W_i (N_i, K), each a
+    ``QuantizedWeight`` (decoded to x's dtype; formats may differ between projections). Arguments and result
+    as there; backend: 'torch' (every format), 'cuda' (CUDA tensors, the formats of ``CUDA_FORMATS``) or None
+    (cuda where it can run and takes every format, else torch); 'triton' is a ValueError
+    (``TRITON_REFUSAL``). Every backend saves the same tensors for backward."""
+    weights, lora_as, lora_bs = list(weights), list(lora_as), list(lora_bs)
+    count = len(weights)
+    biases = [None] * count if biases is None else list(biases)
+    dropouts = [0.0] * count if dropouts is None else list(dropouts)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    for i, w in enumerate(weights):
+        if not isinstance(w, QuantizedWeight):
+            raise TypeError(f"projection {i}: weight must be a QuantizedWeight like the others, got "
+                            f"{type(w).__name__} (the grouped op takes P dense or P quantized weights)")
+    (x, *biases), adapters = autocast_operands((x, *biases), (*lora_as, *lora_bs))
+    lora_as, lora_bs = list(adapters[:count]), list(adapters[count:])
+    _check_group(x, weights, lora_as, lora_bs, biases, scales, dropouts)
+    name = _resolve(backend, x, [w.scheme for w in weights], max(a.shape[0] for a in lora_as))
+    seeds = _seeds_tensor(seeds, dropouts)
+    has_bias = [b is not None for b in biases]
+    ys, _ = _qgrouped_op(x, [t for w in weights for t in w.packed], [len(w.packed) for w in weights],
+                         ",".join(w.scheme for w in weights), [w.block_size for w in weights], lora_as, lora_bs,
+                         [b for b in biases if b is not None], has_bias, [float(s) for s in scales],
+                         [float(p) for p in dropouts], seeds, name)
+    return ys

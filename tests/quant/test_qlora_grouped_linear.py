@@ -1,0 +1,208 @@
+"""Grouped LoRA projections on quantized frozen weights (``lowcost.ops.qlora_grouped_linear``, issue #13), CPU.
+
+Against float64 autograd of P ``lora_linear`` calls on the DEQUANTIZED weights (same seeds, so the same masks):
+output and every gradient (dx, dA_i, dB_i, db_i), formats nf4 (K = 100, not a multiple of the 64-block), int8,
+q8_0, q4_k, M = 0 and 1, r = 5, GQA-like N_k = N_v < N_q, on the torch backend and on the cuda composition (the
+dequantizing GEMMs stood in for on CPU: ``cuda_here`` of test_qlora_gated_mlp_cuda); the masks equal P separate
+``qlora_linear`` calls; the saved set; opcheck; bad input; the "qkv" fusion of a tiny Llama quantized with
+``lowcost.quantize`` equals the unfused model, loss and every adapter gradient.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lowcost
+from lowcost._extension import has_kernel
+from lowcost.ops.qlora_grouped_linear import _qgrouped_backward_op, _qgrouped_op
+from lowcost.quant import quantize
+from lowcost.reference.quant import dequantize_packed
+from helpers import assert_close_to_reference
+from quant_cases import k_for, make_quantized
+from test_qlora_gated_mlp_cuda import cuda_here  # noqa: F401  (fixture)
+from tiny_models import llama, randomize_adapters
+
+SCALES, SEEDS = (1.5, 0.5, 2.0), (11, 22, 33)
+# scheme, M, K wanted, N per projection (q, k, v: GQA-like k/v narrower), ranks (r = 5, not a multiple of 16)
+CASES = [("nf4", 7, 100, (12, 6, 6), (5, 3, 4), 0.1),
+         ("nf4", 1, 100, (12, 6, 6), (5, 5, 5), 0.0),
+         ("int8", 0, 40, (10, 4, 4), (5, 3, 4), 0.1),
+         ("q8_0", 6, 64, (12, 6, 6), (5, 3, 4), 0.0),
+         ("q4_k", 3, 256, (9, 5, 5), (5, 2, 3), 0.1)]
+IDS = [f"{c[0]}-M{c[1]}-p{c[5]}" for c in CASES]
+
+
+def make(scheme, M, K, ns, ranks, dtype=torch.float32):
+    K = k_for(scheme, K)
+    gen = torch.Generator().manual_seed(0)
+    weights = [make_quantized(scheme, n, K, seed=i, dtype=dtype) for i, n in enumerate(ns)]
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    lora_as = [(torch.randn(r, K, generator=gen) * 0.3).to(dtype) for r in ranks]
+    lora_bs = [(torch.randn(n, r, generator=gen) * 0.3).to(dtype) for n, r in zip(ns, ranks)]
+    biases = [torch.randn(ns[0], generator=gen).to(dtype), None, torch.randn(ns[2], generator=gen).to(dtype)]
+    grads = [torch.randn(M, n, generator=gen).to(dtype) for n in ns]
+    return x, weights, lora_as, lora_bs, biases, grads
+
+
+def run(x, weights, lora_as, lora_bs, biases, grads, dropout, backend):
+    leaves = [t.clone().requires_grad_() for t in [x, *lora_as, *lora_bs, *[b for b in biases if b is not None]]]
+    P = len(weights)
+    it = iter(leaves[1 + 2 * P:])
+    bs = [next(it) if b is not None else None for b in biases]
+    ys = lowcost.ops.lora_grouped_linear(leaves[0], weights, leaves[1:1 + P], leaves[1 + P:1 + 2 * P], SCALES[:P],
+                                         biases=bs, dropouts=[dropout] * P, seeds=SEEDS[:P], backend=backend)
+    sum((y * g).sum() for y, g in zip(ys, grads)).backward()
+    return ys, [t.grad for t in leaves]
+
+
+def truth64(x, weights, lora_as, lora_bs, biases, grads, dropout):
+    """P separate float64 ``lora_linear`` calls on W decoded to x's dtype, then widened (what every backend
+    multiplies), with the same seeds."""
+    leaves = [t.double().requires_grad_() for t in [x, *lora_as, *lora_bs, *[b for b in biases if b is not None]]]
+    P = len(weights)
+    it = iter(leaves[1 + 2 * P:])
+    bs = [next(it) if b is not None else None for b in biases]
+    dense = [dequantize_packed(w.scheme, w.packed, w.shape[1], w.block_size, dtype=x.dtype).double()
+             for w in weights]
+    ys = [lowcost.ops.lora_linear(leaves[0], w, a, b, s, bias=bias, dropout=dropout, seed=seed, backend="torch")
+          for w, a, b, s, bias, seed in zip(dense, leaves[1:1 + P], leaves[1 + P:1 + 2 * P], SCALES, bs, SEEDS)]
+    sum((y * g.double()).sum() for y, g in zip(ys, grads)).backward()
+    return ys, [t.grad for t in leaves]
+
+
+def check(case, backend, dtype=torch.float32):
+    scheme, M, K, ns, ranks, dropout = case
+    data = make(scheme, M, K, ns, ranks, dtype)
+    ys, grads = run(*data, dropout, backend)
+    ys64, grads64 = truth64(*data, dropout)
+    for i, (y, y64) in enumerate(zip(ys, ys64)):
+        assert y.dtype == dtype and y.shape == (M, ns[i])
+        assert_close_to_reference(f"{scheme} y_{i}", y, y64, dtype)
+    names = ["dx"] + [f"dA_{i}" for i in range(3)] + [f"dB_{i}" for i in range(3)] + ["db_0", "db_2"]
+    for name, g, g64 in zip(names, grads, grads64):
+        assert g is not None, name
+        assert_close_to_reference(f"{scheme} {name}", g, g64, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_torch_backend_matches_float64(case):
+    check(case, "torch")
+
+
+@pytest.mark.skipif(not has_kernel("lora_down", "CPU"), reason="lowcost._C is not built (pip install -e .)")
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_cuda_composition_matches_float64(cuda_here, case):  # noqa: F811
+    """Every projection's base GEMM went through the dequantizing GEMMs: P forward, P dgrad (M > 0)."""
+    check(case, "cuda")
+    scheme, M = case[0], case[1]
+    assert cuda_here.calls == [("dequant_gemm", scheme)] * 3 + [("dequant_gemm_dgrad", scheme)] * 3
+
+
+def test_low_precision_torch():
+    check(("nf4", 9, 100, (12, 6, 6), (5, 3, 4), 0.1), "torch", torch.bfloat16)
+
+
+def test_masks_equal_separate_qlora_linear_calls():
+    x, weights, lora_as, lora_bs, biases, grads = make("nf4", 9, 100, (12, 6, 6), (5, 3, 4))
+    ys = lowcost.ops.lora_grouped_linear(x, weights, lora_as, lora_bs, SCALES, biases=biases, dropouts=[0.3] * 3,
+                                         seeds=SEEDS, backend="torch")
+    for i in range(3):
+        y = lowcost.ops.qlora_linear(x, weights[i], lora_as[i], lora_bs[i], SCALES[i], bias=biases[i], dropout=0.3,
+                                     seed=SEEDS[i], backend="torch")
+        torch.testing.assert_close(ys[i], y, rtol=1e-5, atol=1e-6)
+
+
+def test_saves_x_once_the_u_the_seeds_and_the_stored_tensors_only():
+    x, weights, lora_as, lora_bs, biases, grads = make("nf4", 16, 64, (12, 6, 6), (5, 3, 4))
+    x = x.requires_grad_()
+    lora_as = [a.requires_grad_() for a in lora_as]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ys = lowcost.ops.lora_grouped_linear(x, weights, lora_as, lora_bs, SCALES, dropouts=[0.1] * 3, seeds=SEEDS,
+                                             backend="torch")
+    known = {p.data_ptr() for w in weights for p in w.packed} | {t.data_ptr() for t in lora_as + lora_bs}
+    activations = [s for s in saved if s.data_ptr() not in known]
+    assert sum(s.data_ptr() == x.data_ptr() for s in activations) == 1                     # x once
+    assert sorted(tuple(s.shape) for s in activations if s.data_ptr() != x.data_ptr()) == \
+        sorted([(16, 5), (16, 3), (16, 4), (3,)])                                         # the u_i, the seeds
+    assert not any(s.shape[-1] == 64 and s.dim() == 2 and s.shape[0] in (12, 6) and s.is_floating_point()
+                   for s in saved)                                                        # no dequantized W
+    sum(y.sum() for y in ys).backward()
+
+
+def test_opcheck():
+    x, weights, lora_as, lora_bs, biases, grads = make("q8_0", 5, 64, (8, 4, 4), (5, 3, 4))
+    packed = [t for w in weights for t in w.packed]
+    args = (x.requires_grad_(), packed, [len(w.packed) for w in weights], ",".join(w.scheme for w in weights),
+            [w.block_size for w in weights], [a.requires_grad_() for a in lora_as],
+            [b.requires_grad_() for b in lora_bs], [biases[0], biases[2]], [True, False, True], list(SCALES),
+            [0.2] * 3, torch.tensor(SEEDS), "torch")
+    result = torch.library.opcheck(_qgrouped_op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+    _, us = _qgrouped_op(*args)
+    bargs = (grads, x.detach(), packed, args[2], args[3], args[4], [a.detach() for a in lora_as],
+             [b.detach() for b in lora_bs], us, [True, False, True], list(SCALES), [0.2] * 3, torch.tensor(SEEDS),
+             [True] * 4, "torch")
+    result = torch.library.opcheck(_qgrouped_backward_op, bargs, test_utils=("test_schema", "test_faketensor"))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_bad_input():
+    x, weights, lora_as, lora_bs, biases, _ = make("nf4", 3, 64, (8, 4, 4), (5, 3, 4))
+    mixed = [weights[0], weights[1].dequantize(), weights[2]]
+    with pytest.raises(TypeError, match="projection 1: weight must be a QuantizedWeight"):
+        lowcost.ops.lora_grouped_linear(x, mixed, lora_as, lora_bs, SCALES)
+    with pytest.raises(ValueError, match="backend='triton' cannot run grouped projections on quantized"):
+        lowcost.ops.lora_grouped_linear(x, weights, lora_as, lora_bs, SCALES, backend="triton")
+    with pytest.raises(ValueError, match="projection 2: lora_b must have shape"):
+        lowcost.ops.lora_grouped_linear(x, weights, lora_as, lora_bs[:2] + [lora_bs[1]], SCALES)
+    with pytest.raises(ValueError, match="projection 0: x must have last dimension K=64"):
+        lowcost.ops.lora_grouped_linear(x[:, :32], weights, lora_as, lora_bs, SCALES)
+    with pytest.raises(ValueError, match="scales must hold 3 entries"):
+        lowcost.ops.lora_grouped_linear(x, weights, lora_as, lora_bs, SCALES[:2])
+
+
+# ----------------------------------------------------------------------------------------------- model level
+def _step(model, ids, seed=5):
+    torch.manual_seed(seed)   # the LoRA dropout seeds: drawn per projection in q, k, v order on both paths
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_tiny_llama_quantized_takes_the_qkv_fusion(scheme):
+    base = llama()
+    base.requires_grad_(False)
+    quantize(base, scheme, targets=r".*proj")
+    models, reports = [], []
+    for fused in (("qkv",), ()):
+        model = copy.deepcopy(base).train()
+        reports.append(lowcost.apply(model, lora=lowcost.LoRAConfig(r=5, alpha=10, dropout=0.1,
+                                                                    targets=["q_proj", "k_proj", "v_proj"]),
+                                     fused=fused))
+        randomize_adapters({n: m for n, m in model.named_modules() if hasattr(m, "lora_A")}, seed=1)
+        models.append(model)
+    assert reports[0].fusion.taken and not [f for f in reports[0].fusion.refused if f.module.endswith("self_attn")]
+    ids = torch.randint(0, base.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    (loss_f, grads_f), (loss_u, grads_u) = _step(models[0], ids), _step(models[1], ids)
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-6)
+    assert grads_f.keys() == grads_u.keys() and len(grads_f) > 0
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_quantized_group_on_triton_is_refused_with_the_reason():
+    from lowcost.patch.fuse_qkv import plan_grouped_fusions
+    model = llama()
+    model.requires_grad_(False)
+    quantize(model, "nf4", targets=r".*proj")
+    lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4, targets=["q_proj", "k_proj", "v_proj"]), fused=None)
+    attn = model.model.layers[0].self_attn
+    for layer in (attn.q_proj, attn.k_proj, attn.v_proj):
+        layer.backend = "triton"
+    _, refused = plan_grouped_fusions(model)
+    assert "backend='triton' on quantized base weights" in dict(refused)["model.layers.0.self_attn"]

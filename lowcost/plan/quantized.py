@@ -1,6 +1,7 @@
 """The quantized base in a plan: the weights quantized on the meta device, and the FLOPs of the ops that
 dequantize them (``lowcost::qlora_linear``, ``lowcost::quantized_linear``, the fused gated MLP on quantized
-weights ``lowcost::qlora_gated_mlp``, and their backward ops), which no dispatch mode sees inside.
+weights ``lowcost::qlora_gated_mlp``, the grouped projections on quantized weights ``lowcost::qlora_grouped_linear``,
+and their backward ops), which no dispatch mode sees inside.
 
 Weights. ``quantize_base`` runs the real ``lowcost.quantize`` (the selection ``load_pretrained(quantize=...)``
 makes: every linear layer but the output head) on the meta-device model: the quantizers only shape their
@@ -103,10 +104,36 @@ def _qgated_backward_flops(grad_shape, x_shape, packed_g, packed_u, packed_d, sc
                        zip((scheme_g, scheme_u, scheme_d), w, block_sizes, decoded) if on)
 
 
+def _qgrouped_weights(x_shape, schemes: str, block_sizes, b_shapes) -> list[tuple]:
+    """(scheme, (N_i, K), block size) per projection: N_i from B_i's rows, K from x."""
+    K = x_shape[-1]
+    return [(sc, (b[0], K), bs) for sc, bs, b in zip(schemes.split(","), block_sizes, b_shapes)]
+
+
+def _qgrouped_forward_flops(x_shape, packed, counts, schemes, block_sizes, a_shapes, b_shapes, *args,
+                            out_shape=None, **kwargs) -> int:
+    from lowcost.plan.flops import _grouped_forward
+    weights = _qgrouped_weights(x_shape, schemes, block_sizes, b_shapes)
+    return (_grouped_forward(x_shape, [shape for _, shape, _ in weights], a_shapes)
+            + sum(dequantize_flops(sc, *shape, bs) for sc, shape, bs in weights))
+
+
+def _qgrouped_backward_flops(grad_shapes, x_shape, packed, counts, schemes, block_sizes, a_shapes, b_shapes,
+                             u_shapes, has_bias, scales, dropouts, seeds, needs, *args, out_shape=None,
+                             **kwargs) -> int:
+    from lowcost.plan.flops import _grouped_backward
+    weights = _qgrouped_weights(x_shape, schemes, block_sizes, b_shapes)
+    dense = _grouped_backward(grad_shapes, x_shape, [shape for _, shape, _ in weights], a_shapes, b_shapes, u_shapes,
+                              has_bias, scales, dropouts, seeds, needs)
+    return dense + (sum(dequantize_flops(sc, *shape, bs) for sc, shape, bs in weights) if needs[0] else 0)
+
+
 def flop_formulas() -> dict:
     """The quantized ops → their FLOP formulas (for ``FlopCounterMode(custom_mapping=...)``)."""
     import lowcost.ops  # noqa: F401  (registers torch.ops.lowcost.*)
     ops = torch.ops.lowcost
     return {ops.qlora_linear: _qlora_forward_flops, ops.qlora_linear_backward: _qlora_backward_flops,
             ops.quantized_linear: _frozen_forward_flops, ops.quantized_linear_dgrad: _frozen_dgrad_flops,
-            ops.qlora_gated_mlp: _qgated_forward_flops, ops.qlora_gated_mlp_backward: _qgated_backward_flops}
+            ops.qlora_gated_mlp: _qgated_forward_flops, ops.qlora_gated_mlp_backward: _qgated_backward_flops,
+            ops.qlora_grouped_linear: _qgrouped_forward_flops,
+            ops.qlora_grouped_linear_backward: _qgrouped_backward_flops}

@@ -31,3 +31,20 @@ def test_fused_step_counts_the_flops_of_the_unfused_step(monkeypatch):
 def test_fused_step_counts_the_recompute_too(monkeypatch):
     full = CheckpointConfig("full")
     assert _flops(monkeypatch, True, full) == _flops(monkeypatch, False, full) > _flops(monkeypatch, True)
+
+
+def _quantized_flops(monkeypatch, fused, scheme) -> int:
+    with monkeypatch.context() as patch:
+        patch.setattr(build, "apply", functools.partial(lowcost.apply, fused=fused))
+        setup = Setup(f"{scheme} LoRA", LORA, None, scheme)
+        return trace_setup(config_of(CONFIG), setup, 2, 8, torch.float32, CONFIG["num_hidden_layers"]).flops
+
+
+def test_fused_ops_on_a_quantized_base_count_the_flops_of_the_unfused_step(monkeypatch):
+    """The fused MLP and the grouped q/k/v on quantized weights (``qlora_gated_mlp``, ``qlora_grouped_linear``) do
+    the unfused quantized layers' GEMMs and decodes: each fusion alone and both count the same FLOPs."""
+    for scheme in ("nf4", "int8"):
+        unfused = _quantized_flops(monkeypatch, None, scheme)
+        assert unfused > 0
+        for fused in (("qkv",), ("mlp",), ("mlp", "norm", "qkv")):
+            assert _quantized_flops(monkeypatch, fused, scheme) == unfused, (scheme, fused)

@@ -206,3 +206,25 @@ def test_quantized_group_on_triton_is_refused_with_the_reason():
         layer.backend = "triton"
     _, refused = plan_grouped_fusions(model)
     assert "backend='triton' on quantized base weights" in dict(refused)["model.layers.0.self_attn"]
+
+
+def test_default_backend_on_a_cuda_device_with_triton_keeps_the_unfused_layers(monkeypatch):
+    """On CUDA with backend=None the unfused quantized layers run Triton's wgmma dequantizing GEMMs; the grouped op
+    has no Triton path, so the fusion is refused there with the reason, and taken when backend='cuda' is asked.
+    (No GPU here: the weights report a CUDA device and every backend reports that it can run.)"""
+    import lowcost.patch.fuse_qkv as fuse_qkv
+    from lowcost.reference.quant import QuantizedWeight
+    model = llama()
+    model.requires_grad_(False)
+    quantize(model, "nf4", targets=r".*proj")
+    lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4, targets=["q_proj", "k_proj", "v_proj"]), fused=None)
+    monkeypatch.setattr(QuantizedWeight, "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(fuse_qkv, "unavailable_reason", lambda backend, device, rank: None)
+    monkeypatch.delenv("LOWCOST_BACKEND", raising=False)
+    _, refused = fuse_qkv.plan_grouped_fusions(model)
+    assert "backend=None on CUDA" in dict(refused)["model.layers.0.self_attn"]
+    attn = model.model.layers[0].self_attn
+    for layer in (attn.q_proj, attn.k_proj, attn.v_proj):
+        layer.backend = "cuda"
+    taken, refused = fuse_qkv.plan_grouped_fusions(model)
+    assert "model.layers.0.self_attn" in taken, refused

@@ -1,8 +1,9 @@
 """The workspace of the torch backend's ops on a quantized weight: the bytes each op call allocates and frees
 inside itself, on top of its outputs (``lowcost::qlora_linear``, ``lowcost::quantized_linear``,
-``lowcost::qlora_gated_mlp`` and their backward ops), which no dispatch mode sees. Every figure is the peak of
-the live bytes the op's own Python code creates (``lowcost/reference/qlora_linear.py``,
-``lowcost/reference/lora_gated_mlp.py``, the decoders of ``lowcost/reference/quant``), followed statement by
+``lowcost::qlora_gated_mlp``, ``lowcost::qlora_grouped_linear`` and their backward ops), which no dispatch mode
+sees. Every figure is the peak of the live bytes the op's own Python code creates
+(``lowcost/reference/qlora_linear.py``, ``lowcost/reference/lora_gated_mlp.py``,
+``lowcost/reference/lora_grouped_linear.py``, the decoders of ``lowcost/reference/quant``), followed statement by
 statement, minus the op's outputs; ``tests/plan/test_plan_decode_workspace.py`` checks it equals the measured
 peak, byte for byte, for every format, dtype and dropout setting on odd shapes.
 
@@ -31,6 +32,16 @@ Around the loop each op's own temporaries are followed the same way (the dropped
 x, g and the adapters for 16-bit x, the float32 y or dx before the rounding, du, the low-rank term of dx), see
 the functions below; the fused MLP adds act(gate), h, dh, dgate and dup, and keeps the three projections'
 workspaces, each from its first decode to the end of the op call.
+
+Grouped projections (P projections of x (M, K): W_i (N_i, K), rank r_i; each keeps its Ws_i from its first
+decode to the end of the op call). Forward: the P LoRA linears' forwards in turn, projection i on top of
+Σ_{j<i} (Ws_j + y_j + u_j). Backward, per projection i on top of what the previous ones left: g_i in the
+accumulation dtype (a·M·N_i for 16-bit x), dB_i, dbias_i, the row loop of g_i W_i into dx (a·M·K zeros made by
+the first projection; the loop's P is M·K·s), du_i (a·M·r_i), then with dx wanted A_i in the accumulation
+dtype and, p_i = 0, du_i A_i added in place, or p_i > 0, du_i A_i formed in one (M, K) scratch (a·M·K, made
+by the first projection with dropout and reused) and masked in place while x̃_i (M·K·s) is made for dA_i, or
+copied masked (a·M·K) without dA; without dx, x̃_i and dA_i. The previous projection's g_i, du_i and x̃_i are
+freed only when the next one's exist (their names are rebound); dx is rounded to x's dtype last (M·K·s).
 
 Dropout is the ``lowcost::philox_dropout`` kernel's (no temporaries); float64 x (tests only) drops out through
 the pure-torch Philox reference instead, whose temporaries are left out.
@@ -139,6 +150,24 @@ def _dropped_copy(low_rank: int, with_x_tilde: bool) -> int:
     return low_rank if with_x_tilde else 2 * low_rank
 
 
+def _db_step(held: int, N: int, lora_b: torch.Tensor, acc: torch.dtype) -> tuple[int, int]:
+    """(live bytes while dB = s·gᵀu (N, r) is formed in the accumulation dtype and rounded to B's dtype, dB's
+    bytes) on top of ``held``."""
+    db_out = N * lora_b.shape[1] * lora_b.element_size()
+    return held + N * lora_b.shape[1] * _itemsize(acc) + (db_out if lora_b.dtype != acc else 0), db_out
+
+
+def _da_steps(held: int, x: torch.Tensor, lora_a: torch.Tensor) -> tuple[list[int], int]:
+    """(the live bytes of dA = duᵀx̃ (r, K) on top of ``held`` (x̃ included there): x̃ copied to the
+    accumulation dtype next to the product, then the product rounded to A's dtype; dA's bytes)."""
+    M, K = _sizes(x)
+    acc = _acc(x.dtype)
+    product = lora_a.shape[0] * K * _itemsize(acc)
+    da_out = lora_a.shape[0] * K * lora_a.element_size()
+    return [held + _copy(M * K, x.dtype, acc) + product, held + product + (da_out if lora_a.dtype != acc else 0)], \
+        da_out
+
+
 def qlora_backward_peak(scheme: str, block_size: int, grad_y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor,
                         lora_b: torch.Tensor, dropout: float, needs) -> tuple[int, int]:
     """(peak live bytes of ``qlora_linear_backward`` (``adapter_backward``), outputs included; Ws kept after
@@ -153,8 +182,8 @@ def qlora_backward_peak(scheme: str, block_size: int, grad_y: torch.Tensor, x: t
     base = _copy(M * N, grad_y.dtype, acc)
     phases, workspace = [base], 0
     if need_db:
-        db_out = N * r * lora_b.element_size()
-        phases.append(base + N * r * a + (db_out if lora_b.dtype != acc else 0))
+        phase, db_out = _db_step(base, N, lora_b, acc)
+        phases.append(phase)
         base += db_out
     if need_dx or need_da:
         phases.append(base + _copy(N * r, lora_b.dtype, acc) + M * r * a)
@@ -167,9 +196,8 @@ def qlora_backward_peak(scheme: str, block_size: int, grad_y: torch.Tensor, x: t
         phases.append(base + tilde + _dropped_copy(low_rank, need_da))
     base += low_rank
     if need_da:
-        phases.append(base + tilde + _copy(M * K, x.dtype, acc) + r * K * a)
-        da_out = r * K * lora_a.element_size()
-        phases.append(base + tilde + r * K * a + (da_out if lora_a.dtype != acc else 0))
+        steps, da_out = _da_steps(base + tilde, x, lora_a)
+        phases += steps
         base += da_out                                   # x̃ freed once dA exists
     if need_dx:
         loop, workspace = row_loop_peak(scheme, block_size, M, N, K, grad_y.dtype, dgrad=True)
@@ -246,8 +274,8 @@ def _adapter_grads_peak(x: torch.Tensor, grad_numel: int, lora_a, lora_b, dropou
     phases = [g + _copy(N * r, lora_b.dtype, acc) + du]
     held, kept = g + du, 0
     if need_b:
-        db_out = N * r * lora_b.element_size()
-        phases.append(held + N * r * a + (db_out if lora_b.dtype != acc else 0))
+        phase, db_out = _db_step(held, N, lora_b, acc)
+        phases.append(phase)
         held, kept = held + db_out, kept + db_out
     low_rank = M * K * a if need_dx else 0
     if need_dx:
@@ -257,9 +285,8 @@ def _adapter_grads_peak(x: torch.Tensor, grad_numel: int, lora_a, lora_b, dropou
         phases.append(held + tilde + _dropped_copy(low_rank, need_a))
     held, kept = held + low_rank, kept + low_rank
     if need_a:
-        da_out = r * K * lora_a.element_size()
-        phases.append(held + tilde + _copy(M * K, x.dtype, acc) + r * K * a)
-        phases.append(held + tilde + r * K * a + (da_out if lora_a.dtype != acc else 0))
+        steps, da_out = _da_steps(held + tilde, x, lora_a)
+        phases += steps
         kept += da_out
     return phases, kept
 
@@ -309,6 +336,113 @@ def gated_outputs(x: torch.Tensor, adapters, needs=None) -> int:
     return sum(n for n, need in zip(sizes, needs) if need)
 
 
+# ----------------------------------------------------------------------------------------------- grouped projections
+def grouped_forward_peak(x: torch.Tensor, schemes, blocks, lora_as, lora_bs, has_bias, dropouts) -> int:
+    """``grouped_forward`` on quantized W_i: the P LoRA linears' forwards one after the other, each y_i, u_i and
+    workspace Ws_i kept (a projection's row source lives to the end of the op call)."""
+    M = math.prod(x.shape[:-1])
+    a = _itemsize(_acc(x.dtype))
+    kept, phases = 0, []
+    for scheme, block, lora_a, lora_b, bias, dropout in zip(schemes, blocks, lora_as, lora_bs, has_bias, dropouts):
+        N = lora_b.shape[0]
+        peak, workspace = qlora_forward_peak(scheme, block, x, N, lora_a, lora_b, bias, dropout)
+        phases.append(kept + peak)
+        kept += workspace + M * N * x.element_size() + M * lora_a.shape[0] * a
+    return max(phases)
+
+
+def _grouped_low_rank(held: int, x: torch.Tensor, lora_a: torch.Tensor, dropout: float, need_da: bool,
+                      scratch: int) -> tuple[list[int], int]:
+    """``_add_low_rank`` (dx += D⊙(du A), dA = duᵀx̃): (its phases' live bytes on top of ``held``, the bytes
+    that stay: dA and, when it is made here, the (M, K) scratch). A copied to the accumulation dtype; p = 0:
+    du A added by ``addmm_`` in place; p > 0: du A formed in the scratch (allocated by the first projection
+    with dropout, ``scratch`` 0 until then, reused by the others), then x̃ made with the scratch masked in
+    place (dA wanted) or a masked copy of it (dA not wanted), added into dx."""
+    M, K = _sizes(x)
+    acc = _acc(x.dtype)
+    held += _copy(lora_a.numel(), lora_a.dtype, acc)
+    kept = 0
+    if dropout > 0 and not scratch:
+        kept = M * K * _itemsize(acc)
+        held += kept
+    phases = [held]
+    tilde = 0
+    if dropout > 0:
+        tilde = M * K * x.element_size() if need_da else 0
+        phases.append(held + (tilde if need_da else M * K * _itemsize(acc)))
+    if need_da:
+        steps, da_out = _da_steps(held + tilde, x, lora_a)
+        phases += steps
+        kept += da_out
+    return phases, kept
+
+
+def grouped_backward_peak(grads, x: torch.Tensor, schemes, blocks, lora_as, lora_bs, has_bias, dropouts,
+                          needs) -> int:
+    """``grouped_backward`` on quantized W_i, per projection: g_i in the accumulation dtype, dB_i, dbias_i, the
+    row loop summing g_i W_i into dx (zeros made by the first; Ws_i kept), du_i, then dx += D_i⊙(du_i A_i) and
+    dA_i (``_grouped_low_rank``), or x̃_i and dA_i without dx; finally dx rounded to x's dtype. The previous
+    projection's g_i, du_i and x̃_i stay alive until their names are rebound, after the next one's are made."""
+    need_dx, need_da, need_db, need_dbias = (bool(n) for n in needs)
+    M, K = _sizes(x)
+    acc, s = _acc(x.dtype), x.element_size()
+    a = _itemsize(acc)
+    base, phases = 0, []
+    g_held = du_held = tilde_held = scratch = 0
+    projections = zip(grads, schemes, blocks, lora_as, lora_bs, has_bias, dropouts)
+    for i, (g, scheme, block, lora_a, lora_b, bias, dropout) in enumerate(projections):
+        N, r = g.shape[-1], lora_a.shape[0]
+        g_acc = _copy(M * N, g.dtype, acc)
+        phases.append(base + g_acc)
+        base, g_held = base + g_acc - g_held, g_acc
+        if need_db:
+            phase, db_out = _db_step(base, N, lora_b, acc)
+            phases.append(phase)
+            base += db_out
+        if need_dbias and bias:
+            phases.append(base + N * a + _copy(N, acc, x.dtype))
+            base += N * s
+        if need_dx:
+            if i == 0:
+                base += M * K * a        # dx: the zeroed accumulator the first projection's row loop starts
+            loop, workspace = row_loop_peak(scheme, block, M, N, K, g.dtype, dgrad=True)
+            phases.append(base + loop)
+            base += workspace
+        if need_dx or need_da:
+            du = M * r * a
+            phases.append(base + _copy(N * r, lora_b.dtype, acc) + du)
+            base, du_held = base + du - du_held, du
+        if need_dx:
+            steps, kept = _grouped_low_rank(base, x, lora_a, dropout, need_da, scratch)
+            scratch = scratch or (M * K * a if dropout > 0 else 0)
+        elif need_da:
+            tilde = M * K * s if dropout > 0 else 0
+            phases.append(base + tilde)
+            base, tilde_held = base + tilde - tilde_held, tilde
+            steps, kept = _da_steps(base, x, lora_a)
+        else:
+            steps, kept = [], 0
+        phases += steps
+        base += kept
+    if need_dx:
+        phases.append(base + _copy(M * K, acc, x.dtype))
+    return max(phases)
+
+
+def grouped_outputs(x: torch.Tensor, lora_as, lora_bs, has_bias, needs=None) -> int:
+    """Bytes of the grouped op's outputs: forward (needs None) the y_i and u_i; backward dx, the dA_i, dB_i and
+    the dbias_i of the projections with a bias."""
+    M, K = _sizes(x)
+    s = x.element_size()
+    if needs is None:
+        a = _itemsize(_acc(x.dtype))
+        return sum(M * b.shape[0] * s + M * a_.shape[0] * a for a_, b in zip(lora_as, lora_bs))
+    need_dx, need_da, need_db, need_dbias = (bool(n) for n in needs)
+    return (M * K * s * need_dx + sum(t.numel() * t.element_size() for t in lora_as) * need_da
+            + sum(t.numel() * t.element_size() for t in lora_bs) * need_db
+            + sum(b.shape[0] * s for b, bias in zip(lora_bs, has_bias) if bias) * need_dbias)
+
+
 # ----------------------------------------------------------------------------------------------- the op models
 def _qlora_forward(args) -> int:
     x, _, scheme, N, block_size, lora_a, lora_b, bias, _, dropout = args[:10]
@@ -348,6 +482,22 @@ def _qgated_backward(args) -> int:
     return max(0, peak - gated_outputs(x, adapters, needs))
 
 
+def _qgrouped_forward(args) -> int:
+    x, schemes, blocks, lora_as, lora_bs, has_bias, dropouts = args[0], args[3], args[4], args[5], args[6], \
+        args[8], args[10]
+    peak = grouped_forward_peak(x, schemes.split(","), blocks, lora_as, lora_bs, has_bias, dropouts)
+    return peak - grouped_outputs(x, lora_as, lora_bs, has_bias)
+
+
+def _qgrouped_backward(args) -> int:
+    grads, x, schemes, blocks, lora_as, lora_bs = args[0], args[1], args[4], args[5], args[6], args[7]
+    has_bias, dropouts, needs = args[9], args[11], args[13]
+    peak = grouped_backward_peak(grads, x, schemes.split(","), blocks, lora_as, lora_bs, has_bias, dropouts, needs)
+    return max(0, peak - grouped_outputs(x, lora_as, lora_bs, has_bias, needs))
+
+
 WORKSPACE_MODELS = {"lowcost::qlora_linear": _qlora_forward, "lowcost::qlora_linear_backward": _qlora_backward,
                     "lowcost::quantized_linear": _frozen_forward, "lowcost::quantized_linear_dgrad": _frozen_dgrad,
-                    "lowcost::qlora_gated_mlp": _qgated_forward, "lowcost::qlora_gated_mlp_backward": _qgated_backward}
+                    "lowcost::qlora_gated_mlp": _qgated_forward, "lowcost::qlora_gated_mlp_backward": _qgated_backward,
+                    "lowcost::qlora_grouped_linear": _qgrouped_forward,
+                    "lowcost::qlora_grouped_linear_backward": _qgrouped_backward}

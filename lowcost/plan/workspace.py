@@ -41,8 +41,9 @@ chunk's logits buffer in hidden's dtype, its fp32 copy for 16-bit hidden, and ``
 temporary of the same size: C·V·s + C·V·4·[s < 4] + C·V·4, in the forward and again in a backward that
 recomputes the chunks.
 
-The LoRA linear on a quantized weight and the frozen quantized layer (``lowcost::qlora_linear``,
-``lowcost::quantized_linear`` and their backward ops) are modelled in ``decode_workspace.py``.
+The LoRA linear on a quantized weight, the frozen quantized layer, the fused gated MLP and the grouped projections
+on quantized weights (``lowcost::qlora_linear``, ``lowcost::quantized_linear``, ``lowcost::qlora_gated_mlp``,
+``lowcost::qlora_grouped_linear`` and their backward ops) are modelled in ``decode_workspace.py``.
 
 Aten kernels are assumed to need no workspace beyond their outputs (on CPU the flash-attention and
 GEMM kernels use per-thread tiles; cuBLAS workspaces are a few MiB). The Triton and CUDA backends fuse

@@ -8,8 +8,8 @@ at that op. Checked for every stored format (NF4 with a K the block does not div
 int8, GGUF Q8_0/Q4_0/Q4_1/Q4_K/Q6_K), float32 / bfloat16 x (and float32 adapters on bfloat16 x; float64
 x without dropout),
 one block of rows and several (the block limit lowered: 37 rows take 4 blocks, the last one row),
-dropout on and off, with and without dx and bias: the LoRA linear, the frozen layer and its dgrad, and the
-fused gated MLP, forward and backward. A decoder change that allocates differently fails here.
+dropout on and off, with and without dx and bias: the LoRA linear, the frozen layer and its dgrad, the
+fused gated MLP and the grouped projections (P = 2 and 3, mixed formats, N_i and ranks), forward and backward. A decoder change that allocates differently fails here.
 """
 import sys
 
@@ -25,6 +25,7 @@ from lowcost.reference.quant import BLOCK_TYPES, QuantizedWeight, quantize_int8,
 
 LINEAR = sys.modules["lowcost.ops.qlora_linear"]
 GATED = sys.modules["lowcost.ops.qlora_gated_mlp"]
+GROUPED = sys.modules["lowcost.ops.qlora_grouped_linear"]
 SCHEMES = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
 DTYPES = {"float32": (torch.float32, torch.float32), "bfloat16": (torch.bfloat16, torch.bfloat16),
           "bf16 x, fp32 adapters": (torch.bfloat16, torch.float32), "float64": (torch.float64, torch.float64)}
@@ -58,10 +59,12 @@ def _measured(op, args) -> int:
     return meter.peak - sum(outputs.values())
 
 
-def _check(name: str, op, args) -> None:
+def _check(name: str, op, args, empty: bool = False) -> None:
+    """The model equals the measured workspace, which is positive (0 where ``empty``: an op that makes nothing
+    but its outputs, checked all the same)."""
     measured, modelled = _measured(op, args), WORKSPACE_MODELS[f"lowcost::{name}"](args)
     settings = [a for a in args if not isinstance(a, (torch.Tensor, list, tuple))] + [args[-1]]
-    assert modelled == measured > 0, (name, modelled, measured, tuple(args[0].shape), settings)
+    assert modelled == measured and (measured == 0) == empty, (name, modelled, measured, settings)
 
 
 @pytest.fixture(params=["one block", "several blocks"])
@@ -128,3 +131,56 @@ def test_fused_gated_mlp_workspace_is_the_measured_one(scheme, dtypes, blocks):
         for needs in ([True] * 7, [False, False, True, True, False, True, False]):
             _check("qlora_gated_mlp_backward", GATED._qgated_backward_op,
                    (g, x, *stored, *adapters, *saved, [0.5] * 3, dropouts, seeds, "silu", needs, "torch"))
+
+
+# the grouped projections on quantized weights: three groups that together take every format (NF4 with a K its
+# block does not divide next to the other formats' K), P = 3 and P = 2, different N_i (37, 20, 11 rows: 4, 2
+# and 1 blocks of R rows when the limit is lowered) and ranks
+GROUPS = {"nf4, nf4-dq, int8": (("nf4", "nf4-dq", "int8"), 300),
+          "q8_0, q4_0": (("q8_0", "q4_0"), _k("q8_0", 300)),
+          "q4_1, q4_k, q6_k": (("q4_1", "q4_k", "q6_k"), _k("q4_k", 300))}
+GROUPED_NEEDS = ([True, True, True, True],      # every gradient (dbias of the projections with a bias)
+                 [False, True, True, False],    # dA without dx: x̃_i made per projection, no scratch
+                 [True, False, False, False],   # dx alone: the masked copy of the scratch
+                 [False, False, True, True])    # no du at all (float32/64 x: no workspace, g_i is its own copy)
+
+
+def _grouped_projections(schemes, K, adapter_dtype, gen):
+    sizes, ranks = (37, 20, 11)[:len(schemes)], (5, 3, 7)[:len(schemes)]
+    weights = [_weight(scheme, n, K, i) for i, (scheme, n) in enumerate(zip(schemes, sizes))]
+    lora_as = [_rand(gen, r, K, dtype=adapter_dtype) for r in ranks]
+    lora_bs = [_rand(gen, n, r, dtype=adapter_dtype) for n, r in zip(sizes, ranks)]
+    return weights, lora_as, lora_bs
+
+
+@pytest.mark.parametrize("dtypes", list(DTYPES))
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_grouped_projections_workspace_is_the_measured_one(group, dtypes, blocks):
+    """Each projection's row source keeps its workspace from its first decode to the end of the op call; in
+    backward dx is one accumulator, the dropout scratch is made once and reused, and the previous projection's g_i,
+    du_i and x̃_i live until the next one's exist."""
+    x_dtype, adapter_dtype = DTYPES[dtypes]
+    schemes, K = GROUPS[group]
+    P = len(schemes)
+    blocks(K, R)
+    gen = torch.Generator().manual_seed(3)
+    weights, lora_as, lora_bs = _grouped_projections(schemes, K, adapter_dtype, gen)
+    stored = ([t for w in weights for t in w.packed], [len(w.packed) for w in weights], ",".join(schemes),
+              [w.block_size for w in weights])
+    seeds, scales = torch.tensor([3, 4, 5][:P]), [0.5, 2.0, 1.0][:P]
+    # dropout on one projection but not the next (P = 3: the scratch is reused, x̃_1 freed by p_2 = 0; P = 2: the
+    # scratch made by the second); float64 x drops out through the pure-torch Philox: without dropout only
+    settings = [([0.0] * P, [False] * P), ([0.1, 0.0, 0.2] if P == 3 else [0.0, 0.1], [True, False, True][:P])]
+    for M in (1, 13):
+        x = _rand(gen, M, K, dtype=x_dtype)
+        grads = [_rand(gen, M, b.shape[0], dtype=x_dtype) for b in lora_bs]
+        for dropouts, has_bias in settings[:1 if x_dtype == torch.float64 else 2]:
+            biases = [_rand(gen, b.shape[0], dtype=x_dtype) for b, on in zip(lora_bs, has_bias) if on]
+            forward = (x, *stored, lora_as, lora_bs, biases, has_bias, scales, dropouts, seeds, "torch")
+            _check("qlora_grouped_linear", GROUPED._qgrouped_op, forward)
+            us = GROUPED._qgrouped_op._init_fn(*forward)[1]
+            for needs in GROUPED_NEEDS:
+                args = (grads, x, *stored, lora_as, lora_bs, us, has_bias, scales, dropouts, seeds,
+                        [needs[3] and any(has_bias) if i == 3 else n for i, n in enumerate(needs)], "torch")
+                none_inside = x_dtype in (torch.float32, torch.float64) and not (needs[0] or needs[1])
+                _check("qlora_grouped_linear_backward", GROUPED._qgrouped_backward_op, args, empty=none_inside)

@@ -2,7 +2,8 @@
 
 - weight bytes: the planner quantizes the meta-device model with the real ``lowcost.quantize``; its figures
   equal those of the same model quantized for real (``QuantReport.bytes`` and every parameter and buffer);
-- the fake trace equals a real CPU step of the quantized model (saved bytes, gradients, FLOPs);
+- the fake trace equals a real CPU step of the quantized model (saved bytes, gradients, FLOPs), every fusion
+  taken (q/k/v as ``lowcost::qlora_grouped_linear``: the same workspace added at each of its calls);
 - FLOPs: the dense step's plus one decode of each quantized weight in forward and one in the dgrad;
 - the predicted peak against the measured RSS growth of a real quantized step: ``test_plan_peak_rss.py``;
 - bad input: a scheme the plan does not model, quantize without LoRA.
@@ -15,6 +16,8 @@ import torch
 
 import lowcost
 from lowcost.checkpoint import CheckpointConfig
+import lowcost.plan.build as build
+import lowcost.plan.trace as trace
 from lowcost.plan import plan
 from lowcost.plan.build import patch
 from lowcost.plan.estimate import Setup, standard_setups, trace_setup
@@ -65,13 +68,42 @@ def test_weight_bytes_equal_load_pretrained_quantize(tmp_path):
     assert fake.weights == _stored_bytes(loaded)
 
 
+def _record_fusions_and_grouped_workspace(monkeypatch) -> tuple[list, list]:
+    """(the fusion reports of every ``lowcost.apply`` the plan and the test make, the (op, workspace) the trace
+    adds at each call of the grouped projections on quantized weights), filled as they run."""
+    reports, grouped = [], []
+    real_apply, real_workspace = build.apply, trace.kernel_workspace
+
+    def apply(*args, **kwargs):
+        report = real_apply(*args, **kwargs)
+        reports.append(report.fusion)
+        return report
+
+    def workspace(func, args, kwargs, out):
+        nbytes = real_workspace(func, args, kwargs, out)
+        name = getattr(getattr(func, "_schema", None), "name", "")
+        if name.startswith("lowcost::qlora_grouped_linear"):
+            grouped.append((name, nbytes))
+        return nbytes
+
+    monkeypatch.setattr(build, "apply", apply)
+    monkeypatch.setattr(trace, "kernel_workspace", workspace)
+    return reports, grouped
+
+
 @pytest.mark.parametrize("policy", [None, "selective", "full"])
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_fake_trace_matches_a_real_quantized_cpu_step(scheme, policy):
+def test_fake_trace_matches_a_real_quantized_cpu_step(scheme, policy, monkeypatch):
+    """With every fusion taken on the quantized base, q/k/v included (``lowcost::qlora_grouped_linear``): the fake
+    trace meets the grouped ops where the real step does and adds the same workspace at each call
+    (``decode_workspace.py``, checked against the measured one in test_plan_decode_workspace.py)."""
     config, batch, seq = SHAPES["llama-shaped"]
     cfg = config_of(config)
     checkpoint = CheckpointConfig(policy=policy) if policy else None
+    reports, grouped = _record_fusions_and_grouped_workspace(monkeypatch)
     fake = trace_setup(cfg, Setup("q", LORA, checkpoint, scheme), batch, seq, torch.float32, cfg.num_hidden_layers)
+    fake_grouped = grouped[:]
+    grouped.clear()
     model, _ = _real_quantized("llama-shaped", scheme)
     patch(model, LORA, checkpoint)
     ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -80,11 +112,17 @@ def test_fake_trace_matches_a_real_quantized_cpu_step(scheme, policy):
         real = trace_step(model, ids, count_flops=True)
     finally:
         gc.enable()
+    qkv = [sum(f.kind == "qkv" for f in report.taken) for report in reports]
+    assert qkv == [cfg.num_hidden_layers] * 2, [str(report) for report in reports]   # the plan's model, the real one
+    calls = [name for name, _ in grouped]
+    assert calls.count("lowcost::qlora_grouped_linear_backward") == cfg.num_hidden_layers
+    assert calls.count("lowcost::qlora_grouped_linear") >= cfg.num_hidden_layers   # recomputed too with a policy
+    assert fake_grouped == grouped and all(nbytes > 0 for _, nbytes in grouped)
     assert real.saved > 0 and fake.saved == real.saved and fake.saved_blocks == real.saved_blocks
     assert fake.grads == real.grads
     assert fake.flops == real.flops > 0
     assert fake.step_peak == pytest.approx(real.peak, rel=0.02)
-    assert fake.peak_workspace > 0 or fake.peak_op != "lowcost.qlora_linear.default"
+    assert fake.peak_workspace > 0 or not fake.peak_op.startswith("lowcost.qlora_")
 
 
 def test_flops_add_one_decode_per_weight_in_forward_and_dgrad():

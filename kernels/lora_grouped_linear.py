@@ -243,16 +243,17 @@ def _grouped_da_kernel(
 
 # ------------------------------------------------------------------------------------------------ plans
 def _blocks(dtype: torch.dtype, dropout: bool = False) -> dict:
-    """Fixed tile sizes (untuned without a GPU): fp32 halves the reduction steps and the dA pass's columns.
+    """Fixed tile sizes (untuned without a GPU): fp32 halves the reduction steps and the dA pass's columns;
+    ``dropout``: the group's HAS_DROPOUT (the u pass's rows depend on it).
 
-    Warps, from the registers compiled for sm_90a (benchmarks/results/kernel_report.md, Triton 3.6.0 and 3.9.0):
+    From the registers compiled for sm_90a (benchmarks/results/kernel_report.md, Triton 3.6.0 and 3.9.0):
     the dx GEMM runs 8 warps (two warpgroups share the 64x64 wgmma tile), which halves its registers per thread
     (p=0.05: 214 -> 126, 2 CTAs of 8 warps per SM instead of 2 of 4; p=0: 134 -> 76, 3 of 8 instead of 3 of 4);
     with dropout the u pass takes 16 rows per program, not 32 (three projections' Philox words for half the
     rows: 158 -> 124 registers, 4 CTAs of 4 warps per SM instead of 3; 8 warps on 32 rows reached 128 registers
     but spilled 16 bytes with Triton 3.9.0; without dropout 32 rows keep 64 registers and 8 CTAs). Neither
-    changes a result: a row's u is the same K steps, warps only distribute a tile's elements, and the reduction
-    steps of dx and the dA chunks (BLOCK_K, the da config) stay."""
+    changes a result: a row's u is the same K steps, warps only distribute a tile's elements, and dx's reduction
+    step (BLOCK_K) and the dA pass's config (hence its row chunks) stay."""
     f32 = dtype == torch.float32
     return {"u": BlockConfig("u", 16 if dropout else 32, 0, 32 if f32 else 64, 4, 2),
             "dx": BlockConfig("dx", 64, 64, 32 if f32 else 64, 8, 3),

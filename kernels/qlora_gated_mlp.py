@@ -28,8 +28,9 @@ _qgated_dh_kernel, one program per (BLOCK_M, BLOCK_K) tile of (M, I), reduction 
     dgate, dup from dh = acc + D_d ⊙ (du_d A_d)                    (finish_dh, shared with the dense kernel)
 
 W rounded to x's dtype before the dot, as the torch backend decodes it (``lowcost.reference.quant``). Tile
-sizes: the dense kernels' (``_blocks``); the decoded tile is (64, 32|64), small next to the qlora_linear
-GEMMs' 128x128 wide tile. Formats: every one kernels/qlora_dequant.py decodes (``FORMAT_IDS``).
+sizes: the dense kernels' (``_blocks``), the dh kernel on 8 warps (``_dh_config``: its registers); the decoded
+tile is (64, 32|64), small next to the qlora_linear GEMMs' 128x128 wide tile. Formats: every one
+kernels/qlora_dequant.py decodes (``FORMAT_IDS``).
 """
 from __future__ import annotations
 
@@ -283,7 +284,8 @@ def aot_launches(dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> Itera
     """The two kernels' configurations the launcher can launch, by the constexprs that change their code:
     every format x every x dtype x dropout off and on (the y kernel has no dropout constexpr: once), SiLU;
     fp32 with TF32 per format; the other activations (an epilogue independent of the decode) once each, bf16
-    nf4; the dh kernel's one-word mask path (I % 4 != 0) once. Tile sizes depend on the dtype only (``_blocks``)."""
+    nf4; the dh kernel's one-word mask path (I % 4 != 0) once. Tile sizes depend on the dtype only (``_blocks``;
+    the dh kernel's stages also on the format, ``_dh_config``)."""
     cases = [(s, d, "silu", p, False) for s in FORMAT_IDS for d in dtypes for p in (0.0, 0.1)]
     cases += [(s, torch.float32, "silu", 0.1, True) for s in FORMAT_IDS if torch.float32 in dtypes]
     cases += [("nf4", torch.bfloat16, act, 0.1, False) for act in ACT_CODES if act != "silu"]

@@ -242,11 +242,21 @@ def _grouped_da_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ plans
-def _blocks(dtype: torch.dtype) -> dict:
-    """Fixed tile sizes (untuned without a GPU): fp32 halves the reduction steps and the dA pass's columns."""
+def _blocks(dtype: torch.dtype, dropout: bool = False) -> dict:
+    """Fixed tile sizes (untuned without a GPU): fp32 halves the reduction steps and the dA pass's columns;
+    ``dropout``: the group's HAS_DROPOUT (the u pass's rows depend on it).
+
+    From the registers compiled for sm_90a (benchmarks/results/kernel_report.md, Triton 3.6.0 and 3.9.0):
+    the dx GEMM runs 8 warps (two warpgroups share the 64x64 wgmma tile), which halves its registers per thread
+    (p=0.05: 214 -> 126, 2 CTAs of 8 warps per SM instead of 2 of 4; p=0: 134 -> 76, 3 of 8 instead of 3 of 4);
+    with dropout the u pass takes 16 rows per program, not 32 (three projections' Philox words for half the
+    rows: 158 -> 124 registers, 4 CTAs of 4 warps per SM instead of 3; 8 warps on 32 rows reached 128 registers
+    but spilled 16 bytes with Triton 3.9.0; without dropout 32 rows keep 64 registers and 8 CTAs). Neither
+    changes a result: a row's u is the same K steps, warps only distribute a tile's elements, and dx's reduction
+    step (BLOCK_K) and the dA pass's config (hence its row chunks) stay."""
     f32 = dtype == torch.float32
-    return {"u": BlockConfig("u", 32, 0, 32 if f32 else 64, 4, 2),
-            "dx": BlockConfig("dx", 64, 64, 32 if f32 else 64, 4, 3),
+    return {"u": BlockConfig("u", 16 if dropout else 32, 0, 32 if f32 else 64, 4, 2),
+            "dx": BlockConfig("dx", 64, 64, 32 if f32 else 64, 8, 3),
             "da": BlockConfig("da", 32, 0, 32 if f32 else 64, 8, 2)}
 
 
@@ -280,8 +290,8 @@ def _common_meta(x: Tensor, projections) -> dict:
 def plan_u(x, lora_as, us, sus, projections) -> Launch:
     """u_i (M, r_i) fp32 and su_i = s_i·u_i (x's dtype) for every projection, one program per BLOCK_M rows."""
     M, K = x.shape
-    cfg = _blocks(x.dtype)["u"]
     drop_args, drops = _dropout_slots(projections)
+    cfg = _blocks(x.dtype, drops["HAS_DROPOUT"])["u"]
     args = {"x_ptr": x, **_slots(("a{}_ptr", "u{}_ptr", "su{}_ptr"), list(zip(lora_as, us, sus))), "M": M, "K": K,
             **_slots(("R{}",), [(a.shape[0],) for a in lora_as]), "stride_xm": x.stride(0), "stride_xk": x.stride(1),
             **_slots(("stride_a{}", "stride_u{}", "stride_su{}"),

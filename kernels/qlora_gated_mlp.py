@@ -28,11 +28,13 @@ _qgated_dh_kernel, one program per (BLOCK_M, BLOCK_K) tile of (M, I), reduction 
     dgate, dup from dh = acc + D_d ⊙ (du_d A_d)                    (finish_dh, shared with the dense kernel)
 
 W rounded to x's dtype before the dot, as the torch backend decodes it (``lowcost.reference.quant``). Tile
-sizes: the dense kernels' (``_blocks``); the decoded tile is (64, 32|64), small next to the qlora_linear
-GEMMs' 128x128 wide tile. Formats: every one kernels/qlora_dequant.py decodes (``FORMAT_IDS``).
+sizes: the dense kernels' (``_blocks``), the dh kernel on 8 warps (``_dh_config``: its registers); the decoded
+tile is (64, 32|64), small next to the qlora_linear GEMMs' 128x128 wide tile. Formats: every one
+kernels/qlora_dequant.py decodes (``FORMAT_IDS``).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch
@@ -41,7 +43,7 @@ import triton.language as tl
 
 from .lora_gated_mlp import (ACT_CODES, MAX_RANK, RANK_STEP, _blocks, _dropout_meta, _h_tile, _meta, _strides,
                              da_chunks, finish_dh, finish_y, plan_da, plan_down_u)
-from .lora_linear_plan import Launch, dot_meta, dropout_args, plan_reduce, sm_count
+from .lora_linear_plan import BlockConfig, Launch, dot_meta, dropout_args, plan_reduce, sm_count
 from .qlora_dequant import FORMAT_IDS, dequant_tile
 from .qlora_linear import _placeholder_weight, qlora_linear_bwd, qlora_linear_fwd, quant_args
 from .tiles import dot_operand, grouped_tile, load_tile
@@ -129,10 +131,23 @@ def plan_qdown_y(gate, up, qargs, H, block_size, u, b_down, y, scale, act) -> La
                   role="gemm")
 
 
+def _dh_config(dtype: torch.dtype, fmt: int) -> BlockConfig:
+    """The dense dh tile (``_blocks``) with 8 warps, and 2 stages for double-quantized NF4.
+
+    From the registers compiled for sm_90a at the benchmark launch (bf16, benchmarks/results/
+    kernel_report_qlora.md): with 4 warps NF4's decode, the 64x64 accumulator and the epilogue's tiles held
+    255 registers per thread (Triton 3.6.0; 2 CTAs of 4 warps per SM); 8 warps (two warpgroups on the wgmma
+    tile) halve the per-thread share. Double-quantized NF4 stages more decode state in shared memory (129 KiB at
+    3 stages: 1 CTA per SM); 2 stages bring it to 73 KiB. Neither changes a result: the tile sizes, hence the
+    reduction steps, stay; warps and stages only distribute and pipeline the same MMA steps."""
+    cfg = _blocks(dtype)["dh"]
+    return replace(cfg, num_warps=8, num_stages=2 if fmt == FORMAT_IDS["nf4-dq"] else cfg.num_stages)
+
+
 def plan_qdh(grad_y, qargs, block_size, du, a_down, gate, up, dgate, dup, dropout, seed, act) -> Launch:
     """dgate, dup (M, I) from dh = g W_d + D_d ⊙ (du A_d), W_d (H, I) decoded along its rows."""
     (M, inter), H, r = gate.shape, grad_y.shape[1], a_down.shape[0]
-    cfg = _blocks(gate.dtype)["dh"]
+    cfg = _dh_config(gate.dtype, qargs["FMT"])
     assert dgate.stride() == dup.stride() == gate.stride() == up.stride()
     names = ("stride_gm", "stride_gn", "stride_dum", "stride_dur", "stride_ar", "stride_ak", "stride_xm",
              "stride_xk")
@@ -269,7 +284,8 @@ def aot_launches(dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> Itera
     """The two kernels' configurations the launcher can launch, by the constexprs that change their code:
     every format x every x dtype x dropout off and on (the y kernel has no dropout constexpr: once), SiLU;
     fp32 with TF32 per format; the other activations (an epilogue independent of the decode) once each, bf16
-    nf4; the dh kernel's one-word mask path (I % 4 != 0) once. Tile sizes depend on the dtype only (``_blocks``)."""
+    nf4; the dh kernel's one-word mask path (I % 4 != 0) once. Tile sizes depend on the dtype only (``_blocks``;
+    the dh kernel's stages also on the format, ``_dh_config``)."""
     cases = [(s, d, "silu", p, False) for s in FORMAT_IDS for d in dtypes for p in (0.0, 0.1)]
     cases += [(s, torch.float32, "silu", 0.1, True) for s in FORMAT_IDS if torch.float32 in dtypes]
     cases += [("nf4", torch.bfloat16, act, 0.1, False) for act in ACT_CODES if act != "silu"]

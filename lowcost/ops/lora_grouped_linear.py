@@ -144,12 +144,18 @@ def _grouped_op(x: Tensor, weights: Sequence[Tensor], lora_as: Sequence[Tensor],
     return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys], list(us)
 
 
-@_grouped_op.register_fake
-def _(x, weights, lora_as, lora_bs, biases, has_bias, scales, dropouts, seeds, backend):
+def fake_forward(x: Tensor, lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor]) -> tuple[list, list]:
+    """The grouped forward ops' fake outputs: [y_i (..., N_i)] in x's dtype, [u_i (M, r_i)] float32 (float64 for
+    float64 x)."""
     M = math.prod(x.shape[:-1])
     u_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return ([x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights],
+    return ([x.new_empty(*x.shape[:-1], b.shape[0]) for b in lora_bs],
             [x.new_empty(M, a.shape[0], dtype=u_dtype) for a in lora_as])
+
+
+@_grouped_op.register_fake
+def _(x, weights, lora_as, lora_bs, biases, has_bias, scales, dropouts, seeds, backend):
+    return fake_forward(x, lora_as, lora_bs)
 
 
 @torch.library.custom_op("lowcost::lora_grouped_linear_backward", mutates_args=())
@@ -164,20 +170,30 @@ def _grouped_backward_op(grads: Sequence[Tensor], x: Tensor, weights: Sequence[T
     kernels = _kernels(backend, x2)
     run = kernels.grouped_bwd if kernels is not None else (
         lambda *a: grouped_backward(*a, dropout_fn=_torch_backend._dropout))
-    dx, das, dbs, dbiases = run(g2, x2, projections, list(us), tuple(needs))
-    def fill(t):  # a fresh empty tensor per gradient not computed (outputs must not alias one another)
+    return backward_outputs(x, *run(g2, x2, projections, list(us), tuple(needs)))
+
+
+def backward_outputs(x: Tensor, dx, das, dbs, dbiases) -> tuple[Tensor, list, list, list]:
+    """The grouped backward ops' outputs: dx in x's shape, a fresh empty tensor for each gradient not computed
+    (outputs must not alias one another)."""
+    def fill(t):
         return t if t is not None else x.new_empty(0)
     return (fill(dx.reshape(x.shape) if dx is not None else None), [fill(t) for t in das], [fill(t) for t in dbs],
             [fill(t) for t in dbiases])
 
 
-@_grouped_backward_op.register_fake
-def _(grads, x, weights, lora_as, lora_bs, us, has_bias, scales, dropouts, seeds, needs, backend):
+def fake_backward(x: Tensor, lora_as, lora_bs, has_bias, needs) -> tuple[Tensor, list, list, list]:
+    """The grouped backward ops' fake outputs: (dx, [dA_i], [dB_i], [dbias_i]), empty where ``needs`` says no."""
     need_dx, need_da, need_db, need_dbias = needs
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             [a.new_empty(a.shape if need_da else (0,)) for a in lora_as],
             [b.new_empty(b.shape if need_db else (0,)) for b in lora_bs],
-            [x.new_empty(w.shape[0] if need_dbias and flag else 0) for w, flag in zip(weights, has_bias)])
+            [x.new_empty(b.shape[0] if need_dbias and flag else 0) for b, flag in zip(lora_bs, has_bias)])
+
+
+@_grouped_backward_op.register_fake
+def _(grads, x, weights, lora_as, lora_bs, us, has_bias, scales, dropouts, seeds, needs, backend):
+    return fake_backward(x, lora_as, lora_bs, has_bias, needs)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -27,7 +27,6 @@ see plain tensors.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -36,7 +35,8 @@ from lowcost.ops import _cuda_backend, _torch_backend
 from lowcost.ops._quant_backends import QUANT_SUPPORT, _rows, _with_code_books, check_quant_backend
 from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.backend import requested_backend, unavailable_reason
-from lowcost.ops.lora_grouped_linear import _check_counts, _seeds_tensor, _spread
+from lowcost.ops.lora_grouped_linear import (_check_counts, _seeds_tensor, _spread, backward_outputs,
+                                             fake_backward, fake_forward)
 from lowcost.ops.lora_linear import _check_scalars
 from lowcost.ops.normed_input import pack_input, unpack_input
 from lowcost.ops.qlora_linear import _check_adapters, _check_quantized
@@ -123,10 +123,7 @@ def _qgrouped_op(x: Tensor, packed: Sequence[Tensor], counts: Sequence[int], sch
 
 @_qgrouped_op.register_fake
 def _(x, packed, counts, schemes, block_sizes, lora_as, lora_bs, biases, has_bias, scales, dropouts, seeds, backend):
-    M = math.prod(x.shape[:-1])
-    u_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return ([x.new_empty(*x.shape[:-1], b.shape[0]) for b in lora_bs],
-            [x.new_empty(M, a.shape[0], dtype=u_dtype) for a in lora_as])
+    return fake_forward(x, lora_as, lora_bs)
 
 
 @torch.library.custom_op("lowcost::qlora_grouped_linear_backward", mutates_args=())
@@ -145,21 +142,13 @@ def _qgrouped_backward_op(grads: Sequence[Tensor], x: Tensor, packed: Sequence[T
         dx, das, dbs, dbiases = _cuda_grouped_linear.grouped_bwd(g2, x2, projections, list(us), tuple(needs), bases)
     else:
         dx, das, dbs, dbiases = grouped_backward(g2, x2, projections, list(us), tuple(needs), _torch_backend._dropout)
-
-    def fill(t):  # a fresh empty tensor per gradient not computed (outputs must not alias one another)
-        return t if t is not None else x.new_empty(0)
-    return (fill(dx.reshape(x.shape) if dx is not None else None), [fill(t) for t in das], [fill(t) for t in dbs],
-            [fill(t) for t in dbiases])
+    return backward_outputs(x, dx, das, dbs, dbiases)
 
 
 @_qgrouped_backward_op.register_fake
 def _(grads, x, packed, counts, schemes, block_sizes, lora_as, lora_bs, us, has_bias, scales, dropouts, seeds, needs,
       backend):
-    need_dx, need_da, need_db, need_dbias = needs
-    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
-            [a.new_empty(a.shape if need_da else (0,)) for a in lora_as],
-            [b.new_empty(b.shape if need_db else (0,)) for b in lora_bs],
-            [x.new_empty(b.shape[0] if need_dbias and flag else 0) for b, flag in zip(lora_bs, has_bias)])
+    return fake_backward(x, lora_as, lora_bs, has_bias, needs)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -157,7 +157,7 @@ int print_xent_rows(int argc, char** argv) {
     const std::string partials = kernel_name("xent_partials_kernel", {x.cpp});
     print_launch("softmax_xent_rows", partials, plan.grid, plan.smem, "loss only, piece partials: " + config);
     print_launch("softmax_xent_rows", kernel_name("xent_finish_kernel", {x.cpp, "false"}), {plan.grid.x, 1, 1}, 0,
-                 "loss only, fold and loss: " + config);
+                 "loss only, fold and loss: one block per row, " + std::to_string(plan.pieces) + " piece partials");
     print_launch("softmax_xent_rows", partials, plan.grid, plan.smem, "loss and dz, piece partials: " + config);
     print_launch("softmax_xent_rows", kernel_name("xent_finish_kernel", {x.cpp, "true"}), plan.grid, 0,
                  "loss and dz, fold, loss and dz in place: " + config);

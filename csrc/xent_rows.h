@@ -9,11 +9,16 @@
 //   dz_j = w (exp(zc_j - lse) - eps / V - (1 - eps) [j == y])            w = row weight, 0 for an ignored row
 //   dz_j *= 1 - (zc_j / c)^2                   through the soft-cap, when c > 0
 //
-// Reduction order (what fixes the bits): the columns of a row are dealt to kXentLanes lanes in groups of 4
-// (lane t owns columns 4q..4q+3 of every group q = t mod kXentLanes, in increasing order); each lane keeps a
-// partial (m, s, sum) updated one element at a time (xent_partial_add); the lanes are then merged by a halving
-// tree (lane t absorbs lane t + h for h = kXentLanes/2, ..., 1). The CUDA kernel gives lane t to thread t of a
-// block; the CPU kernel walks the same lanes, so under host emulation both produce the same bits.
+// Reduction order (what fixes the bits, a function of V alone): the row is cut into pieces of kXentPieceGroups
+// groups of 4 columns (8192 columns; xent_pieces(V) of them, the last one shorter). Inside a piece the groups are
+// dealt to kXentLanes lanes (lane t owns columns 4q..4q+3 of every group q of the piece with q = t mod kXentLanes,
+// in increasing order); each lane keeps a partial (m, s, sum) updated one element at a time (xent_partial_add); the
+// lanes are merged by a halving tree (lane t absorbs lane t + h for h = kXentLanes/2, ..., 1) into the piece's
+// partial; the row's partial is the left fold of its pieces' partials in piece order, starting from the empty
+// partial (xent_fold_pieces). The CUDA kernels give lane t to thread t of a block and may spread a row's pieces
+// over several blocks (launch_plan.h's plan_xent_rows: S slices of whole pieces, partials through a workspace);
+// the fold is the same whatever S is, so the bits do not depend on the launch. The CPU kernel walks the same
+// pieces and lanes, so under host emulation both produce the same bits.
 #pragma once
 
 #include "host_device.h"
@@ -25,6 +30,22 @@ namespace lowcost {
 
 constexpr int kXentLanes = 256;  // = the CUDA kernel's threads per block (launch_plan.h's kThreads)
 constexpr int kXentGroup = 4;    // consecutive columns per lane visit (one 4-wide load on the GPU)
+constexpr int64_t kXentPieceGroups = 8 * kXentLanes;  // groups of a piece: 8 sweeps of the lanes, 8192 columns
+
+// Groups of 4 columns of a row of V logits (the last one may be partial).
+LOWCOST_HD int64_t xent_groups(int64_t V) { return (V + kXentGroup - 1) / kXentGroup; }
+
+// One past the last group of piece p of a row of V logits.
+LOWCOST_HD int64_t xent_piece_end(int64_t p, int64_t V) {
+  const int64_t end = (p + 1) * kXentPieceGroups, groups = xent_groups(V);
+  return end < groups ? end : groups;
+}
+
+// Pieces of a row of V logits (at least 1); piece p covers groups [p kXentPieceGroups, (p + 1) kXentPieceGroups).
+LOWCOST_HD int64_t xent_pieces(int64_t V) {
+  const int64_t pieces = (xent_groups(V) + kXentPieceGroups - 1) / kXentPieceGroups;
+  return pieces > 0 ? pieces : 1;
+}
 
 // Per-row settings of the op (softcap 0: none).
 struct XentSettings {
@@ -70,6 +91,16 @@ LOWCOST_HD XentPartial xent_partial_merge(const XentPartial& a, const XentPartia
   const float m = fmaxf(a.m, b.m);
   if (m == -INFINITY) return {m, a.s + b.s, a.total + b.total};
   return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m), a.total + b.total};
+}
+
+// The row's partial: the left fold of its `pieces` piece partials (piece p at m[p * stride], s[p * stride],
+// total[p * stride]) in piece order, from the empty partial. Every kernel and every block of a split row folds
+// this way, so the row's bits depend on V alone.
+LOWCOST_HD XentPartial xent_fold_pieces(const float* m, const float* s, const float* total, int64_t pieces,
+                                        int64_t stride) {
+  XentPartial row = xent_partial_empty();
+  for (int64_t p = 0; p < pieces; ++p) row = xent_partial_merge(row, {m[p * stride], s[p * stride], total[p * stride]});
+  return row;
 }
 
 LOWCOST_HD float xent_lse(const XentPartial& p) {

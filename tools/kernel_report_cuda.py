@@ -31,9 +31,12 @@ memory-bound, so their targets are 0 spills and no local memory (LDL/STL in the 
 
 ``xent_rows_rows(C, V, dtype)`` lists the fused linear cross-entropy's row pass on the ``cuda`` backend (issue #12,
 lowcost/ops/linear_cross_entropy.py; its GEMMs are torch's): softmax_xent_rows over one chunk of C rows of V logits,
-without and with dz. A reduction over V per row, in registers and a shared-memory tree: targets 0 spills, no local
-memory, no atomics, no MMA, and a grid of one block per row (>= 2 x 132 blocks for the default chunk of a 132-SM GPU,
-264 rows).
+without and with dz: one launch per row pass when the rows fill the GPU, else a partials launch and a finish launch
+with each row's pieces (8192 columns) split over S blocks (csrc/cuda/launch_plan.h's plan_xent_rows). A reduction
+over V per row, in registers and a shared-memory tree: targets 0 spills, no local memory, no atomics, no MMA, and
+every launch that streams the logits fills the GPU: >= min(C x pieces, 8 x 132) blocks (8 blocks of 256 threads are
+an SM's 2048 threads; 1056 blocks for the default chunk of a 132-SM GPU, 264 rows of 128,256 logits: 4 per row).
+The loss-only finish launch reads no logits (it folds each row's partials) and runs one block per row.
 
 ``--check`` asserts the CUDA targets of issue #9 on the rows: HMMA in the skinny kernels' and the dequantizing
 GEMMs' SASS (bf16/fp16), no atomic or reduction instruction in any kernel, 0 spills, and at least 2 x 132
@@ -65,6 +68,8 @@ DEQUANT = ("dequant_gemm", "dequant_gemm_dgrad")
 ELEMENTWISE = ("gated_act_mul", "gated_act_mul_backward")     # the fused MLP's steps between its projections
 XENT = ("softmax_xent_rows",)                                  # the fused linear cross-entropy's row pass
 XENT_CHECK_SHAPE = (264, 128256)   # the cuda backend's default chunk on a 132-SM GPU at Llama-3's vocabulary
+XENT_PIECE_GROUPS = 2048           # csrc/xent_rows.h's kXentPieceGroups (groups of 4 logits per piece)
+XENT_BLOCKS_PER_SM = 8             # csrc/cuda/launch_plan.h's kXentBlocksPerSm (the SM's 2048 threads)
 GATED_ACTS = ("silu", "gelu_tanh", "gelu")                       # lowcost.reference.lora_gated_mlp.ACTIVATIONS
 QUANT_FORMATS = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")  # _quant_backends.CUDA_FORMATS
 KEYS = ("kernel", "backend", "role", "grid", "persistent", "regs", "spills", "smem", "ctas_per_sm", "limiter", "mma",
@@ -125,9 +130,10 @@ def _cache_dir() -> str:
 
 
 def _plan_printer() -> str:
-    """csrc/tools/print_launch_plan.cpp built once per version of it and of launch_plan.h (cached)."""
+    """csrc/tools/print_launch_plan.cpp built once per version of it and of the headers it includes (cached)."""
     sources = [os.path.join(REPO, "csrc", "tools", "print_launch_plan.cpp"),
-               os.path.join(REPO, "csrc", "cuda", "launch_plan.h")]
+               os.path.join(REPO, "csrc", "cuda", "launch_plan.h"), os.path.join(REPO, "csrc", "xent_rows.h"),
+               os.path.join(REPO, "csrc", "host_device.h")]
     digest = hashlib.sha256()
     for path in sources:
         with open(path, "rb") as handle:
@@ -173,9 +179,9 @@ def _sources() -> list[str]:
 
 def _cache_key(arch: str, nvcc: str, site: str) -> str:
     digest = hashlib.sha256()
-    files = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*")) + [os.path.join(REPO, "csrc", "philox.h"),
-                   os.path.join(REPO, "csrc", "checks.h"), os.path.join(REPO, "csrc", "dispatch.h"),
-                   os.path.abspath(__file__)])
+    # The kernels include csrc/*.h (philox, checks, dispatch, the gated-activation and row-pass math) as well.
+    files = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*")) + glob.glob(os.path.join(REPO, "csrc", "*.h"))
+                   + [os.path.abspath(__file__)])
     for path in files:
         with open(path, "rb") as handle:
             digest.update(os.path.basename(path).encode() + b"\0" + handle.read())
@@ -344,15 +350,25 @@ def xent_rows_rows(C: int, V: int, dtype: str, arch: str = "sm_90a") -> list[dic
     return [_launch_row(launch, resources) for launch in xent_rows_launches(C, V, dtype)]
 
 
-def check_xent_rows(rows: list[dict], C: int) -> list[str]:
-    """The row pass's targets: those of check_rows, no MMA, and one block per row up to 2 x 132 blocks."""
+def check_xent_rows(rows: list[dict], C: int, V: int) -> list[str]:
+    """The row pass's targets: those of check_rows, no MMA, and every launch that streams the logits (all but the
+    loss-only fold) at least min(C x pieces, XENT_BLOCKS_PER_SM x 132) blocks."""
     failures = check_rows(rows, C, "fp32")
+    want = min(C * xent_pieces(V), XENT_BLOCKS_PER_SM * SM90_SMS)
     for row in rows:
         if row["mma"] != "none":
             failures.append(f"{row['kernel']}: {row['mma']} in the SASS (target: none, a reduction)")
-        if row["grid"] < min(C, 2 * SM90_SMS):
-            failures.append(f"{row['kernel']}: {row['grid']} blocks for {C} rows (target >= {min(C, 2 * SM90_SMS)})")
+        streams = not row["kernel"].startswith("xent_finish_kernel") or row["kernel"].endswith("true>")
+        if streams and row["grid"] < want:
+            failures.append(f"{row['kernel']} [{row['config']}]: {row['grid']} blocks for {C} rows of V={V} "
+                            f"(target >= {want})")
     return failures
+
+
+def xent_pieces(V: int) -> int:
+    """Pieces of a row of V logits (csrc/xent_rows.h's xent_pieces: groups of 4 columns, XENT_PIECE_GROUPS each)."""
+    groups = -(-V // 4)
+    return max(1, -(-groups // XENT_PIECE_GROUPS))
 
 
 def cuda_kernel_rows(M: int, K: int, N: int, r: int, dtype: str, dropout: float, arch: str) -> list[dict]:
@@ -433,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for C, V in xent_shapes:
             rows = xent_rows_rows(C, V, args.dtype, args.arch)
-            failures += [f"linear cross-entropy rows C={C} V={V}: {f}" for f in check_xent_rows(rows, C)]
+            failures += [f"linear cross-entropy rows C={C} V={V}: {f}" for f in check_xent_rows(rows, C, V)]
             xent_rows.append(((C, V), rows))
         for act in mlp_acts:
             for M, inter in mlp_shapes:

@@ -1,8 +1,11 @@
 // CPU kernel of softmax_xent_rows: the row pass of the fused linear cross-entropy (math and reduction order in
-// csrc/xent_rows.h, shared with the CUDA kernel). Per row: one pass over V dealing the columns to kXentLanes
-// partials in groups of 4, the halving-tree merge, the loss; with row_weight a second pass writes dz over the
+// csrc/xent_rows.h, shared with the CUDA kernels). Per row: one pass over V, piece by piece (8192 columns) dealing
+// the piece's columns to kXentLanes partials in groups of 4 and merging them by the halving tree, the pieces'
+// partials folded in piece order, the loss; with row_weight a second pass writes dz over the
 // logits in place (rounded once to z's dtype). Rows are split over threads; each row is computed by one thread
-// in a fixed order, so results do not depend on the thread count.
+// in a fixed order, so results do not depend on the thread count. The CUDA launch plan may split a row's pieces over
+// S blocks (launch_plan.h's plan_xent_rows); the fold is the same for every S, so this kernel has no S and the
+// emulated CUDA kernels equal it to the bit at every SM count.
 #include "ops_cpu.h"
 
 #include "../checks.h"
@@ -18,23 +21,39 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <vector>
 
 namespace lowcost {
 namespace cpu {
 namespace {
 
-// The merged (m, s, sum) of one row of capped logits, in the CUDA kernel's lane order.
+// The (m, s, sum) of piece p of a row of capped logits, in the CUDA kernel's lane order.
 template <typename T>
-XentPartial row_partial(const T* z, const XentSettings& st) {
+XentPartial piece_partial(const T* z, int64_t p, const XentSettings& st) {
   std::array<XentPartial, kXentLanes> lanes;
   lanes.fill(xent_partial_empty());
-  for (int64_t j = 0; j < st.V; ++j) {
+  const int64_t j_end = std::min(st.V, xent_piece_end(p, st.V) * kXentGroup);
+  for (int64_t j = p * kXentPieceGroups * kXentGroup; j < j_end; ++j) {
     xent_partial_add(lanes[(j / kXentGroup) % kXentLanes], xent_capped(static_cast<float>(z[j]), st.softcap));
   }
   for (int h = kXentLanes / 2; h > 0; h /= 2) {
     for (int t = 0; t < h; ++t) lanes[t] = xent_partial_merge(lanes[t], lanes[t + h]);
   }
   return lanes[0];
+}
+
+// The row's (m, s, sum): its pieces' partials folded in piece order (what every CUDA launch plan computes).
+template <typename T>
+XentPartial row_partial(const T* z, const XentSettings& st) {
+  const int64_t pieces = xent_pieces(st.V);
+  std::vector<float> parts(3 * pieces);
+  for (int64_t p = 0; p < pieces; ++p) {
+    const XentPartial part = piece_partial(z, p, st);
+    parts[3 * p] = part.m;
+    parts[3 * p + 1] = part.s;
+    parts[3 * p + 2] = part.total;
+  }
+  return xent_fold_pieces(parts.data(), parts.data() + 1, parts.data() + 2, pieces, 3);
 }
 
 template <typename T>

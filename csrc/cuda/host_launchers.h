@@ -268,6 +268,8 @@ std::tuple<at::Tensor, at::Tensor> run_gated_act_mul_backward(const at::Tensor& 
 }
 
 // The row pass of the fused linear cross-entropy: loss (C,) float32, and z <- dz in place when row_weight is given.
+// One launch when the rows fill the GPU (S = 1), else the partials and the finish launches over S slices of each
+// row, with their fp32 workspace (launch_plan.h's plan_xent_rows; the same bits either way).
 template <typename Exec>
 at::Tensor run_softmax_xent_rows(at::Tensor& z, const at::Tensor& labels, const std::optional<at::Tensor>& row_weight,
                                  int64_t ignore_index, double label_smoothing, double softcap, Exec& exec) {
@@ -278,18 +280,27 @@ at::Tensor run_softmax_xent_rows(at::Tensor& z, const at::Tensor& labels, const 
   at::Tensor loss = exec.empty({C}, z.options().dtype(at::kFloat));
   if (C == 0) return loss;
   const at::Tensor weight = row_weight.has_value() ? row_weight->contiguous() : at::Tensor();
-  const LaunchGrid grid{xent_rows_blocks(C, exec.sms()), 1, 1};
+  const float* wp = weight.defined() ? weight.data_ptr<float>() : nullptr;
+  const XentRowsPlan plan = plan_xent_rows(C, st.V, exec.sms());
+  const at::Tensor workspace = plan.slices > 1 ? exec.empty({plan.workspace}, z.options().dtype(at::kFloat))
+                                               : at::Tensor();
   dispatch_act(z.scalar_type(), "softmax_xent_rows", [&](auto tv) {
     using T = decltype(tv);
-    if (weight.defined()) {
-      exec.launch(grid, xent_rows_smem(), "softmax_xent_rows", xent_rows_kernel<T, true>, z.data_ptr<T>(),
-                  z.stride(0), labels.data_ptr<int64_t>(), labels.stride(0), weight.data_ptr<float>(), C, st,
-                  loss.data_ptr<float>());
-    } else {
-      exec.launch(grid, xent_rows_smem(), "softmax_xent_rows", xent_rows_kernel<T, false>, z.data_ptr<T>(),
-                  z.stride(0), labels.data_ptr<int64_t>(), labels.stride(0), static_cast<const float*>(nullptr), C,
-                  st, loss.data_ptr<float>());
+    T* zp = z.data_ptr<T>();
+    const int64_t* lp = labels.data_ptr<int64_t>();
+    if (plan.slices == 1) {
+      exec.launch(plan.grid, plan.smem, "softmax_xent_rows",
+                  weight.defined() ? xent_rows_kernel<T, true> : xent_rows_kernel<T, false>, zp, z.stride(0), lp,
+                  labels.stride(0), wp, C, st, loss.data_ptr<float>());
+      return;
     }
+    float* ws = workspace.data_ptr<float>();
+    exec.launch(plan.grid, plan.smem, "softmax_xent_rows", xent_partials_kernel<T>, static_cast<const T*>(zp),
+                z.stride(0), lp, labels.stride(0), C, st, ws);
+    const LaunchGrid finish{plan.grid.x, weight.defined() ? plan.slices : 1, 1};
+    exec.launch(finish, 0, "softmax_xent_rows",
+                weight.defined() ? xent_finish_kernel<T, true> : xent_finish_kernel<T, false>, zp, z.stride(0), lp,
+                labels.stride(0), wp, C, st, static_cast<const float*>(ws), loss.data_ptr<float>());
   });
   return loss;
 }

@@ -10,6 +10,8 @@
 // keeps rows 16-byte aligned for cp.async and spreads the fragment loads of a warp over all banks.
 #pragma once
 
+#include "../xent_rows.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -287,16 +289,44 @@ inline int64_t philox_dropout_blocks(int64_t numel, int64_t sm_count) {
 inline int64_t gated_act_blocks(int64_t numel, int64_t sm_count) { return philox_dropout_blocks(numel, sm_count); }
 
 // ---------------------------------------------------------------------------------------------
-// softmax_xent_rows (the fused linear cross-entropy's row pass): one block per row of the (C, V) logits chunk,
-// at most kXentBlocksPerSm resident blocks per SM (256 threads each: the SM's 2048 threads); more rows loop.
-// Shared memory: the block's kThreads (max, sum, sum) partials for the tree merge.
+// softmax_xent_rows (the fused linear cross-entropy's row pass) over a (C, V) logits chunk. A row is cut into
+// xent_pieces(V) pieces of 8192 columns (csrc/xent_rows.h: the pieces and their fold fix the bits, whatever the
+// launch). The plan fills the GPU with kXentBlocksPerSm resident blocks per SM (256 threads each: the SM's 2048
+// threads) without a larger chunk: when the rows alone are fewer than that, each row's pieces are split into S
+// slices (contiguous ranges of whole pieces, range_begin) with C * S >= the target where the pieces allow, S = 1
+// when the rows fill the GPU. S depends on C, V and the SM count only (and the bits on V only).
+//   S = 1: xent_rows_kernel, one block per row (grid-stride over rows): the pieces folded in registers, the loss,
+//          then dz over the row.
+//   S > 1: xent_partials_kernel, grid (rows, S): block (c, s) writes the partials of its slice's pieces, and
+//          slice 0 the row's capped target logit, to an fp32 workspace of C x (3 P + 1) floats; then
+//          xent_finish_kernel, grid (rows, S) with dz (rows x 1 without): every block folds the row's P partials in
+//          piece order (no atomics, no inter-block sync), slice 0 stores the loss, block (c, s) writes dz over its
+//          slice. The logits are read twice and written once, as with S = 1.
+// Shared memory: the block's kThreads (max, sum, sum) partials for the tree merge. The three kernels are compiled
+// for kXentBlocksPerSm resident blocks (__launch_bounds__: at most 32 registers per thread), so the target is met.
 constexpr int64_t kXentBlocksPerSm = 8;
 
-inline int64_t xent_rows_blocks(int64_t rows, int64_t sm_count) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, sm_count * kXentBlocksPerSm));
-}
+struct XentRowsPlan {
+  int64_t pieces = 1;          // P, from V alone
+  int64_t slices = 1;          // S: blocks per row
+  int64_t workspace = 0;       // floats of the S > 1 workspace (C x (3 P + 1)), 0 when S = 1
+  LaunchGrid grid;             // of every launch (xent_finish_kernel without dz: grid.y = 1)
+  int64_t smem = 0;            // dynamic shared memory of every launch
+};
 
-inline int64_t xent_rows_smem() { return 3 * kThreads * static_cast<int64_t>(sizeof(float)); }
+// Floats of a row's workspace: (m, s, sum) of each piece, then the capped target logit.
+constexpr int64_t xent_workspace_row(int64_t pieces) { return 3 * pieces + 1; }
+
+inline XentRowsPlan plan_xent_rows(int64_t rows, int64_t V, int64_t sm_count) {
+  XentRowsPlan p;
+  const int64_t target = std::max<int64_t>(1, sm_count * kXentBlocksPerSm);
+  p.pieces = xent_pieces(V);
+  p.slices = std::min<int64_t>({p.pieces, std::max<int64_t>(1, ceil_div(target, std::max<int64_t>(rows, 1))), 65535});
+  p.grid = {std::max<int64_t>(1, std::min<int64_t>(rows, target)), p.slices, 1};
+  p.workspace = p.slices > 1 ? rows * xent_workspace_row(p.pieces) : 0;
+  p.smem = 3 * kThreads * static_cast<int64_t>(sizeof(float));
+  return p;
+}
 
 }  // namespace cuda
 }  // namespace lowcost

@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -377,44 +378,70 @@ void test_gated_act() {
   }
 }
 
-// The fused cross-entropy's row pass against the CPU op (csrc/xent_rows.h's math and lane order on both sides, so
-// equal to the bit): loss and, with row weights, dz written over the logits. C = 0 and 1, V below one group, odd
-// (unaligned rows: the element-by-element path), a multiple of 4 (the 4-wide path) and longer than one sweep of
-// the block's lanes; a chunk that is a column slice of a wider buffer; ignored rows (one all-ignored chunk),
-// smoothing and soft-capping; 1 SM (blocks loop over rows) and 132.
+// One (C, V) chunk of the row pass, emulated at each SM count, against the CPU op to the bit: loss and, with row
+// weights, dz over the logits; without them the logits untouched. Every third row ignored, and an all-ignored
+// chunk; `sliced`: the chunk is a column slice of a wider buffer (unaligned rows).
+void check_xent_rows_case(int64_t C, int64_t V, c10::ScalarType dt, bool sliced, const double st[2],
+                          std::initializer_list<int64_t> sm_counts) {
+  at::Tensor base = sliced ? (at::randn({C, V + 3}, at::kDouble) * 4).to(dt).narrow(1, 1, V)
+                           : (at::randn({C, V}, at::kDouble) * 4).to(dt);
+  at::Tensor labels = at::randint(0, std::max<int64_t>(V, 1), {C}, at::kLong);
+  if (C > 2) labels.index_put_({at::indexing::Slice(0, C, 3)}, -100);  // every third row ignored
+  const at::Tensor all_ignored = at::full({C}, -100, at::kLong);
+  const at::Tensor weight = at::rand({C}, at::kFloat) + 0.5;
+  const std::string n = name("softmax_xent_rows", C, V, 0, dt, dt, sliced, st[0]) + " softcap=" + std::to_string(st[1]);
+  for (const at::Tensor* lab : {static_cast<const at::Tensor*>(&labels), &all_ignored}) {
+    at::Tensor z_cpu = base.clone();
+    const at::Tensor loss_cpu = lowcost::cpu::softmax_xent_rows(z_cpu, *lab, weight, -100, st[0], st[1]);
+    at::Tensor z_fwd = base.clone();
+    const at::Tensor loss_fwd = lowcost::cpu::softmax_xent_rows(z_fwd, *lab, std::nullopt, -100, st[0], st[1]);
+    for (int64_t sms : sm_counts) {
+      const std::string ns = n + (lab == &labels ? "" : " all ignored") + " sms " + std::to_string(sms) + " slices " +
+                             std::to_string(lowcost::cuda::plan_xent_rows(C, V, sms).slices);
+      at::Tensor z = base.clone();
+      expect_equal(ns + " loss", emu_softmax_xent_rows(z, *lab, weight, -100, st[0], st[1], sms), loss_cpu);
+      expect_equal(ns + " dz", z, z_cpu);
+      at::Tensor z_keep = base.clone();
+      expect_equal(ns + " loss (no grad)", emu_softmax_xent_rows(z_keep, *lab, std::nullopt, -100, st[0], st[1], sms),
+                   loss_fwd);
+      expect_equal(ns + " z untouched without row_weight", z_keep, base);
+    }
+  }
+}
+
+// The fused cross-entropy's row pass against the CPU op (csrc/xent_rows.h's math, pieces and lane order on both
+// sides, so equal to the bit). Rows of one piece: C = 0 and 1, V below one group, odd (unaligned rows: the
+// element-by-element path), a multiple of 4 (the 4-wide path) and longer than one sweep of the block's lanes;
+// smoothing and soft-capping; 1 SM (blocks loop over rows) and 132. Rows of several pieces (8192 columns each):
+// one column past a piece (P = 2: S = 2) and 3 pieces, on 1 SM (target 8 blocks: 9 rows fill it, S = 1; 5 rows
+// do not, S = 2 slices of 1 and 2 pieces) and 132 SMs (S = P), so the one launch and the split launches (S dividing
+// P or not) all meet the CPU op; without and with smoothing and soft-capping.
 void test_softmax_xent_rows() {
   const int64_t shapes[][2] = {{0, 5}, {1, 1}, {1, 3}, {7, 1001}, {5, 1024}, {3, 4099}, {19, 37}};
   const double settings[][2] = {{0.0, 0.0}, {0.1, 0.0}, {0.0, 3.0}, {0.25, 1.5}};
   for (c10::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (const auto& s : shapes) {
       for (bool sliced : {false, true}) {
-        for (const auto& st : settings) {
-          const int64_t C = s[0], V = s[1];
-          at::Tensor base = sliced ? (at::randn({C, V + 3}, at::kDouble) * 4).to(dt).narrow(1, 1, V)
-                                   : (at::randn({C, V}, at::kDouble) * 4).to(dt);
-          at::Tensor labels = at::randint(0, std::max<int64_t>(V, 1), {C}, at::kLong);
-          if (C > 2) labels.index_put_({at::indexing::Slice(0, C, 3)}, -100);  // every third row ignored
-          const at::Tensor all_ignored = at::full({C}, -100, at::kLong);
-          const at::Tensor weight = at::rand({C}, at::kFloat) + 0.5;
-          const std::string n = name("softmax_xent_rows", C, V, 0, dt, dt, sliced, st[0]) +
-                                " softcap=" + std::to_string(st[1]);
-          for (const at::Tensor* lab : {static_cast<const at::Tensor*>(&labels), &all_ignored}) {
-            at::Tensor z_cpu = base.clone();
-            const at::Tensor loss_cpu = lowcost::cpu::softmax_xent_rows(z_cpu, *lab, weight, -100, st[0], st[1]);
-            at::Tensor z_fwd = base.clone();
-            const at::Tensor loss_fwd = lowcost::cpu::softmax_xent_rows(z_fwd, *lab, std::nullopt, -100, st[0], st[1]);
-            for (int64_t sms : {1, 132}) {
-              const std::string ns = n + (lab == &labels ? "" : " all ignored") + " sms " + std::to_string(sms);
-              at::Tensor z = base.clone();
-              expect_equal(ns + " loss", emu_softmax_xent_rows(z, *lab, weight, -100, st[0], st[1], sms), loss_cpu);
-              expect_equal(ns + " dz", z, z_cpu);
-              at::Tensor z_keep = base.clone();
-              expect_equal(ns + " loss (no grad)",
-                           emu_softmax_xent_rows(z_keep, *lab, std::nullopt, -100, st[0], st[1], sms), loss_fwd);
-              expect_equal(ns + " z untouched without row_weight", z_keep, base);
-            }
-          }
-        }
+        for (const auto& st : settings) check_xent_rows_case(s[0], s[1], dt, sliced, st, {1, 132});
+      }
+    }
+  }
+  const int64_t piece_cols = lowcost::kXentPieceGroups * lowcost::kXentGroup;
+  const int64_t long_shapes[][2] = {{1, piece_cols + 1}, {5, 2 * piece_cols + 3623}, {9, 2 * piece_cols + 4}};
+  int split = 0, single = 0;
+  for (const auto& s : long_shapes) {
+    for (int64_t sms : {1, 132}) (lowcost::cuda::plan_xent_rows(s[0], s[1], sms).slices > 1 ? split : single) += 1;
+  }
+  ++g_checks;
+  if (split < 3 || single < 1) {
+    ++g_failures;
+    std::fprintf(stderr, "FAIL softmax_xent_rows: the long shapes must cover both plans (%d split, %d single)\n",
+                 split, single);
+  }
+  for (c10::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const auto& s : long_shapes) {
+      for (bool sliced : {false, true}) {
+        for (int k : {0, 3}) check_xent_rows_case(s[0], s[1], dt, sliced, settings[k], {1, 132});
       }
     }
   }

@@ -10,7 +10,8 @@
 //   (the second form: the fused gated MLP's own elementwise launches, lowcost/ops/_cuda_gated_mlp.py: h in the
 //   forward, h again and the two input gradients in the backward; ACT: silu, gelu_tanh or gelu)
 //   (the third form: the fused linear cross-entropy's row pass on the cuda backend, lowcost/ops/linear_cross_entropy.py,
-//   for one chunk of C rows of V logits: softmax_xent_rows without dz (a forward that saves nothing) and with dz)
+//   for one chunk of C rows of V logits: softmax_xent_rows without dz (a forward that saves nothing) and with dz,
+//   each one launch, or two (piece partials, then fold) when the plan splits rows into slices)
 //   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE; QUANT: nf4, nf4-dq, int8, q8_0, q4_0,
 //   q4_1, q4_k, q6_k for a quantized weight, whose base GEMMs are lowcost's dequant_gemm / dequant_gemm_dgrad
 //   instead of cuBLAS)
@@ -139,12 +140,28 @@ int print_xent_rows(int argc, char** argv) {
     std::fprintf(stderr, "C, V and SMS must be >= 1\n");
     return 2;
   }
-  const LaunchGrid grid{xent_rows_blocks(C, sms), 1, 1};
-  const std::string config = "one block per row, " + std::to_string(V) + " logits, 4 per thread per step";
-  print_launch("softmax_xent_rows", kernel_name("xent_rows_kernel", {x.cpp, "false"}), grid, xent_rows_smem(),
-               "loss only: " + config);
-  print_launch("softmax_xent_rows", kernel_name("xent_rows_kernel", {x.cpp, "true"}), grid, xent_rows_smem(),
-               "loss and dz in place: " + config);
+  const XentRowsPlan plan = plan_xent_rows(C, V, sms);
+  const std::string pieces = std::to_string(V) + " logits in " + std::to_string(plan.pieces) + " pieces of " +
+                             std::to_string(lowcost::kXentPieceGroups * lowcost::kXentGroup) + ", 4 per thread per step";
+  const int64_t blocks = plan.grid.x * plan.grid.y;
+  const std::string filled = std::to_string(blocks) + " blocks, " + std::to_string(ceil_div(blocks, sms)) + " per SM";
+  if (plan.slices == 1) {
+    const std::string config = "one block per row (" + filled + "), " + pieces;
+    print_launch("softmax_xent_rows", kernel_name("xent_rows_kernel", {x.cpp, "false"}), plan.grid, plan.smem,
+                 "loss only: " + config);
+    print_launch("softmax_xent_rows", kernel_name("xent_rows_kernel", {x.cpp, "true"}), plan.grid, plan.smem,
+                 "loss and dz in place: " + config);
+  } else {
+    const std::string config = std::to_string(plan.slices) + " blocks per row (" + filled + "), " + pieces + ", " +
+                               std::to_string(plan.workspace * 4) + " B fp32 workspace";
+    const std::string partials = kernel_name("xent_partials_kernel", {x.cpp});
+    print_launch("softmax_xent_rows", partials, plan.grid, plan.smem, "loss only, piece partials: " + config);
+    print_launch("softmax_xent_rows", kernel_name("xent_finish_kernel", {x.cpp, "false"}), {plan.grid.x, 1, 1}, 0,
+                 "loss only, fold and loss: one block per row, " + std::to_string(plan.pieces) + " piece partials");
+    print_launch("softmax_xent_rows", partials, plan.grid, plan.smem, "loss and dz, piece partials: " + config);
+    print_launch("softmax_xent_rows", kernel_name("xent_finish_kernel", {x.cpp, "true"}), plan.grid, 0,
+                 "loss and dz, fold, loss and dz in place: " + config);
+  }
   std::printf("\n]\n");
   return 0;
 }

@@ -24,8 +24,9 @@ dequantized inside the head's two GEMMs; no dW).
 
 Backends: the composition (``lowcost.reference.linear_cross_entropy_rows``: GEMMs by torch) is one; only the row
 pass differs: "torch" (the reference's), "triton" (``lowcost.kernels.linear_cross_entropy``), "cuda" (lowcost._C's
-``softmax_xent_rows``, csrc/xent_rows.h: a CUDA kernel, with a C++ twin that runs the same composition on CPU
-tensors for the tests). "triton" and "cuda" take fp32/fp16/bf16 and compute the row pass in float32.
+``softmax_xent_rows``, csrc/xent_rows.h: CUDA kernels, with a C++ twin that runs the same composition on CPU
+tensors for the tests; a row's reduction order is fixed by V alone, so its bits do not depend on the chunk or on how
+many blocks the launch plan gives a row). "triton" and "cuda" take fp32/fp16/bf16 and compute the row pass in float32.
 
 Backward (g = ∂L/∂loss; w_m = g_m, or g/n_valid for "mean", g for "sum"):
     dz = w ⊙ (softmax(z) − (1−ε)·onehot(y) − ε/V) (⊙ (1 − (z/c)²) with soft-capping); ignored rows 0
@@ -50,7 +51,9 @@ Tensor = torch.Tensor
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_ELEMENTS = 2**23          # default chunk: about 8M logits (32 MiB in float32) per buffer
 NO_GRADS = (False,) * 5
-# The cuda backend's row pass runs one block per row: 2 rows per SM fill the GPU (as the Triton kernel's programs).
+# The cuda backend's default chunk keeps 2 rows per SM (as the Triton kernel's programs, for the chunk GEMMs); its row
+# pass fills the SMs beyond that by splitting each row over several blocks when the rows alone are too few
+# (csrc/cuda/launch_plan.h's plan_xent_rows: 4 blocks per row at 264 rows of 128,256 logits on 132 SMs).
 CUDA_ROW_BLOCKS_PER_SM = 2
 
 

@@ -167,3 +167,42 @@ def test_report_rows_of_the_fused_mlp_elementwise_steps():
     rows = krc.gated_act_rows(8192, 14336, "bf16", "gelu_tanh")
     assert krc.check_rows(rows, 8192, "bf16") == []
     assert all(row["mma"] == "none" and row["local"] == 0 and row["barriers"] == 0 for row in rows)
+
+
+@needs_cxx
+def test_launch_plan_of_the_cross_entropy_row_pass():
+    """softmax_xent_rows (issue #12): at the default chunk (264 rows of 128,256 logits, 16 pieces) each row is split
+    over 4 blocks, 8 per SM, partials then finish; rows that fill the GPU run one block per row in one launch; few
+    rows split into at most one slice per piece."""
+    split = krc.xent_rows_launches(264, 128256, "bf16")
+    assert [launch["kernel"] for launch in split] == [
+        "lowcost::cuda::xent_partials_kernel<c10::BFloat16>", "lowcost::cuda::xent_finish_kernel<c10::BFloat16, false>",
+        "lowcost::cuda::xent_partials_kernel<c10::BFloat16>", "lowcost::cuda::xent_finish_kernel<c10::BFloat16, true>"]
+    assert [launch["grid"] for launch in split] == [[264, 4, 1], [264, 1, 1], [264, 4, 1], [264, 4, 1]]
+    assert "51744 B fp32 workspace" in split[0]["config"]   # 264 rows x (3 x 16 + 1) floats
+    whole = krc.xent_rows_launches(2048, 32000, "fp16")
+    assert [launch["kernel"] for launch in whole] == ["lowcost::cuda::xent_rows_kernel<c10::Half, false>",
+                                                      "lowcost::cuda::xent_rows_kernel<c10::Half, true>"]
+    assert all(launch["grid"] == [8 * 132, 1, 1] for launch in whole)   # grid-stride over the 2048 rows
+    few = krc.xent_rows_launches(3, 20007, "fp32")
+    assert few[0]["grid"] == [3, 3, 1] and few[3]["grid"] == [3, 3, 1]   # 3 pieces: at most 3 slices
+    assert krc.xent_rows_launches(1, 8192, "fp32")[0]["kernel"].startswith("lowcost::cuda::xent_rows_kernel")
+    assert [krc.xent_pieces(v) for v in (1, 8192, 8193, 20007, 128256)] == [1, 1, 2, 3, 16]
+
+
+def test_check_flags_an_underfilled_row_pass():
+    row = {"kernel": "xent_partials_kernel<bf16>", "config": "", "op": "softmax_xent_rows", "spills": 0,
+           "atomics": 0, "mma": "none", "grid": 1056, "persistent": False, "local": 0}
+    fold = dict(row, kernel="xent_finish_kernel<bf16, false>", grid=264)   # reads no logits: one block per row
+    assert krc.check_xent_rows([row, fold], 264, 128256) == []
+    failures = krc.check_xent_rows([dict(row, grid=264), dict(fold, kernel="xent_finish_kernel<bf16, true>")],
+                                   264, 128256)
+    assert len(failures) == 2 and all("target >= 1056" in f for f in failures)
+    assert krc.check_xent_rows([dict(row, grid=3)], 3, 1001) == []   # one piece per row: 3 blocks is all there is
+
+
+@pytest.mark.skipif(bool(_toolchain_missing()), reason=f"CUDA toolchain for the report: {_toolchain_missing()}")
+def test_report_rows_of_the_cross_entropy_row_pass():
+    rows = krc.xent_rows_rows(264, 128256, "bf16")
+    assert krc.check_xent_rows(rows, 264, 128256) == []
+    assert all(row["ctas_per_sm"] == 8 and row["spills"] == 0 and row["local"] == 0 for row in rows)

@@ -41,3 +41,20 @@ def test_row_kernel_matches_cpu_twin_and_float64(dtype, C, V, smoothing, softcap
     assert_close_to_reference("loss", loss_gpu.cpu(), loss64, torch.float32)
     assert_close_to_reference("dz", z_gpu.cpu(), z64, dtype)
     torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=TOLERANCE[torch.float32], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernel_bits_do_not_depend_on_the_split(dtype):
+    """A chunk of 3 rows of 20007 logits runs split (launch_plan.h: 3 blocks per row, partials through a workspace),
+    the same rows at the head of a 2000-row chunk run one block per row: a row's pieces and their fold are fixed by
+    V (csrc/xent_rows.h), so loss and dz are the same bits."""
+    _cuda_backend_or_skip()
+    C, V = 2000, 20007
+    gen = torch.Generator().manual_seed(7)
+    z = (torch.randn(C, V, generator=gen) * 4).to(dtype).to(CUDA)
+    labels = torch.randint(0, V, (C,), generator=gen).to(CUDA)
+    weight = (torch.rand(C, generator=gen) + 0.5).to(CUDA)
+    z_few, z_many = z[:3].clone(), z.clone()
+    loss_few = ops.softmax_xent_rows(z_few, labels[:3], weight[:3], -100, 0.1, 30.0)
+    loss_many = ops.softmax_xent_rows(z_many, labels, weight, -100, 0.1, 30.0)
+    assert torch.equal(loss_few, loss_many[:3]) and torch.equal(z_few, z_many[:3])

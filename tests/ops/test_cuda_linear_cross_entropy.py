@@ -30,6 +30,7 @@ ops = torch.ops.lowcost
 lce_module = importlib.import_module("lowcost.ops.linear_cross_entropy")
 fuse_loss_module = importlib.import_module("lowcost.patch.fuse_loss")
 SETTINGS = [(0.0, 0.0), (0.1, 0.0), (0.0, 2.5), (0.25, 4.0)]   # (label smoothing, soft-cap; 0: none)
+PIECE = 8192   # columns of a piece of a row (csrc/xent_rows.h: kXentPieceGroups groups of 4)
 
 
 @pytest.fixture
@@ -53,12 +54,15 @@ def _chunk(C, V, dtype, seed=0, all_ignored=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("C,V", [(0, 7), (1, 1), (1, 37), (9, 1001), (6, 1024), (4, 3000)])
+@pytest.mark.parametrize("C,V", [(0, 7), (1, 1), (1, 37), (9, 1001), (6, 1024), (4, 3000), (1, PIECE + 1),
+                                 (3, 2 * PIECE + 3623)])
 @pytest.mark.parametrize("smoothing,softcap", SETTINGS)
 def test_row_op_matches_float64(dtype, C, V, smoothing, softcap):
     """loss: float32 arithmetic on the chunk's exact values, so within fp32's tolerance of float64 for every dtype
-    (the sum over V is in fp32, 2e-5 normalised is ~100 ulp of headroom at V=3000); dz: rounded once to the dtype,
-    so within the dtype's tolerance (half an ulp of the largest entry, normalised)."""
+    (the sum over V is in fp32, 2e-5 normalised is ~100 ulp of headroom at V=3000, and the lanes' sums stay as
+    short at V=20007, whose 3 pieces of 8192 columns are folded in piece order); dz: rounded once to the dtype,
+    so within the dtype's tolerance (half an ulp of the largest entry, normalised). The last two shapes have rows
+    of 2 and 3 pieces (csrc/xent_rows.h), the ones the CUDA launch plan splits over several blocks per row."""
     z, labels, weight = _chunk(C, V, dtype, seed=C + V)
     spec = CrossEntropySpec(-100, smoothing, softcap)
     z64 = z.double()
@@ -75,6 +79,19 @@ def test_row_op_matches_float64(dtype, C, V, smoothing, softcap):
     assert_close_to_reference("dz", z, z64, dtype)
     ignored = labels == -100
     assert torch.all(loss[ignored] == 0) and torch.all(z[ignored] == 0)
+
+
+def test_row_op_rows_do_not_depend_on_their_chunk():
+    """A row's loss and dz are a function of the row alone (its pieces and lanes are fixed by V): the same rows alone,
+    in a longer chunk, or one at a time give the same bits, as the CUDA launches with one or several blocks per row
+    do (csrc/tests/test_cuda_emulated.cpp holds those to this op bit for bit)."""
+    z, labels, weight = _chunk(6, 2 * PIECE + 5, torch.bfloat16, seed=5)
+    z_all = z.clone()
+    loss_all = ops.softmax_xent_rows(z_all, labels, weight, -100, 0.1, 3.0)
+    for c in range(z.shape[0]):
+        z_one = z[c:c + 1].clone()
+        loss_one = ops.softmax_xent_rows(z_one, labels[c:c + 1], weight[c:c + 1], -100, 0.1, 3.0)
+        assert torch.equal(loss_one, loss_all[c:c + 1]) and torch.equal(z_one, z_all[c:c + 1]), f"row {c}"
 
 
 def test_row_op_all_ignored_rows_are_zero():

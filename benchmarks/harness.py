@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -191,3 +192,20 @@ def append_rows(filename: str, rows: list[dict]) -> Path:
             writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def append_rows_to(out, filename: str, rows: list[dict]) -> Path:
+    """``append_rows`` into the directory ``out`` when given (a device run's $OUT), else benchmarks/results/."""
+    if out:
+        set_results_dir(out)
+    return append_rows(filename, rows)
+
+
+def device_for_run(dry_run: bool):
+    """The CUDA device; the CPU for a dry run on a machine without one; None (saying why on stderr) otherwise."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if dry_run:
+        return torch.device("cpu")
+    print("error: no CUDA device (use --dry-run to check the script on a CPU)", file=sys.stderr)
+    return None

@@ -145,9 +145,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch, lora_linear = _setup(args.dry_run)
     import harness
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.dry_run:
-        print("error: no CUDA device (use --dry-run to check the script on a CPU)", file=sys.stderr)
+    device = harness.device_for_run(args.dry_run)
+    if device is None:
         return 2
     shapes = ["64x96x80"] if args.dry_run else args.shapes
     repeats = 1 if args.dry_run else args.repeats
@@ -160,9 +159,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{text} p={p} {row['kernel']:24s} {row['ms']:9.4f} ms  torch {row['torch_ms']:9.4f} ms  "
                   f"x{row['vs_torch']:<6} {row['GBps'] and str(row['GBps']) + ' GB/s'}", flush=True)
-    if args.out:
-        harness.RESULTS_DIR = Path(args.out)
-    path = harness.append_rows("kernels.csv", rows)
+    path = harness.append_rows_to(args.out, "kernels.csv", rows)
     print(f"wrote {len(rows)} rows to {path}")
     return 0
 

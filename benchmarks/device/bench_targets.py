@@ -248,9 +248,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch = _setup(args.dry_run)
     import harness
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.dry_run:
-        print("error: no CUDA device (use --dry-run to check the script on a CPU)", file=sys.stderr)
+    device = harness.device_for_run(args.dry_run)
+    if device is None:
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats, batches, warmup = (1, 2, 1) if args.dry_run else (args.repeats, args.batches, 3)
@@ -283,9 +282,7 @@ def main(argv=None) -> int:
                 print(f"target #13 ({text}, {backend}): nf4 / bf16 = "
                       f"{ms[f'{backend} nf4 W'] / ms[f'{backend} bf16 W']:.3f} (≤ {TARGET_NF4})", flush=True)
             del provs
-    if args.out:
-        harness.RESULTS_DIR = Path(args.out)
-    path = harness.append_rows("targets.csv", rows)
+    path = harness.append_rows_to(args.out, "targets.csv", rows)
     print(f"wrote {len(rows)} rows to {path}")
     return 0
 

@@ -12,7 +12,7 @@ accumulations silently cast down). Here every forward op gets an autocast rule, 
   (their products accumulate in float32 whatever the adapter dtype, so rounding A and B first would only lose
   precision; dA and dB come out in float32 directly). Adapters of another low dtype go to the autocast dtype.
 - quantized weights (the packed codes and scales of ``qlora_linear``, ``quantized_linear``,
-  ``qlora_gated_mlp``): untouched; the op decodes them to x's dtype, the autocast dtype.
+  ``qlora_gated_mlp``, ``qlora_grouped_linear``): untouched; the op decodes them to x's dtype, the autocast dtype.
 - ``linear_cross_entropy``: the logits come out of the matmul in the autocast dtype (as torch's autocast
   ``F.linear`` gives them), the log-softmax and the loss run in float32 inside the op (as torch's autocast
   runs ``cross_entropy`` in float32), and the loss defaults to float32 (``autocast_loss_dtype``).
@@ -56,13 +56,15 @@ RULES = {
     "quantized_linear": Rule(compute=(0, 5)),                                     # x, packed, …, bias
     "qlora_gated_mlp": Rule(compute=(0,), adapters=(8, 9, 10, 11, 12, 13)),       # x, packed × 3, …, (A, B) × 3
     "lora_grouped_linear": Rule(compute=(0, 1, 4), adapters=(2, 3)),              # x, [W], [A], [B], [biases]
+    "qlora_grouped_linear": Rule(compute=(0, 7), adapters=(5, 6)),                # x, [packed], …, [A], [B], [biases]
     "rms_norm": Rule(compute=()),       # norms: nothing cast, run in the input's dtype (torch keeps norms fp32)
     "layer_norm": Rule(compute=()),
 }
 # Run as they are called, with autocast off: their dtypes were chosen by the forward.
 BACKWARD_OPS = ("lora_linear_backward", "lora_gated_mlp_backward", "lora_grouped_linear_backward",
                 "linear_cross_entropy_backward", "qlinear_cross_entropy_backward",
-                "qlora_linear_backward", "quantized_linear_dgrad", "qlora_gated_mlp_backward", "rms_norm_backward",
+                "qlora_linear_backward", "quantized_linear_dgrad", "qlora_gated_mlp_backward",
+                "qlora_grouped_linear_backward", "rms_norm_backward",
                 "layer_norm_backward")
 # The C++ kernels of lowcost._C, called inside the ops' bodies (where autocast is off) on exact dtypes.
 KERNEL_OPS = ("lora_down", "lora_up", "lora_dx_da", "lora_grad_pass", "philox_dropout", "philox_dropout_pair_",

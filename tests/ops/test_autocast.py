@@ -261,6 +261,24 @@ def test_qlora_gated_mlp():
     assert y.dtype == BF16
 
 
+def test_qlora_grouped_linear():
+    """Grouped projections on quantized weights (the "qkv" fusion on a quantized base): x and the biases to bf16,
+    fp32 adapters kept, the codes untouched; the body runs autocast off (its u and dx accumulate in fp32)."""
+    gen = torch.Generator().manual_seed(11)
+    K, ns = 70, (6, 4)
+    weights = [_nf4(n, K, seed=20 + i) for i, n in enumerate(ns)]
+    d = {"x": _rand(gen, 2, 3, K).requires_grad_(), "bias": _rand(gen, ns[0])}
+    for i, n in enumerate(ns):
+        d[f"a{i}"] = _rand(gen, 3, K, std=K ** -0.5).requires_grad_()
+        d[f"b{i}"] = _rand(gen, n, 3, std=3 ** -0.5).requires_grad_()
+
+    def call(x, bias, a0, b0, a1, b1):
+        ys = ops.lora_grouped_linear(x, weights, [a0, a1], [b0, b1], [0.5, 2.0], biases=[bias, None],
+                                     dropouts=[0.2, 0.0], seeds=[5, 6], backend="torch")
+        return torch.cat(ys, dim=-1)
+    assert _check_case(call, d, compute=("x", "bias")).dtype == BF16
+
+
 def test_linear_cross_entropy_on_a_quantized_head():
     """hidden and bias to bf16 (the dequantized W follows hidden), fp32 adapters kept, the loss fp32."""
     d = _lce_inputs()

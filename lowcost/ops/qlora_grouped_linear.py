@@ -16,13 +16,13 @@ quantized weights is refused there). Backends:
 - ``cuda`` (CUDA tensors on sm_80+ with lowcost._C built for CUDA; the formats of ``CUDA_FORMATS``): the dense
   grouped composition (``_cuda_grouped_linear``, one dx accumulator) with each projection's base step the CUDA
   dequantizing GEMM (``_cuda_backend.quant_base``: ``dequant_gemm`` forward, ``dequant_gemm_dgrad`` backward);
-- ``triton`` (CUDA tensors, or CPU under TRITON_INTERPRET=1; the formats of ``QUANT_SUPPORT["triton"]``; at most
-  ``MAX_PROJECTIONS`` projections): ``kernels/qlora_grouped_linear.py``, the dense grouped u pass (one read of x)
-  and dA pass around the dequantizing GEMMs, dx = Σ_i g_i deq(W_i) accumulated by the dequantizing dgrad kernel
-  launch after launch (dx in x's dtype between them: one rounding per add in 16 bits, as for cuda).
-  M = 0 or K = 0 runs the torch path (no tile to launch).
-``backend=None``: ``LOWCOST_BACKEND``, else for CUDA tensors the first of triton (P ≤ ``MAX_PROJECTIONS``), cuda
-that can run and takes every format, else torch.
+- ``triton`` (CUDA tensors, or CPU under TRITON_INTERPRET=1; the formats of ``QUANT_SUPPORT["triton"]``; at
+  most ``TRITON_MAX_PROJECTIONS`` projections): ``kernels/qlora_grouped_linear.py``, the dense grouped u pass
+  (one read of x) and dA pass around the dequantizing GEMMs, dx = Σ_i g_i deq(W_i) accumulated by the
+  dequantizing dgrad kernel launch after launch (dx in x's dtype between them: one rounding per add in 16 bits,
+  as for cuda). M = 0 or K = 0 runs the torch path (no tile to launch).
+``backend=None``: ``LOWCOST_BACKEND``, else for CUDA tensors the first of triton (P ≤ ``TRITON_MAX_PROJECTIONS``)
+and cuda that can run and takes every format, else torch.
 
 Two custom ops: ``lowcost::qlora_grouped_linear`` → ([y_i], [u_i]) and ``lowcost::qlora_grouped_linear_backward``
 → (dx, [dA_i], [dB_i], [db_i]). The P weights' stored tensors travel as one flat ``Tensor[]`` with their counts,
@@ -39,8 +39,8 @@ from lowcost.ops import _cuda_backend, _torch_backend
 from lowcost.ops._quant_backends import QUANT_SUPPORT, _rows, _with_code_books, check_quant_backend
 from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.backend import requested_backend, unavailable_reason
-from lowcost.ops.lora_grouped_linear import (_check_counts, _seeds_tensor, _spread, backward_outputs,
-                                             fake_backward, fake_forward)
+from lowcost.ops.lora_grouped_linear import (TRITON_MAX_PROJECTIONS, _check_counts, _seeds_tensor, _spread,
+                                             backward_outputs, fake_backward, fake_forward)
 from lowcost.ops.lora_linear import _check_scalars
 from lowcost.ops.normed_input import pack_input, unpack_input
 from lowcost.ops.qlora_linear import _check_adapters, _check_quantized
@@ -48,7 +48,6 @@ from lowcost.reference.lora_grouped_linear import GroupedProjection, grouped_bac
 from lowcost.reference.quant import QuantizedWeight
 
 Tensor = torch.Tensor
-MAX_PROJECTIONS = 3   # the Triton grouped u pass has three slots (kernels/lora_grouped_linear.py)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -65,9 +64,9 @@ def _check_group(x: Tensor, weights, lora_as, lora_bs, biases, scales, dropouts)
 
 def _runs_all(name: str, x: Tensor, schemes: Sequence[str], rank: int) -> bool:
     """Whether kernel backend ``name`` can run this group on x's device: every format, x not float64 and, for
-    triton, at most MAX_PROJECTIONS projections."""
+    triton, at most TRITON_MAX_PROJECTIONS projections."""
     return (x.device.type == "cuda" and x.dtype != torch.float64 and all(s in QUANT_SUPPORT[name] for s in schemes)
-            and (name != "triton" or len(schemes) <= MAX_PROJECTIONS)
+            and (name != "triton" or len(schemes) <= TRITON_MAX_PROJECTIONS)
             and unavailable_reason(name, x.device, rank) is None)
 
 
@@ -78,8 +77,8 @@ def _resolve(backend: Optional[str], x: Tensor, schemes: Sequence[str], rank: in
     source, name = requested_backend(backend)
     if name is None:
         return next((c for c in ("triton", "cuda") if _runs_all(c, x, schemes, rank)), "torch")
-    if name == "triton" and len(schemes) > MAX_PROJECTIONS:
-        raise ValueError(f"{source}='triton' groups at most {MAX_PROJECTIONS} projections, got {len(schemes)}")
+    if name == "triton" and len(schemes) > TRITON_MAX_PROJECTIONS:
+        raise ValueError(f"{source}='triton' groups at most {TRITON_MAX_PROJECTIONS} projections, got {len(schemes)}")
     for i, scheme in enumerate(schemes):
         check_quant_backend(source, name, x.device, rank, scheme, f"projection {i}")
     if name != "torch" and x.dtype == torch.float64:
@@ -217,7 +216,7 @@ def qlora_grouped_linear(x: Tensor, weights: Sequence[QuantizedWeight], lora_as:
     """``lowcost.ops.lora_grouped_linear`` with P quantized frozen weights W_i (N_i, K), each a
     ``QuantizedWeight`` (decoded to x's dtype; formats may differ between projections). Arguments and result
     as there; backend: 'torch' (every format), 'triton' (the formats of ``QUANT_SUPPORT["triton"]``, at most
-    ``MAX_PROJECTIONS`` projections), 'cuda' (CUDA tensors, the formats of ``CUDA_FORMATS``) or None (triton,
+    ``TRITON_MAX_PROJECTIONS`` projections), 'cuda' (CUDA tensors, the formats of ``CUDA_FORMATS``) or None (triton,
     then cuda, where it can run and takes every format, else torch). Every backend saves the same tensors for
     backward."""
     weights, lora_as, lora_bs = list(weights), list(lora_as), list(lora_bs)

@@ -19,8 +19,8 @@ Two custom ops: ``lowcost::lora_grouped_linear`` → ([y_i], [u_i]) and ``lowcos
 dA_i from another, dx from one grouped kernel; at most ``TRITON_MAX_PROJECTIONS`` projections) and "cuda"
 (``lowcost.ops._cuda_grouped_linear``: per projection the LoRA linear's CUDA C++ composition around cuBLAS, with
 one dx accumulator that the dense terms g_i W_i join in place; CUDA tensors on sm_80+, no float64).
-Quantized frozen weights (all P ``QuantizedWeight``) route to ``lowcost.ops.qlora_grouped_linear`` (torch and
-cuda backends, the same saved set); a group mixing dense and quantized weights is refused.
+Quantized frozen weights (all P ``QuantizedWeight``) route to ``lowcost.ops.qlora_grouped_linear`` (torch,
+triton and cuda backends, the same saved set); a group mixing dense and quantized weights is refused.
 """
 from __future__ import annotations
 
@@ -247,8 +247,8 @@ def lora_grouped_linear(x: Tensor, weights: Sequence[Tensor], lora_as: Sequence[
     Returns:
         [y_i (..., N_i)] in x's dtype.
 
-    Quantized frozen weights (P ``QuantizedWeight``) run ``lowcost.ops.qlora_grouped_linear`` (torch, or cuda:
-    the CUDA dequantizing GEMMs; not Triton); a mix of dense and quantized weights is a TypeError.
+    Quantized frozen weights (P ``QuantizedWeight``) run ``lowcost.ops.qlora_grouped_linear`` (torch, or triton /
+    cuda: their dequantizing GEMMs); a mix of dense and quantized weights is a TypeError.
     """
     weights, lora_as, lora_bs = list(weights), list(lora_as), list(lora_bs)
     if any(isinstance(w, QuantizedWeight) for w in weights):

@@ -16,9 +16,13 @@ quantized weights is refused there). Backends:
 - ``cuda`` (CUDA tensors on sm_80+ with lowcost._C built for CUDA; the formats of ``CUDA_FORMATS``): the dense
   grouped composition (``_cuda_grouped_linear``, one dx accumulator) with each projection's base step the CUDA
   dequantizing GEMM (``_cuda_backend.quant_base``: ``dequant_gemm`` forward, ``dequant_gemm_dgrad`` backward);
-- ``triton``: refused (``TRITON_REFUSAL``); ``backend=None`` passes on to cuda, then torch.
-``backend=None``: ``LOWCOST_BACKEND``, else cuda for CUDA tensors when it can run and takes every format, else
-torch.
+- ``triton`` (CUDA tensors, or CPU under TRITON_INTERPRET=1; the formats of ``QUANT_SUPPORT["triton"]``; at
+  most ``TRITON_MAX_PROJECTIONS`` projections): ``kernels/qlora_grouped_linear.py``, the dense grouped u pass
+  (one read of x) and dA pass around the dequantizing GEMMs, dx = Σ_i g_i deq(W_i) accumulated by the
+  dequantizing dgrad kernel launch after launch (dx in x's dtype between them: one rounding per add in 16 bits,
+  as for cuda). M = 0 or K = 0 runs the torch path (no tile to launch).
+``backend=None``: ``LOWCOST_BACKEND``, else for CUDA tensors the first of triton (P ≤ ``TRITON_MAX_PROJECTIONS``)
+and cuda that can run and takes every format, else torch.
 
 Two custom ops: ``lowcost::qlora_grouped_linear`` → ([y_i], [u_i]) and ``lowcost::qlora_grouped_linear_backward``
 → (dx, [dA_i], [dB_i], [db_i]). The P weights' stored tensors travel as one flat ``Tensor[]`` with their counts,
@@ -35,8 +39,8 @@ from lowcost.ops import _cuda_backend, _torch_backend
 from lowcost.ops._quant_backends import QUANT_SUPPORT, _rows, _with_code_books, check_quant_backend
 from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.backend import requested_backend, unavailable_reason
-from lowcost.ops.lora_grouped_linear import (_check_counts, _seeds_tensor, _spread, backward_outputs,
-                                             fake_backward, fake_forward)
+from lowcost.ops.lora_grouped_linear import (TRITON_MAX_PROJECTIONS, _check_counts, _seeds_tensor, _spread,
+                                             backward_outputs, fake_backward, fake_forward)
 from lowcost.ops.lora_linear import _check_scalars
 from lowcost.ops.normed_input import pack_input, unpack_input
 from lowcost.ops.qlora_linear import _check_adapters, _check_quantized
@@ -44,9 +48,6 @@ from lowcost.reference.lora_grouped_linear import GroupedProjection, grouped_bac
 from lowcost.reference.quant import QuantizedWeight
 
 Tensor = torch.Tensor
-TRITON_REFUSAL = ("the Triton grouped dx kernel reads dense W_i and the dequantizing dgrad kernel "
-                  "(kernels/qlora_linear.py) stores its tile instead of adding into a shared accumulator, so no "
-                  "Triton piece sums g_i deq(W_i) over the group into one dx")
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -61,18 +62,23 @@ def _check_group(x: Tensor, weights, lora_as, lora_bs, biases, scales, dropouts)
             raise type(error)(f"projection {i}: {error}") from None
 
 
-def _resolve(backend: Optional[str], x: Tensor, schemes: str, rank: int) -> str:
-    """"torch" or "cuda" for P weights of formats ``schemes``; a clear error naming the choice's source (argument
-    or LOWCOST_BACKEND) and the projection when it cannot run them; "triton" is refused (``TRITON_REFUSAL``)."""
+def _runs_all(name: str, x: Tensor, schemes: Sequence[str], rank: int) -> bool:
+    """Whether kernel backend ``name`` can run this group on x's device: every format, x not float64 and, for
+    triton, at most TRITON_MAX_PROJECTIONS projections."""
+    return (x.device.type == "cuda" and x.dtype != torch.float64 and all(s in QUANT_SUPPORT[name] for s in schemes)
+            and (name != "triton" or len(schemes) <= TRITON_MAX_PROJECTIONS)
+            and unavailable_reason(name, x.device, rank) is None)
+
+
+def _resolve(backend: Optional[str], x: Tensor, schemes: Sequence[str], rank: int) -> str:
+    """"torch", "triton" or "cuda" for P weights of formats ``schemes``; a clear error naming the choice's source
+    (argument or LOWCOST_BACKEND) and the projection when it cannot run them. None: triton, then cuda, then torch
+    (as ``qlora_linear``)."""
     source, name = requested_backend(backend)
     if name is None:
-        cuda_ok = (x.device.type == "cuda" and x.dtype != torch.float64 and all(s in QUANT_SUPPORT["cuda"]
-                                                                               for s in schemes)
-                   and unavailable_reason("cuda", x.device, rank) is None)
-        return "cuda" if cuda_ok else "torch"
-    if name == "triton":
-        raise ValueError(f"{source}='triton' cannot run grouped projections on quantized weights: {TRITON_REFUSAL}; "
-                         "use backend='cuda', 'torch' or None")
+        return next((c for c in ("triton", "cuda") if _runs_all(c, x, schemes, rank)), "torch")
+    if name == "triton" and len(schemes) > TRITON_MAX_PROJECTIONS:
+        raise ValueError(f"{source}='triton' groups at most {TRITON_MAX_PROJECTIONS} projections, got {len(schemes)}")
     for i, scheme in enumerate(schemes):
         check_quant_backend(source, name, x.device, rank, scheme, f"projection {i}")
     if name != "torch" and x.dtype == torch.float64:
@@ -92,7 +98,7 @@ def _split(packed: Sequence[Tensor], counts: Sequence[int]) -> list[list[Tensor]
 
 def _run_args(backend, x2, packed, counts, schemes, block_sizes, lora_as, lora_bs, biases, scales, dropouts, seeds):
     """(projections, bases): GroupedProjection per projection (torch: with its row source) and, for cuda, each
-    projection's dequantizing GEMM steps (None for torch)."""
+    projection's dequantizing GEMM steps, for triton each projection's ``StoredWeight`` (None for torch)."""
     stored, K = _split(packed, counts), x2.shape[1]
     projections = [GroupedProjection(None, a, b, bias, float(s), float(p), int(seed),
                                      dequant=_rows(scheme, st, K, bs, x2.dtype) if backend == "torch" else None)
@@ -100,9 +106,19 @@ def _run_args(backend, x2, packed, counts, schemes, block_sizes, lora_as, lora_b
                                                                      biases, scales, dropouts, seeds)]
     if backend == "torch":
         return projections, None
+    if backend == "triton":
+        from lowcost.kernels.qlora_grouped_linear import StoredWeight  # triton: imported on first use
+        return projections, [StoredWeight(_with_code_books(st, scheme), scheme, bs)
+                             for st, scheme, bs in zip(stored, schemes, block_sizes)]
     bases = [_cuda_backend.quant_base(_with_code_books(st, scheme), scheme, b.shape[0], K, bs)
              for st, scheme, bs, b in zip(stored, schemes, block_sizes, lora_bs)]
     return projections, bases
+
+
+def _tiles_or_torch(backend: str, x2: Tensor) -> str:
+    """Triton with M = 0 or K = 0 runs the torch path: no tile to launch, and the torch path computes the empty /
+    zero results exactly."""
+    return "torch" if backend == "triton" and 0 in x2.shape else backend
 
 
 @torch.library.custom_op("lowcost::qlora_grouped_linear", mutates_args=())
@@ -111,9 +127,13 @@ def _qgrouped_op(x: Tensor, packed: Sequence[Tensor], counts: Sequence[int], sch
                  biases: Sequence[Tensor], has_bias: Sequence[bool], scales: Sequence[float],
                  dropouts: Sequence[float], seeds: Tensor, backend: str) -> tuple[list[Tensor], list[Tensor]]:
     x2 = x.reshape(-1, x.shape[-1])
+    backend = _tiles_or_torch(backend, x2)
     projections, bases = _run_args(backend, x2, packed, counts, schemes.split(","), block_sizes, lora_as, lora_bs,
                                    _spread(biases, has_bias), scales, dropouts, seeds)
-    if backend == "cuda":
+    if backend == "triton":
+        from lowcost.kernels.qlora_grouped_linear import qgrouped_fwd
+        ys, us = qgrouped_fwd(x2, projections, bases)
+    elif backend == "cuda":
         from lowcost.ops import _cuda_grouped_linear
         ys, us = _cuda_grouped_linear.grouped_fwd(x2, projections, bases)
     else:
@@ -133,11 +153,15 @@ def _qgrouped_backward_op(grads: Sequence[Tensor], x: Tensor, packed: Sequence[T
                           scales: Sequence[float], dropouts: Sequence[float], seeds: Tensor, needs: Sequence[bool],
                           backend: str) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     x2 = x.reshape(-1, x.shape[-1])
+    backend = _tiles_or_torch(backend, x2)
     biases = [x if flag else None for flag in has_bias]   # only "is there a bias" matters here
     projections, bases = _run_args(backend, x2, packed, counts, schemes.split(","), block_sizes, lora_as, lora_bs,
                                    biases, scales, dropouts, seeds)
     g2 = [g.reshape(-1, g.shape[-1]) for g in grads]
-    if backend == "cuda":
+    if backend == "triton":
+        from lowcost.kernels.qlora_grouped_linear import qgrouped_bwd
+        dx, das, dbs, dbiases = qgrouped_bwd(g2, x2, projections, bases, list(us), tuple(needs))
+    elif backend == "cuda":
         from lowcost.ops import _cuda_grouped_linear
         dx, das, dbs, dbiases = _cuda_grouped_linear.grouped_bwd(g2, x2, projections, list(us), tuple(needs), bases)
     else:
@@ -191,9 +215,10 @@ def qlora_grouped_linear(x: Tensor, weights: Sequence[QuantizedWeight], lora_as:
                          backend: Optional[str] = None) -> list[Tensor]:
     """``lowcost.ops.lora_grouped_linear`` with P quantized frozen weights W_i (N_i, K), each a
     ``QuantizedWeight`` (decoded to x's dtype; formats may differ between projections). Arguments and result
-    as there; backend: 'torch' (every format), 'cuda' (CUDA tensors, the formats of ``CUDA_FORMATS``) or None
-    (cuda where it can run and takes every format, else torch); 'triton' is a ValueError
-    (``TRITON_REFUSAL``). Every backend saves the same tensors for backward."""
+    as there; backend: 'torch' (every format), 'triton' (the formats of ``QUANT_SUPPORT["triton"]``, at most
+    ``TRITON_MAX_PROJECTIONS`` projections), 'cuda' (CUDA tensors, the formats of ``CUDA_FORMATS``) or None (triton,
+    then cuda, where it can run and takes every format, else torch). Every backend saves the same tensors for
+    backward."""
     weights, lora_as, lora_bs = list(weights), list(lora_as), list(lora_bs)
     count = len(weights)
     biases = [None] * count if biases is None else list(biases)

@@ -7,13 +7,12 @@ member's output on its input, the others take theirs only when called with that 
 same version, nothing changed), else run their own op. So the model's forward is untouched and the result
 is exact whatever the forward does between the calls.
 
-A group whose members all have quantized base weights runs ``lowcost.ops.qlora_grouped_linear`` (torch, or cuda
-for the formats of ``CUDA_FORMATS``). Refused, with the reason: a member that is not a fused ``LoRALinear`` (a
+A group whose members all have quantized base weights runs ``lowcost.ops.qlora_grouped_linear`` (torch, triton
+or cuda for the formats each decodes, ``QUANT_SUPPORT``; the default on a CUDA device is Triton's dequantizing
+GEMMs, as for the unfused layers). Refused, with the reason: a member that is not a fused ``LoRALinear`` (a
 projection without LoRA), a Conv1D (the grouped op takes (N, K) weights), a group mixing dense and quantized
-base weights, a quantized group on Triton (``qlora_grouped_linear.TRITON_REFUSAL``), on cuda with a format it
-does not decode, or with the default backend on a CUDA device where Triton runs (the unfused layers then run
-Triton's wgmma dequantizing GEMMs; grouping would move them to the cuda composition, a change no GPU has measured),
-members of different input widths,
+base weights, a quantized group on a backend without a kernel for one member's format, members of different
+input widths,
 different backends, Triton or CUDA where their kernels cannot run (the grouped op's cuda backend: CUDA tensors on
 sm_80+ with lowcost._C built for CUDA, as the unfused layers' own cuda backend), float64 weights on either, and
 members inside a checkpoint ``recompute=`` region.
@@ -29,7 +28,6 @@ from lowcost.nn.lora_linear import LoRALinear
 from lowcost.ops._quant_backends import QUANT_SUPPORT
 from lowcost.ops.backend import requested_backend, unavailable_reason
 from lowcost.ops.lora_grouped_linear import TRITON_MAX_PROJECTIONS
-from lowcost.ops.qlora_grouped_linear import TRITON_REFUSAL
 
 GROUPS = (("q", "k", "v"), ("gate", "up"))
 
@@ -58,31 +56,18 @@ def _member_problem(path: str, layer: nn.Module) -> str:
 
 
 def _quantized_problem(layers: dict[str, LoRALinear], backend) -> str:
-    """Why a group with quantized base weights cannot run grouped ("" when it can): a dense/quantized mix, Triton,
-    or cuda without one member's format."""
+    """Why a group with quantized base weights cannot run grouped ("" when it can): a dense/quantized mix, or a
+    backend without a kernel for one member's format."""
     quantized = {path.rpartition(".")[2]: layer.quantized for path, layer in layers.items()}
     if len(set(quantized.values())) > 1:
         return (f"the projections mix dense and quantized base weights {quantized}; the grouped op takes all "
                 "dense or all quantized")
     source, name = requested_backend(backend)
-    if name == "triton":
-        return f"{source}='triton' on quantized base weights: {TRITON_REFUSAL}"
-    if name is None and _triton_runs_them(layers):
-        return ("backend=None on CUDA, where the unfused quantized layers run Triton's dequantizing GEMMs (wgmma), "
-                "which the grouped op lacks (it would take the cuda composition, mma.sync, unmeasured against "
-                "them); pass backend='cuda' or 'torch' to group them")
     for path, layer in layers.items():
         if name is not None and layer.weight.scheme not in QUANT_SUPPORT[name]:
             return (f"{source}={name!r} has no kernel for {path.rpartition('.')[2]}'s {layer.weight.scheme!r} "
                     f"weight (it takes: {', '.join(QUANT_SUPPORT[name])})")
     return ""
-
-
-def _triton_runs_them(layers: dict[str, LoRALinear]) -> bool:
-    """True when the layers' weights are on a CUDA device where Triton's kernels run (the default there)."""
-    weight = next(iter(layers.values())).weight
-    rank = max(layer.lora_A.shape[0] for layer in layers.values())
-    return weight.device.type == "cuda" and unavailable_reason("triton", weight.device, rank) is None
 
 
 def _group_problem(layers: dict[str, LoRALinear]) -> str:

@@ -1,0 +1,151 @@
+"""Grouped LoRA projections on quantized frozen weights, Triton: the dense grouped passes around the dequantizing GEMMs.
+
+    qgrouped_fwd(x, projections, weights)                       -> [y_i (M, N_i)], [u_i (M, r_i) float32]
+    qgrouped_bwd(grads, x, projections, weights, us, needs)     -> dx, [dA_i], [dB_i], [dbias_i]
+
+``projections``: ``GroupedProjection`` (A_i, B_i, bias_i, s_i, p_i, seed_i; weight unused), ``weights``: one
+``StoredWeight`` per projection (its stored tensors with the code books, its format, its block size); P ≤
+``MAX_PROJECTIONS`` (the grouped u pass has three slots). The math is ``lowcost.reference.lora_grouped_linear``'s.
+
+forward:  u_i, su_i = s_i·u_i for every i        the dense grouped u pass (kernels/lora_grouped_linear.py
+                                                  ``plan_u``): ONE read of x, each tile masked per projection
+          y_i = x deq(W_i)ᵀ + su_i B_iᵀ + b_i    the dequantizing forward GEMM (kernels/qlora_linear.py), per i
+backward: du_i = s_i·g_i B_i, dB_i, db_i         the LoRA-linear g-pass, per projection
+          dx  = g_0 deq(W_0) (+ du_0 A_0)         the dequantizing dgrad: the first launch stores its tile,
+          dx += g_i deq(W_i) (+ du_i A_i)         every later one accumulates into it (ACCUMULATE); du_i A_i
+                                                  inline where p_i = 0
+          dx += D_i ⊙ (du_i A_i), dA_i            p_i > 0: the LoRA-linear x-pass of that projection (its mask
+                                                  is generated where its dA_i is made), as qlora_linear does
+          dA_i for every p_i = 0 projection       the dense grouped dA pass over those projections: ONE read of x
+
+So x is read once in the forward and, in the backward, once for the unmasked projections plus once per
+projection with dropout (whose x-pass also adds its masked term into dx). Each projection's mask is Philox from
+its own seed, the stream of ``qlora_linear``: the dropped elements are those of P separate calls.
+
+dx stays in x's dtype between the accumulating launches: in 16 bits each launch after the first, and each
+x-pass, rounds the running sum once (P - 1 + #dropout roundings), as the sum of P unfused
+``qlora_linear(backend='triton')`` dx's does; the torch backend keeps an fp32 accumulator instead. Saved for
+backward: the op layer keeps x once, the u_i, the seeds and the stored tensors; nothing here is cached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .lora_grouped_linear import MAX_PROJECTIONS, da_chunks, plan_da, plan_u
+from .lora_linear import _plan_g_pass, _plan_x_pass
+from .lora_linear_plan import lowrank_buffer, lowrank_operand, plan_reduce, sm_count
+from .qlora_linear import _check, plan_qbwd_dx, plan_qfwd_y, quant_args
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class StoredWeight:
+    """One quantized W_i (N_i, K): its stored tensors followed by the code books (``quant_args``), format, block."""
+    packed: list
+    scheme: str
+    block_size: int
+
+
+def _check_group(x: Tensor, projections, weights) -> None:
+    """The launchers' assumptions (the op validates user input and runs M = 0 or K = 0 on torch: no tiles)."""
+    assert 1 <= len(projections) == len(weights) <= MAX_PROJECTIONS, f"P={len(projections)}"
+    assert x.shape[0] > 0 and x.shape[1] > 0, "M > 0 and K > 0"
+    for w in weights:
+        _check(x, w.packed, w.scheme)
+
+
+def plan_forward(x, projections, weights, num_sms) -> tuple[list, list, list]:
+    """(launches, [y_i (M, N_i) x.dtype], [u_i (M, r_i) fp32]): the grouped u pass, then one dequantizing y
+    GEMM per projection (none where N_i = 0)."""
+    M = x.shape[0]
+    lora_as = [lowrank_operand(p.lora_a, x.dtype) for p in projections]
+    us = [torch.empty((M, a.shape[0]), dtype=torch.float32, device=x.device) for a in lora_as]
+    sus = [lowrank_buffer(M, a.shape[0], x.dtype, x.device) for a in lora_as]
+    ys = [torch.empty((M, p.lora_b.shape[0]), dtype=x.dtype, device=x.device) for p in projections]
+    launches = [plan_u(x, lora_as, us, sus, projections)]
+    for p, w, su, y in zip(projections, weights, sus, ys):
+        if y.shape[1] > 0:
+            launches.append(plan_qfwd_y(x, quant_args(w.packed, w.scheme), y.shape[1], w.block_size, su,
+                                        lowrank_operand(p.lora_b, x.dtype), p.bias, y, num_sms))
+    return launches, ys, us
+
+
+def _plan_dx_gemms(launches, grads, weights, dus, lora_as, projections, dx, num_sms) -> None:
+    """dx = Σ_i g_i deq(W_i) (+ du_i A_i where p_i = 0): the first launch stores, the later ones accumulate;
+    dx zeroed when no projection has a row (every N_i = 0)."""
+    K, started = dx.shape[1], False
+    for g, w, du, a, p in zip(grads, weights, dus, lora_as, projections):
+        if g.shape[1] == 0:
+            continue
+        inline = p.dropout == 0
+        launches.append(plan_qbwd_dx(g, quant_args(w.packed, w.scheme), K, w.block_size, du if inline else None,
+                                     a if inline else None, dx, num_sms, accumulate=started))
+        started = True
+    if not started:
+        dx.zero_()
+
+
+def _plan_da(launches, x, dus, lora_as, projections, dx, need_da, num_sms) -> list:
+    """[dA_i] (None where not computed): an x-pass per projection with dropout (adding its masked term into dx
+    when dx is given), the grouped dA pass over the others (one read of x) when dA is needed."""
+    das = [None] * len(projections)
+    for i, (du, a, p) in enumerate(zip(dus, lora_as, projections)):
+        if p.dropout > 0:
+            das[i] = _plan_x_pass(launches, x, du, a, dx, need_da or dx is not None, p.dropout, p.seed,
+                                  p.lora_a.dtype, num_sms)
+    plain = [i for i, p in enumerate(projections) if p.dropout == 0]
+    if need_da and plain:
+        M, K = x.shape
+        _, chunks, rows_per_chunk = da_chunks(M, K, x.dtype, num_sms)
+        parts = [torch.empty((chunks, lora_as[i].shape[0], K), dtype=torch.float32, device=x.device) for i in plain]
+        launches.append(plan_da(x, [dus[i] for i in plain], parts, rows_per_chunk, [projections[i] for i in plain]))
+        for i, part in zip(plain, parts):
+            das[i] = torch.empty(projections[i].lora_a.shape, dtype=projections[i].lora_a.dtype, device=x.device)
+            launches.append(plan_reduce(part, das[i], num_sms, "grouped_dA"))
+    return das
+
+
+def plan_backward(grads, x, projections, weights, us, needs, num_sms) -> tuple[list, tuple]:
+    """(launches, (dx, [dA_i], [dB_i], [dbias_i])) with None where not needed. Order: the g-passes (they write
+    the du_i), the dgrad GEMMs (dx's dense part), then the x-passes (they add into dx) and the dA pass."""
+    need_dx, need_da, need_db, need_dbias = needs
+    (M, K), lowrank = x.shape, need_dx or need_da or need_db
+    lora_as = [lowrank_operand(p.lora_a, x.dtype) for p in projections]
+    launches, dus, dbs, dbiases = [], [], [], []
+    for g, p, u in zip(grads, projections, us):
+        du, db, dbias = _plan_g_pass(launches, g, lowrank_operand(p.lora_b, x.dtype), u, p.scale, lowrank,
+                                     need_dbias and p.bias is not None, p.lora_b.dtype, num_sms)
+        dus.append(du)
+        dbs.append(db if need_db else None)
+        dbiases.append(dbias)
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
+    if need_dx:
+        _plan_dx_gemms(launches, grads, weights, dus, lora_as, projections, dx, num_sms)
+    das = _plan_da(launches, x, dus, lora_as, projections, dx, need_da, num_sms)
+    return launches, (dx, das if need_da else [None] * len(projections), dbs, dbiases)
+
+
+def qgrouped_fwd(x: Tensor, projections, weights: Sequence[StoredWeight]) -> tuple[list[Tensor], list[Tensor]]:
+    """([y_i (M, N_i) in x's dtype], [u_i (M, r_i) float32]) for x (M, K), M > 0 and K > 0."""
+    _check_group(x, projections, weights)
+    launches, ys, us = plan_forward(x, projections, weights, sm_count(x.device))
+    for launch in launches:
+        launch.run()
+    return ys, us
+
+
+def qgrouped_bwd(grads: Sequence[Tensor], x: Tensor, projections, weights: Sequence[StoredWeight],
+                 us: Sequence[Tensor], needs: tuple) -> tuple[Optional[Tensor], list, list, list]:
+    """(dx, [dA_i], [dB_i], [dbias_i]) as ``lowcost.reference.lora_grouped_linear.grouped_backward`` defines
+    them; fixed-order sums and no atomics (bitwise reproducible)."""
+    _check_group(x, projections, weights)
+    assert all(g.dtype == x.dtype and g.shape[0] == x.shape[0] for g in grads), "grads (M, N_i) in x's dtype"
+    launches, outputs = plan_backward(grads, x, projections, weights, us, tuple(bool(n) for n in needs),
+                                      sm_count(x.device))
+    for launch in launches:
+        launch.run()
+    return outputs

@@ -344,44 +344,65 @@ def plan_da(x, dus, da_parts, rows_per_chunk, projections) -> Launch:
     return Launch(_grouped_da_kernel, grid, args, meta, cfg.num_warps, cfg.num_stages, "grouped_da")
 
 
-def plan_forward(x, projections, num_sms) -> tuple[list, list, list]:
-    """(launches, [y_i (M, N_i) x.dtype], [u_i (M, r_i) fp32]); M > 0 and K > 0."""
+def plan_u_pass(x, projections) -> tuple[object, list, list]:
+    """(the grouped u pass's launch, [u_i (M, r_i) fp32], [s_i u_i in the low-rank operand's buffer]): one read
+    of x for every projection's u_i, each with its own mask."""
     M = x.shape[0]
     lora_as = [lowrank_operand(p.lora_a, x.dtype) for p in projections]
-    lora_bs = [lowrank_operand(p.lora_b, x.dtype) for p in projections]
     us = [torch.empty((M, a.shape[0]), dtype=torch.float32, device=x.device) for a in lora_as]
     sus = [lowrank_buffer(M, a.shape[0], x.dtype, x.device) for a in lora_as]
-    ys = [torch.empty((M, p.weight.shape[0]), dtype=x.dtype, device=x.device) for p in projections]
-    launches = [plan_u(x, lora_as, us, sus, projections)]
-    for p, su, b, y in zip(projections, sus, lora_bs, ys):
+    return plan_u(x, lora_as, us, sus, projections), us, sus
+
+
+def plan_forward(x, projections, num_sms) -> tuple[list, list, list]:
+    """(launches, [y_i (M, N_i) x.dtype], [u_i (M, r_i) fp32]); M > 0 and K > 0."""
+    u_launch, us, sus = plan_u_pass(x, projections)
+    ys = [torch.empty((x.shape[0], p.weight.shape[0]), dtype=x.dtype, device=x.device) for p in projections]
+    launches = [u_launch]
+    for p, su, y in zip(projections, sus, ys):
         if y.shape[1] > 0:
-            launches.append(plan_fwd_y(x, p.weight, su, b, p.bias, y, num_sms))
+            launches.append(plan_fwd_y(x, p.weight, su, lowrank_operand(p.lora_b, x.dtype), p.bias, y, num_sms))
     return launches, ys, us
 
 
-def plan_backward(grads, x, projections, us, needs, num_sms) -> tuple[list, tuple]:
-    """(launches, (dx, [dA_i], [dB_i], [dbias_i])) with None where not needed; M > 0 and K > 0. The g-pass
-    launches come first: the dx and dA launches read the du_i they write."""
+def plan_g_passes(launches: list, grads, x, projections, us, needs, num_sms) -> tuple[list, list, list]:
+    """Each projection's g-pass, appended to ``launches``: ([du_i], [dB_i or None], [dbias_i or None])."""
     need_dx, need_da, need_db, need_dbias = needs
-    (M, K), lowrank = x.shape, need_dx or need_da or need_db
-    lora_as = [lowrank_operand(p.lora_a, x.dtype) for p in projections]
-    launches, dus, dbs, dbiases = [], [], [], []
+    lowrank = need_dx or need_da or need_db
+    dus, dbs, dbiases = [], [], []
     for g, p, u in zip(grads, projections, us):
         du, db, dbias = _plan_g_pass(launches, g, lowrank_operand(p.lora_b, x.dtype), u, p.scale, lowrank,
                                      need_dbias and p.bias is not None, p.lora_b.dtype, num_sms)
         dus.append(du)
         dbs.append(db if need_db else None)
         dbiases.append(dbias)
+    return dus, dbs, dbiases
+
+
+def plan_da_pass(launches: list, x, dus, projections, num_sms) -> list:
+    """[dA_i] of ``projections`` from one read of x: the grouped dA pass into fp32 chunk partials, then each
+    partial's fixed-order reduction (appended to ``launches``)."""
+    M, K = x.shape
+    _, chunks, rows_per_chunk = da_chunks(M, K, x.dtype, num_sms)
+    parts = [torch.empty((chunks, p.lora_a.shape[0], K), dtype=torch.float32, device=x.device) for p in projections]
+    das = [torch.empty(p.lora_a.shape, dtype=p.lora_a.dtype, device=x.device) for p in projections]
+    launches.append(plan_da(x, dus, parts, rows_per_chunk, projections))
+    launches += [plan_reduce(part, da, num_sms, "grouped_dA") for part, da in zip(parts, das)]
+    return das
+
+
+def plan_backward(grads, x, projections, us, needs, num_sms) -> tuple[list, tuple]:
+    """(launches, (dx, [dA_i], [dB_i], [dbias_i])) with None where not needed; M > 0 and K > 0. The g-pass
+    launches come first: the dx and dA launches read the du_i they write."""
+    need_dx, need_da = needs[0], needs[1]
+    M, K = x.shape
+    lora_as = [lowrank_operand(p.lora_a, x.dtype) for p in projections]
+    launches = []
+    dus, dbs, dbiases = plan_g_passes(launches, grads, x, projections, us, needs, num_sms)
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
     if need_dx:
         launches.append(plan_dx(grads, [p.weight for p in projections], dus, lora_as, dx, projections))
-    das = [None] * len(projections)
-    if need_da:
-        _, chunks, rows_per_chunk = da_chunks(M, K, x.dtype, num_sms)
-        parts = [torch.empty((chunks, a.shape[0], K), dtype=torch.float32, device=x.device) for a in lora_as]
-        das = [torch.empty(p.lora_a.shape, dtype=p.lora_a.dtype, device=x.device) for p in projections]
-        launches.append(plan_da(x, dus, parts, rows_per_chunk, projections))
-        launches += [plan_reduce(part, da, num_sms, "grouped_dA") for part, da in zip(parts, das)]
+    das = plan_da_pass(launches, x, dus, projections, num_sms) if need_da else [None] * len(projections)
     return launches, (dx, das, dbs, dbiases)
 
 

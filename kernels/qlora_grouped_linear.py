@@ -8,7 +8,7 @@
 ``MAX_PROJECTIONS`` (the grouped u pass has three slots). The math is ``lowcost.reference.lora_grouped_linear``'s.
 
 forward:  u_i, su_i = s_i·u_i for every i        the dense grouped u pass (kernels/lora_grouped_linear.py
-                                                  ``plan_u``): ONE read of x, each tile masked per projection
+                                                  ``plan_u_pass``): ONE read of x, each tile masked per projection
           y_i = x deq(W_i)ᵀ + su_i B_iᵀ + b_i    the dequantizing forward GEMM (kernels/qlora_linear.py), per i
 backward: du_i = s_i·g_i B_i, dB_i, db_i         the LoRA-linear g-pass, per projection
           dx  = g_0 deq(W_0) (+ du_0 A_0)         the dequantizing dgrad: the first launch stores its tile,
@@ -34,9 +34,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .lora_grouped_linear import MAX_PROJECTIONS, da_chunks, plan_da, plan_u
-from .lora_linear import _plan_g_pass, _plan_x_pass
-from .lora_linear_plan import lowrank_buffer, lowrank_operand, plan_reduce, sm_count
+from .lora_grouped_linear import MAX_PROJECTIONS, plan_da_pass, plan_g_passes, plan_u_pass
+from .lora_linear import _plan_x_pass
+from .lora_linear_plan import lowrank_operand, sm_count
 from .qlora_linear import _check, plan_qbwd_dx, plan_qfwd_y, quant_args
 
 Tensor = torch.Tensor
@@ -61,12 +61,9 @@ def _check_group(x: Tensor, projections, weights) -> None:
 def plan_forward(x, projections, weights, num_sms) -> tuple[list, list, list]:
     """(launches, [y_i (M, N_i) x.dtype], [u_i (M, r_i) fp32]): the grouped u pass, then one dequantizing y
     GEMM per projection (none where N_i = 0)."""
-    M = x.shape[0]
-    lora_as = [lowrank_operand(p.lora_a, x.dtype) for p in projections]
-    us = [torch.empty((M, a.shape[0]), dtype=torch.float32, device=x.device) for a in lora_as]
-    sus = [lowrank_buffer(M, a.shape[0], x.dtype, x.device) for a in lora_as]
-    ys = [torch.empty((M, p.lora_b.shape[0]), dtype=x.dtype, device=x.device) for p in projections]
-    launches = [plan_u(x, lora_as, us, sus, projections)]
+    u_launch, us, sus = plan_u_pass(x, projections)
+    ys = [torch.empty((x.shape[0], p.lora_b.shape[0]), dtype=x.dtype, device=x.device) for p in projections]
+    launches = [u_launch]
     for p, w, su, y in zip(projections, weights, sus, ys):
         if y.shape[1] > 0:
             launches.append(plan_qfwd_y(x, quant_args(w.packed, w.scheme), y.shape[1], w.block_size, su,
@@ -99,29 +96,20 @@ def _plan_da(launches, x, dus, lora_as, projections, dx, need_da, num_sms) -> li
                                   p.lora_a.dtype, num_sms)
     plain = [i for i, p in enumerate(projections) if p.dropout == 0]
     if need_da and plain:
-        M, K = x.shape
-        _, chunks, rows_per_chunk = da_chunks(M, K, x.dtype, num_sms)
-        parts = [torch.empty((chunks, lora_as[i].shape[0], K), dtype=torch.float32, device=x.device) for i in plain]
-        launches.append(plan_da(x, [dus[i] for i in plain], parts, rows_per_chunk, [projections[i] for i in plain]))
-        for i, part in zip(plain, parts):
-            das[i] = torch.empty(projections[i].lora_a.shape, dtype=projections[i].lora_a.dtype, device=x.device)
-            launches.append(plan_reduce(part, das[i], num_sms, "grouped_dA"))
+        plain_das = plan_da_pass(launches, x, [dus[i] for i in plain], [projections[i] for i in plain], num_sms)
+        for i, da in zip(plain, plain_das):
+            das[i] = da
     return das
 
 
 def plan_backward(grads, x, projections, weights, us, needs, num_sms) -> tuple[list, tuple]:
     """(launches, (dx, [dA_i], [dB_i], [dbias_i])) with None where not needed. Order: the g-passes (they write
     the du_i), the dgrad GEMMs (dx's dense part), then the x-passes (they add into dx) and the dA pass."""
-    need_dx, need_da, need_db, need_dbias = needs
-    (M, K), lowrank = x.shape, need_dx or need_da or need_db
+    need_dx, need_da = needs[0], needs[1]
+    M, K = x.shape
     lora_as = [lowrank_operand(p.lora_a, x.dtype) for p in projections]
-    launches, dus, dbs, dbiases = [], [], [], []
-    for g, p, u in zip(grads, projections, us):
-        du, db, dbias = _plan_g_pass(launches, g, lowrank_operand(p.lora_b, x.dtype), u, p.scale, lowrank,
-                                     need_dbias and p.bias is not None, p.lora_b.dtype, num_sms)
-        dus.append(du)
-        dbs.append(db if need_db else None)
-        dbiases.append(dbias)
+    launches = []
+    dus, dbs, dbiases = plan_g_passes(launches, grads, x, projections, us, needs, num_sms)
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
     if need_dx:
         _plan_dx_gemms(launches, grads, weights, dus, lora_as, projections, dx, num_sms)

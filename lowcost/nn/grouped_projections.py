@@ -36,9 +36,12 @@ def _tensor_key(t: Optional[torch.Tensor]) -> tuple:
 
 
 def _weight_key(layer: LoRALinear) -> tuple:
-    """The base weight's key: a quantized weight's stored tensors, else the dense weight."""
+    """The base weight's key: a quantized weight's stored tensors as held (not ``packed``, whose bit-cast views of a
+    row-shardable weight are new objects at every call: their ids would not match between the leader's call and a
+    member's, and every member would run its own op, drawing its dropout seed a second time), else the dense
+    weight."""
     if layer.quantized:
-        return tuple(k for t in layer.weight.packed for k in _tensor_key(t))
+        return tuple(k for t in layer.weight.stored for k in _tensor_key(t))
     return _tensor_key(layer.weight)
 
 

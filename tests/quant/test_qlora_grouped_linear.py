@@ -275,3 +275,24 @@ def test_default_backend_on_a_cuda_device_takes_the_quantized_qkv_fusion(monkeyp
     monkeypatch.delenv("LOWCOST_BACKEND", raising=False)
     taken, refused = fuse_qkv.plan_grouped_fusions(model)
     assert "model.layers.0.self_attn" in taken, refused
+
+
+def test_row_shardable_weights_hand_the_grouped_outputs_back():
+    """Under FSDP2 the quantized weights are row-shardable: ``packed`` returns fresh bit-cast views at every call.
+    The group's state must key on the stored tensors themselves, or every member misses its pending output and runs
+    its own op, drawing its dropout seed a second time (masks and the RNG stream then differ from one process's)."""
+    from lowcost.patch.fuse import STATE_ATTR
+    model = llama()
+    model.requires_grad_(False)
+    quantize(model, "nf4", targets=r".*proj")
+    for module in model.modules():
+        if hasattr(module, "make_row_shardable"):
+            module.make_row_shardable()
+    lowcost.apply(model, lora=lowcost.LoRAConfig(r=2, alpha=4, dropout=0.1, targets=["q_proj", "k_proj", "v_proj"]),
+                  fused=("qkv",))
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids).logits.sum().backward()
+    groups = model.__dict__[STATE_ATTR].groups
+    assert groups and all(g.stats["handed"] == 2 and g.stats["fallback"] == 0 for g in groups), \
+        [g.stats for g in groups]

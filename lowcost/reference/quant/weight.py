@@ -111,6 +111,12 @@ class QuantizedWeight(nn.Module):
         return [getattr(self, n) for n in quant_format(self.scheme).tensor_names]
 
     @property
+    def stored(self) -> list[Tensor]:
+        """The stored tensors as held: stable objects with their version counters, for identity checks (``packed``
+        gives fresh bit-cast views of them once the weight is row-shardable)."""
+        return self._stored()
+
+    @property
     def packed(self) -> list[Tensor]:
         """The format's tensors (``tensor_names`` order) in their own dtypes, whole. RuntimeError while FSDP2
         holds them sharded (outside the owning block's forward/backward: ``unshard()`` the block first)."""

@@ -12,10 +12,9 @@ or cuda for the formats each decodes, ``QUANT_SUPPORT``; the default on a CUDA d
 GEMMs, as for the unfused layers). Refused, with the reason: a member that is not a fused ``LoRALinear`` (a
 projection without LoRA), a Conv1D (the grouped op takes (N, K) weights), a group mixing dense and quantized
 base weights, a quantized group on a backend without a kernel for one member's format, members of different
-input widths,
-different backends, Triton or CUDA where their kernels cannot run (the grouped op's cuda backend: CUDA tensors on
-sm_80+ with lowcost._C built for CUDA, as the unfused layers' own cuda backend), float64 weights on either, and
-members inside a checkpoint ``recompute=`` region.
+input widths or backends, Triton or CUDA where their kernels cannot run (the grouped op's cuda backend: CUDA
+tensors on sm_80+ with lowcost._C built for CUDA, as the unfused layers' own cuda backend), float64 weights on
+either, and members inside a checkpoint ``recompute=`` region.
 """
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ A model's forward calls them one by one (HF attention: ``self.q_proj(h)``, then 
   version of W, A, B and bias, scale, dropout, backend), grad mode and autocast state;
 - a member hands back its pending output only when it is called with that very tensor object, at the same
   version, with nothing in that state changed; the entry is used once. Anything else (another input, x or a
-  parameter written in place, an adapter switched, a second call) runs the member's own unfused op.
+  parameter written in place, an adapter switched, a second call) runs the member's own unfused op; while its
+  entry is pending, with the dropout seed the leader drew for it (no second draw: the RNG stream and every later
+  mask stay those of the unfused model).
 
 So a pending output is never stale: the grouped call computes exactly what the unfused calls would from the
 same x and parameters (same dropout seeds, drawn in the members' order). A leader whose members cannot run
@@ -29,6 +31,7 @@ import torch
 
 from lowcost.nn.lora_linear import LoRALinear
 from lowcost.ops.lora_grouped_linear import lora_grouped_linear
+from lowcost.ops.lora_linear import draw_seed
 
 
 def _tensor_key(t: Optional[torch.Tensor]) -> tuple:
@@ -101,13 +104,16 @@ class ProjectionGroup:
                     torch.get_autocast_dtype(x.device.type) if x.device.type in ("cpu", "cuda") else None)
         return (x._version, torch.is_grad_enabled(), autocast, tuple(members))
 
-    def _run_group(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _run_group(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
+        """(every member's output, the dropout seed drawn for each member: None where it has no dropout)."""
         factors = [m.factors(m.running_adapters()[0]) for m in self.layers]
-        return lora_grouped_linear(
+        dropouts = [f.dropout if m.training else 0.0 for m, f in zip(self.layers, factors)]
+        seeds = [draw_seed(p) for p in dropouts]     # in the members' order, as their unfused calls draw them
+        ys = lora_grouped_linear(
             x, [m.base_weight() for m in self.layers], [f.lora_A for f in factors], [f.lora_B for f in factors],
-            [f.scaling for f in factors], [m.bias for m in self.layers],
-            [f.dropout if m.training else 0.0 for m, f in zip(self.layers, factors)], seeds=None,
+            [f.scaling for f in factors], [m.bias for m in self.layers], dropouts, seeds=torch.stack(seeds),
             backend=self.layers[0].backend)
+        return ys, [seed if p > 0.0 else None for seed, p in zip(seeds, dropouts)]
 
     def call(self, index: int, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[index]
@@ -115,8 +121,8 @@ class ProjectionGroup:
             self._pending.clear()
             if isinstance(x, torch.Tensor) and self.runnable():
                 state = self._state(x)
-                ys = self._run_group(x)
-                self._pending = {j: (ys[j], weakref.ref(x), state) for j in range(1, len(ys))}
+                ys, seeds = self._run_group(x)
+                self._pending = {j: (ys[j], weakref.ref(x), state, seeds[j]) for j in range(1, len(ys))}
                 self.stats["grouped"] += 1
                 return ys[0]
         else:
@@ -125,5 +131,8 @@ class ProjectionGroup:
                     and self._state(x) == entry[2]):
                 self.stats["handed"] += 1
                 return entry[0]
+            if entry is not None:   # its own op, with the seed the leader drew for it: no second draw
+                self.stats["fallback"] += 1
+                return layer.forward_with_seed(x, seed=entry[3])
         self.stats["fallback"] += 1
         return LoRALinear.forward(layer, x)

@@ -101,6 +101,12 @@ class LoRALinear(AdapterSlots, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) → (..., out_features); one ``lowcost.ops.lora_linear`` call per layer (plus a
         plain-torch term for each further running adapter)."""
+        return self.forward_with_seed(x, seed=None)
+
+    def forward_with_seed(self, x: torch.Tensor, seed: Optional[torch.Tensor]) -> torch.Tensor:
+        """``forward`` with the first running adapter's dropout seed given (None: drawn from torch's CPU
+        generator, as ``forward`` does). A ``ProjectionGroup`` member that runs its own op hands it the seed its
+        leader already drew for it, so that the RNG stream advances as in the unfused model."""
         names = self.running_adapters()
         if not names and self.quantized:
             return quantized_linear(x, self.weight, self.bias, backend=self.backend)
@@ -108,7 +114,7 @@ class LoRALinear(AdapterSlots, nn.Module):
             return F.linear(x, self.base_weight(), self.bias)
         first = self.factors(names[0])
         y = lora_linear(x, self.base_weight(), first.lora_A, first.lora_B, first.scaling, bias=self.bias,
-                        dropout=first.dropout if self.training else 0.0, backend=self.backend)
+                        dropout=first.dropout if self.training else 0.0, seed=seed, backend=self.backend)
         for name in names[1:]:
             y = y + extra_lora_term(x, self.factors(name), self.training).to(y.dtype)
         return y

@@ -103,6 +103,12 @@ def _seed_tensor(seed, dropout: float) -> Tensor:
     return torch.tensor(seed, dtype=torch.int64)
 
 
+def draw_seed(dropout: float) -> Tensor:
+    """The seed ``lora_linear(seed=None)`` draws for dropout p: one draw from torch's CPU generator when p > 0,
+    none (a zero seed) when p = 0; a 0-D int64 CPU tensor."""
+    return _seed_tensor(None, dropout)
+
+
 # ----------------------------------------------------------------------------------------------- custom ops
 def _as_2d(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])

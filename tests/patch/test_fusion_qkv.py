@@ -86,6 +86,27 @@ def test_members_hand_back_only_for_the_same_tensor(grouped_llama):
     assert torch.equal(k(x), _unfused(k, x)) and group.stats["fallback"] == 2  # a second call: its own op
 
 
+def test_a_member_that_falls_back_uses_the_seed_its_leader_drew():
+    """With dropout, a member that runs its own op takes the seed the grouped call drew for it: its mask and
+    the RNG stream afterwards are the unfused model's (a second draw would shift every later mask)."""
+    model = llama()
+    lowcost.apply(model, lora=lowcost.LoRAConfig(r=4, alpha=8, dropout=0.1), fused=("qkv",))
+    randomize_adapters(lora_layers(model))
+    model.train()
+    q, k, v = _attention_layers(model)
+    group = groups_of(model)[0]
+    x, other = torch.randn(2, 5, q.in_features), torch.randn(2, 5, q.in_features)
+    torch.manual_seed(7)
+    grouped = (q(x), k(other), v(x))                                          # k reads another tensor
+    after_grouped = torch.get_rng_state()
+    assert group.stats == {"grouped": 1, "handed": 1, "fallback": 1}
+    torch.manual_seed(7)
+    unfused = (_unfused(q, x), _unfused(k, other), _unfused(v, x))
+    assert torch.equal(torch.get_rng_state(), after_grouped)
+    for y, y_unfused in zip(grouped, unfused):
+        torch.testing.assert_close(y, y_unfused, rtol=0, atol=0)              # the same masks, bit for bit
+
+
 def test_in_place_write_between_calls_falls_back(grouped_llama):
     q, k, v = _attention_layers(grouped_llama)
     group = groups_of(grouped_llama)[0]

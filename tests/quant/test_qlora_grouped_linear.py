@@ -260,6 +260,40 @@ def test_tiny_llama_quantized_takes_the_qkv_fusion(scheme, backend):
         torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_gguf_model_with_mixed_q_k_v_blocks_takes_the_qkv_fusion(tmp_path):
+    """A GGUF loaded with quantize="gguf" keeps the file's blocks: q in Q4_0, k in Q4_1 and v in Q8_0 (tests/quant/
+    gguf_files.ROLES), one grouped op over three formats. Loss and every adapter gradient equal the unfused
+    model's, with dropout 0.1 (the same masks: seeds drawn in q, k, v order on both paths)."""
+    pytest.importorskip("gguf", reason="the tiny GGUF file is written with the gguf package")
+    from gguf_files import ROLES, write_tiny_llama
+    assert (ROLES["attn_q"], ROLES["attn_k"], ROLES["attn_v"]) == ("q4_0", "q4_1", "q8_0")
+    path = write_tiny_llama(tmp_path / "tiny.gguf")
+    base = lowcost.load_pretrained(path, quantize="gguf", cache_dir=tmp_path / "cache", verbose=False)
+    attn = base.model.layers[0].self_attn
+    assert [attn.q_proj.weight.scheme, attn.k_proj.weight.scheme, attn.v_proj.weight.scheme] == \
+        ["q4_0", "q4_1", "q8_0"]
+    models, reports = [], []
+    for fused in (("qkv",), ()):
+        model = copy.deepcopy(base).train()
+        reports.append(lowcost.apply(model, lora=lowcost.LoRAConfig(r=5, alpha=10, dropout=0.1,
+                                                                    targets=["q_proj", "k_proj", "v_proj"]),
+                                     fused=fused))
+        randomize_adapters({n: m for n, m in model.named_modules() if hasattr(m, "lora_A")}, seed=1)
+        models.append(model)
+    taken = [f.module for f in reports[0].fusion.taken]
+    assert any(m.endswith("layers.0.self_attn") for m in taken), reports[0].fusion
+    ids = torch.randint(0, base.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    (loss_f, grads_f), (loss_u, grads_u) = _step(models[0], ids), _step(models[1], ids)
+    from lowcost.patch.fuse import STATE_ATTR
+    groups = models[0].__dict__[STATE_ATTR].groups
+    assert groups and all(g.stats["handed"] == 2 and g.stats["fallback"] == 0 for g in groups), \
+        [g.stats for g in groups]
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-6)
+    assert grads_f.keys() == grads_u.keys() and len(grads_f) > 0
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_default_backend_on_a_cuda_device_takes_the_quantized_qkv_fusion(monkeypatch):
     """On CUDA with backend=None the grouped op runs Triton's dequantizing GEMMs, as the unfused layers do, so the
     fusion is taken (it was refused while the grouped op had no Triton path). No GPU here: the weights report a

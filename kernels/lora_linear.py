@@ -246,7 +246,7 @@ def report_launches(M: int, K: int, N: int, r: int, dtype: torch.dtype, dropout:
     return launches
 
 
-def _norm_sources(dtype: torch.dtype) -> tuple:
+def norm_sources(dtype: torch.dtype) -> tuple:
     """(norm input dtype, form) of every in-kernel RMSNorm rebuild of an op input in ``dtype``: the norm in
     that dtype, and for 16-bit inputs also autocast's copy of an fp32 norm's output."""
     sources = (dtype,) if dtype == torch.float32 else (dtype, torch.float32)
@@ -257,7 +257,7 @@ def _norm_x_passes(g, x, w, a, b, u, dropout, num_sms) -> Iterator[Launch]:
     """The x-pass of the backward above with its input an RMSNorm's output rebuilt in its loads, per
     (norm input dtype, form); x's layout is kept."""
     (M, K), dtype = x.shape, x.dtype
-    for source, form in _norm_sources(dtype):
+    for source, form in norm_sources(dtype):
         x_in = torch.empty_strided(x.shape, x.stride(), dtype=source)
         norm = (torch.empty(M), torch.empty(K, dtype=source), form)
         bwd, _ = plan_backward(g, x_in, w, a, b, u, 2.0, dropout, 1, (True, True, True, False), num_sms, norm)
@@ -342,7 +342,7 @@ def _aot_passes(dtype, tma, r, num_sms) -> Iterator[Launch]:
         yield plan_fwd_u(t["x"], t["a"], torch.empty((2, t["x"].shape[0], r)), p, 1, num_sms)
         for dx in ((None, t["dx"]) if p > 0 else (None,)):
             yield plan_bwd_x(t["x"], t["du"], t["a"], dx, torch.empty((2, r, K)), p, 1, 32)
-            for source, form in _norm_sources(dtype):  # the op's input rebuilt from an RMSNorm's in the loads
+            for source, form in norm_sources(dtype):  # the op's input rebuilt from an RMSNorm's in the loads
                 x_in = torch.empty_strided(t["x"].shape, t["x"].stride(), dtype=source)
                 norm = (torch.empty(x_in.shape[0]), torch.empty(K, dtype=source), form)
                 launch = plan_bwd_x(x_in, t["du"], t["a"], dx, torch.empty((2, r, K)), p, 1, 32, norm)

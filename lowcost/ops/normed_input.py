@@ -13,16 +13,17 @@ to the forward:
 (the RMSNorm rebuild runs the forward's own operations on the same rstd; the LayerNorm rebuild runs the same
 deterministic kernel on the same input).
 
-Where y is rebuilt. ``lora_linear`` on the Triton backend takes ``kernel_rebuild_source`` instead of
-``unpack_input`` for an RMSNorm's y (both forms; the norm's input and weight of one dtype, or autocast's
-fp16/bf16 copy of an fp32 norm's output) when its base weight needs no gradient: its backward op gets
-(x, rstd, w) and the x-pass, the one kernel that reads y (dA = duᵀ(D⊙y)), rebuilds each y tile in its loads
-from the x tile, rstd[rows] and w[cols] (``lowcost.kernels.norm_tile``: the same operations and roundings as
-``normed``, so dA is bit for bit the one from y). No (M, H) normed tensor exists in that backward at all.
-Everywhere else y is rebuilt here, in torch, before the consumer's backward op: LayerNorm (kept in torch),
-the torch and cuda backends, the other consumers (the gated MLP, the grouped linear, the quantized ops), a
-norm weight whose dtype differs from the input's (exact in a kernel too, but one more compiled variant), and
-a ``lora_linear`` whose base weight trains (dW = gᵀy needs y itself).
+Where y is rebuilt. ``lora_linear`` and ``lora_grouped_linear`` on the Triton backend take
+``kernel_rebuild_source`` instead of ``unpack_input`` for an RMSNorm's y (both forms; the norm's input and
+weight of one dtype, or autocast's fp16/bf16 copy of an fp32 norm's output; for ``lora_linear`` only when its
+base weight needs no gradient): their backward op gets (x, rstd, w), and the one kernel that reads y (for
+dA = duᵀ(D⊙y): lora_linear's x-pass, the grouped dA pass) rebuilds each y tile in its loads from the x tile,
+rstd[rows] and w[cols] (``lowcost.kernels.norm_tile``: the same operations and roundings as ``normed``, so dA
+is bit for bit the one from y). No (M, H) normed tensor exists in that backward at all. Everywhere else y is
+rebuilt here, in torch, before the consumer's backward op: LayerNorm (kept in torch), the torch and cuda
+backends, the other consumers (the gated MLP, the quantized ops), a norm weight whose dtype differs from the
+input's (exact in a kernel too, but one more compiled variant), and a ``lora_linear`` whose base weight trains
+(dW = gᵀy needs y itself).
 
 Under ``torch.autocast`` the norm runs in its input's dtype (fp32) and the consumer's autocast rule
 (``lowcost.ops.autocast``) casts y to the autocast dtype D, which makes a new tensor. ``cast_input`` makes that

@@ -1,6 +1,7 @@
 """The "norm" fusion on the Triton backend: an RMSNorm output feeding ``lora_linear(backend="triton")`` is rebuilt
-inside the x-pass's tile loads (kernels/norm_tile.py), so backward makes no (M, K) normed tensor; every gradient
-matches the float64 truth, and each is bit for bit the run that reads a materialised (untagged) copy."""
+inside the x-pass's tile loads (kernels/norm_tile.py), and one feeding ``lora_grouped_linear(backend="triton")``
+inside the dA pass's loads, so backward makes no (M, K) normed tensor; every gradient matches the float64 truth,
+and each is bit for bit the run that reads a materialised (untagged) copy."""
 from __future__ import annotations
 
 import importlib
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import lowcost.ops.normed_input as normed_input
-from lowcost.ops import layer_norm, lora_linear, rms_norm
+from lowcost.ops import layer_norm, lora_grouped_linear, lora_linear, rms_norm
 from lowcost.ops.backend import triton_usable
 from lowcost.reference import dropout_keep_mask, keep_scale
 from lowcost.reference.rms_norm import rms_norm as rms_norm64
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.skipif(not triton_usable(torch.device("cpu")) and not t
 EPS, SCALE, SEED = 1e-5, 1.7, 13
 NAMES = ("x", "norm_w", "a", "b")   # the leaves that train (the base weight W is frozen)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-lora_linear_module = importlib.import_module("lowcost.ops.lora_linear")   # (lowcost.ops.lora_linear: the function)
+# (lowcost.ops.lora_linear and lora_grouped_linear are the functions: the modules by name)
+OP_MODULES = [importlib.import_module(f"lowcost.ops.{name}") for name in ("lora_linear", "lora_grouped_linear")]
 
 
 def _leaves(M: int, K: int, N: int, r: int, dtype: torch.dtype) -> dict:
@@ -56,7 +58,7 @@ def _truth64(t: dict, form: str, dropout: float) -> dict:
 
 
 class _NoTorchRebuild:
-    """Counts the torch rebuilds of a normed input in backward (``normed_input._rebuild``, and the backward op's
+    """Counts the torch rebuilds of a normed input in backward (``normed_input._rebuild``, and the backward ops'
     own ``normed`` for backends other than Triton); with ``forbid`` each one raises instead."""
 
     def __init__(self, monkeypatch, forbid: bool):
@@ -70,8 +72,9 @@ class _NoTorchRebuild:
                 return real(*args, **kwargs)
             return wrapped
         monkeypatch.setattr(normed_input, "_rebuild", spy(normed_input._rebuild))
-        if hasattr(lora_linear_module, "normed"):
-            monkeypatch.setattr(lora_linear_module, "normed", spy(lora_linear_module.normed))
+        for module in OP_MODULES:
+            if hasattr(module, "normed"):
+                monkeypatch.setattr(module, "normed", spy(module.normed))
 
 
 SHAPES = [(1, 100, 24, 5), (0, 100, 24, 5), (37, 100, 24, 5), (70, 72, 40, 16)]
@@ -158,3 +161,57 @@ def test_other_backends_rebuild_in_the_backward_op():
                      norm_form="gemma")
     for p, q in zip(plain, rebuilt):
         assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------------------------------------ grouped projections
+OUTS, RANKS, SCALES, SEEDS = (24, 8, 8), (5, 3, 16), (2.0, 1.0, 0.5), (1, 2, 3)
+GROUPED_NAMES = ("x", "norm_w", "a0", "a1", "a2", "b0", "b1", "b2")
+
+
+def _grouped_leaves(M: int, K: int, dtype: torch.dtype) -> dict:
+    gen = torch.Generator().manual_seed(M + K)
+    rand = lambda *s, std=1.0: (torch.randn(*s, generator=gen, dtype=torch.float64) * std).to(dtype)  # noqa: E731
+    t = {"x": rand(M, K, std=3.0), "norm_w": 1.0 + rand(K, std=0.2)}
+    for i, (n, r) in enumerate(zip(OUTS, RANKS)):
+        t.update({f"w{i}": rand(n, K, std=K ** -0.5), f"a{i}": rand(r, K, std=K ** -0.5),
+                  f"b{i}": rand(n, r, std=r ** -0.5), f"g{i}": rand(M, n)})
+    return {k: v.to(DEVICE).requires_grad_(k in GROUPED_NAMES) for k, v in t.items()}
+
+
+def _run_grouped(t: dict, form: str, dropouts, untag: bool, cast=None) -> dict:
+    t = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in t.items()}
+    with torch.autocast(DEVICE, dtype=cast, enabled=cast is not None):
+        y = rms_norm(t["x"], t["norm_w"], EPS, form)
+        outs = lora_grouped_linear(y.clone() if untag else y, [t[f"w{i}"] for i in range(3)],
+                                   [t[f"a{i}"] for i in range(3)], [t[f"b{i}"] for i in range(3)], list(SCALES),
+                                   dropouts=list(dropouts), seeds=list(SEEDS), backend="triton")
+    torch.autograd.backward(outs, [t[f"g{i}"].to(out.dtype) for i, out in enumerate(outs)])
+    return {k: t[k].grad for k in GROUPED_NAMES}
+
+
+def _grouped_truth64(t: dict, form: str, dropouts) -> dict:
+    leaves = {k: t[k].detach().cpu().double().requires_grad_() for k in GROUPED_NAMES}
+    M, K = leaves["x"].shape
+    y, _ = rms_norm64(leaves["x"], leaves["norm_w"], EPS, form)
+    for i, (p, seed, s) in enumerate(zip(dropouts, SEEDS, SCALES)):
+        mask = dropout_keep_mask(M, K, seed, p).double() * (keep_scale(p) if p else 1.0)
+        out = y @ t[f"w{i}"].detach().cpu().double().t() + s * ((y * mask) @ leaves[f"a{i}"].t()) @ leaves[f"b{i}"].t()
+        out.backward(t[f"g{i}"].detach().cpu().double(), retain_graph=True)
+    return {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("dtype,cast", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+                                        (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("M", [1, 37])
+@pytest.mark.parametrize("dropouts", [(0.0, 0.0, 0.0), (0.1, 0.1, 0.0)])
+@pytest.mark.parametrize("form", ["llama", "gemma"])
+def test_grouped_rebuild_in_the_da_pass_matches_float64_and_the_materialised_run_bit_for_bit(form, dropouts, M,
+                                                                                            dtype, cast, monkeypatch):
+    t = _grouped_leaves(M, 100, dtype)
+    materialised = _run_grouped(t, form, dropouts, untag=True, cast=cast)
+    _NoTorchRebuild(monkeypatch, forbid=True)
+    fused = _run_grouped(t, form, dropouts, untag=False, cast=cast)
+    truth = _grouped_truth64(t, form, dropouts)
+    for name in GROUPED_NAMES:
+        assert torch.equal(fused[name], materialised[name]), f"d{name} differs from the materialised run"
+        assert_close_to_reference(f"grouped {form} d{name}", fused[name].cpu(), truth[name], cast or dtype)

@@ -11,8 +11,9 @@ Saved for backward: x once (the caller's tensor; a lowcost norm's output as the 
 ``lowcost.ops.normed_input``: on the Triton backend an RMSNorm's output is rebuilt inside the dA pass's tile
 loads, so no (M, K) normed tensor exists in backward; elsewhere it is rebuilt in torch), the
 u_i = (D_i⊙x)A_iᵀ (M, r_i) in float32 and the seeds; never a D_i ⊙ x, never a mask. Backward computes
-dx = Σ_i g_i W_i + Σ_i D_i ⊙ (du_i A_i) into one accumulator (torch: an ``addmm_`` chain; Triton: one kernel summing every projection's terms in its tile; cuda: the first low-rank
-term as the accumulator, each g_i W_i added by cuBLAS with beta = 1), and dA_i, dB_i, db_i.
+dx = Σ_i g_i W_i + Σ_i D_i ⊙ (du_i A_i) into one accumulator (torch: an ``addmm_`` chain; Triton: one kernel
+summing every projection's terms in its tile; cuda: the first low-rank term as the accumulator, each g_i W_i
+added by cuBLAS with beta = 1), and dA_i, dB_i, db_i.
 
 Two custom ops: ``lowcost::lora_grouped_linear`` → ([y_i], [u_i]) and ``lowcost::lora_grouped_linear_backward``
 → (dx, [dA_i], [dB_i], [db_i]). Backends: "torch" (the reference with the fastest dropout kernel),

@@ -28,6 +28,7 @@ import torch
 from .linear_cross_entropy import plan_xent_rows
 from .lora_gated_mlp import ACT_CODES, plan_down_backward, plan_down_forward
 from .lora_grouped_linear import plan_backward as plan_grouped_backward, plan_forward as plan_grouped_forward
+from .lora_linear import norm_sources
 from .lora_linear_plan import PROGRAMS_PER_SM, Launch, dot_meta
 
 Tensor = torch.Tensor
@@ -65,16 +66,25 @@ class _Projection:
 
 
 def grouped_launches(M: int, K: int, outs, r: int, dtype: torch.dtype, p: float, num_sms: int,
-                     tf32: bool = False) -> list[Launch]:
+                     tf32: bool = False, norms: bool = False) -> list[Launch]:
     """The grouped kernels' launches of one forward + backward (dx and every dA needed) of len(outs)
-    projections with N_i = outs[i] outputs, rank r each, dropout p each."""
+    projections with N_i = outs[i] outputs, rank r each, dropout p each. ``norms``: also the dA pass with the
+    input an RMSNorm's output rebuilt in its loads, per (norm input dtype, form) (lora_linear.norm_sources)."""
     x = torch.empty((M, K), dtype=dtype)
     projections = [_Projection(torch.empty((n, K), dtype=dtype), torch.empty((r, K), dtype=dtype),
                                torch.empty((n, r), dtype=dtype), 2.0, p, 1 + i) for i, n in enumerate(outs)]
     fwd, ys, us = plan_grouped_forward(x, projections, num_sms)
-    bwd, _ = plan_grouped_backward([torch.empty_like(y) for y in ys], x, projections, us, (True, True, True, False),
-                                   num_sms)
+    grads = [torch.empty_like(y) for y in ys]
+    bwd, _ = plan_grouped_backward(grads, x, projections, us, (True, True, True, False), num_sms)
     grouped = [launch for launch in fwd + bwd if launch.label.startswith(("grouped", "reduce_grouped"))]
+    for source, form in norm_sources(dtype) if norms else ():
+        norm = (torch.empty(M), torch.empty(K, dtype=source), form)
+        bwd, _ = plan_grouped_backward(grads, torch.empty((M, K), dtype=source), projections, us,
+                                       (True, True, True, False), num_sms, norm)
+        for launch in bwd:
+            if launch.label == "grouped_da":
+                launch.label = f"grouped_da (rms {form}, {_NAMES[source]} norm input)"
+                grouped.append(launch)
     return _report_precision(grouped, dtype, tf32)
 
 
@@ -96,7 +106,7 @@ def report_launches(op: str, M: int, K: int, N: int, r: int, dtype: torch.dtype,
     if op == "lora_gated_mlp":
         return gated_mlp_launches(M, K, N, r, dtype, p, num_sms)
     if op == "lora_grouped_linear":
-        return grouped_launches(M, K, (N, max(1, N // 4), max(1, N // 4)), r, dtype, p, num_sms)
+        return grouped_launches(M, K, (N, max(1, N // 4), max(1, N // 4)), r, dtype, p, num_sms, norms=True)
     if op == "linear_cross_entropy":
         return xent_launches(gpu_chunk(M, N, num_sms), N, dtype)
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -135,19 +145,19 @@ def _mlp_coverage() -> Iterator[Launch]:
 def _grouped_coverage() -> Iterator[Launch]:
     """Per dtype (fp32 with and without TF32): three projections at every R_PAD, dropout on/off; bf16 with one
     and two projections (the constexpr P); bf16 at an odd K (unaligned rows, the mask's one-word path) and at
-    M = 1, r = 1 (constants for the JIT)."""
+    M = 1, r = 1 (constants for the JIT). Each also with the dA pass's in-kernel RMSNorm rebuilds (NORM)."""
     for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False), (torch.bfloat16, False)):
         for r, p in itertools.product(MLP_RANKS, (0.0, 0.1)):
-            for launch in grouped_launches(40, 48, (64, 16, 16), r, dtype, p, 132, tf32):
+            for launch in grouped_launches(40, 48, (64, 16, 16), r, dtype, p, 132, tf32, norms=True):
                 if r == MLP_RANKS[0] or "R_PAD" in launch.constexprs:  # dx and the reductions do not read R_PAD
                     yield _label(launch, dtype, "")
     for count, p in itertools.product((1, 2), (0.0, 0.1)):
         yield from (_label(launch, torch.bfloat16, "") for launch in
-                    grouped_launches(40, 48, (64, 64)[:count], 16, torch.bfloat16, p, 132))
+                    grouped_launches(40, 48, (64, 64)[:count], 16, torch.bfloat16, p, 132, norms=True))
     yield from (_label(launch, torch.bfloat16, "(K=63 r=5)") for launch in
-                grouped_launches(40, 63, (64, 16, 16), 5, torch.bfloat16, 0.1, 132))
+                grouped_launches(40, 63, (64, 16, 16), 5, torch.bfloat16, 0.1, 132, norms=True))
     yield from (_label(launch, torch.bfloat16, "(M=1 r=1)") for launch in
-                grouped_launches(1, 48, (64, 16, 16), 1, torch.bfloat16, 0.1, 132))
+                grouped_launches(1, 48, (64, 16, 16), 1, torch.bfloat16, 0.1, 132, norms=True))
 
 
 def _xent_coverage() -> Iterator[Launch]:

@@ -34,6 +34,8 @@ _grouped_dx_kernel, one program per (BLOCK_M, BLOCK_N) tile of dx (BLOCK_N colum
 _grouped_da_kernel, program (c, j): column block c of K, row chunk j:
     for each BLOCK_M rows of chunk j:  xt = x[rows, cols] (once);  da_i += du_i[rows]ᵀ @ (D_i ⊙ xt)   i < P
     da_part_i[j, :, cols] = da_i
+  With NORM (1 "llama", 2 "gemma"), x is an RMSNorm's input and xt the norm's output rebuilt in the load from
+  the x tile, rstd[rows] and w[cols] (norm_tile.py, bit for bit): no (M, K) normed tensor in backward.
 """
 from __future__ import annotations
 
@@ -43,9 +45,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import _plan_g_pass
+from .lora_linear import _check_norm, _plan_g_pass
 from .lora_linear_plan import (BlockConfig, Launch, chunk_length, dot_meta, dropout_args, interpreting, lowrank_buffer,
                                lowrank_operand, plan_fwd_y, plan_reduce, rank_pad, sm_count, split_count)
+from .norm_tile import NORM_MODES, normed_tile
 from .philox import dropout_multiplier
 from .tiles import dot_operand, grouped_tile, load_tile, round_to, tile_mask, tile_ptrs
 
@@ -204,18 +207,19 @@ def _da_store(da_acc, da_part_ptr, pid_s, offs_k, K, R, stride_das, stride_dar, 
 @triton.jit(do_not_specialize=["seed_lo0", "seed_hi0", "threshold0", "seed_lo1", "seed_hi1", "threshold1",
                                "seed_lo2", "seed_hi2", "threshold2"])
 def _grouped_da_kernel(
-    x_ptr, du0_ptr, du1_ptr, du2_ptr, da0_ptr, da1_ptr, da2_ptr,
+    x_ptr, du0_ptr, du1_ptr, du2_ptr, da0_ptr, da1_ptr, da2_ptr, rstd_ptr, norm_w_ptr,
     M, K, R0, R1, R2, rows_per_chunk,
     stride_xm, stride_xk, stride_du0, stride_du1, stride_du2, stride_das0, stride_dar0, stride_das1, stride_dar1,
-    stride_das2, stride_dar2,
+    stride_das2, stride_dar2, stride_rstd, stride_norm_w,
     seed_lo0, seed_hi0, threshold0, keep_scale0, seed_lo1, seed_hi1, threshold1, keep_scale1,
     seed_lo2, seed_hi2, threshold2, keep_scale2,
-    P: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_VEC4: tl.constexpr,
+    P: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_VEC4: tl.constexpr, NORM: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """da_part_i[j, :, cols] = Σ_{rows of chunk j} du_i[rows]ᵀ (D_i ⊙ x)[rows, cols] (fp32), i < P, x read once."""
-    DT: tl.constexpr = x_ptr.dtype.element_ty
+    """da_part_i[j, :, cols] = Σ_{rows of chunk j} du_i[rows]ᵀ (D_i ⊙ x)[rows, cols] (fp32), i < P, x read once.
+    The op's input dtype is du's; with NORM, x is an RMSNorm's input and each tile is rebuilt (normed_tile)."""
+    DT: tl.constexpr = du0_ptr.dtype.element_ty
     pid_s = tl.program_id(1)
     off_k = tl.program_id(0) * BLOCK_K
     offs_k = off_k + tl.arange(0, BLOCK_K)
@@ -226,6 +230,9 @@ def _grouped_da_kernel(
     for m0 in range(m_lo, tl.minimum(M, m_lo + rows_per_chunk), BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         xt = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, M, K)
+        if NORM != 0:
+            xt = normed_tile(xt, rstd_ptr, norm_w_ptr, offs_m, offs_k, M, K, stride_rstd, stride_norm_w, NORM, DT,
+                             UPCAST)
         da0 = _da_step(da0, xt, du0_ptr, offs_m, off_k, M, K, R0, stride_du0, seed_lo0, seed_hi0, threshold0,
                        keep_scale0, HAS_DROPOUT, MASK_VEC4, R_PAD, BLOCK_K, DT, DOT_PRECISION, UPCAST)
         if P > 1:
@@ -281,8 +288,9 @@ def _dropout_slots(projections) -> tuple[dict, dict]:
     return args, {"HAS_DROPOUT": any(p.dropout > 0 for p in projections)}
 
 
-def _common_meta(x: Tensor, projections) -> dict:
-    meta = dot_meta(x.dtype)
+def _common_meta(x: Tensor, projections, dtype: Optional[torch.dtype] = None) -> dict:
+    """P, MASK_VEC4 and the dot settings of the op's input dtype (``dtype``, default x's)."""
+    meta = dot_meta(x.dtype if dtype is None else dtype)
     return {"P": len(projections), "MASK_VEC4": x.shape[1] % 4 == 0, "DOT_PRECISION": meta["DOT_PRECISION"],
             "UPCAST": meta["UPCAST"]}
 
@@ -329,17 +337,24 @@ def da_chunks(M: int, K: int, dtype: torch.dtype, num_sms: int) -> tuple[int, in
     return cols, triton.cdiv(M, rows), rows
 
 
-def plan_da(x, dus, da_parts, rows_per_chunk, projections) -> Launch:
-    """da_part_i[j] (r_i, K) fp32 = du_i[chunk j]ᵀ (D_i ⊙ x)[chunk j] for every projection, x read once."""
+def plan_da(x, dus, da_parts, rows_per_chunk, projections, norm=None) -> Launch:
+    """da_part_i[j] (r_i, K) fp32 = du_i[chunk j]ᵀ (D_i ⊙ x)[chunk j] for every projection, x read once. Tiles
+    and dots in du's dtype (the op's input dtype); ``norm`` = (rstd (M,) fp32, w (K,), "llama" | "gemma"): x is
+    then the RMSNorm's input and the op's input is rebuilt from it in the loads."""
     M, K = x.shape
-    cfg = _blocks(x.dtype)["da"]
+    dtype = dus[0].dtype
+    cfg = _blocks(dtype)["da"]
     drop_args, drops = _dropout_slots(projections)
-    args = {"x_ptr": x, **_slots(("du{}_ptr", "da{}_ptr"), list(zip(dus, da_parts))), "M": M, "K": K,
+    rstd, norm_w, form = norm if norm is not None else (x, x, "")
+    args = {"x_ptr": x, **_slots(("du{}_ptr", "da{}_ptr"), list(zip(dus, da_parts))), "rstd_ptr": rstd,
+            "norm_w_ptr": norm_w, "M": M, "K": K,
             **_slots(("R{}",), [(du.shape[1],) for du in dus]), "rows_per_chunk": rows_per_chunk,
             "stride_xm": x.stride(0), "stride_xk": x.stride(1), **_slots(("stride_du{}",), [(du.stride(0),) for du in dus]),
-            **_slots(("stride_das{}", "stride_dar{}"), [part.stride()[:2] for part in da_parts]), **drop_args}
-    meta = {**_common_meta(x, projections), **drops, "R_PAD": rank_pad(max(du.shape[1] for du in dus)),
-            "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k}
+            **_slots(("stride_das{}", "stride_dar{}"), [part.stride()[:2] for part in da_parts]),
+            "stride_rstd": rstd.stride(0) if norm is not None else 0,
+            "stride_norm_w": norm_w.stride(0) if norm is not None else 0, **drop_args}
+    meta = {**_common_meta(x, projections, dtype), **drops, "NORM": NORM_MODES[form],
+            "R_PAD": rank_pad(max(du.shape[1] for du in dus)), "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k}
     grid = (triton.cdiv(K, cfg.block_k), triton.cdiv(M, rows_per_chunk))
     return Launch(_grouped_da_kernel, grid, args, meta, cfg.num_warps, cfg.num_stages, "grouped_da")
 
@@ -371,7 +386,7 @@ def plan_g_passes(launches: list, grads, x, projections, us, needs, num_sms) -> 
     lowrank = need_dx or need_da or need_db
     dus, dbs, dbiases = [], [], []
     for g, p, u in zip(grads, projections, us):
-        du, db, dbias = _plan_g_pass(launches, g, lowrank_operand(p.lora_b, x.dtype), u, p.scale, lowrank,
+        du, db, dbias = _plan_g_pass(launches, g, lowrank_operand(p.lora_b, g.dtype), u, p.scale, lowrank,
                                      need_dbias and p.bias is not None, p.lora_b.dtype, num_sms)
         dus.append(du)
         dbs.append(db if need_db else None)
@@ -379,40 +394,43 @@ def plan_g_passes(launches: list, grads, x, projections, us, needs, num_sms) -> 
     return dus, dbs, dbiases
 
 
-def plan_da_pass(launches: list, x, dus, projections, num_sms) -> list:
+def plan_da_pass(launches: list, x, dus, projections, num_sms, norm=None) -> list:
     """[dA_i] of ``projections`` from one read of x: the grouped dA pass into fp32 chunk partials, then each
-    partial's fixed-order reduction (appended to ``launches``)."""
+    partial's fixed-order reduction (appended to ``launches``). ``norm``: see plan_da."""
     M, K = x.shape
-    _, chunks, rows_per_chunk = da_chunks(M, K, x.dtype, num_sms)
+    _, chunks, rows_per_chunk = da_chunks(M, K, dus[0].dtype, num_sms)
     parts = [torch.empty((chunks, p.lora_a.shape[0], K), dtype=torch.float32, device=x.device) for p in projections]
     das = [torch.empty(p.lora_a.shape, dtype=p.lora_a.dtype, device=x.device) for p in projections]
-    launches.append(plan_da(x, dus, parts, rows_per_chunk, projections))
+    launches.append(plan_da(x, dus, parts, rows_per_chunk, projections, norm))
     launches += [plan_reduce(part, da, num_sms, "grouped_dA") for part, da in zip(parts, das)]
     return das
 
 
-def plan_backward(grads, x, projections, us, needs, num_sms) -> tuple[list, tuple]:
+def plan_backward(grads, x, projections, us, needs, num_sms, norm=None) -> tuple[list, tuple]:
     """(launches, (dx, [dA_i], [dB_i], [dbias_i])) with None where not needed; M > 0 and K > 0. The g-pass
-    launches come first: the dx and dA launches read the du_i they write."""
+    launches come first: the dx and dA launches read the du_i they write. The op's input dtype is the grads'
+    (x's, unless ``norm`` makes x an RMSNorm's input: see grouped_bwd)."""
     need_dx, need_da = needs[0], needs[1]
-    M, K = x.shape
-    lora_as = [lowrank_operand(p.lora_a, x.dtype) for p in projections]
+    (M, K), dtype = x.shape, grads[0].dtype
+    lora_as = [lowrank_operand(p.lora_a, dtype) for p in projections]
     launches = []
     dus, dbs, dbiases = plan_g_passes(launches, grads, x, projections, us, needs, num_sms)
-    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
+    dx = torch.empty((M, K), dtype=dtype, device=x.device) if need_dx else None
     if need_dx:
         launches.append(plan_dx(grads, [p.weight for p in projections], dus, lora_as, dx, projections))
-    das = plan_da_pass(launches, x, dus, projections, num_sms) if need_da else [None] * len(projections)
+    das = plan_da_pass(launches, x, dus, projections, num_sms, norm) if need_da else [None] * len(projections)
     return launches, (dx, das, dbs, dbiases)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
-def _check(x: Tensor, projections) -> None:
-    """The launchers' assumptions (the op validates user input and runs M = 0 or K = 0 on torch: no tiles)."""
+def _check(x: Tensor, projections, dtype: Optional[torch.dtype] = None) -> None:
+    """The launchers' assumptions (the op validates user input and runs M = 0 or K = 0 on torch: no tiles);
+    ``dtype``: the op's input dtype when x is an RMSNorm's input (default x's)."""
+    dtype = x.dtype if dtype is None else dtype
     assert x.dim() == 2 and 1 <= len(projections) <= MAX_PROJECTIONS, f"x {tuple(x.shape)}, P={len(projections)}"
     assert x.shape[0] > 0 and x.shape[1] > 0, "M > 0 and K > 0"
     for p in projections:
-        assert p.weight.dtype == x.dtype and p.weight.shape[1] == x.shape[1], "W_i (N_i, K) in x's dtype"
+        assert p.weight.dtype == dtype and p.weight.shape[1] == x.shape[1], "W_i (N_i, K) in x's dtype"
         assert 1 <= p.lora_a.shape[0] <= MAX_RANK, f"rank {p.lora_a.shape[0]} outside [1, {MAX_RANK}]"
         assert p.weight.device == x.device and (x.device.type == "cuda" or interpreting()), "CUDA or interpreter"
 
@@ -427,12 +445,17 @@ def grouped_fwd(x: Tensor, projections) -> tuple[list[Tensor], list[Tensor]]:
 
 
 def grouped_bwd(grads: Sequence[Tensor], x: Tensor, projections, us: Sequence[Tensor],
-                needs: tuple) -> tuple[Optional[Tensor], list, list, list]:
+                needs: tuple, norm=None) -> tuple[Optional[Tensor], list, list, list]:
     """(dx, [dA_i], [dB_i], [dbias_i]) as ``lowcost.reference.lora_grouped_linear.grouped_backward`` defines
-    them; bitwise reproducible (fixed-order sums, no atomics)."""
-    _check(x, projections)
-    assert all(g.dtype == x.dtype and g.shape[0] == x.shape[0] for g in grads), "grads (M, N_i) in x's dtype"
-    launches, grads_out = plan_backward(grads, x, projections, us, needs, sm_count(x.device))
+    them; bitwise reproducible (fixed-order sums, no atomics). ``norm`` = (rstd (M,) fp32, w (K,), form): the
+    op's input was that RMSNorm's output of x (or autocast's copy of it in the grads' dtype), rebuilt in the dA
+    pass's loads (kernels/norm_tile.py) as in ``lora_linear_bwd``."""
+    dtype = grads[0].dtype if norm is not None else x.dtype
+    _check(x, projections, dtype)
+    if norm is not None:
+        _check_norm(x, norm, dtype)
+    assert all(g.dtype == dtype and g.shape[0] == x.shape[0] for g in grads), "grads (M, N_i) in x's dtype"
+    launches, grads_out = plan_backward(grads, x, projections, us, needs, sm_count(x.device), norm)
     for launch in launches:
         launch.run()
     return grads_out

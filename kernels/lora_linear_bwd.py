@@ -36,7 +36,10 @@ x) and the row chunk j:
     at = A[:, cols]                                            loaded once (DX_LOWRANK)
     for each BLOCK_M rows of chunk j:
         dut = du[rows, :];  Dt = D[rows, cols] (HAS_DROPOUT)   mask regenerated once, used twice
-        da_acc += dutᵀ @ (Dt ⊙ x[rows, cols])                  (R_PAD, BLOCK_K) fp32 in registers
+        xt = x[rows, cols]                                     with NORM: the RMSNorm output rebuilt from the
+                                                               norm input tile, rstd[rows] and norm_w[cols]
+                                                               (norm_tile.py), so no (M, K) normed tensor
+        da_acc += dutᵀ @ (Dt ⊙ xt)                             (R_PAD, BLOCK_K) fp32 in registers
         if DX_LOWRANK: dx[rows, cols] += Dt ⊙ (dut @ at)       read-modify-write of the dgrad GEMM's tile
     da_part[j, :, cols] = da_acc;  dA = Σ_j da_part[j]
 
@@ -50,6 +53,7 @@ With dropout, dx is rounded twice (the GEMM's store, then the x-pass's); see doc
 import triton
 import triton.language as tl
 
+from .norm_tile import normed_tile
 from .philox import dropout_multiplier
 from .tiles import dot_operand, grouped_tile, load_2d, load_tile, round_to, store_2d, tile_ptrs
 
@@ -145,21 +149,25 @@ def _lora_bwd_dx_kernel(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
 def _lora_bwd_x_kernel(
-    # tensors (x, dx: descriptors when TMA, else pointers)
-    x_src, du_ptr, a_ptr, dx_src, da_part_ptr,
+    # tensors (x, dx: descriptors when TMA, else pointers; rstd, norm_w: the norm's, read when NORM)
+    x_src, du_ptr, a_ptr, dx_src, da_part_ptr, rstd_ptr, norm_w_ptr,
     # sizes
     M, K, R, rows_per_chunk,
     # strides
     stride_xm, stride_xk, stride_dum, stride_dur, stride_ar, stride_ak, stride_dxm, stride_dxk,
-    stride_das, stride_dar,
+    stride_das, stride_dar, stride_rstd, stride_norm_w,
     # dropout (seed halves and threshold as int32 bit patterns, keep_scale fp32)
     seed_lo, seed_hi, threshold, keep_scale,
     # meta-parameters
-    DX_LOWRANK: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_VEC4: tl.constexpr,
+    DX_LOWRANK: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_VEC4: tl.constexpr, NORM: tl.constexpr,
     TMA: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """x (M, K), du (M, R) and A (R, K) in x's dtype -> da_part (chunks, R, K) fp32; dx (M, K) += D ⊙ (du A)."""
+    """x (M, K), du (M, R) and A (R, K) in x's dtype -> da_part (chunks, R, K) fp32; dx (M, K) += D ⊙ (du A).
+
+    NORM (1 "llama", 2 "gemma" RMSNorm; 0 none): x_src is the norm's input (its own dtype), and each x tile
+    is rebuilt from it, rstd (M,) fp32 and norm_w (K,) in the load (norm_tile.normed_tile), bit for bit the
+    normed tensor in x's dtype (DOT_DTYPE) that the op would otherwise read."""
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     off_k = pid_c * BLOCK_K
@@ -175,6 +183,9 @@ def _lora_bwd_x_kernel(
         if HAS_DROPOUT:
             d = dropout_multiplier(offs_m, off_k, K, seed_lo, seed_hi, threshold, keep_scale, BLOCK_K, MASK_VEC4)
         xt = load_2d(x_src, m0, off_k, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, TMA)
+        if NORM != 0:
+            xt = normed_tile(xt, rstd_ptr, norm_w_ptr, offs_m, offs_k, M, K, stride_rstd, stride_norm_w, NORM,
+                             DOT_DTYPE, UPCAST)
         if HAS_DROPOUT:
             xt = xt.to(tl.float32) * d
         da_acc = tl.dot(tl.trans(dut), dot_operand(xt, DOT_DTYPE, UPCAST), da_acc, input_precision=DOT_PRECISION)

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .lora_linear_bwd import _lora_bwd_dx_kernel, _lora_bwd_g_kernel, _lora_bwd_x_kernel
 from .lora_linear_fwd import _lora_fwd_u_kernel, _lora_fwd_y_kernel
+from .norm_tile import NORM_MODES
 from .philox import _dropout_mask_kernel, dropout_threshold, keep_scale, seed_words, uint32_as_int32
 from .reduce import _reduce_partials_kernel
 
@@ -286,23 +287,29 @@ def bwd_x_chunks(M: int, K: int, dtype: torch.dtype, num_sms: int) -> tuple[int,
     return cols, triton.cdiv(M, rows), rows
 
 
-def plan_bwd_x(x, du, lora_a, dx, da_part, dropout, seed, rows_per_chunk) -> Launch:
-    """da_part[j] = du[chunk j]ᵀ x̃[chunk j], and dx += D ⊙ (du A) when dx is not None."""
+def plan_bwd_x(x, du, lora_a, dx, da_part, dropout, seed, rows_per_chunk, norm=None) -> Launch:
+    """da_part[j] = du[chunk j]ᵀ x̃[chunk j], and dx += D ⊙ (du A) when dx is not None. The tiles and dots are
+    in du's dtype (the op's input dtype). ``norm`` = (rstd (M,) fp32, norm weight (K,), "llama" | "gemma"):
+    x is then the RMSNorm's input, and the op's input is rebuilt from it in the kernel's loads."""
     (M, K), r = x.shape, lora_a.shape[0]
-    cfg = block_configs("bwd_x", x.dtype)[0]
+    cfg = block_configs("bwd_x", du.dtype)[0]
     dx_lowrank = dx is not None
     dx_t = x if dx is None else dx
+    rstd, norm_w, form = norm if norm is not None else (x, x, "")
     use_tma = tma_ok(x, dx_t)
     block = [cfg.block_m, cfg.block_n]
     args = {"x_src": tma_source(x, block, use_tma), "du_ptr": du, "a_ptr": lora_a,
-            "dx_src": tma_source(dx_t, block, use_tma), "da_part_ptr": da_part, "M": M, "K": K, "R": r,
+            "dx_src": tma_source(dx_t, block, use_tma), "da_part_ptr": da_part, "rstd_ptr": rstd,
+            "norm_w_ptr": norm_w, "M": M, "K": K, "R": r,
             "rows_per_chunk": rows_per_chunk, "stride_xm": x.stride(0), "stride_xk": x.stride(1),
             "stride_dum": du.stride(0), "stride_dur": du.stride(1), "stride_ar": lora_a.stride(0),
             "stride_ak": lora_a.stride(1), "stride_dxm": dx_t.stride(0), "stride_dxk": dx_t.stride(1),
-            "stride_das": da_part.stride(0), "stride_dar": da_part.stride(1), **dropout_args(dropout, seed)}
+            "stride_das": da_part.stride(0), "stride_dar": da_part.stride(1),
+            "stride_rstd": rstd.stride(0) if norm is not None else 0,
+            "stride_norm_w": norm_w.stride(0) if norm is not None else 0, **dropout_args(dropout, seed)}
     meta = {"DX_LOWRANK": dx_lowrank, "HAS_DROPOUT": dropout > 0, "MASK_VEC4": dropout > 0 and K % 4 == 0,
-            "TMA": use_tma, "R_PAD": rank_pad(r), "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_n,
-            **dot_meta(x.dtype)}
+            "NORM": NORM_MODES[form], "TMA": use_tma, "R_PAD": rank_pad(r), "BLOCK_M": cfg.block_m,
+            "BLOCK_K": cfg.block_n, **dot_meta(du.dtype)}
     grid = (triton.cdiv(K, cfg.block_n), triton.cdiv(M, rows_per_chunk))
     return Launch(_lora_bwd_x_kernel, grid, args, meta, cfg.num_warps, cfg.num_stages, "bwd_x")
 

@@ -11,5 +11,6 @@ def forward(x, weight, lora_a, lora_b, bias, scale, dropout, seed):
     return _kernels().lora_linear_fwd(x, weight, lora_a, lora_b, bias, scale, dropout, seed)
 
 
-def backward(grad_y, x, weight, lora_a, lora_b, u, scale, dropout, seed, needs):
-    return _kernels().lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale, dropout, seed, needs)
+def backward(grad_y, x, weight, lora_a, lora_b, u, scale, dropout, seed, needs, norm=None):
+    """``norm`` = (rstd (M,), w (K,), form): x is an RMSNorm's input, the op's input rebuilt in the kernel."""
+    return _kernels().lora_linear_bwd(grad_y, x, weight, lora_a, lora_b, u, scale, dropout, seed, needs, norm)

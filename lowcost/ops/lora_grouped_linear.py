@@ -8,10 +8,12 @@ that seed: the grouped op drops exactly the elements P unfused calls drop). ``lo
 lora_grouped_linear`` has the math and every gradient.
 
 Saved for backward: x once (the caller's tensor; a lowcost norm's output as the norm's input and statistics,
-``lowcost.ops.normed_input``), the u_i = (D_i⊙x)A_iᵀ (M, r_i) in float32 and the seeds; never a D_i ⊙ x,
-never a mask. Backward computes dx = Σ_i g_i W_i + Σ_i D_i ⊙ (du_i A_i) into one accumulator (torch: an
-``addmm_`` chain; Triton: one kernel summing every projection's terms in its tile; cuda: the first low-rank
-term as the accumulator, each g_i W_i added by cuBLAS with beta = 1), and dA_i, dB_i, db_i.
+``lowcost.ops.normed_input``: on the Triton backend an RMSNorm's output is rebuilt inside the dA pass's tile
+loads, so no (M, K) normed tensor exists in backward; elsewhere it is rebuilt in torch), the
+u_i = (D_i⊙x)A_iᵀ (M, r_i) in float32 and the seeds; never a D_i ⊙ x, never a mask. Backward computes
+dx = Σ_i g_i W_i + Σ_i D_i ⊙ (du_i A_i) into one accumulator (torch: an ``addmm_`` chain; Triton: one kernel
+summing every projection's terms in its tile; cuda: the first low-rank term as the accumulator, each g_i W_i
+added by cuBLAS with beta = 1), and dA_i, dB_i, db_i.
 
 Two custom ops: ``lowcost::lora_grouped_linear`` → ([y_i], [u_i]) and ``lowcost::lora_grouped_linear_backward``
 → (dx, [dA_i], [dB_i], [db_i]). Backends: "torch" (the reference with the fastest dropout kernel),
@@ -33,9 +35,10 @@ from lowcost.ops import _torch_backend
 from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.backend import requested_backend, resolve_backend, unavailable_reason
 from lowcost.ops.lora_linear import _check_dtypes_devices, _check_scalars, _check_shapes, _seed_tensor
-from lowcost.ops.normed_input import pack_input, unpack_input
+from lowcost.ops.normed_input import kernel_rebuild_source, pack_input, unpack_input
 from lowcost.reference.lora_grouped_linear import GroupedProjection, grouped_backward, grouped_forward
 from lowcost.reference.quant import QuantizedWeight
+from lowcost.reference.rms_norm import normed
 
 Tensor = torch.Tensor
 TRITON_MAX_PROJECTIONS = 3   # kernels/lora_grouped_linear.py MAX_PROJECTIONS: one slot per projection
@@ -162,38 +165,50 @@ def _(x, weights, lora_as, lora_bs, biases, has_bias, scales, dropouts, seeds, b
 def _grouped_backward_op(grads: Sequence[Tensor], x: Tensor, weights: Sequence[Tensor], lora_as: Sequence[Tensor],
                          lora_bs: Sequence[Tensor], us: Sequence[Tensor], has_bias: Sequence[bool],
                          scales: Sequence[float], dropouts: Sequence[float], seeds: Tensor, needs: Sequence[bool],
-                         backend: str) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+                         backend: str, norm_rstd: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
+                         norm_form: str = "") -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """With ``norm_form`` ("llama" | "gemma"), x is an RMSNorm's input and the op's input is that norm's output
+    (rstd (..., 1), weight (K,)) in the grads' dtype: the Triton kernels rebuild it in the dA pass's loads, the
+    other paths rebuild it here in torch (``lowcost.reference.rms_norm.normed``)."""
     biases = [w if flag else None for w, flag in zip(weights, has_bias)]   # only "is there a bias" matters here
     projections = _projections(weights, lora_as, lora_bs, biases, scales, dropouts, seeds)
     x2 = x.reshape(-1, x.shape[-1])
     g2 = [g.reshape(-1, g.shape[-1]) for g in grads]
     kernels = _kernels(backend, x2)
+    inp, norm = x2, {}
+    if norm_form and backend == "triton" and kernels is not None:
+        norm = {"norm": (norm_rstd.reshape(-1), norm_weight, norm_form)}
+    elif norm_form:
+        inp = normed(x2, norm_rstd.reshape(-1, 1), norm_weight, norm_form).to(grads[0].dtype)
     run = kernels.grouped_bwd if kernels is not None else (
         lambda *a: grouped_backward(*a, dropout_fn=_torch_backend._dropout))
-    return backward_outputs(x, *run(g2, x2, projections, list(us), tuple(needs)))
+    return backward_outputs(x, *run(g2, inp, projections, list(us), tuple(needs), **norm),
+                            dtype=grads[0].dtype if norm_form else None)
 
 
-def backward_outputs(x: Tensor, dx, das, dbs, dbiases) -> tuple[Tensor, list, list, list]:
+def backward_outputs(x: Tensor, dx, das, dbs, dbiases, dtype=None) -> tuple[Tensor, list, list, list]:
     """The grouped backward ops' outputs: dx in x's shape, a fresh empty tensor for each gradient not computed
-    (outputs must not alias one another)."""
+    (outputs must not alias one another), in ``dtype`` (the op's input dtype, default x's)."""
     def fill(t):
-        return t if t is not None else x.new_empty(0)
+        return t if t is not None else x.new_empty(0, dtype=dtype)
     return (fill(dx.reshape(x.shape) if dx is not None else None), [fill(t) for t in das], [fill(t) for t in dbs],
             [fill(t) for t in dbiases])
 
 
-def fake_backward(x: Tensor, lora_as, lora_bs, has_bias, needs) -> tuple[Tensor, list, list, list]:
-    """The grouped backward ops' fake outputs: (dx, [dA_i], [dB_i], [dbias_i]), empty where ``needs`` says no."""
+def fake_backward(x: Tensor, lora_as, lora_bs, has_bias, needs, dtype=None) -> tuple[Tensor, list, list, list]:
+    """The grouped backward ops' fake outputs: (dx, [dA_i], [dB_i], [dbias_i]), empty where ``needs`` says no;
+    dx and the dbias_i in ``dtype`` (the op's input dtype, default x's)."""
     need_dx, need_da, need_db, need_dbias = needs
-    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+    return (x.new_empty(x.shape if need_dx else (0,), dtype=dtype),
             [a.new_empty(a.shape if need_da else (0,)) for a in lora_as],
             [b.new_empty(b.shape if need_db else (0,)) for b in lora_bs],
-            [x.new_empty(b.shape[0] if need_dbias and flag else 0) for b, flag in zip(lora_bs, has_bias)])
+            [x.new_empty(b.shape[0] if need_dbias and flag else 0, dtype=dtype) for b, flag in zip(lora_bs, has_bias)])
 
 
 @_grouped_backward_op.register_fake
-def _(grads, x, weights, lora_as, lora_bs, us, has_bias, scales, dropouts, seeds, needs, backend):
-    return fake_backward(x, lora_as, lora_bs, has_bias, needs)
+def _(grads, x, weights, lora_as, lora_bs, us, has_bias, scales, dropouts, seeds, needs, backend, norm_rstd=None,
+      norm_weight=None, norm_form=""):
+    return fake_backward(x, lora_as, lora_bs, has_bias, needs, grads[0].dtype if norm_form else None)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -206,17 +221,29 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.settings = (list(has_bias), list(scales), list(dropouts), backend)
 
 
+def _backward_input(ctx) -> tuple[Tensor, tuple, tuple]:
+    """(x for the backward op, its norm arguments, the other saved tensors): a normed x on the Triton backend stays
+    (norm input, rstd, w), rebuilt in the kernel's loads; otherwise it is rebuilt here (``unpack_input``)."""
+    saved = ctx.saved_tensors
+    source = kernel_rebuild_source(saved, ctx.input_rebuild) if ctx.settings[3] == "triton" else None
+    if source is None:
+        x, rest = unpack_input(saved, ctx.input_rebuild)
+        return x, (None, None, ""), rest
+    (x, stat, norm_w), form, rest = source
+    return x, (stat, norm_w, form), rest
+
+
 def _backward(ctx, grad_ys, _grad_us):
-    x, rest = unpack_input(ctx.saved_tensors, ctx.input_rebuild)
+    x, norm, rest = _backward_input(ctx)
     count = ctx.count
     weights, lora_as, lora_bs, us = (list(rest[i * count:(i + 1) * count]) for i in range(4))
     seeds = rest[4 * count]
     has_bias, scales, dropouts, backend = ctx.settings
-    grads = [g if g is not None else x.new_zeros(*x.shape[:-1], w.shape[0]) for g, w in zip(grad_ys, weights)]
+    grads = [g if g is not None else w.new_zeros(*x.shape[:-1], w.shape[0]) for g, w in zip(grad_ys, weights)]
     need = [any(n) if isinstance(n, (list, tuple)) else bool(n) for n in ctx.needs_input_grad]  # per list input
     needs = [need[0], need[2], need[3], need[4] and any(has_bias)]
     dx, das, dbs, dbiases = _grouped_backward_op(grads, x, weights, lora_as, lora_bs, us, has_bias, scales, dropouts,
-                                                 seeds, needs, backend)
+                                                 seeds, needs, backend, *norm)
     nothing = [None] * count                      # list inputs get a list back (autograd checks the structure)
     present = [d if needs[3] else None for d, flag in zip(dbiases, has_bias) if flag]
     return (dx if needs[0] else None, nothing, das if needs[1] else nothing, dbs if needs[2] else nothing, present,

@@ -11,7 +11,8 @@ Two custom ops (``torch.library.custom_op``) carry it through the dispatcher, Fa
 (dx, dA, dB, dbias). Saved for backward: x (the caller's tensor), u = (D⊙x)Aᵀ (M, r) and the seed, plus
 references to the parameters W, A, B (their own storage, no new memory). An x made by a lowcost norm op
 (``rms_norm``, ``layer_norm``) is saved as the norm's input and statistics instead, and rebuilt in backward
-(``lowcost.ops.normed_input``).
+(``lowcost.ops.normed_input``): an RMSNorm's output on the Triton backend inside the x-pass's tile loads
+(no (M, K) normed tensor at all, unless dW is asked for), otherwise in torch before the backward op.
 
 Backward (g = dL/dy flattened to (M, N)):
     dB = s·gᵀu,  du = s·gB,  dA = duᵀ(D⊙x),  dx = gW + D⊙(duA),  dbias = Σ_m g,
@@ -26,7 +27,8 @@ import torch
 
 from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.backend import backend_module, resolve_backend
-from lowcost.ops.normed_input import pack_input, unpack_input
+from lowcost.ops.normed_input import kernel_rebuild_source, pack_input, unpack_input
+from lowcost.reference.rms_norm import normed
 
 Tensor = torch.Tensor
 SEED_LIMIT = 2**63
@@ -133,18 +135,30 @@ def _(x, weight, lora_a, lora_b, bias, scale, dropout, seed, backend):
 @torch.library.custom_op("lowcost::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                              u: Tensor, scale: float, dropout: float, seed: Tensor, backend: str,
-                             needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                             needs: Sequence[bool], norm_rstd: Optional[Tensor] = None,
+                             norm_weight: Optional[Tensor] = None,
+                             norm_form: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """With ``norm_form`` ("llama" | "gemma"), x is an RMSNorm's input and the op's input is that norm's output
+    (rstd (..., 1), weight (K,)), in grad_y's dtype: the Triton backend rebuilds it in its x-pass loads, the
+    others rebuild it here in torch (``lowcost.reference.rms_norm.normed``)."""
     impl = backend_module(backend)
-    grads = impl.backward(_as_2d(grad_y), _as_2d(x), weight, lora_a, lora_b, u, scale, dropout, int(seed),
-                          tuple(needs))
+    inp, norm = _as_2d(x), {}
+    if norm_form and backend == "triton":
+        norm = {"norm": (norm_rstd.reshape(-1), norm_weight, norm_form)}
+    elif norm_form:
+        inp = _as_2d(normed(x, norm_rstd, norm_weight, norm_form).to(grad_y.dtype))
+    grads = impl.backward(_as_2d(grad_y), inp, weight, lora_a, lora_b, u, scale, dropout, int(seed),
+                          tuple(needs), **norm)
     dx, da, db, dbias = (g if g is not None else x.new_empty(0) for g in grads)
     return (dx.reshape(x.shape) if needs[0] else dx), da, db, dbias
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_a, lora_b, u, scale, dropout, seed, backend, needs):
+def _(grad_y, x, weight, lora_a, lora_b, u, scale, dropout, seed, backend, needs, norm_rstd=None, norm_weight=None,
+      norm_form=""):
     shapes = (x.shape, lora_a.shape, lora_b.shape, (weight.shape[0],))
-    dtypes = (x.dtype, lora_a.dtype, lora_b.dtype, x.dtype)
+    y_dtype = grad_y.dtype if norm_form else x.dtype  # the op's input dtype
+    dtypes = (y_dtype, lora_a.dtype, lora_b.dtype, y_dtype)
     return tuple(x.new_empty(shape if need else (0,), dtype=dtype if need else x.dtype)
                  for need, shape, dtype in zip(needs, shapes, dtypes))
 
@@ -159,12 +173,25 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
+def _backward_input(ctx, need_w: bool) -> tuple[Tensor, tuple, tuple]:
+    """(x for the backward op, its norm arguments, the other saved tensors). A normed x on the Triton backend,
+    when dW (which needs x itself) is not asked for, stays (norm input, rstd, w): the kernel rebuilds it in its
+    loads. Otherwise x is rebuilt here in torch (``unpack_input``)."""
+    saved = ctx.saved_tensors
+    source = kernel_rebuild_source(saved, ctx.input_rebuild) if ctx.backend == "triton" and not need_w else None
+    if source is None:
+        x, rest = unpack_input(saved, ctx.input_rebuild)
+        return x, (None, None, ""), rest
+    (x, stat, norm_w), form, rest = source
+    return x, (stat, norm_w, form), rest
+
+
 def _backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
-    x, (weight, lora_a, lora_b, u, seed) = unpack_input(ctx.saved_tensors, ctx.input_rebuild)
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    x, norm, (weight, lora_a, lora_b, u, seed) = _backward_input(ctx, need_w)
     needs = [need_x, need_a, need_b, need_bias and ctx.has_bias]
     dx, da, db, dbias = _lora_linear_backward_op(grad_y, x, weight, lora_a, lora_b, u, ctx.scale,
-                                                  ctx.dropout, seed, ctx.backend, needs)
+                                                  ctx.dropout, seed, ctx.backend, needs, *norm)
     dw = (_as_2d(grad_y).t() @ _as_2d(x)).to(weight.dtype) if need_w else None
     return (dx if needs[0] else None, dw, da if needs[1] else None, db if needs[2] else None,
             dbias if needs[3] else None, None, None, None, None)

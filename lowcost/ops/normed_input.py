@@ -13,6 +13,18 @@ to the forward:
 (the RMSNorm rebuild runs the forward's own operations on the same rstd; the LayerNorm rebuild runs the same
 deterministic kernel on the same input).
 
+Where y is rebuilt. ``lora_linear`` and ``lora_grouped_linear`` on the Triton backend take
+``kernel_rebuild_source`` instead of ``unpack_input`` for an RMSNorm's y (both forms; the norm's input and
+weight of one dtype, or autocast's fp16/bf16 copy of an fp32 norm's output; for ``lora_linear`` only when its
+base weight needs no gradient): their backward op gets (x, rstd, w), and the one kernel that reads y (for
+dA = duᵀ(D⊙y): lora_linear's x-pass, the grouped dA pass) rebuilds each y tile in its loads from the x tile,
+rstd[rows] and w[cols] (``lowcost.kernels.norm_tile``: the same operations and roundings as ``normed``, so dA
+is bit for bit the one from y). No (M, H) normed tensor exists in that backward at all. Everywhere else y is
+rebuilt here, in torch, before the consumer's backward op: LayerNorm (kept in torch), the torch and cuda
+backends, the other consumers (the gated MLP, the quantized ops), a norm weight whose dtype differs from the
+input's (exact in a kernel too, but one more compiled variant), and a ``lora_linear`` whose base weight trains
+(dW = gᵀy needs y itself).
+
 Under ``torch.autocast`` the norm runs in its input's dtype (fp32) and the consumer's autocast rule
 (``lowcost.ops.autocast``) casts y to the autocast dtype D, which makes a new tensor. ``cast_input`` makes that
 copy and tags it too, with the same source and ``Rebuild.cast_to = D``: the consumer rebuilds y and casts it
@@ -127,6 +139,26 @@ def unpack_input(saved: Sequence[Optional[Tensor]], how: Optional[Rebuild]) -> t
         return mine[0], rest
     y = _rebuild(mine, how)
     return (y if how.cast_to is None else y.to(how.cast_to)), rest
+
+
+# What a kernel rebuilds in its tile loads (kernels/norm_tile.py): an RMSNorm whose input and weight share a dtype
+# (its output's), or autocast's 16-bit copy of an fp32 one. (Mixed input / weight dtypes would be exact too, but
+# each would be one more compiled kernel variant; those rare cases keep the torch rebuild.)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_rebuild_source(saved: Sequence[Optional[Tensor]], how: Optional[Rebuild]
+                          ) -> Optional[tuple[tuple, str, tuple]]:
+    """((x, rstd, w), form, the rest of the saved tensors) when the consumer's input is an RMSNorm output that a
+    kernel rebuilds bit for bit in its loads (``lowcost.kernels.norm_tile``, the Triton backend), else None
+    (no tag, LayerNorm, or dtypes whose rebuild only torch reproduces: ``unpack_input`` then)."""
+    if how is None or not how.kind.startswith("rms:"):
+        return None
+    (x, stat, weight), rest = saved[:3], tuple(saved[3:])
+    casts = (None, x.dtype) + ((torch.float16, torch.bfloat16) if x.dtype == torch.float32 else ())
+    exact = (x.dtype in _KERNEL_DTYPES and weight.dtype == x.dtype and stat.dtype == torch.float32
+             and how.cast_to in casts)
+    return ((x, stat, weight), how.kind.split(":")[1], rest) if exact else None
 
 
 def _rebuild(mine: Sequence[Optional[Tensor]], how: Rebuild) -> Tensor:

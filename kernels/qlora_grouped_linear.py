@@ -34,10 +34,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from .fused_launches import _Projection, _report_precision
 from .lora_grouped_linear import MAX_PROJECTIONS, plan_da_pass, plan_g_passes, plan_u_pass
 from .lora_linear import _plan_x_pass
-from .lora_linear_plan import lowrank_operand, sm_count
-from .qlora_linear import _check, plan_qbwd_dx, plan_qfwd_y, quant_args
+from .lora_linear_plan import Launch, lowrank_operand, sm_count
+from .qlora_dequant import FORMAT_IDS
+from .qlora_linear import _aot_label, _check, _placeholder_weight, plan_qbwd_dx, plan_qfwd_y, quant_args
 
 Tensor = torch.Tensor
 
@@ -137,3 +139,63 @@ def qgrouped_bwd(grads: Sequence[Tensor], x: Tensor, projections, weights: Seque
     for launch in launches:
         launch.run()
     return outputs
+
+
+# ----------------------------------------------------------------------------------------- kernel report
+PROJECTION_NAMES = ("q", "k", "v")
+
+
+def report_launches(scheme: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, p: float,
+                    num_sms: int) -> list[Launch]:
+    """Every launch of one forward + backward (dx and every dA needed) of the grouped q/k/v projections on
+    ``scheme`` weights at tokens M, hidden K, rank r and dropout p each: q (N, K), k and v (N/4, K) (Llama-3-8B's
+    grouped-query attention). Planned by ``plan_forward`` / ``plan_backward`` on placeholders (nothing runs).
+
+    Labels: a launch made once per projection names it ("bwd_g (k)"); the dequantizing GEMMs also name the
+    format ("qfwd_y nf4 (q)"), and the dgrads after the first say ACCUMULATE ("qbwd_dx nf4 (k, ACCUMULATE)":
+    dx += g_k deq(W_k) after the GEMM loop)."""
+    x = torch.empty((M, K), dtype=dtype)
+    outs = (N, max(1, N // 4), max(1, N // 4))
+    projections = [_Projection(None, torch.empty((r, K), dtype=dtype), torch.empty((n, r), dtype=dtype), 2.0, p, 1 + i)
+                   for i, n in enumerate(outs)]
+    weights = [StoredWeight(_placeholder_weight(scheme, n, K), scheme, 64) for n in outs]
+    fwd, ys, us = plan_forward(x, projections, weights, num_sms)
+    bwd, _ = plan_backward([torch.empty_like(y) for y in ys], x, projections, weights, us, (True, True, True, False),
+                           num_sms)
+    return _report_precision(_name_projections(fwd + bwd, scheme), dtype)
+
+
+def _name_projections(launches: list, scheme: str) -> list:
+    """Appends the projection to each label made once per projection (the planners loop over q, k, v in order,
+    so the i-th such launch is projection i's), the format to the dequantizing GEMMs, ACCUMULATE to the dgrads
+    that add into dx. A label made neither once nor once per projection is a planner this does not know."""
+    seen: dict = {}
+    for launch in launches:
+        seen.setdefault(launch.label, []).append(launch)
+    for label, same in seen.items():
+        assert len(same) in (1, len(PROJECTION_NAMES)), f"{label}: {len(same)} launches, not 1 or one per projection"
+        for name, launch in zip(PROJECTION_NAMES if len(same) > 1 else ("",), same):
+            tags = [name] * bool(name) + ["ACCUMULATE"] * bool(launch.constexprs.get("ACCUMULATE"))
+            fmt = f" {scheme}" if "FMT" in launch.constexprs else ""
+            launch.label = f"{label}{fmt}" + (f" ({', '.join(tags)})" if tags else "")
+    return launches
+
+
+def aot_launches(dtypes=(torch.bfloat16, torch.float16, torch.float32), num_sms: int = 132):
+    """The configurations only this op launches: the dequantizing dgrad with ACCUMULATE (every other launch of
+    the op is the dequantizing GEMMs', the dense grouped passes' or the LoRA-linear passes', compiled by their
+    modules' ``aot_launches``). ACCUMULATE adds the dx tile after the GEMM loop, independent of the decode: both
+    tiles (wide and narrow) with and without the du A steps for every x dtype on nf4, and every other format
+    once (bf16, wide tile, du A steps)."""
+    cases = [("nf4", d, m, lowrank) for d in dtypes for m in (4096, 64) for lowrank in (False, True)]
+    cases += [(s, torch.bfloat16, 4096, True) for s in FORMAT_IDS if s != "nf4" and torch.bfloat16 in dtypes]
+    K = 4096
+    for scheme, dtype, m, lowrank in cases:
+        qargs = quant_args(_placeholder_weight(scheme, m, K), scheme)
+        g, dx = torch.empty((m, m), dtype=dtype), torch.empty((m, K), dtype=dtype)
+        du, a = torch.empty((m, 16), dtype=dtype), torch.empty((16, K), dtype=dtype)
+        launch = plan_qbwd_dx(g, qargs, K, 64, du if lowrank else None, a if lowrank else None, dx, num_sms,
+                              accumulate=True)
+        launch = _aot_label(launch, scheme, dtype)
+        launch.label += " ACCUMULATE"
+        yield launch

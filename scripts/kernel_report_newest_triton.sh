@@ -20,4 +20,4 @@ step "Triton $("$VENV/bin/python" -c 'import triton; print(triton.__version__)')
 export TRITON_DEFAULT_FP_FUSION=1
 "$VENV/bin/python" tools/kernel_report.py --all-configs
 "$VENV/bin/python" tools/kernel_report.py --backend triton --check
-"$VENV/bin/python" tools/kernel_report.py --op qlora_linear --op qlora_gated_mlp --backend triton --check
+"$VENV/bin/python" tools/kernel_report.py --op qlora_linear --op qlora_gated_mlp --op qlora_grouped_linear --backend triton --check

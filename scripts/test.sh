@@ -17,5 +17,5 @@ echo "== kernel report (Triton $(python -c 'import triton; print(triton.__versio
 python tools/kernel_report.py --all-configs
 echo "== kernel report at the benchmark shapes: the targets of issue #9 (--check)"
 python tools/kernel_report.py --check
-echo "== kernel report of the dequantizing GEMMs (every weight format; LoRA linear and the fused MLP's down projection) at the benchmark shapes (--check)"
-python tools/kernel_report.py --op qlora_linear --op qlora_gated_mlp --backend triton --check
+echo "== kernel report of the dequantizing GEMMs (every weight format; LoRA linear, the fused MLP's down projection, the grouped q/k/v) at the benchmark shapes (--check)"
+python tools/kernel_report.py --op qlora_linear --op qlora_gated_mlp --op qlora_grouped_linear --backend triton --check

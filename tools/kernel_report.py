@@ -4,8 +4,9 @@
                                   [--backend triton|cuda|all] [--op OP ...] [--json | --markdown] [--check]
     python tools/kernel_report.py --all-configs        # compile every configuration the launchers can launch
                                                        # (dense LoRA kernels, the dequantizing GEMMs, the
-                                                       # fused gated MLP, dense and quantized, and the
-                                                       # fused loss)
+                                                       # fused gated MLP, dense and quantized, the
+                                                       # quantized grouped dgrad's ACCUMULATE mode and
+                                                       # the fused loss)
     python tools/kernel_report.py --update-readme after   # rewrite the README table between its markers
 
 Per kernel launch at a shape (default: the benchmark shapes, bf16, M=8192, K=4096, N in {4096, 14336},
@@ -20,8 +21,11 @@ kernels of the fused MLP, at Llama-3-8B's MLP: M=8192, H=4096, I=14336, r=16); "
 grouped q/k/v kernels at Llama-3-8B's attention input: M=8192, K=4096, q 4096 and k/v 1024 outputs, r=16) and "linear_cross_entropy"
 (the fused loss's row kernel on one chunk at hidden 4096, vocabulary 128256), from
 ``kernels.fused_launches``. Only when named: "qlora_linear" (the dequantizing GEMMs, per --scheme, at the
-lora_linear shapes) and "qlora_gated_mlp" (the fused MLP's down-projection GEMMs with W_d decoded in the
-loop, per --scheme, at the lora_gated_mlp shape; ``kernels.qlora_gated_mlp``). A --shape is read by every
+lora_linear shapes), "qlora_gated_mlp" (the fused MLP's down-projection GEMMs with W_d decoded in the
+loop, per --scheme, at the lora_gated_mlp shape; ``kernels.qlora_gated_mlp``) and "qlora_grouped_linear" (every
+launch of the grouped q/k/v projections on quantized weights, per --scheme, at the lora_grouped_linear shape:
+the grouped u and dA passes, each projection's dequantizing y GEMM, g-pass and dgrad, the later dgrads labelled
+ACCUMULATE, the x-passes with dropout, the reductions; ``kernels.qlora_grouped_linear``). A --shape is read by every
 selected op (M, K=H, N=I, r for the MLPs; M, hidden, vocabulary for the loss).
 
 The Triton launches come from ``kernels.lora_linear.report_launches`` (the launchers' own planning code:
@@ -59,11 +63,15 @@ QLORA_SCHEMES = ("nf4", "nf4-dq", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k"
 # qlora_gated_mlp (--op qlora_gated_mlp, not in the default report either): the fused MLP's down-projection
 # GEMMs on a quantized W_d at the lora_gated_mlp shape, one group per --scheme ("qlora_gated_mlp:SCHEME")
 QGATED = "qlora_gated_mlp"
-QUANTIZED_OPS = (QLORA, QGATED)
+# qlora_grouped_linear (--op qlora_grouped_linear, not in the default report either): every launch of the grouped
+# q/k/v projections on quantized weights at the lora_grouped_linear shape, one group per --scheme
+QGROUPED = "qlora_grouped_linear"
+QUANTIZED_OPS = (QLORA, QGATED, QGROUPED)
 # lora_linear: M, K, N, r; lora_gated_mlp: M tokens, H = K, I = N, r (Llama-3-8B's MLP); linear_cross_entropy:
 # M tokens, hidden K, vocabulary N (Llama-3's 128256), r unused (the head's GEMMs are torch's)
 DEFAULT_SHAPES = {"lora_linear": BENCH_SHAPES, QLORA: BENCH_SHAPES, "lora_gated_mlp": ((8192, 4096, 14336, 16),),
                   QGATED: ((8192, 4096, 14336, 16),), "lora_grouped_linear": ((8192, 4096, 4096, 16),),
+                  QGROUPED: ((8192, 4096, 4096, 16),),
                   "linear_cross_entropy": ((8192, 4096, 128256, 16),)}
 JSON_KEYS = ("kernel", "backend", "role", "grid", "persistent", "regs", "spills", "smem", "ctas_per_sm", "mma",
              "tma", "atomics", "barriers")
@@ -80,6 +88,7 @@ def _op_launches(op: str, shape, dtype, p: float, num_sms: int) -> list:
     from kernels.fused_launches import report_launches as fused_launches
     from kernels.lora_linear import report_launches
     from kernels.qlora_gated_mlp import report_launches as quantized_mlp_launches
+    from kernels.qlora_grouped_linear import report_launches as quantized_grouped_launches
     from kernels.qlora_linear import report_launches as quantized_launches
     if op == "lora_linear":
         return report_launches(*shape, dtype, p, num_sms)
@@ -87,6 +96,8 @@ def _op_launches(op: str, shape, dtype, p: float, num_sms: int) -> list:
         return quantized_launches(op.split(":", 1)[1], *shape, dtype, p, num_sms)
     if op.startswith(QGATED + ":"):
         return quantized_mlp_launches(op.split(":", 1)[1], *shape, dtype, p, num_sms)
+    if op.startswith(QGROUPED + ":"):
+        return quantized_grouped_launches(op.split(":", 1)[1], *shape, dtype, p, num_sms)
     return fused_launches(op, *shape, dtype, p, num_sms)
 
 
@@ -128,8 +139,10 @@ def all_config_jobs(text: str) -> list[dict]:
     from kernels.fused_launches import aot_launches as fused_launches      # gated MLP and loss (issue #12)
     from kernels.lora_linear import aot_launches
     from kernels.qlora_gated_mlp import aot_launches as quantized_mlp_launches  # the MLP's, W_d quantized (#13)
+    from kernels.qlora_grouped_linear import aot_launches as quantized_grouped_launches  # its ACCUMULATE dgrads
     from kernels.qlora_linear import aot_launches as quantized_launches   # the dequantizing GEMMs (issue #13)
-    launches = itertools.chain(aot_launches(), quantized_launches(), fused_launches(), quantized_mlp_launches())
+    launches = itertools.chain(aot_launches(), quantized_launches(), fused_launches(), quantized_mlp_launches(),
+                               quantized_grouped_launches())
     return [{"launch": launch, "kernel": launch.label} for launch in launches if text in launch.label]
 
 
@@ -265,6 +278,9 @@ def _title(op: str, shape: str, p: float, dtype: str) -> str:
     if op.startswith(QGATED + ":"):
         return (f"qlora_gated_mlp, down projection's dequantizing GEMMs on a {op.split(':')[1]} W_d (gate and up "
                 f"are the qlora_linear GEMMs at M={M} K={K} N={N}): M={M} H={K} I={N} r={r} {dtype} p={p}")
+    if op.startswith(QGROUPED + ":"):
+        return (f"qlora_grouped_linear, every launch of the grouped q/k/v projections on {op.split(':')[1]} weights "
+                f"(q: N={N} outputs, k and v: N/4): M={M} K={K} N={N} r={r} {dtype} p={p}")
     return f"M={M} K={K} N={N} r={r} {dtype} p={p}"
 
 
@@ -323,11 +339,12 @@ def _parse_args(argv):
     parser.add_argument("--arch", default="sm_90a", choices=["sm_90a"], help="compile target")
     parser.add_argument("--backend", default="all", choices=["triton", "cuda", "all"])
     parser.add_argument("--op", action="append", choices=OPS + QUANTIZED_OPS,
-                        help="Triton ops to report (repeatable; default all but qlora_linear and "
-                             "qlora_gated_mlp). With --shape, each op reads it as it reads its default (see "
-                             "DEFAULT_SHAPES)")
+                        help="Triton ops to report (repeatable; default all but the quantized ones: "
+                             "qlora_linear, qlora_gated_mlp and qlora_grouped_linear). With --shape, each op reads "
+                             "it as it reads its default (see DEFAULT_SHAPES)")
     parser.add_argument("--scheme", action="append", choices=QLORA_SCHEMES,
-                        help="--op qlora_linear / qlora_gated_mlp: weight formats (repeatable; default all)")
+                        help="--op qlora_linear / qlora_gated_mlp / qlora_grouped_linear: weight formats "
+                             "(repeatable; default all)")
     parser.add_argument("--num-sms", type=int, default=SM90_SMS, help="SM count the launches are planned for")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="a JSON list, one object per kernel")

@@ -162,3 +162,51 @@ def test_cuda_rows_come_from_the_cuda_module_or_say_why_not(monkeypatch):
     fake.cuda_kernel_rows = missing
     rows, error = kernel_report.cuda_rows([(8192, 4096, 4096, 16)], "bf16", [0.05], "sm_90a")
     assert rows == [] and "nvcc not found" in error
+
+
+def test_quantized_grouped_report_lists_every_launch_of_the_op_without_compiling():
+    """--op qlora_grouped_linear: the planners' launches of one forward + backward of q/k/v on a quantized base at
+    Llama-3-8B's attention input, each labelled by its projection, the dequantizing GEMMs by format, and the dgrads
+    after the first (which add into dx) as ACCUMULATE; dropout swaps the grouped dA pass for per-projection x-passes.
+    Planning only (placeholder tensors): a broken planner or label breaks this, not just the compile."""
+    import kernel_report
+
+    def kernels(p):
+        jobs = kernel_report.report_jobs(None, "bf16", (p,), 132, ("qlora_grouped_linear:q6_k",))
+        assert all(job["op"] == "qlora_grouped_linear:q6_k" and job["shape"] == "8192,4096,4096,16" for job in jobs)
+        labels = [job["kernel"] for job in jobs]
+        assert len(labels) == len(set(labels)), labels   # the target check keys rows by label
+        return {job["kernel"]: job for job in jobs}
+
+    per_projection = {f"{name} ({x})" for name in ("bwd_g", "reduce_du", "reduce_dB") for x in "qkv"}
+    gemms = {"qfwd_y q6_k (q)", "qfwd_y q6_k (k)", "qfwd_y q6_k (v)", "qbwd_dx q6_k (q)", "qbwd_dx q6_k (k, ACCUMULATE)",
+             "qbwd_dx q6_k (v, ACCUMULATE)"}
+    plain, dropout = kernels(0.0), kernels(0.05)
+    assert set(plain) == {"grouped_u", "grouped_da", *gemms, *per_projection,
+                          *(f"reduce_grouped_dA ({x})" for x in "qkv")}
+    assert set(dropout) == {"grouped_u", *gemms, *per_projection, *(f"{k} ({x})" for k in ("bwd_x", "reduce_dA")
+                                                                     for x in "qkv")}
+    for jobs in (plain, dropout):
+        assert {label for label, job in jobs.items() if job["role"] == "gemm"} == gemms
+        accumulating = {label for label, job in jobs.items() if job["launch"].constexprs.get("ACCUMULATE")}
+        assert accumulating == {"qbwd_dx q6_k (k, ACCUMULATE)", "qbwd_dx q6_k (v, ACCUMULATE)"}
+        assert [jobs[f"qfwd_y q6_k ({x})"]["launch"].args["N"] for x in "qkv"] == [4096, 1024, 1024]
+    assert plain["qbwd_dx q6_k (k, ACCUMULATE)"]["launch"].constexprs["LOWRANK"]        # du A inline at p = 0
+    assert not dropout["qbwd_dx q6_k (k, ACCUMULATE)"]["launch"].constexprs["LOWRANK"]  # in the x-pass with dropout
+
+
+def test_quantized_grouped_all_configs_add_the_accumulating_dgrad_once_per_configuration():
+    """--all-configs adds the configurations only the quantized grouped op launches: the dgrad with ACCUMULATE,
+    every x dtype, tile and du A flag on nf4 and every other format once (the epilogue is decode-independent)."""
+    sys.path.insert(0, str(REPO))
+    from kernels.qlora_dequant import FORMAT_IDS
+    from kernels.qlora_grouped_linear import aot_launches
+    launches = list(aot_launches())
+    labels = [launch.label for launch in launches]
+    assert len(labels) == len(set(labels)) == 12 + len(FORMAT_IDS) - 1
+    assert all(launch.constexprs["ACCUMULATE"] and label.startswith("qbwd_dx") and label.endswith("ACCUMULATE")
+               for launch, label in zip(launches, labels))
+    assert {launch.constexprs["FMT"] for launch in launches} == set(FORMAT_IDS.values())
+    nf4 = {(label.split()[2], launch.config_text(), launch.constexprs["LOWRANK"])
+           for launch, label in zip(launches, labels) if label.startswith("qbwd_dx nf4 ")}
+    assert len(nf4) == 12 and {dtype for dtype, _, _ in nf4} == {"bfloat16", "float16", "float32"}  # x 2 tiles x du A

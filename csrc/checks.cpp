@@ -238,6 +238,40 @@ LoraDims check_lora_down_args(const at::Tensor& x, const at::Tensor& lora_a, int
   return d;
 }
 
+LoraDims check_lora_down_grouped_args(const at::Tensor& x, const at::Tensor& lora_a, c10::ArrayRef<int64_t> ranks,
+                                      c10::ArrayRef<int64_t> seeds, c10::ArrayRef<double> p,
+                                      c10::DeviceType device) {
+  const char* op = "lora_down_grouped";
+  check_2d(op, "x", x, "(M, K)");
+  check_2d(op, "lora_a", lora_a, "(sum r_i, K)");
+  check_device(op, "x", x, x, "x", device);
+  check_device(op, "lora_a", lora_a, x, "x", device);
+  check_activation_dtype(op, "x", x);
+  check_adapter_dtype(op, "lora_a", lora_a, x.scalar_type(), "x");
+  TORCH_CHECK(lora_a.size(1) == x.size(1), "lowcost::", op, ": lora_a must be (sum r_i, K) with K = x.size(1) = ",
+              x.size(1), ", got lora_a of shape ", lora_a.sizes());
+  const int64_t count = static_cast<int64_t>(ranks.size());
+  TORCH_CHECK(count >= 1 && count <= kMaxGroupedProjections, "lowcost::", op, ": ranks must have 1 to ",
+              kMaxGroupedProjections, " entries (one per projection), got ", count);
+  TORCH_CHECK(static_cast<int64_t>(seeds.size()) == count && static_cast<int64_t>(p.size()) == count, "lowcost::", op,
+              ": seeds and p must have one entry per projection (", count, " ranks), got ", seeds.size(), " seeds and ",
+              p.size(), " p");
+  int64_t total = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(ranks[i] >= 0, "lowcost::", op, ": ranks[", i, "] must be >= 0, got ", ranks[i]);
+    total += ranks[i];
+    check_seed(op, seeds[i]);
+    check_p(op, p[i]);
+  }
+  TORCH_CHECK(total == lora_a.size(0), "lowcost::", op, ": ranks must sum to lora_a.size(0) = ", lora_a.size(0),
+              " (the stacked adapters' rows), got ", ranks, " (sum ", total, ")");
+  LoraDims d;
+  d.M = x.size(0);
+  d.K = x.size(1);
+  d.r = total;
+  return d;
+}
+
 LoraDims check_lora_up_args(const at::Tensor& u, const at::Tensor& lora_b,
                             const std::optional<at::Tensor>& bias, c10::ScalarType dtype,
                             c10::DeviceType device) {

@@ -36,6 +36,17 @@ LoraDims check_philox_dropout_pair_args(const at::Tensor& x, const at::Tensor& z
 LoraDims check_lora_down_args(const at::Tensor& x, const at::Tensor& lora_a, int64_t seed,
                               double p, c10::DeviceType device);
 
+// The most projections one lora_down_grouped call takes (the CUDA kernel's per-projection table is a kernel
+// argument of this many entries).
+constexpr int kMaxGroupedProjections = 8;
+
+// lora_down_grouped(x, lora_a, ranks, seeds, p): x and lora_a as for lora_down, lora_a the stacked (sum r_i, K)
+// adapters; ranks, seeds and p one entry per projection (1 .. kMaxGroupedProjections of them), ranks >= 0 summing
+// to lora_a.size(0), each seed and p as lora_down's. Returns r = sum r_i.
+LoraDims check_lora_down_grouped_args(const at::Tensor& x, const at::Tensor& lora_a, c10::ArrayRef<int64_t> ranks,
+                                      c10::ArrayRef<int64_t> seeds, c10::ArrayRef<double> p,
+                                      c10::DeviceType device);
+
 LoraDims check_lora_up_args(const at::Tensor& u, const at::Tensor& lora_b,
                             const std::optional<at::Tensor>& bias, c10::ScalarType dtype,
                             c10::DeviceType device);

@@ -17,6 +17,10 @@ TORCH_LIBRARY(lowcost, m) {
   m.def("philox_dropout_pair_(Tensor x, Tensor(a!) z, int seed, float p) -> Tensor");
   // u = (D (.) x) lora_a^T, float32 (M, r).
   m.def("lora_down(Tensor x, Tensor lora_a, int seed, float p) -> Tensor");
+  // Projections i = 0 .. P-1 (1 <= P <= 8) sharing x: lora_a = [A_0; A_1; ...] (sum r_i, K), ranks[i] = r_i ->
+  // u = [u_0 u_1 ...] (M, sum r_i) float32, u_i = (D_i (.) x) A_i^T with D_i the mask lora_down draws for
+  // (seeds[i], p[i]): u equals the P lora_down calls concatenated, bit for bit (CUDA: every r_i <= 64).
+  m.def("lora_down_grouped(Tensor x, Tensor lora_a, int[] ranks, int[] seeds, float[] p) -> Tensor");
   // c = scale * u lora_b^T + bias, (M, N) in dtype.
   m.def("lora_up(Tensor u, Tensor lora_b, Tensor? bias, float scale, ScalarType dtype) -> Tensor");
   // One read of grad_y: du = scale * g B (M, r), dB = scale * g^T u (N, r), dbias = sum_m g (N,)

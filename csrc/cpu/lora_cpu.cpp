@@ -68,6 +68,21 @@ int64_t row_grain(int64_t work_per_row) {
   return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work_per_row));
 }
 
+// out[j] = sum_k D_k x[m, k] a_kr[k][j] for one row m of x (xrow: its first element, sx1: its column stride), the
+// mask read through `mask` at the logical indices m*K + k. The loop order (k ascending, zero start) is the one
+// every lora_down row uses, so rows computed here for any caller are bitwise those of lora_down.
+template <typename xT>
+void lora_down_row(const xT* xrow, int64_t sx1, int64_t m, int64_t K, const float* a_kr, int64_t r,
+                   const DropoutParams& d, MaskCursor& mask, float* out) {
+  std::fill(out, out + r, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    if (!mask.keep(m * K + k)) continue;  // a dropped element contributes exactly 0
+    const float xv = dropout_apply(d, true, static_cast<float>(xrow[k * sx1]));
+    const float* a = a_kr + k * r;
+    for (int64_t j = 0; j < r; ++j) out[j] += xv * a[j];
+  }
+}
+
 template <typename xT, typename aT>
 void lora_down_impl(const at::Tensor& x, const at::Tensor& lora_a, const DropoutParams& d,
                     at::Tensor& u) {
@@ -80,15 +95,35 @@ void lora_down_impl(const at::Tensor& x, const at::Tensor& lora_a, const Dropout
     MaskCursor mask(d);
     std::vector<float> acc(static_cast<size_t>(r));
     for (int64_t m = m_begin; m < m_end; ++m) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      const xT* xrow = xp + m * sx0;
-      for (int64_t k = 0; k < K; ++k) {
-        if (!mask.keep(m * K + k)) continue;  // a dropped element contributes exactly 0
-        const float xv = dropout_apply(d, true, static_cast<float>(xrow[k * sx1]));
-        const float* a = at_kr.data() + k * r;
-        for (int64_t j = 0; j < r; ++j) acc[j] += xv * a[j];
-      }
+      lora_down_row<xT>(xp + m * sx0, sx1, m, K, at_kr.data(), r, d, mask, acc.data());
       std::copy(acc.begin(), acc.end(), up + m * r);
+    }
+  });
+}
+
+// lora_down_grouped: per row m of x, each projection i's columns u[m, o_i .. o_i + r_i) (o_i = r_0 + .. + r_{i-1})
+// by lora_down_row with its own mask cursor, so each is bitwise its lora_down's row; the row is read from memory
+// once and from cache by the later projections.
+template <typename xT, typename aT>
+void lora_down_grouped_impl(const at::Tensor& x, const at::Tensor& lora_a, at::IntArrayRef ranks,
+                            const std::vector<DropoutParams>& ds, at::Tensor& u) {
+  const int64_t M = x.size(0), K = x.size(1), R = lora_a.size(0);
+  const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+  const int64_t P = static_cast<int64_t>(ranks.size());
+  std::vector<std::vector<float>> a_kr;  // projection i's A_i as [K][r_i]
+  std::vector<int64_t> offset(static_cast<size_t>(P) + 1, 0);
+  for (int64_t i = 0; i < P; ++i) {
+    a_kr.push_back(stage_fp32<aT>(lora_a.narrow(0, offset[i], ranks[i]), /*transpose=*/true));
+    offset[i + 1] = offset[i] + ranks[i];
+  }
+  const xT* xp = x.data_ptr<xT>();
+  float* up = u.data_ptr<float>();
+  at::parallel_for(0, M, row_grain(K * R), [&](int64_t m_begin, int64_t m_end) {
+    std::vector<MaskCursor> masks(ds.begin(), ds.end());
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      for (int64_t i = 0; i < P; ++i) {
+        lora_down_row<xT>(xp + m * sx0, sx1, m, K, a_kr[i].data(), ranks[i], ds[i], masks[i], up + m * R + offset[i]);
+      }
     }
   });
 }
@@ -242,6 +277,19 @@ at::Tensor lora_down(const at::Tensor& x, const at::Tensor& lora_a, int64_t seed
   return u;
 }
 
+at::Tensor lora_down_grouped(const at::Tensor& x, const at::Tensor& lora_a, at::IntArrayRef ranks,
+                             at::IntArrayRef seeds, at::ArrayRef<double> p) {
+  const LoraDims dims = check_lora_down_grouped_args(x, lora_a, ranks, seeds, p, c10::DeviceType::CPU);
+  at::Tensor u = at::zeros({dims.M, dims.r}, x.options().dtype(at::kFloat));
+  if (u.numel() == 0 || dims.K == 0) return u;
+  std::vector<DropoutParams> ds;
+  for (size_t i = 0; i < ranks.size(); ++i) ds.push_back(make_dropout_params(seeds[i], p[i]));
+  dispatch_act_adapter(x.scalar_type(), lora_a.scalar_type(), "lora_down_grouped", [&](auto xv, auto av) {
+    lora_down_grouped_impl<decltype(xv), decltype(av)>(x, lora_a, ranks, ds, u);
+  });
+  return u;
+}
+
 at::Tensor lora_up(const at::Tensor& u, const at::Tensor& lora_b,
                    const std::optional<at::Tensor>& bias, double scale, c10::ScalarType dtype) {
   const LoraDims dims = check_lora_up_args(u, lora_b, bias, dtype, c10::DeviceType::CPU);
@@ -292,6 +340,7 @@ std::tuple<at::Tensor, at::Tensor> lora_dx_da(const at::Tensor& x, const at::Ten
 
 TORCH_LIBRARY_IMPL(lowcost, CPU, m) {
   m.impl("lora_down", &lowcost::cpu::lora_down);
+  m.impl("lora_down_grouped", &lowcost::cpu::lora_down_grouped);
   m.impl("lora_up", &lowcost::cpu::lora_up);
   m.impl("lora_grad_pass", &lowcost::cpu::lora_grad_pass);
   m.impl("lora_dx_da", &lowcost::cpu::lora_dx_da);

@@ -115,6 +115,42 @@ at::Tensor run_lora_down(const at::Tensor& x, const at::Tensor& lora_a, int64_t 
 }
 
 template <typename Exec>
+at::Tensor run_lora_down_grouped(const at::Tensor& x, const at::Tensor& lora_a, at::IntArrayRef ranks,
+                                 at::IntArrayRef seeds, at::ArrayRef<double> p, Exec& exec) {
+  const LoraDims dims = check_lora_down_grouped_args(x, lora_a, ranks, seeds, p, Exec::kDevice);
+  [[maybe_unused]] const auto guard = exec.guard(x.device());
+  at::Tensor u = exec.empty({dims.M, dims.r}, x.options().dtype(at::kFloat));
+  if (u.numel() == 0) return u;
+  if (dims.K == 0) return u.zero_();
+  DownGroup group;
+  group.count = static_cast<int>(ranks.size());
+  for (int i = 0; i < group.count; ++i) {
+    group.rank[i] = ranks[i];
+    group.row0[i] = i == 0 ? 0 : group.row0[i - 1] + ranks[i - 1];
+    group.frag0[i + 1] = group.frag0[i] + down_fragments(ranks[i]);
+    group.d[i] = make_dropout_params(seeds[i], p[i]);
+  }
+  dispatch_act_adapter(x.scalar_type(), lora_a.scalar_type(), "lora_down_grouped", [&](auto xv, auto av) {
+    using xT = decltype(xv);
+    using aT = decltype(av);
+    const DownPlan plan =
+        plan_lora_down_grouped(dims.M, dims.K, group.frag0[group.count], exec.sms(), sizeof(xT), sizeof(aT));
+    const at::Tensor parts = partials_or_output(exec, u, plan.splits, false);
+    const xT* xp = x.data_ptr<xT>();
+    const aT* ap = lora_a.data_ptr<aT>();
+    dispatch_rank_tile(plan.rt, [&](auto tile) {
+      constexpr int RT = decltype(tile)::value;
+      exec.launch(plan.grid, plan.smem, "lora_down_grouped", lora_down_grouped_kernel<xT, aT, RT>, xp, dims.M, dims.K,
+                  x.stride(0), x.stride(1), rows_vec16(xp, dims.M, x.stride(0), x.stride(1)), ap, lora_a.stride(0),
+                  lora_a.stride(1), rows_vec16(ap, dims.r, lora_a.stride(0), lora_a.stride(1)), group, dims.r,
+                  parts.data_ptr<float>());
+    });
+    sum_partials(exec, {{parts.data_ptr<float>(), u.data_ptr<float>(), dims.M * dims.r, plan.splits}});
+  });
+  return u;
+}
+
+template <typename Exec>
 at::Tensor run_lora_up(const at::Tensor& u, const at::Tensor& lora_b, const std::optional<at::Tensor>& bias,
                        double scale, c10::ScalarType dtype, Exec& exec) {
   const LoraDims dims = check_lora_up_args(u, lora_b, bias, dtype, Exec::kDevice);

@@ -75,16 +75,49 @@ struct DownPlan {
   int64_t smem = 0;
 };
 
+// K splits of a lora_down launch with `chunks` rank chunks: enough blocks for 2 per SM, at most one per K tile.
+inline int64_t down_splits(int64_t M, int64_t K, int64_t chunks, int64_t sms) {
+  const int64_t row_tiles = ceil_div(M, kDownBM);
+  const int64_t k_tiles = std::max<int64_t>(1, ceil_div(K, kDownBK));
+  const int64_t want = ceil_div(2 * sms, std::max<int64_t>(1, row_tiles * chunks));
+  return std::min<int64_t>({std::max<int64_t>(1, want), k_tiles, 65535});
+}
+
 inline DownPlan plan_lora_down(int64_t M, int64_t K, int64_t r, int64_t sms, int x_elem, int a_elem) {
   DownPlan p;
   p.rt = rank_tile(r);
   p.chunks = std::max<int64_t>(1, ceil_div(r, p.rt));
-  const int64_t row_tiles = ceil_div(M, kDownBM);
-  const int64_t k_tiles = std::max<int64_t>(1, ceil_div(K, kDownBK));
-  const int64_t want = ceil_div(2 * sms, std::max<int64_t>(1, row_tiles * p.chunks));
-  p.splits = std::min<int64_t>({std::max<int64_t>(1, want), k_tiles, 65535});
-  p.grid = {row_tiles, p.splits, p.chunks};
+  p.splits = down_splits(M, K, p.chunks, sms);
+  p.grid = {ceil_div(M, kDownBM), p.splits, p.chunks};
   p.smem = down_layout(p.rt, x_elem, a_elem).total;
+  return p;
+}
+
+// lora_down_grouped: P projections' lora_down over one staged x tile. Projection i's r_i columns take
+// ceil(r_i / 8) fragments of 8 (mma n = 8); the F fragments of all projections, in order, are cut into rank chunks
+// of RT / 8 (grid.z; RT = rank_tile(8 F)), so a block's chunk may hold several projections and a projection may
+// span chunks. Per K tile, each projection of the chunk with dropout copies the staged x tile through its mask into
+// one more tile (after the stages) and multiplies its fragments with it; projections without dropout multiply the
+// staged tile. The K splits are lora_down's with one rank chunk, so a projection with r_i <= 64 adds the same K
+// tiles in the same order as its own lora_down: the grouped u is bitwise the P lora_down calls.
+inline int64_t down_fragments(int64_t r) { return ceil_div(r, 8); }
+
+constexpr DownLayout down_grouped_layout(int rt, int x_elem, int a_elem) {
+  const DownLayout l = down_layout(rt, x_elem, a_elem);
+  return {l.x_tile, l.stage, std::max<int64_t>(l.total, l.stage * kDownStages + l.x_tile)};  // + the masked tile
+}
+
+// The masked x tile's offset in the grouped kernel's shared memory (after the stages).
+constexpr int64_t down_grouped_masked_tile(const DownLayout& l) { return l.stage * kDownStages; }
+
+inline DownPlan plan_lora_down_grouped(int64_t M, int64_t K, int64_t fragments, int64_t sms, int x_elem,
+                                       int a_elem) {
+  DownPlan p;
+  p.rt = rank_tile(8 * fragments);
+  p.chunks = std::max<int64_t>(1, ceil_div(8 * fragments, p.rt));
+  p.splits = down_splits(M, K, 1, sms);
+  p.grid = {ceil_div(M, kDownBM), p.splits, p.chunks};
+  p.smem = down_grouped_layout(p.rt, x_elem, a_elem).total;
   return p;
 }
 

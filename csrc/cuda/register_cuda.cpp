@@ -7,6 +7,7 @@
 TORCH_LIBRARY_IMPL(lowcost, CUDA, m) {
   m.impl("philox_dropout", &lowcost::cuda::philox_dropout);
   m.impl("lora_down", &lowcost::cuda::lora_down);
+  m.impl("lora_down_grouped", &lowcost::cuda::lora_down_grouped);
   m.impl("lora_up", &lowcost::cuda::lora_up);
   m.impl("lora_grad_pass", &lowcost::cuda::lora_grad_pass);
   m.impl("lora_dx_da", &lowcost::cuda::lora_dx_da);

@@ -1,6 +1,7 @@
 // Block-level tile helpers of the skinny kernels: staging a tile of a strided matrix into shared
-// memory (16-byte cp.async chunks, or plain loads when the rows are not 16-byte aligned), the dropout
-// mask applied to a staged x tile, and rows of 8 leaving as 16-byte stores.
+// memory (16-byte cp.async chunks, or plain loads when the rows are not 16-byte aligned; contiguous rows or
+// rows gathered by the caller), the dropout mask applied to a staged x tile (in place, or into a second tile), and
+// rows of 8 leaving as 16-byte stores.
 #pragma once
 
 #include "launch_plan.h"
@@ -22,13 +23,14 @@ inline bool rows_vec16(const T* base, int64_t rows, int64_t s0, int64_t s1) {
   return s1 == 1 && (rows <= 1 || s0 % kChunk<T> == 0) && reinterpret_cast<std::uintptr_t>(base) % 16 == 0;
 }
 
-// dst (ROWS x COLS, leading dimension padded_ld(COLS)) = rows [r0, r0 + ROWS) x columns
-// [c0, c0 + COLS) of the (n_rows, n_cols) matrix src with strides (s0, s1); elements outside the
-// matrix are 0. With `vec` (rows_vec16, c0 a multiple of kChunk) every thread issues cp.async chunks
-// (the caller commits and waits); otherwise the copy is synchronous.
-template <typename T, int ROWS, int COLS>
-__device__ __forceinline__ void stage_tile(T* dst, const T* src, int64_t r0, int64_t c0, int64_t n_rows,
-                                           int64_t n_cols, int64_t s0, int64_t s1, bool vec) {
+// dst (ROWS x COLS, leading dimension padded_ld(COLS)) = rows source_row(0 .. ROWS-1) x columns
+// [c0, c0 + COLS) of the (., n_cols) matrix src with strides (s0, s1); source_row(row) is the row of src
+// that tile row `row` holds, or -1 for a row of zeros; columns past n_cols are 0. With `vec` (rows_vec16, c0 a
+// multiple of kChunk) every thread issues cp.async chunks (the caller commits and waits); otherwise the copy is
+// synchronous.
+template <typename T, int ROWS, int COLS, typename SourceRow>
+__device__ __forceinline__ void stage_tile_rows(T* dst, const T* src, SourceRow source_row, int64_t c0,
+                                                int64_t n_cols, int64_t s0, int64_t s1, bool vec) {
   constexpr int LD = padded_ld(COLS, sizeof(T));
   constexpr int E = kChunk<T>;
   static_assert(COLS % E == 0, "tile width must be a whole number of 16-byte chunks");
@@ -36,19 +38,28 @@ __device__ __forceinline__ void stage_tile(T* dst, const T* src, int64_t r0, int
 #pragma unroll 1
     for (int q = threadIdx.x; q < ROWS * COLS / E; q += kThreads) {
       const int row = q / (COLS / E), col = (q % (COLS / E)) * E;
-      const int64_t gr = r0 + row, gc = c0 + col;
+      const int64_t gr = source_row(row), gc = c0 + col;
       const int64_t left = n_cols - gc;
-      const int valid = (gr < n_rows && left > 0) ? static_cast<int>(left < E ? left : E) : 0;
+      const int valid = (gr >= 0 && left > 0) ? static_cast<int>(left < E ? left : E) : 0;
       cp_async_16(dst + row * LD + col, valid > 0 ? src + gr * s0 + gc : src, valid * static_cast<int>(sizeof(T)));
     }
   } else {
 #pragma unroll 1
     for (int e = threadIdx.x; e < ROWS * COLS; e += kThreads) {
       const int row = e / COLS, col = e % COLS;
-      const int64_t gr = r0 + row, gc = c0 + col;
-      dst[row * LD + col] = (gr < n_rows && gc < n_cols) ? src[gr * s0 + gc * s1] : T(0.0f);
+      const int64_t gr = source_row(row), gc = c0 + col;
+      dst[row * LD + col] = (gr >= 0 && gc < n_cols) ? src[gr * s0 + gc * s1] : T(0.0f);
     }
   }
+}
+
+// dst = rows [r0, r0 + ROWS) x columns [c0, c0 + COLS) of the (n_rows, n_cols) matrix src (stage_tile_rows);
+// elements outside the matrix are 0.
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void stage_tile(T* dst, const T* src, int64_t r0, int64_t c0, int64_t n_rows,
+                                           int64_t n_cols, int64_t s0, int64_t s1, bool vec) {
+  stage_tile_rows<T, ROWS, COLS>(
+      dst, src, [=](int row) { return r0 + row < n_rows ? r0 + row : int64_t{-1}; }, c0, n_cols, s0, s1, vec);
 }
 
 // Groups of 8 consecutive columns of a ROWS x COLS tile, handed out to threads: group q =
@@ -61,11 +72,14 @@ struct RowGroups {
   __device__ static int col(int s) { return (static_cast<int>(threadIdx.x) + s * kThreads) % (COLS / 8) * 8; }
 };
 
-// Zeroes the dropped elements of a staged x tile whose element (0, 0) is x[r0, c0] of the logical
-// (M, K) matrix (one Philox call per 4 elements). Returns this thread's keep bits: group s of
-// RowGroups in bits 8s .. 8s + 7. Elements outside the matrix are already 0 and stay 0.
-template <typename T, int ROWS, int COLS>
-__device__ __forceinline__ uint32_t mask_tile(T* tile, int64_t r0, int64_t c0, int64_t K, const DropoutParams& d) {
+// dst = D (.) src (mask values only: keep_scale is the caller's) for a staged x tile src whose element (0, 0) is
+// x[r0, c0] of the logical (M, K) matrix (one Philox call per 4 elements); dst may be src (Copy false: only the
+// dropped elements are written, as zeros) or another tile of the same layout (Copy true: every element is
+// written). Returns this thread's keep bits: group s of RowGroups in bits 8s .. 8s + 7. Elements outside the
+// matrix are 0 in src and stay 0.
+template <typename T, int ROWS, int COLS, bool Copy>
+__device__ __forceinline__ uint32_t apply_tile_mask(const T* src, T* dst, int64_t r0, int64_t c0, int64_t K,
+                                                    const DropoutParams& d) {
   using G = RowGroups<ROWS, COLS>;
   constexpr int LD = padded_ld(COLS, sizeof(T));
   uint32_t all_bits = 0;
@@ -75,11 +89,29 @@ __device__ __forceinline__ uint32_t mask_tile(T* tile, int64_t r0, int64_t c0, i
     const uint32_t bits = dropout_keep8(d, static_cast<uint64_t>((r0 + row) * K + c0 + col));
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
-      if (!((bits >> t) & 1u)) tile[row * LD + col + t] = T(0.0f);
+      const int e = row * LD + col + t;
+      if (!((bits >> t) & 1u)) {
+        dst[e] = T(0.0f);
+      } else if (Copy) {
+        dst[e] = src[e];
+      }
     }
     all_bits |= bits << (8 * s);
   }
   return all_bits;
+}
+
+// Zeroes the dropped elements of a staged x tile in place (apply_tile_mask); returns the thread's keep bits.
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ uint32_t mask_tile(T* tile, int64_t r0, int64_t c0, int64_t K, const DropoutParams& d) {
+  return apply_tile_mask<T, ROWS, COLS, false>(tile, tile, r0, c0, K, d);
+}
+
+// dst = D (.) src for a staged x tile, src unchanged (apply_tile_mask): one staged tile, several masks.
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void masked_copy_tile(const T* src, T* dst, int64_t r0, int64_t c0, int64_t K,
+                                                 const DropoutParams& d) {
+  apply_tile_mask<T, ROWS, COLS, true>(src, dst, r0, c0, K, d);
 }
 
 template <typename T>

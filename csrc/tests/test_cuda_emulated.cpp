@@ -51,6 +51,12 @@ at::Tensor emu_lora_down(const at::Tensor& x, const at::Tensor& lora_a, int64_t 
   return lowcost::cuda::run_lora_down(x, lora_a, seed, p, exec);
 }
 
+at::Tensor emu_lora_down_grouped(const at::Tensor& x, const at::Tensor& lora_a, at::IntArrayRef ranks,
+                                 at::IntArrayRef seeds, at::ArrayRef<double> p, int64_t sms) {
+  EmuExec exec{sms};
+  return lowcost::cuda::run_lora_down_grouped(x, lora_a, ranks, seeds, p, exec);
+}
+
 at::Tensor emu_lora_up(const at::Tensor& u, const at::Tensor& lora_b, const std::optional<at::Tensor>& bias,
                        double scale, c10::ScalarType dtype) {
   EmuExec exec;
@@ -270,6 +276,52 @@ void test_lora_down() {
   }
 }
 
+// P projections over one x: the emulated grouped kernel equals, to the bit, the emulated lora_down of each
+// projection concatenated (same K splits and K-term order per fragment; every r_i <= 64), and the CPU op (itself
+// bitwise the CPU lora_down calls) within the fp32 tolerance. Ranks 5 and 16 mixed (several projections in one
+// rank chunk, a projection across two chunks, a rank-0 projection), dropout 0 on some projections; M = 0 and 1,
+// K = 100 (odd tiles), strided x, 1 SM (one split) and 132 (partials + sum_partials).
+void test_lora_down_grouped() {
+  struct Group {
+    std::vector<int64_t> ranks;
+    std::vector<double> p;
+  };
+  const Group groups[] = {{{5, 16, 5}, {0.1, 0.0, 0.3}},
+                          {{16, 16, 16, 16, 5}, {0.2, 0.0, 0.5, 0.1, 0.25}},  // 9 fragments: 2 chunks
+                          {{7, 0, 64}, {0.3, 0.2, 0.1}},
+                          {{20}, {0.0}}};
+  const int64_t shapes[][2] = {{0, 13}, {1, 100}, {7, 100}, {129, 33}, {70, 136}};
+  for (const DtypePair& dp : kPairs) {
+    for (const Group& grp : groups) {
+      int64_t total = 0;
+      for (int64_t r : grp.ranks) total += r;
+      std::vector<int64_t> seeds;
+      for (size_t i = 0; i < grp.ranks.size(); ++i) seeds.push_back((int64_t{7} << 32) + 11 * static_cast<int64_t>(i));
+      for (const auto& s : shapes) {
+        for (bool transposed : {false, true}) {
+          const at::Tensor x = make(s[0], s[1], dp.act, transposed);
+          const at::Tensor a = make(total, s[1], dp.adapter, false);
+          const at::Tensor want_cpu = lowcost::cpu::lora_down_grouped(x, a, grp.ranks, seeds, grp.p);
+          const std::string n = name("lora_down_grouped", s[0], s[1], total, dp.act, dp.adapter, transposed,
+                                     grp.p[0]) + " P " + std::to_string(grp.ranks.size());
+          for (int64_t sms : {1, 132}) {
+            std::vector<at::Tensor> parts;
+            int64_t row = 0;
+            for (size_t i = 0; i < grp.ranks.size(); ++i) {
+              parts.push_back(emu_lora_down(x, a.narrow(0, row, grp.ranks[i]), seeds[i], grp.p[i], sms));
+              row += grp.ranks[i];
+            }
+            const at::Tensor got = emu_lora_down_grouped(x, a, grp.ranks, seeds, grp.p, sms);
+            const std::string ns = n + " sms " + std::to_string(sms);
+            expect_equal(ns + " vs P emulated lora_down", got, at::cat(parts, 1));
+            expect_close(ns + " vs CPU", got, want_cpu, at::kFloat);
+          }
+        }
+      }
+    }
+  }
+}
+
 void test_lora_up() {
   const int64_t cases[][3] = {{0, 9, 4}, {1, 9, 1}, {7, 33, 7}, {129, 50, 16}, {65, 136, 20}, {3, 64, 70}, {70, 200, 64}};
   for (const DtypePair& dp : kPairs) {
@@ -472,8 +524,9 @@ int main(int argc, char** argv) {
   const std::pair<const char*, void (*)()> tests[] = {
       {"mma_fragment_layout", test_mma_fragment_layout}, {"mma_operands", test_mma_operands},
       {"philox_dropout", test_philox_dropout},           {"lora_down", test_lora_down},
-      {"lora_up", test_lora_up},                         {"lora_grad_pass", test_lora_grad_pass},
-      {"lora_dx_da", test_lora_dx_da},                   {"bitwise_reproducible", test_backward_bitwise_reproducible},
+      {"lora_down_grouped", test_lora_down_grouped},     {"lora_up", test_lora_up},
+      {"lora_grad_pass", test_lora_grad_pass},           {"lora_dx_da", test_lora_dx_da},
+      {"bitwise_reproducible", test_backward_bitwise_reproducible},
       {"gated_act", test_gated_act},                     {"softmax_xent_rows", test_softmax_xent_rows}};
   for (const auto& test : tests) {
     if (argc < 2 || std::string(test.first).find(argv[1]) != std::string::npos) test.second();

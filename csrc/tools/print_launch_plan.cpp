@@ -7,11 +7,14 @@
 //   print_launch_plan M K N r X_DTYPE ADAPTER_DTYPE SMS HAS_BIAS [QUANT]
 //   print_launch_plan gated_act M I DTYPE ACT SMS
 //   print_launch_plan xent_rows C V DTYPE SMS
+//   print_launch_plan down_grouped M K X_DTYPE ADAPTER_DTYPE SMS R0,R1,...
 //   (the second form: the fused gated MLP's own elementwise launches, lowcost/ops/_cuda_gated_mlp.py: h in the
 //   forward, h again and the two input gradients in the backward; ACT: silu, gelu_tanh or gelu)
 //   (the third form: the fused linear cross-entropy's row pass on the cuda backend, lowcost/ops/linear_cross_entropy.py,
 //   for one chunk of C rows of V logits: softmax_xent_rows without dz (a forward that saves nothing) and with dz,
 //   each one launch, or two (piece partials, then fold) when the plan splits rows into slices)
+//   (the fourth form: the grouped linear's forward lora_down with dropout, lowcost/ops/_cuda_grouped_linear.py:
+//   lora_down_grouped over one x (M, K) for projections of ranks R0, R1, ..., then sum_partials when K is split)
 //   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE; QUANT: nf4, nf4-dq, int8, q8_0, q4_0,
 //   q4_1, q4_k, q6_k for a quantized weight, whose base GEMMs are lowcost's dequant_gemm / dequant_gemm_dgrad
 //   instead of cuBLAS)
@@ -166,11 +169,46 @@ int print_xent_rows(int argc, char** argv) {
   return 0;
 }
 
+int print_down_grouped(int argc, char** argv) {
+  Dtype x{}, a{};
+  if (argc != 8 || !parse_dtype(argv[4], x) || !parse_dtype(argv[5], a)) {
+    std::fprintf(stderr, "usage: %s down_grouped M K X_DTYPE(bf16|fp16|fp32) ADAPTER_DTYPE SMS R0,R1,...\n", argv[0]);
+    return 2;
+  }
+  const int64_t M = std::atoll(argv[2]), K = std::atoll(argv[3]), sms = std::atoll(argv[6]);
+  int64_t fragments = 0, total = 0, count = 0;
+  bool ranks_ok = true;
+  for (const char* p = argv[7]; ranks_ok && *p != '\0'; ++count) {
+    char* end = nullptr;
+    const long long r = std::strtoll(p, &end, 10);
+    ranks_ok = end != p && r >= 0 && (*end == ',' || *end == '\0');
+    fragments += down_fragments(r);
+    total += r;
+    p = *end == ',' ? end + 1 : end;
+  }
+  if (M < 1 || K < 1 || sms < 1 || !ranks_ok || total < 1 || count > 8 ||
+      (a.bytes != 4 && std::string(argv[5]) != argv[4])) {
+    std::fprintf(stderr, "M, K and SMS must be >= 1, the ranks 1 to 8 integers >= 0 (not all 0) and the adapter "
+                 "dtype fp32 or the x dtype\n");
+    return 2;
+  }
+  const DownPlan plan = plan_lora_down_grouped(M, K, fragments, sms, x.bytes, a.bytes);
+  print_launch("lora_down_grouped", kernel_name("lora_down_grouped_kernel", {x.cpp, a.cpp, std::to_string(plan.rt)}),
+               plan.grid, plan.smem,
+               "64x64 x tiles, " + std::to_string(kDownStages) + " stages + a masked tile, " +
+                   std::to_string(count) + " projections in " + std::to_string(plan.chunks) + " rank chunks, K split " +
+                   std::to_string(plan.splits));
+  print_reduce("lora_down_grouped", {{M * total, plan.splits}});
+  std::printf("\n]\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc >= 2 && std::string(argv[1]) == "gated_act") return print_gated_act(argc, argv);
   if (argc >= 2 && std::string(argv[1]) == "xent_rows") return print_xent_rows(argc, argv);
+  if (argc >= 2 && std::string(argv[1]) == "down_grouped") return print_down_grouped(argc, argv);
   Dtype x{}, a{};
   const std::string quant = argc == 10 ? argv[9] : "";
   const int fmt = quant.empty() ? -1 : quant_format_id(quant);

@@ -19,8 +19,13 @@ passes over x are shared through the stacked adapters [A_0; A_1; …] (Σr_i, K)
 forward:  [u_0 u_1 …] = lora_down(x, [A_0; A_1; …])                one read of x for all projections
 backward: dx, [dA_0; dA_1; …] = lora_dx_da(x, [du_0 du_1 …], [A_0; A_1; …])   Σ_i du_i A_i starts dx (no t_i
           transient), every dA_i from one read of x; then dx += g_i W_i by addmm_ for each i.
-With dropout the masks differ per projection and each projection makes its own passes (a lora_down that masks
-one staged x tile per projection, as the Triton kernels do, is not built).
+With dropout on any projection (one adapter dtype, at most ``MAX_GROUPED_DOWN`` = 8 projections) the forward still
+reads x once: ``lora_down_grouped`` stages each x tile once and masks it per projection (D_i from seed_i and p_i,
+into a second tile; a projection without dropout multiplies the staged tile), as the Triton kernels do:
+forward:  [u_0 u_1 …] = lora_down_grouped(x, [A_0; A_1; …], [r_i], [seed_i], [p_i])    u_i = (D_i ⊙ x) A_iᵀ
+          bitwise the P separate lora_down calls (every r_i ≤ 64 on CUDA; the C++ CPU kernel always).
+The backward with dropout keeps one lora_dx_da per projection (its mask enters both t_i and dA_i). Mixed adapter
+dtypes (the A_i do not concatenate) keep the per-projection forward as well.
 
 dx is in x's dtype throughout (the GEMM's C operand): in 16 bits each of its adds rounds once (2P - 1 of them
 with dropout, P without), as the sum of P unfused ``lora_linear(backend='cuda')`` dx's does; the torch backend
@@ -44,10 +49,20 @@ Tensor = torch.Tensor
 ops = torch.ops.lowcost
 
 
+MAX_GROUPED_DOWN = 8   # lowcost._C's kMaxGroupedProjections: the most projections one lora_down_grouped takes
+
+
 def _stackable(projections: Sequence[GroupedProjection]) -> bool:
     """True when the projections can share every pass over x: more than one, no dropout on any (so every one reads
     the same unmasked x) and one adapter dtype (so their A_i concatenate into one (Σr_i, K) operand)."""
     return (len(projections) > 1 and all(p.dropout == 0.0 for p in projections)
+            and len({p.lora_a.dtype for p in projections}) == 1)
+
+
+def _grouped_down(projections: Sequence[GroupedProjection]) -> bool:
+    """True when the forward's lora_down of every projection is one ``lora_down_grouped`` over x: more than one
+    projection (at most MAX_GROUPED_DOWN), dropout on some (else ``_stackable``) and one adapter dtype."""
+    return (1 < len(projections) <= MAX_GROUPED_DOWN and any(p.dropout != 0.0 for p in projections)
             and len({p.lora_a.dtype for p in projections}) == 1)
 
 
@@ -71,8 +86,14 @@ def grouped_fwd(x: Tensor, projections: Sequence[GroupedProjection], bases: Opti
     """([y_i (M, N_i) in x.dtype], [u_i (M, r_i) float32]) for x (M, K). ``bases``: per projection
     (add_base, add_base_dgrad) (``_cuda_backend.dense_base`` / ``quant_base``); None: the dense W_i's."""
     bases = _bases(projections, bases)
-    if _stackable(projections):   # one lora_down for all: [u_0 u_1 …] = x [A_0; A_1; …]ᵀ, one read of x
-        u_all = ops.lora_down(x, _stacked_a(projections), 0, 0.0)
+    stackable, grouped = _stackable(projections), _grouped_down(projections)
+    if stackable or grouped:   # one read of x for all: [u_0 u_1 …], u_i = (D_i ⊙ x) A_iᵀ (D_i = 1 when stackable)
+        if stackable:
+            u_all = ops.lora_down(x, _stacked_a(projections), 0, 0.0)
+        else:
+            u_all = ops.lora_down_grouped(x, _stacked_a(projections), _ranks(projections),
+                                          [p.seed if p.dropout != 0.0 else 0 for p in projections],
+                                          [float(p.dropout) for p in projections])
         us = [u.clone() for u in u_all.split(_ranks(projections), dim=1)]   # own storage: outputs must not alias
         ys = [_cuda_backend.lora_up_base(u, p.lora_b, p.bias, p.scale, x, lambda c, add=add: add(c, x))
               for u, p, (add, _) in zip(us, projections, bases)]

@@ -73,7 +73,8 @@ def _check_registered(device):
 # ------------------------------------------------------------------------------------------------
 # registration
 def test_schemas_registered():
-    for name in ("philox_dropout", "philox_dropout_pair_", "lora_down", "lora_up", "lora_grad_pass", "lora_dx_da"):
+    for name in ("philox_dropout", "philox_dropout_pair_", "lora_down", "lora_down_grouped", "lora_up", "lora_grad_pass",
+                 "lora_dx_da"):
         assert hasattr(ops, name), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lowcost::{name}", "CPU"), name
 
@@ -85,6 +86,8 @@ def test_schema_text():
     assert schemas["lowcost::lora_grad_pass"] == (
         "lowcost::lora_grad_pass(Tensor grad_y, Tensor u, Tensor lora_b, float scale, bool need_dbias)"
         " -> (Tensor, Tensor, Tensor)")
+    assert schemas["lowcost::lora_down_grouped"] == (
+        "lowcost::lora_down_grouped(Tensor x, Tensor lora_a, int[] ranks, int[] seeds, float[] p) -> Tensor")
     assert schemas["lowcost::lora_dx_da"] == (
         "lowcost::lora_dx_da(Tensor x, Tensor du, Tensor lora_a, int seed, float p, bool need_dx)"
         " -> (Tensor, Tensor)")
@@ -97,6 +100,7 @@ def test_opcheck_schema():
     cases = [(ops.philox_dropout, (x, 3, 0.2)), (ops.philox_dropout, (x, 3, 0.0)), (ops.lora_down, (x, a, 3, 0.2)),
              (ops.lora_up, (u, b, torch.randn(11), 0.5, torch.float32)), (ops.lora_grad_pass, (g, u, b, 0.5, True)),
              (ops.lora_dx_da, (x, u, a, 3, 0.2, True)), (ops.lora_dx_da, (x, u, a, 3, 0.2, False)),
+             (ops.lora_down_grouped, (x, torch.cat([a, a[:2]]), [5, 2], [3, 4], [0.2, 0.0])),
              (ops.philox_dropout_pair_, (x, torch.randn(7, 13), 3, 0.2))]
     for op, args in cases:
         result = torch.library.opcheck(op.default, args, test_utils=("test_schema",))
@@ -223,6 +227,70 @@ def test_lora_down_p0_matches_matmul(device):
     t = _inputs(33, 70, 8, 16, torch.float32, device=device)
     u = ops.lora_down(t["x"], t["lora_a"], 5, 0.0)
     assert_close_to_reference("u", u, t["x"].double() @ t["lora_a"].double().t(), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# lora_down_grouped
+GROUPED_CASES = [  # (ranks, dropouts): r_i 5 and 16 mixed, dropout 0 on some projections, one rank 0, one projection
+    ((5, 16, 5), (0.1, 0.0, 0.3)), ((16, 5), (0.0, 0.0)), ((5, 16, 16, 5), (0.25, 0.5, 0.0, 0.1)),
+    ((7,), (0.2,)), ((3, 0, 70), (0.1, 0.2, 0.3))]
+
+
+def _grouped_inputs(M, K, ranks, dtype, adapter_dtype, noncontiguous, device="cpu"):
+    t = _inputs(M, K, 8, sum(ranks), dtype, adapter_dtype, noncontiguous, device=device)
+    seeds = [2**33 + 5 + 7 * i for i in range(len(ranks))]
+    return t["x"], t["lora_a"], seeds
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.float16, None), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("M,K", [(0, 13), (1, 100), (7, 100), (129, 33)])
+@pytest.mark.parametrize("ranks,dropouts", GROUPED_CASES)
+@pytest.mark.parametrize("noncontiguous", [False, True])
+def test_lora_down_grouped_is_p_lora_downs(device, dtype, adapter_dtype, M, K, ranks, dropouts, noncontiguous):
+    """Bit for bit the P lora_down calls (each with its seed and p) concatenated, and within the fp32 tolerance of
+    [(D_0 x) A_0^T ...] in float64 with every mask from the reference Philox."""
+    _check_registered(device)
+    x, a, seeds = _grouped_inputs(M, K, ranks, dtype, adapter_dtype, noncontiguous, device)
+    u = ops.lora_down_grouped(x, a, list(ranks), seeds, list(dropouts))
+    assert u.dtype == torch.float32 and u.shape == (M, sum(ranks))
+    a_i = a.split(list(ranks), dim=0)
+    separate = torch.cat([ops.lora_down(x, ai, s, p) for ai, s, p in zip(a_i, seeds, dropouts)], dim=1)
+    assert torch.equal(u, separate)
+    expected = torch.cat([x_tilde64(x, s, p) @ ai.double().t() for ai, s, p in zip(a_i, seeds, dropouts)], dim=1)
+    assert_close_to_reference("u", u, expected, torch.float32)  # exact inputs, fp32 accumulation
+
+
+def test_lora_down_grouped_masks_differ_per_projection():
+    """Two projections with one A and different seeds get different masks (a shared mask would give equal halves),
+    and each half is its own seed's lora_down."""
+    x, a = torch.randn(9, 40), torch.randn(4, 40)
+    u = ops.lora_down_grouped(x, torch.cat([a, a]), [4, 4], [1, 2], [0.5, 0.5])
+    assert not torch.equal(u[:, :4], u[:, 4:])
+    assert torch.equal(u[:, :4], ops.lora_down(x, a, 1, 0.5)) and torch.equal(u[:, 4:], ops.lora_down(x, a, 2, 0.5))
+
+
+def test_lora_down_grouped_errors_name_the_argument():
+    x, a = torch.randn(4, 8), torch.randn(6, 8)
+    cases = [
+        (lambda: ops.lora_down_grouped(x, a, [2, 3], [0, 1], [0.1, 0.1]), "ranks must sum to lora_a.size(0) = 6"),
+        (lambda: ops.lora_down_grouped(x, a, [3, 3], [0], [0.1, 0.1]), "seeds and p must have one entry per"),
+        (lambda: ops.lora_down_grouped(x, a, [3, 3], [0, 1], [0.1]), "seeds and p must have one entry per"),
+        (lambda: ops.lora_down_grouped(x, a, [], [], []), "ranks must have 1 to 8 entries"),
+        (lambda: ops.lora_down_grouped(x, torch.randn(9, 8), [1] * 9, [0] * 9, [0.0] * 9),
+         "ranks must have 1 to 8 entries"),
+        (lambda: ops.lora_down_grouped(x, a, [7, -1], [0, 1], [0.1, 0.1]), "ranks[1] must be >= 0"),
+        (lambda: ops.lora_down_grouped(x, a, [3, 3], [0, -1], [0.1, 0.1]), "seed must lie in [0, 2^63)"),
+        (lambda: ops.lora_down_grouped(x, a, [3, 3], [0, 1], [0.1, 1.0]), "p must lie in [0, 1)"),
+        (lambda: ops.lora_down_grouped(x, torch.randn(6, 9), [3, 3], [0, 1], [0.1, 0.1]), "lora_a must be (sum r_i"),
+        (lambda: ops.lora_down_grouped(x.bfloat16(), a.half(), [3, 3], [0, 1], [0.1, 0.1]),
+         "lora_a must be float32 or the dtype of x"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert message in str(info.value), f"expected {message!r} in {info.value}"
 
 
 # ------------------------------------------------------------------------------------------------

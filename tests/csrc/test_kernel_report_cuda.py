@@ -55,6 +55,34 @@ def test_launch_plan_small_and_unsplit():
 
 
 @needs_cxx
+@pytest.mark.parametrize("ranks,rt,chunks", [((16, 16, 16), 64, 1), ((64, 64, 64), 64, 3), ((5, 16), 32, 1)])
+def test_grouped_down_launch_plan(ranks, rt, chunks):
+    """lora_down_grouped at M, K = 8192, 4096: the rank tile covers the projections' 8-column fragments (5 -> 8),
+    chunks of 64 columns on z, lora_down's K split (one rank chunk): >= 2 blocks per SM, then sum_partials."""
+    launches = krc.grouped_down_launches(8192, 4096, ranks, "bf16")
+    assert [launch["op"] for launch in launches] == ["lora_down_grouped", "sum_partials"]
+    down = launches[0]
+    assert down["kernel"] == f"lowcost::cuda::lora_down_grouped_kernel<c10::BFloat16, c10::BFloat16, {rt}>"
+    splits = krc.launches(8192, 4096, 4096, 16, "bf16")[0]["grid"][1]
+    assert down["grid"] == [8192 // 64, splits, chunks]
+    assert down["grid"][0] * down["grid"][1] * down["grid"][2] >= 2 * 132
+    x_tile, a_tile = 64 * 72 * 2, rt * 72 * 2
+    assert down["smem"] == max(3 * (x_tile + a_tile) + x_tile, 4 * 32 * (rt // 8) * 16)  # 3 stages + the masked tile
+
+
+@needs_cxx
+def test_grouped_down_small_unsplit_and_refusals():
+    """One row tile and one K tile: no split, no sum_partials; the printer refuses bad ranks."""
+    launches = krc.grouped_down_launches(1, 64, (3, 0, 70), "fp16", "fp32")
+    assert [launch["op"] for launch in launches] == ["lora_down_grouped"]
+    assert launches[0]["grid"] == [1, 1, 2]   # 1 + 0 + 9 fragments: two chunks of 8
+    with pytest.raises(RuntimeError):
+        krc.grouped_down_launches(8, 64, (0, 0), "bf16")
+    with pytest.raises(ValueError, match="ranks must be 1 to 8"):
+        krc.grouped_down_rows(8, 64, tuple([1] * 9), "bf16")
+
+
+@needs_cxx
 @pytest.mark.parametrize("quant, fmt", [("nf4", 0), ("nf4-dq", 1), ("int8", 2), ("q8_0", 3), ("q4_0", 4), ("q4_1", 5),
                                         ("q4_k", 6), ("q6_k", 7)])
 def test_launch_plan_on_a_quantized_weight(quant, fmt):

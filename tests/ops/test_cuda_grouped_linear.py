@@ -138,13 +138,14 @@ def test_u_is_exactly_the_masked_input():
 
 
 # ------------------------------------------------------------------------------------------- structure
-@pytest.mark.parametrize("dropouts,passes,adds", [((0.1, 0.0, 0.2), 3, 2), ((0.0, 0.0, 0.0), 1, 0)],
-                         ids=["dropout", "stacked"])
-def test_one_dx_accumulator(cuda_on_cpu, dropouts, passes, adds):
+@pytest.mark.parametrize("dropouts,downs,passes,adds",
+                         [((0.1, 0.0, 0.2), (0, 1), 3, 2), ((0.0, 0.0, 0.0), (1, 0), 1, 0)], ids=["dropout", "stacked"])
+def test_one_dx_accumulator(cuda_on_cpu, dropouts, downs, passes, adds):
     """Backward: one lora_grad_pass per projection; lora_dx_da once per projection with dropout (then the P-1
     later low-rank terms join dx by add_), once for all without (the stacked [du_i] and [A_i]: its result is dx);
     the dense terms added by addmm_ in place (one per projection); no (M, K) tensor zeroed or summed out of
-    place. Forward: lora_down once per projection with dropout, once for all without (one read of x)."""
+    place. Forward: one read of x either way: one lora_down_grouped with dropout (a mask per projection), one
+    lora_down over the stacked adapters without."""
     from torch.profiler import profile
     M, K = 9, 20
     d = make_inputs(M, K, GQA[0], GQA[1])
@@ -152,7 +153,8 @@ def test_one_dx_accumulator(cuda_on_cpu, dropouts, passes, adds):
     with profile() as prof:
         ys = lora_grouped_linear(c["x"], c["w"], c["a"], c["b"], (1.0,) * 3, c["bias"], dropouts, (1, 2, 3),
                                  backend="cuda")
-    assert [e.name for e in prof.events()].count("lowcost::lora_down") == passes
+    names = [e.name for e in prof.events()]
+    assert (names.count("lowcost::lora_down"), names.count("lowcost::lora_down_grouped")) == downs
     with profile(record_shapes=True) as prof:
         torch.autograd.backward(ys, c["g"])
     names = [e.name for e in prof.events()]
@@ -169,6 +171,27 @@ def test_stacked_path_needs_one_adapter_dtype(cuda_on_cpu):
     d = make_inputs(13, 24, GQA[0], GQA[1], dtype=torch.bfloat16, seed=3)
     d["a"][0], d["b"][0] = d["a"][0].float(), d["b"][0].float()
     check(d, (0.0, 0.0, 0.0), dtype=torch.bfloat16, backend="cuda")
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-dtype", "mixed-dtypes"])
+def test_forward_with_dropout_reads_x_once_for_one_adapter_dtype(cuda_on_cpu, mixed):
+    """Dropout on some projections: one lora_down_grouped when the A_i share a dtype (they stack), else one
+    lora_down per projection; the u_i either way bitwise those of P lora_down calls with the projections' seeds,
+    and outputs and gradients within bf16's tolerance of float64."""
+    from torch.profiler import profile
+    d = make_inputs(13, 24, GQA[0], GQA[1], dtype=torch.bfloat16, seed=5)
+    if mixed:
+        d["a"][0], d["b"][0] = d["a"][0].float(), d["b"][0].float()
+    dropouts, seeds = [0.1, 0.0, 0.3], torch.tensor([7, 8, 9])
+    c = _leaves(d)
+    with profile() as prof:
+        _, us = _grouped_op(c["x"], c["w"], c["a"], c["b"], [], [False] * 3, [1.0] * 3, dropouts, seeds, "cuda")
+    names = [e.name for e in prof.events()]
+    downs = (names.count("lowcost::lora_down"), names.count("lowcost::lora_down_grouped"))
+    assert downs == ((3, 0) if mixed else (0, 1))
+    for u, a, seed, p in zip(us, c["a"], seeds.tolist(), dropouts):
+        assert torch.equal(u, torch.ops.lowcost.lora_down(c["x"].detach(), a.detach(), seed, p))
+    check(d, tuple(dropouts), dtype=torch.bfloat16, backend="cuda")
 
 
 def test_saves_x_once_the_u_and_the_seeds(cuda_on_cpu):

@@ -70,6 +70,32 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 }
 
 // --------------------------------------------------------------------------------------------
+// The two K halves of lora_down's warps (wk = 0, 1: each multiplies half of every K tile). Once the stages are
+// free, warps wk = 1 park their NF accumulator fragments in the stage memory (each lane its own 4·NF floats), and
+// after a barrier warps wk = 0 add them to theirs: acc = acc_0 + acc_1, one add per element.
+__device__ __forceinline__ float* k_half_slot(unsigned char* smem, int wm, int nf) {
+  return reinterpret_cast<float*>(smem) + (wm * 32 + lane_id()) * nf * 4;
+}
+
+template <int NF>
+__device__ __forceinline__ void park_k_half(const FragC (&acc)[NF], unsigned char* smem, int wm) {
+  float* slot = k_half_slot(smem, wm, NF);
+#pragma unroll
+  for (int n = 0; n < NF; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) slot[n * 4 + e] = acc[n].x[e];
+}
+
+template <int NF>
+__device__ __forceinline__ void add_k_half(FragC (&acc)[NF], unsigned char* smem, int wm) {
+  const float* slot = k_half_slot(smem, wm, NF);
+#pragma unroll
+  for (int n = 0; n < NF; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n].x[e] += slot[n * 4 + e];
+}
+
+// --------------------------------------------------------------------------------------------
 // lora_down
 template <typename xT, typename aT, int RT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
@@ -124,22 +150,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   cp_async_wait<0>();
   __syncthreads();  // the stages are free: the k-half 1 fragments go through them
 
-  float* half1 = reinterpret_cast<float*>(smem) + (wm * 32 + lane_id()) * (RT / 8) * 4;
-  if (wk == 1) {
-#pragma unroll
-    for (int n = 0; n < RT / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) half1[n * 4 + e] = acc[n].x[e];
-  }
+  if (wk == 1) park_k_half(acc, smem, wm);
   __syncthreads();
   if (wk == 0) {
+    add_k_half(acc, smem, wm);
     float* out = u_parts + static_cast<int64_t>(blockIdx.y) * M * r;
 #pragma unroll
     for (int n = 0; n < RT / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t m = m0 + wm * 16 + frag_c_row(e), j = j0 + n * 8 + frag_c_col(e);
-        if (m < M && j < r) out[m * r + j] = d.keep_scale * (acc[n].x[e] + half1[n * 4 + e]);
+        if (m < M && j < r) out[m * r + j] = d.keep_scale * acc[n].x[e];
       }
   }
 }
@@ -243,15 +264,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   cp_async_wait<0>();
   __syncthreads();  // the stages are free: the k-half 1 fragments go through them
 
-  float* half1 = reinterpret_cast<float*>(smem) + (wm * 32 + lane_id()) * NF * 4;
-  if (wk == 1) {
-#pragma unroll
-    for (int n = 0; n < NF; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) half1[n * 4 + e] = acc[n].x[e];
-  }
+  if (wk == 1) park_k_half(acc, smem, wm);
   __syncthreads();
   if (wk == 0) {
+    add_k_half(acc, smem, wm);
     float* out = u_parts + static_cast<int64_t>(blockIdx.y) * M * R;
 #pragma unroll
     for (int n = 0; n < NF; ++n) {
@@ -261,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t m = m0 + wm * 16 + frag_c_row(e), j = j0 + frag_c_col(e);
-        if (m < M && j < g.rank[p]) out[m * R + g.row0[p] + j] = g.d[p].keep_scale * (acc[n].x[e] + half1[n * 4 + e]);
+        if (m < M && j < g.rank[p]) out[m * R + g.row0[p] + j] = g.d[p].keep_scale * acc[n].x[e];
       }
     }
   }

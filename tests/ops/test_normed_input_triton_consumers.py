@@ -164,3 +164,29 @@ def test_the_quantized_backward_op_rebuilds_in_torch_on_the_torch_backend():
                      norm_form="gemma")
     for p, q in zip(plain, rebuilt):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("op", ["qlora_linear", "qlora_grouped_linear"])
+def test_backward_ops_with_the_norm_arguments_pass_opcheck(op):
+    """The quantized backward ops with the norm arguments (fp32 norm input, bf16 gradients: autocast's copy) on
+    Triton: schema, FakeTensor (outputs in the gradients' dtype) and AOT dispatch agree with the real kernels."""
+    t = _leaves(op, 5, torch.float32)
+    x, norm_w = t["x"].detach(), t["norm_w"].detach()
+    _, stat = rms_norm64(x, norm_w, EPS, "llama")
+    count = 3 if op == "qlora_grouped_linear" else 1
+    w = [t[f"w{i}"] for i in range(count)]
+    a = [t[f"a{i}"].detach().to(torch.bfloat16) for i in range(count)]
+    b = [t[f"b{i}"].detach().to(torch.bfloat16) for i in range(count)]
+    g = [t[f"g{i}"].to(torch.bfloat16) for i in range(count)]
+    gen = torch.Generator().manual_seed(2)
+    us = [torch.randn(5, r, generator=gen) for r in RANKS[:count]]
+    norm = {"norm_rstd": stat, "norm_weight": norm_w, "norm_form": "llama"}
+    if op == "qlora_linear":
+        args = (g[0], x, w[0].packed, w[0].scheme, w[0].block_size, a[0], b[0], us[0], SCALES[0], 0.1,
+                torch.tensor(SEEDS[0]), "triton", [True, True, True, False])
+        torch.library.opcheck(torch.ops.lowcost.qlora_linear_backward.default, args, norm)
+    else:
+        args = (g, x, [s for q in w for s in q.packed], [len(q.packed) for q in w], ",".join(q.scheme for q in w),
+                [q.block_size for q in w], a, b, us, [False] * 3, list(SCALES), [0.1, 0.0, 0.1],
+                torch.tensor(SEEDS), [True, True, True, False], "triton")
+        torch.library.opcheck(torch.ops.lowcost.qlora_grouped_linear_backward.default, args, norm)

@@ -15,6 +15,9 @@ from the gate and up tiles they load, in forward and in backward.
                                                                      mask rebuilt per tile) writes per-chunk
                                                                      fp32 partials; reduce.py sums them in order
               gate and up: lora_linear_bwd(dgate, x, …), lora_linear_bwd(dup, x, …);  dx = dx_g + dx_u
+                                                                     (with ``norm``, x is an RMSNorm's input and
+                                                                     their x-passes rebuild the op's input in
+                                                                     their loads: kernels/norm_tile.py)
 
 No atomics anywhere (as the LoRA-linear kernels, issue #9): every output element has one writer, and dA_d
 is a fixed-order sum, so backward is bitwise the same from run to run.
@@ -396,8 +399,10 @@ def gated_mlp_fwd(x: Tensor, gate_p, up_p, down_p, act: str) -> tuple[Tensor, ..
 
 
 def gated_mlp_bwd(grad_y: Tensor, x: Tensor, gate_p, up_p, down_p, gate: Tensor, up: Tensor, u_g: Tensor,
-                  u_u: Tensor, u_d: Tensor, act: str, needs) -> tuple[Optional[Tensor], ...]:
-    """(dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d) as ``lowcost.reference.gated_mlp_backward`` defines them."""
+                  u_u: Tensor, u_d: Tensor, act: str, needs, norm=None) -> tuple[Optional[Tensor], ...]:
+    """(dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d) as ``lowcost.reference.gated_mlp_backward`` defines them.
+    ``norm`` = (rstd (M,) fp32, w (K,), form): x is an RMSNorm's input and the op's input its output (in
+    grad_y's dtype), rebuilt by the gate and up x-passes in their loads (``lora_linear_bwd``'s ``norm``)."""
     need_dx, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = needs
     w_d, a_d, b_d, s_d, p_d, seed_d = down_p
     g32 = grad_y.float()
@@ -405,8 +410,8 @@ def gated_mlp_bwd(grad_y: Tensor, x: Tensor, gate_p, up_p, down_p, gate: Tensor,
     db_d = (g32.t() @ u_d).mul_(s_d).to(b_d.dtype) if need_bd else None
     dgate, dup, da_d = down_backward(grad_y, gate, up, w_d, a_d, du, p_d, seed_d, act, need_ad)
     dx_g, da_g, db_g, _ = lora_linear_bwd(dgate, x, gate_p[0], gate_p[1], gate_p[2], u_g, *gate_p[3:],
-                                          (need_dx, need_ag, need_bg, False))
+                                          (need_dx, need_ag, need_bg, False), norm)
     dx_u, da_u, db_u, _ = lora_linear_bwd(dup, x, up_p[0], up_p[1], up_p[2], u_u, *up_p[3:],
-                                          (need_dx, need_au, need_bu, False))
+                                          (need_dx, need_au, need_bu, False), norm)
     dx = dx_g.add_(dx_u) if need_dx else None
     return dx, da_g, db_g, da_u, db_u, da_d, db_d

@@ -229,9 +229,11 @@ def qgated_mlp_fwd(x: Tensor, gate_p, up_p, down_p, act: str) -> tuple[Tensor, .
 
 
 def qgated_mlp_bwd(grad_y: Tensor, x: Tensor, gate_p, up_p, down_p, gate: Tensor, up: Tensor, u_g: Tensor,
-                   u_u: Tensor, u_d: Tensor, act: str, needs) -> tuple[Optional[Tensor], ...]:
+                   u_u: Tensor, u_d: Tensor, act: str, needs, norm=None) -> tuple[Optional[Tensor], ...]:
     """(dx, dA_g, dB_g, dA_u, dB_u, dA_d, dB_d) as ``lowcost.reference.gated_mlp_backward`` defines them;
-    dB_d and du_d as the dense kernels' ``gated_mlp_bwd`` computes them, dx = dx_g + dx_u in x's dtype."""
+    dB_d and du_d as the dense kernels' ``gated_mlp_bwd`` computes them, dx = dx_g + dx_u in the op's input
+    dtype. ``norm`` = (rstd (M,) fp32, w (K,), form): x is an RMSNorm's input, the op's input rebuilt by the gate
+    and up x-passes in their loads (``qlora_linear_bwd``'s ``norm``)."""
     need_dx, need_ag, need_bg, need_au, need_bu, need_ad, need_bd = needs
     b_d, s_d = down_p[5], down_p[6]
     g32 = grad_y.float()
@@ -239,9 +241,9 @@ def qgated_mlp_bwd(grad_y: Tensor, x: Tensor, gate_p, up_p, down_p, gate: Tensor
     db_d = (g32.t() @ u_d).mul_(s_d).to(b_d.dtype) if need_bd else None
     dgate, dup, da_d = qdown_backward(grad_y, gate, up, down_p, du, act, need_ad)
     dx_g, da_g, db_g, _ = qlora_linear_bwd(dgate, x, gate_p[0], gate_p[1], *gate_p[3:6], u_g, *gate_p[6:],
-                                           (need_dx, need_ag, need_bg, False))
+                                           (need_dx, need_ag, need_bg, False), norm)
     dx_u, da_u, db_u, _ = qlora_linear_bwd(dup, x, up_p[0], up_p[1], *up_p[3:6], u_u, *up_p[6:],
-                                           (need_dx, need_au, need_bu, False))
+                                           (need_dx, need_au, need_bu, False), norm)
     dx = dx_g.add_(dx_u) if need_dx else None
     return dx, da_g, db_g, da_u, db_u, da_d, db_d
 

@@ -1,7 +1,7 @@
 """Grouped LoRA projections on quantized frozen weights, Triton: the dense grouped passes around the dequantizing GEMMs.
 
     qgrouped_fwd(x, projections, weights)                       -> [y_i (M, N_i)], [u_i (M, r_i) float32]
-    qgrouped_bwd(grads, x, projections, weights, us, needs)     -> dx, [dA_i], [dB_i], [dbias_i]
+    qgrouped_bwd(grads, x, projections, weights, us, needs, norm=None) -> dx, [dA_i], [dB_i], [dbias_i]
 
 ``projections``: ``GroupedProjection`` (A_i, B_i, bias_i, s_i, p_i, seed_i; weight unused), ``weights``: one
 ``StoredWeight`` per projection (its stored tensors with the code books, its format, its block size); P ≤
@@ -19,7 +19,9 @@ backward: du_i = s_i·g_i B_i, dB_i, db_i         the LoRA-linear g-pass, per pr
           dA_i for every p_i = 0 projection       the dense grouped dA pass over those projections: ONE read of x
 
 So x is read once in the forward and, in the backward, once for the unmasked projections plus once per
-projection with dropout (whose x-pass also adds its masked term into dx). Each projection's mask is Philox from
+projection with dropout (whose x-pass also adds its masked term into dx). With ``norm``, x is an RMSNorm's input
+and both passes that read it (the x-passes and the dA pass) rebuild the op's input in their loads
+(kernels/norm_tile.py), so no (M, K) normed tensor exists in backward. Each projection's mask is Philox from
 its own seed, the stream of ``qlora_linear``: the dropped elements are those of P separate calls.
 
 dx stays in x's dtype between the accumulating launches: in 16 bits each launch after the first, and each
@@ -36,7 +38,7 @@ import torch
 
 from .fused_launches import _Projection, _report_precision
 from .lora_grouped_linear import MAX_PROJECTIONS, plan_da_pass, plan_g_passes, plan_u_pass
-from .lora_linear import _plan_x_pass
+from .lora_linear import _check_norm, _plan_x_pass
 from .lora_linear_plan import Launch, lowrank_operand, sm_count
 from .qlora_dequant import FORMAT_IDS
 from .qlora_linear import _aot_label, _check, _placeholder_weight, plan_qbwd_dx, plan_qfwd_y, quant_args
@@ -88,34 +90,37 @@ def _plan_dx_gemms(launches, grads, weights, dus, lora_as, projections, dx, num_
         dx.zero_()
 
 
-def _plan_da(launches, x, dus, lora_as, projections, dx, need_da, num_sms) -> list:
+def _plan_da(launches, x, dus, lora_as, projections, dx, need_da, num_sms, norm=None) -> list:
     """[dA_i] (None where not computed): an x-pass per projection with dropout (adding its masked term into dx
-    when dx is given), the grouped dA pass over the others (one read of x) when dA is needed."""
+    when dx is given), the grouped dA pass over the others (one read of x) when dA is needed; ``norm``: both
+    rebuild the op's input from the RMSNorm's x in their loads (see qgrouped_bwd)."""
     das = [None] * len(projections)
     for i, (du, a, p) in enumerate(zip(dus, lora_as, projections)):
         if p.dropout > 0:
             das[i] = _plan_x_pass(launches, x, du, a, dx, need_da or dx is not None, p.dropout, p.seed,
-                                  p.lora_a.dtype, num_sms)
+                                  p.lora_a.dtype, num_sms, norm)
     plain = [i for i, p in enumerate(projections) if p.dropout == 0]
     if need_da and plain:
-        plain_das = plan_da_pass(launches, x, [dus[i] for i in plain], [projections[i] for i in plain], num_sms)
+        plain_das = plan_da_pass(launches, x, [dus[i] for i in plain], [projections[i] for i in plain], num_sms,
+                                 norm)
         for i, da in zip(plain, plain_das):
             das[i] = da
     return das
 
 
-def plan_backward(grads, x, projections, weights, us, needs, num_sms) -> tuple[list, tuple]:
+def plan_backward(grads, x, projections, weights, us, needs, num_sms, norm=None) -> tuple[list, tuple]:
     """(launches, (dx, [dA_i], [dB_i], [dbias_i])) with None where not needed. Order: the g-passes (they write
-    the du_i), the dgrad GEMMs (dx's dense part), then the x-passes (they add into dx) and the dA pass."""
+    the du_i), the dgrad GEMMs (dx's dense part), then the x-passes (they add into dx) and the dA pass. The op's
+    input dtype is the grads' (x's, unless ``norm`` makes x an RMSNorm's input: see qgrouped_bwd)."""
     need_dx, need_da = needs[0], needs[1]
-    M, K = x.shape
-    lora_as = [lowrank_operand(p.lora_a, x.dtype) for p in projections]
+    (M, K), dtype = x.shape, grads[0].dtype
+    lora_as = [lowrank_operand(p.lora_a, dtype) for p in projections]
     launches = []
     dus, dbs, dbiases = plan_g_passes(launches, grads, x, projections, us, needs, num_sms)
-    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
+    dx = torch.empty((M, K), dtype=dtype, device=x.device) if need_dx else None
     if need_dx:
         _plan_dx_gemms(launches, grads, weights, dus, lora_as, projections, dx, num_sms)
-    das = _plan_da(launches, x, dus, lora_as, projections, dx, need_da, num_sms)
+    das = _plan_da(launches, x, dus, lora_as, projections, dx, need_da, num_sms, norm)
     return launches, (dx, das if need_da else [None] * len(projections), dbs, dbiases)
 
 
@@ -129,13 +134,18 @@ def qgrouped_fwd(x: Tensor, projections, weights: Sequence[StoredWeight]) -> tup
 
 
 def qgrouped_bwd(grads: Sequence[Tensor], x: Tensor, projections, weights: Sequence[StoredWeight],
-                 us: Sequence[Tensor], needs: tuple) -> tuple[Optional[Tensor], list, list, list]:
+                 us: Sequence[Tensor], needs: tuple, norm=None) -> tuple[Optional[Tensor], list, list, list]:
     """(dx, [dA_i], [dB_i], [dbias_i]) as ``lowcost.reference.lora_grouped_linear.grouped_backward`` defines
-    them; fixed-order sums and no atomics (bitwise reproducible)."""
+    them; fixed-order sums and no atomics (bitwise reproducible). ``norm`` = (rstd (M,) fp32, w (K,), form): the
+    op's input was that RMSNorm's output of x (or autocast's copy of it in the grads' dtype), rebuilt in the
+    loads of the passes that read it, as in ``lora_linear_bwd``; the outputs are then in the grads' dtype."""
     _check_group(x, projections, weights)
-    assert all(g.dtype == x.dtype and g.shape[0] == x.shape[0] for g in grads), "grads (M, N_i) in x's dtype"
+    dtype = grads[0].dtype if norm is not None else x.dtype
+    if norm is not None:
+        _check_norm(x, norm, dtype)
+    assert all(g.dtype == dtype and g.shape[0] == x.shape[0] for g in grads), "grads (M, N_i) in the input's dtype"
     launches, outputs = plan_backward(grads, x, projections, weights, us, tuple(bool(n) for n in needs),
-                                      sm_count(x.device))
+                                      sm_count(x.device), norm)
     for launch in launches:
         launch.run()
     return outputs

@@ -1,12 +1,14 @@
 """LoRA linear on a quantized frozen weight, Triton: the two GEMMs dequantize W's tile inside their loop.
 
     qlora_linear_fwd(x, packed, scheme, N, B, A, Bl, bias, s, p, seed)   -> y (M, N), u (M, r) float32
-    qlora_linear_bwd(g, x, packed, scheme, B, A, Bl, u, s, p, seed, needs) -> dx, dA, dB, dbias
+    qlora_linear_bwd(g, x, packed, scheme, B, A, Bl, u, s, p, seed, needs, norm=None) -> dx, dA, dB, dbias
     quantized_linear_fwd(x, packed, scheme, N, B, bias)                 -> y = x Wᵀ + bias
     quantized_linear_dgrad(g, packed, scheme, K, B)                     -> dx = g W
 
 Everything but the GEMMs is the dense op's (lora_linear.py): the u-pass and its reduction (s·u in x's dtype),
-the g-pass with its reductions, the x-pass. The GEMMs are the dense ones with W's loads replaced:
+the g-pass with its reductions, the x-pass (with ``norm``, x is an RMSNorm's input and the x-pass rebuilds the
+op's input in its loads, as for the dense op: kernels/norm_tile.py). The GEMMs are the dense ones with W's loads
+replaced:
 
 _qlora_fwd_y_kernel (persistent, as _lora_fwd_y_kernel):
     for k0 in range(0, K, BLOCK_K):
@@ -31,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_linear import _check_devices, _empty_batch_grads, _plan_g_pass, _plan_x_pass
+from .lora_linear import _check_devices, _check_norm, _empty_batch_grads, _plan_g_pass, _plan_x_pass
 from .lora_linear_plan import (RANK_STEP, BlockConfig, Launch, _persistent_grid, dot_meta, fwd_u_splits,
                                lowrank_buffer, lowrank_operand, plan_fwd_u, plan_reduce, sm_count)
 from .qlora_dequant import FORMAT_IDS, dequant_tile
@@ -245,21 +247,29 @@ def qlora_linear_fwd(x, packed, scheme, N, block_size, lora_a, lora_b, bias, sca
     return y, u
 
 
-def qlora_linear_bwd(grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, seed, needs):
-    """(dx, dA, dB, dbias), None where ``needs`` says no: the dense op's passes around the dequantizing dgrad."""
+def qlora_linear_bwd(grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, seed, needs,
+                     norm=None):
+    """(dx, dA, dB, dbias), None where ``needs`` says no: the dense op's passes around the dequantizing dgrad.
+    ``norm`` = (rstd (M,) fp32, w (K,), "llama" | "gemma"): x is an RMSNorm's input and the op's input its output
+    (autocast's copy in grad_y's dtype when x is fp32), rebuilt in the x-pass's loads as ``lora_linear_bwd``
+    does; the outputs are in grad_y's dtype, the op's input dtype."""
     _check(x, packed, scheme)
+    dtype = grad_y.dtype
+    assert norm is not None or dtype == x.dtype, f"grad_y {dtype}, x {x.dtype}"
+    if norm is not None:
+        _check_norm(x, norm, dtype)
     needs = tuple(bool(n) for n in needs)
     need_dx, need_da, need_db, need_dbias = needs
     (M, K), (N, r) = x.shape, lora_b.shape
     if M == 0:
-        return _empty_batch_grads(x, lora_a, lora_b, needs)
+        return _empty_batch_grads(x, lora_a, lora_b, needs, dtype)
     num_sms = sm_count(x.device)
     a_dtype, b_dtype = lora_a.dtype, lora_b.dtype
-    lora_a, lora_b = lowrank_operand(lora_a, x.dtype), lowrank_operand(lora_b, x.dtype)
+    lora_a, lora_b = lowrank_operand(lora_a, dtype), lowrank_operand(lora_b, dtype)
     launches = []
     lowrank = need_dx or need_da or need_db
     du, db, dbias = _plan_g_pass(launches, grad_y, lora_b, u, scale, lowrank, need_dbias, b_dtype, num_sms)
-    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
+    dx = torch.empty((M, K), dtype=dtype, device=x.device) if need_dx else None
     if need_dx and N > 0 and K > 0:
         inline = dropout == 0
         launches.append(plan_qbwd_dx(grad_y, quant_args(packed, scheme), K, block_size,
@@ -268,7 +278,7 @@ def qlora_linear_bwd(grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, s
         dx.zero_()
     x_pass_dx = dx if need_dx and dropout > 0 and N > 0 else None
     da = _plan_x_pass(launches, x, du, lora_a, x_pass_dx, need_da or x_pass_dx is not None, dropout, seed,
-                      a_dtype, num_sms)
+                      a_dtype, num_sms, norm)
     for launch in launches:
         launch.run()
     return dx, da if need_da else None, db if need_db else None, dbias

@@ -91,15 +91,18 @@ def forward(backend, x, packed, scheme, N, block_size, lora_a, lora_b, bias, sca
     return reference.qlora_linear_forward(x, dequant, N, lora_a, lora_b, bias, scale, dropout, seed, _dropout)
 
 
-def backward(backend, grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, seed, needs):
-    """(dx, dA, dB, dbias), None where not needed."""
+def backward(backend, grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, seed, needs,
+             norm=None):
+    """(dx, dA, dB, dbias), None where not needed. ``norm`` (triton only) = (rstd (M,), w (K,), form): x is an
+    RMSNorm's input, the op's input rebuilt in the x-pass's loads (``kernels.qlora_linear.qlora_linear_bwd``)."""
+    assert norm is None or backend == "triton", f"the {backend} backend takes the op's input itself"
     if backend == "cuda":
         return _cuda().quant_backward(grad_y, x, _with_code_books(packed, scheme), scheme, block_size, lora_a,
                                       lora_b, u, scale, dropout, seed, needs)
     if backend == "triton":
         books = _with_code_books(packed, scheme)
         return _triton().qlora_linear_bwd(grad_y, x, books, scheme, block_size, lora_a, lora_b, u, scale, dropout,
-                                          seed, needs)
+                                          seed, needs, norm)
     dequant = _rows(scheme, packed, x.shape[1], block_size, x.dtype)
     return reference.qlora_linear_backward(grad_y, x, dequant, lora_a, lora_b, u, scale, dropout, seed, needs,
                                            _dropout)

@@ -8,7 +8,9 @@ x: (..., H), w_gate/w_up: (I, H), w_down: (H, I), a_p: (r_p, in_p), b_p: (out_p,
 What is saved for backward is the point: x (the caller's tensor), gate and up (M, I), the three u's (M, r) in
 float32 and the seeds — not act(gate), not the product h = act(gate)⊙up (both rebuilt in backward), not a
 mask. The unfused model keeps gate, up, act(gate) and h: this op keeps half of that. An x made by a lowcost
-norm op is saved as the norm's input and statistics instead (``lowcost.ops.normed_input``).
+norm op is saved as the norm's input and statistics instead (``lowcost.ops.normed_input``): on the Triton
+backend the gate and up x-passes rebuild an RMSNorm's output in their tile loads (no (M, H) normed tensor in
+backward), elsewhere it is rebuilt in torch.
 
 Dropout: each projection has its own seed, and ``seeds=None`` draws them in the order the unfused model
 calls its LoRA linears (gate, up, down), each as ``lowcost.ops.lora_linear(seed=None)`` draws one (from
@@ -33,7 +35,7 @@ from lowcost.ops import _torch_backend
 from lowcost.ops.autocast import autocast_projections
 from lowcost.ops.backend import resolve_backend
 from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _check_scalars, _check_tensor, _seed_tensor
-from lowcost.ops.normed_input import pack_input, unpack_input
+from lowcost.ops.normed_input import backward_input, kernel_input, pack_input
 from lowcost.reference.lora_gated_mlp import ACTIVATIONS, Projection, gated_mlp_backward, gated_mlp_forward
 
 Tensor = torch.Tensor
@@ -160,15 +162,21 @@ def _gated_mlp_backward_op(grad_y: Tensor, x: Tensor, w_gate: Tensor, a_gate: Te
                            a_up: Tensor, b_up: Tensor, w_down: Tensor, a_down: Tensor, b_down: Tensor,
                            gate_out: Tensor, up_out: Tensor, u_g: Tensor, u_u: Tensor, u_d: Tensor,
                            scales: Sequence[float], dropouts: Sequence[float], seeds: Tensor, activation: str,
-                           needs: Sequence[bool], backend: str
+                           needs: Sequence[bool], backend: str, norm_rstd: Optional[Tensor] = None,
+                           norm_weight: Optional[Tensor] = None, norm_form: str = ""
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """With ``norm_form`` ("llama" | "gemma"), x is an RMSNorm's input and the op's input is that norm's output
+    (rstd (..., 1), weight (K,)) in grad_y's dtype: the Triton kernels rebuild it in the gate and up x-passes'
+    loads, the other backends rebuild it here in torch (``normed_input.kernel_input``)."""
     params = (w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down)
     gate, up, down = _projections(params, scales, dropouts, seeds)
-    x2, g2 = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
+    x2, norm = kernel_input(x.reshape(-1, x.shape[-1]), norm_rstd, norm_weight, norm_form, grad_y.dtype,
+                            backend == "triton")
+    g2 = grad_y.reshape(-1, grad_y.shape[-1])
     kernels = _impl(backend)
     if kernels is not None:
         grads = kernels.gated_mlp_bwd(g2, x2, *(_as_tuple(p) for p in (gate, up, down)), gate_out, up_out, u_g, u_u,
-                                      u_d, activation, tuple(needs))
+                                      u_d, activation, tuple(needs), **norm)
     else:
         grads = gated_mlp_backward(g2, x2, gate, up, down, gate_out, up_out, u_g, u_u, u_d, activation, tuple(needs),
                                    _torch_backend._dropout)
@@ -178,8 +186,8 @@ def _gated_mlp_backward_op(grad_y: Tensor, x: Tensor, w_gate: Tensor, a_gate: Te
 
 @_gated_mlp_backward_op.register_fake
 def _(grad_y, x, w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down, gate_out, up_out, u_g, u_u, u_d,
-      scales, dropouts, seeds, activation, needs, backend):
-    like = (x, a_gate, b_gate, a_up, b_up, a_down, b_down)
+      scales, dropouts, seeds, activation, needs, backend, norm_rstd=None, norm_weight=None, norm_form=""):
+    like = (x.to(grad_y.dtype) if norm_form else x, a_gate, b_gate, a_up, b_up, a_down, b_down)
     return tuple(x.new_empty(t.shape, dtype=t.dtype) if need else x.new_empty(0) for need, t in zip(needs, like))
 
 
@@ -197,12 +205,13 @@ _GRAD_INPUTS = (0, 2, 3, 5, 6, 8, 9)  # x, a_gate, b_gate, a_up, b_up, a_down, b
 
 
 def _backward(ctx, grad_y, *_):
-    x, rest = unpack_input(ctx.saved_tensors, ctx.input_rebuild)
-    params, (gate_out, up_out, u_g, u_u, u_d, seeds) = rest[:9], rest[9:]
     scales, dropouts, activation, backend = ctx.settings
+    # a normed x on the Triton backend stays (norm input, rstd, w), rebuilt in the gate and up x-passes' loads
+    x, norm, rest = backward_input(ctx.saved_tensors, ctx.input_rebuild, backend == "triton")
+    params, (gate_out, up_out, u_g, u_u, u_d, seeds) = rest[:9], rest[9:]
     needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
     grads = _gated_mlp_backward_op(grad_y, x, *params, gate_out, up_out, u_g, u_u, u_d, scales, dropouts, seeds,
-                                   activation, needs, backend)
+                                   activation, needs, backend, *norm)
     out = [None] * 15
     for index, need, grad in zip(_GRAD_INPUTS, needs, grads):
         out[index] = grad if need else None

@@ -36,10 +36,9 @@ from lowcost.ops import _torch_backend
 from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.backend import requested_backend, resolve_backend, unavailable_reason
 from lowcost.ops.lora_linear import _check_dtypes_devices, _check_scalars, _check_shapes, _seed_tensor
-from lowcost.ops.normed_input import kernel_rebuild_source, pack_input, unpack_input
+from lowcost.ops.normed_input import backward_input, kernel_input, pack_input
 from lowcost.reference.lora_grouped_linear import GroupedProjection, grouped_backward, grouped_forward
 from lowcost.reference.quant import QuantizedWeight
-from lowcost.reference.rms_norm import normed
 
 Tensor = torch.Tensor
 TRITON_MAX_PROJECTIONS = 3   # kernels/lora_grouped_linear.py MAX_PROJECTIONS: one slot per projection
@@ -170,17 +169,14 @@ def _grouped_backward_op(grads: Sequence[Tensor], x: Tensor, weights: Sequence[T
                          norm_form: str = "") -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """With ``norm_form`` ("llama" | "gemma"), x is an RMSNorm's input and the op's input is that norm's output
     (rstd (..., 1), weight (K,)) in the grads' dtype: the Triton kernels rebuild it in the dA pass's loads, the
-    other paths rebuild it here in torch (``lowcost.reference.rms_norm.normed``)."""
+    other paths rebuild it here in torch (``normed_input.kernel_input``)."""
     biases = [w if flag else None for w, flag in zip(weights, has_bias)]   # only "is there a bias" matters here
     projections = _projections(weights, lora_as, lora_bs, biases, scales, dropouts, seeds)
     x2 = x.reshape(-1, x.shape[-1])
     g2 = [g.reshape(-1, g.shape[-1]) for g in grads]
     kernels = _kernels(backend, x2)
-    inp, norm = x2, {}
-    if norm_form and backend == "triton" and kernels is not None:
-        norm = {"norm": (norm_rstd.reshape(-1), norm_weight, norm_form)}
-    elif norm_form:
-        inp = normed(x2, norm_rstd.reshape(-1, 1), norm_weight, norm_form).to(grads[0].dtype)
+    inp, norm = kernel_input(x2, norm_rstd, norm_weight, norm_form, grads[0].dtype,
+                             backend == "triton" and kernels is not None)
     run = kernels.grouped_bwd if kernels is not None else (
         lambda *a: grouped_backward(*a, dropout_fn=_torch_backend._dropout))
     return backward_outputs(x, *run(g2, inp, projections, list(us), tuple(needs), **norm),
@@ -222,20 +218,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.settings = (list(has_bias), list(scales), list(dropouts), backend)
 
 
-def _backward_input(ctx) -> tuple[Tensor, tuple, tuple]:
-    """(x for the backward op, its norm arguments, the other saved tensors): a normed x on the Triton backend stays
-    (norm input, rstd, w), rebuilt in the kernel's loads; otherwise it is rebuilt here (``unpack_input``)."""
-    saved = ctx.saved_tensors
-    source = kernel_rebuild_source(saved, ctx.input_rebuild) if ctx.settings[3] == "triton" else None
-    if source is None:
-        x, rest = unpack_input(saved, ctx.input_rebuild)
-        return x, (None, None, ""), rest
-    (x, stat, norm_w), form, rest = source
-    return x, (stat, norm_w, form), rest
-
-
 def _backward(ctx, grad_ys, _grad_us):
-    x, norm, rest = _backward_input(ctx)
+    # a normed x on the Triton backend stays (norm input, rstd, w), rebuilt in the dA pass's loads
+    x, norm, rest = backward_input(ctx.saved_tensors, ctx.input_rebuild, ctx.settings[3] == "triton")
     count = ctx.count
     weights, lora_as, lora_bs, us = (list(rest[i * count:(i + 1) * count]) for i in range(4))
     seeds = rest[4 * count]

@@ -27,8 +27,7 @@ import torch
 
 from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.backend import backend_module, resolve_backend
-from lowcost.ops.normed_input import kernel_rebuild_source, pack_input, unpack_input
-from lowcost.reference.rms_norm import normed
+from lowcost.ops.normed_input import backward_input, kernel_input, pack_input
 
 Tensor = torch.Tensor
 SEED_LIMIT = 2**63
@@ -140,13 +139,9 @@ def _lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: 
                              norm_form: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """With ``norm_form`` ("llama" | "gemma"), x is an RMSNorm's input and the op's input is that norm's output
     (rstd (..., 1), weight (K,)), in grad_y's dtype: the Triton backend rebuilds it in its x-pass loads, the
-    others rebuild it here in torch (``lowcost.reference.rms_norm.normed``)."""
+    others rebuild it here in torch (``normed_input.kernel_input``)."""
     impl = backend_module(backend)
-    inp, norm = _as_2d(x), {}
-    if norm_form and backend == "triton":
-        norm = {"norm": (norm_rstd.reshape(-1), norm_weight, norm_form)}
-    elif norm_form:
-        inp = _as_2d(normed(x, norm_rstd, norm_weight, norm_form).to(grad_y.dtype))
+    inp, norm = kernel_input(_as_2d(x), norm_rstd, norm_weight, norm_form, grad_y.dtype, backend == "triton")
     grads = impl.backward(_as_2d(grad_y), inp, weight, lora_a, lora_b, u, scale, dropout, int(seed),
                           tuple(needs), **norm)
     dx, da, db, dbias = (g if g is not None else x.new_empty(0) for g in grads)
@@ -173,22 +168,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
-def _backward_input(ctx, need_w: bool) -> tuple[Tensor, tuple, tuple]:
-    """(x for the backward op, its norm arguments, the other saved tensors). A normed x on the Triton backend,
-    when dW (which needs x itself) is not asked for, stays (norm input, rstd, w): the kernel rebuilds it in its
-    loads. Otherwise x is rebuilt here in torch (``unpack_input``)."""
-    saved = ctx.saved_tensors
-    source = kernel_rebuild_source(saved, ctx.input_rebuild) if ctx.backend == "triton" and not need_w else None
-    if source is None:
-        x, rest = unpack_input(saved, ctx.input_rebuild)
-        return x, (None, None, ""), rest
-    (x, stat, norm_w), form, rest = source
-    return x, (stat, norm_w, form), rest
-
-
 def _backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-    x, norm, (weight, lora_a, lora_b, u, seed) = _backward_input(ctx, need_w)
+    # a normed x stays (norm input, rstd, w) for the Triton kernels unless dW (which needs x itself) is asked for
+    x, norm, (weight, lora_a, lora_b, u, seed) = backward_input(ctx.saved_tensors, ctx.input_rebuild,
+                                                                ctx.backend == "triton" and not need_w)
     needs = [need_x, need_a, need_b, need_bias and ctx.has_bias]
     dx, da, db, dbias = _lora_linear_backward_op(grad_y, x, weight, lora_a, lora_b, u, ctx.scale,
                                                   ctx.dropout, seed, ctx.backend, needs, *norm)

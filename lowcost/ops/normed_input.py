@@ -13,17 +13,20 @@ to the forward:
 (the RMSNorm rebuild runs the forward's own operations on the same rstd; the LayerNorm rebuild runs the same
 deterministic kernel on the same input).
 
-Where y is rebuilt. ``lora_linear`` and ``lora_grouped_linear`` on the Triton backend take
-``kernel_rebuild_source`` instead of ``unpack_input`` for an RMSNorm's y (both forms; the norm's input and
-weight of one dtype, or autocast's fp16/bf16 copy of an fp32 norm's output; for ``lora_linear`` only when its
-base weight needs no gradient): their backward op gets (x, rstd, w), and the one kernel that reads y (for
-dA = duᵀ(D⊙y): lora_linear's x-pass, the grouped dA pass) rebuilds each y tile in its loads from the x tile,
+Where y is rebuilt. Every consumer on the Triton backend (``lora_linear``, ``lora_grouped_linear``, their
+quantized forms ``qlora_linear`` / ``qlora_grouped_linear``, and the fused ``lora_gated_mlp`` /
+``qlora_gated_mlp`` for their gate and up adapters) takes ``backward_input`` with ``in_kernel`` set, which uses
+``kernel_rebuild_source`` for an RMSNorm's y (both forms; the norm's input and weight of one dtype, or
+autocast's fp16/bf16 copy of an fp32 norm's output; for ``lora_linear`` only when its base weight needs no
+gradient): its backward op gets (x, rstd, w) as optional norm arguments, and the kernels that read y (for
+dA = duᵀ(D⊙y): the LoRA-linear x-pass, the grouped dA pass) rebuild each y tile in their loads from the x tile,
 rstd[rows] and w[cols] (``lowcost.kernels.norm_tile``: the same operations and roundings as ``normed``, so dA
 is bit for bit the one from y). No (M, H) normed tensor exists in that backward at all. Everywhere else y is
-rebuilt here, in torch, before the consumer's backward op: LayerNorm (kept in torch), the torch and cuda
-backends, the other consumers (the gated MLP, the quantized ops), a norm weight whose dtype differs from the
-input's (exact in a kernel too, but one more compiled variant), and a ``lora_linear`` whose base weight trains
-(dW = gᵀy needs y itself).
+rebuilt in torch, by ``_rebuild`` (before the consumer's backward op, or inside it through ``kernel_input`` when
+the op got the norm arguments but runs no such kernel: the torch and cuda backends, the grouped ops' M = 0 or
+K = 0 path): LayerNorm (kept in torch), a norm weight whose dtype differs from the input's (exact in a kernel
+too, but one more compiled variant), and a ``lora_linear`` whose base weight trains (dW = gᵀy needs y
+itself).
 
 Under ``torch.autocast`` the norm runs in its input's dtype (fp32) and the consumer's autocast rule
 (``lowcost.ops.autocast``) casts y to the autocast dtype D, which makes a new tensor. ``cast_input`` makes that
@@ -161,8 +164,38 @@ def kernel_rebuild_source(saved: Sequence[Optional[Tensor]], how: Optional[Rebui
     return ((x, stat, weight), how.kind.split(":")[1], rest) if exact else None
 
 
+def backward_input(saved: Sequence[Optional[Tensor]], how: Optional[Rebuild], in_kernel: bool
+                   ) -> tuple[Tensor, tuple, tuple]:
+    """(x for a consumer's backward op, its norm arguments (norm_rstd, norm_weight, norm_form), the rest of the
+    saved tensors) from ``ctx.saved_tensors``. With ``in_kernel`` (the consumer's kernel rebuilds its input in
+    its loads: the Triton backend, no dW asked for) an input that ``kernel_rebuild_source`` takes stays
+    (norm input, rstd, w); otherwise it is rebuilt here in torch (``unpack_input``) and the norm arguments are
+    (None, None, "")."""
+    source = kernel_rebuild_source(saved, how) if in_kernel else None
+    if source is None:
+        x, rest = unpack_input(saved, how)
+        return x, (None, None, ""), rest
+    (x, stat, weight), form, rest = source
+    return x, (stat, weight, form), rest
+
+
+def kernel_input(x2: Tensor, norm_rstd: Optional[Tensor], norm_weight: Optional[Tensor], norm_form: str,
+                 dtype: torch.dtype, in_kernel: bool) -> tuple[Tensor, dict]:
+    """Inside a backward op that got ``backward_input``'s norm arguments: (the 2-D input to hand its kernels or
+    reference, the kernels' ``norm`` keyword). Without ``norm_form``: (x2, {}). With it, x2 (M, K) is the
+    RMSNorm's input and rstd (..., 1) its statistics: ``in_kernel`` gives (x2, {"norm": (rstd (M,), w, form)})
+    for a kernel that rebuilds the op's input in its loads, else the op's input is rebuilt here in ``dtype``
+    (the backward's gradient dtype: the norm's, or autocast's copy's)."""
+    if not norm_form:
+        return x2, {}
+    if in_kernel:
+        return x2, {"norm": (norm_rstd.reshape(-1), norm_weight, norm_form)}
+    mine = (x2, norm_rstd.reshape(-1, 1), norm_weight)
+    return _rebuild(mine, Rebuild(f"rms:{norm_form}", 0.0, len(mine))).to(dtype), {}
+
+
 def _rebuild(mine: Sequence[Optional[Tensor]], how: Rebuild) -> Tensor:
-    """The norm's output, bit for bit, from its saved tensors."""
+    """The norm's output, bit for bit, from its saved tensors: every torch rebuild of a consumer's input runs here."""
     if how.kind == "layer":
         x, weight, bias = mine
         return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, how.eps)[0]

@@ -41,7 +41,7 @@ from lowcost.ops.autocast import autocast_projections
 from lowcost.ops.backend import requested_backend, unavailable_reason
 from lowcost.ops.lora_gated_mlp import ROLES, _check_inputs, _seeds_tensor
 from lowcost.ops.lora_linear import _check_tensor
-from lowcost.ops.normed_input import pack_input, unpack_input
+from lowcost.ops.normed_input import backward_input, kernel_input, pack_input
 from lowcost.reference.lora_gated_mlp import Projection, gated_mlp_backward, gated_mlp_forward
 from lowcost.reference.quant import QuantizedWeight
 
@@ -147,17 +147,23 @@ def _qgated_backward_op(grad_y: Tensor, x: Tensor, packed_gate: list[Tensor], pa
                         block_sizes: Sequence[int], a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Tensor,
                         a_down: Tensor, b_down: Tensor, gate_out: Tensor, up_out: Tensor, u_g: Tensor, u_u: Tensor,
                         u_d: Tensor, scales: Sequence[float], dropouts: Sequence[float], seeds: Tensor,
-                        activation: str, needs: Sequence[bool], backend: str
+                        activation: str, needs: Sequence[bool], backend: str, norm_rstd: Optional[Tensor] = None,
+                        norm_weight: Optional[Tensor] = None, norm_form: str = ""
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """With ``norm_form`` ("llama" | "gemma"), x is an RMSNorm's input and the op's input is that norm's output
+    (rstd (..., 1), weight (K,)) in grad_y's dtype: the Triton kernels rebuild it in the gate and up x-passes'
+    loads, the other backends rebuild it here in torch (``normed_input.kernel_input``)."""
     stored, schemes = (packed_gate, packed_up, packed_down), (scheme_gate, scheme_up, scheme_down)
     adapters = (a_gate, b_gate, a_up, b_up, a_down, b_down)
-    x2, g2 = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
+    x2, norm = kernel_input(x.reshape(-1, x.shape[-1]), norm_rstd, norm_weight, norm_form, grad_y.dtype,
+                            backend == "triton")
+    g2 = grad_y.reshape(-1, grad_y.shape[-1])
     if backend in ("triton", "cuda"):
         projections = _kernel_projections(stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
         grads = _kernels(backend).qgated_mlp_bwd(g2, x2, *projections, gate_out, up_out, u_g, u_u, u_d, activation,
-                                                 tuple(bool(n) for n in needs))
+                                                 tuple(bool(n) for n in needs), **norm)
     else:
-        gate, up, down = _projections(x, stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
+        gate, up, down = _projections(x2, stored, schemes, block_sizes, adapters, scales, dropouts, seeds)
         grads = gated_mlp_backward(g2, x2, gate, up, down, gate_out, up_out, u_g, u_u, u_d, activation,
                                    tuple(needs), _torch_backend._dropout)
     dx = grads[0].reshape(x.shape) if grads[0] is not None else None
@@ -167,8 +173,8 @@ def _qgated_backward_op(grad_y: Tensor, x: Tensor, packed_gate: list[Tensor], pa
 @_qgated_backward_op.register_fake
 def _(grad_y, x, packed_gate, packed_up, packed_down, scheme_gate, scheme_up, scheme_down, block_sizes, a_gate,
       b_gate, a_up, b_up, a_down, b_down, gate_out, up_out, u_g, u_u, u_d, scales, dropouts, seeds, activation,
-      needs, backend):
-    like = (x, a_gate, b_gate, a_up, b_up, a_down, b_down)
+      needs, backend, norm_rstd=None, norm_weight=None, norm_form=""):
+    like = (x.to(grad_y.dtype) if norm_form else x, a_gate, b_gate, a_up, b_up, a_down, b_down)
     return tuple(x.new_empty(t.shape, dtype=t.dtype) if need else x.new_empty(0) for need, t in zip(needs, like))
 
 
@@ -185,14 +191,15 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_y, *_):
-    x, saved = unpack_input(ctx.saved_tensors, ctx.input_rebuild)
+    # a normed x on the Triton backend stays (norm input, rstd, w), rebuilt in the gate and up x-passes' loads
+    x, norm, saved = backward_input(ctx.saved_tensors, ctx.input_rebuild, ctx.settings[7] == "triton")
     adapters, rest = saved[0:6], saved[6:12]
     n_gate, n_up, _ = ctx.counts
     stored = saved[12:]
     packed = (list(stored[:n_gate]), list(stored[n_gate:n_gate + n_up]), list(stored[n_gate + n_up:]))
     needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
     grads = _qgated_backward_op(grad_y, x, *packed, *ctx.settings[:4], *adapters, *rest[:5], *ctx.settings[4:6],
-                                rest[5], ctx.settings[6], needs, ctx.settings[7])
+                                rest[5], ctx.settings[6], needs, ctx.settings[7], *norm)
     out = [None] * 19
     for index, need, grad in zip(_GRAD_INPUTS, needs, grads):
         out[index] = grad if need else None

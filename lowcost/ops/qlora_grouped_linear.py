@@ -4,8 +4,11 @@
 
 the math, the masks and every gradient of ``lowcost.ops.lora_grouped_linear`` (``lowcost.reference.
 lora_grouped_linear``), with the base GEMMs x W_iᵀ and g_i W_i on W_i decoded a block of rows at a time (torch)
-or a tile at a time inside the GEMM (cuda), so no dense W exists. Saved for backward: x once, the u_i and the
-seeds, plus references to the stored codes and scales (never a dequantized W, never a copy of x per projection).
+or a tile at a time inside the GEMM (cuda), so no dense W exists. Saved for backward: x once (a lowcost norm's
+output as the norm's input and statistics, ``lowcost.ops.normed_input``: on the Triton backend an RMSNorm's
+output is rebuilt inside the loads of the passes that read it, so no (M, K) normed tensor exists in backward;
+elsewhere it is rebuilt in torch), the u_i and the seeds, plus references to the stored codes and scales (never
+a dequantized W, never a copy of x per projection).
 Backward: dB_i = s_i g_iᵀu_i, du_i = s_i g_i B_i, dA_i = du_iᵀ(D_i⊙x), db_i = Σ_m g_i and ONE accumulator
 dx = Σ_i g_i deq(W_i) + Σ_i D_i⊙(du_i A_i).
 
@@ -42,7 +45,7 @@ from lowcost.ops.backend import requested_backend, unavailable_reason
 from lowcost.ops.lora_grouped_linear import (TRITON_MAX_PROJECTIONS, _check_counts, _seeds_tensor, _spread,
                                              backward_outputs, fake_backward, fake_forward)
 from lowcost.ops.lora_linear import _check_scalars
-from lowcost.ops.normed_input import pack_input, unpack_input
+from lowcost.ops.normed_input import backward_input, kernel_input, pack_input
 from lowcost.ops.qlora_linear import _check_adapters, _check_quantized
 from lowcost.reference.lora_grouped_linear import GroupedProjection, grouped_backward, grouped_forward
 from lowcost.reference.quant import QuantizedWeight
@@ -151,28 +154,33 @@ def _qgrouped_backward_op(grads: Sequence[Tensor], x: Tensor, packed: Sequence[T
                           schemes: str, block_sizes: Sequence[int], lora_as: Sequence[Tensor],
                           lora_bs: Sequence[Tensor], us: Sequence[Tensor], has_bias: Sequence[bool],
                           scales: Sequence[float], dropouts: Sequence[float], seeds: Tensor, needs: Sequence[bool],
-                          backend: str) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+                          backend: str, norm_rstd: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
+                          norm_form: str = "") -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """With ``norm_form`` ("llama" | "gemma"), x is an RMSNorm's input and the op's input is that norm's output
+    (rstd (..., 1), weight (K,)) in the grads' dtype: the Triton kernels rebuild it in the loads of the passes
+    that read it, the other paths (M = 0 or K = 0 included) rebuild it here in torch."""
     x2 = x.reshape(-1, x.shape[-1])
     backend = _tiles_or_torch(backend, x2)
-    biases = [x if flag else None for flag in has_bias]   # only "is there a bias" matters here
+    x2, norm = kernel_input(x2, norm_rstd, norm_weight, norm_form, grads[0].dtype, backend == "triton")
+    biases = [x2 if flag else None for flag in has_bias]   # only "is there a bias" matters here
     projections, bases = _run_args(backend, x2, packed, counts, schemes.split(","), block_sizes, lora_as, lora_bs,
                                    biases, scales, dropouts, seeds)
     g2 = [g.reshape(-1, g.shape[-1]) for g in grads]
     if backend == "triton":
         from lowcost.kernels.qlora_grouped_linear import qgrouped_bwd
-        dx, das, dbs, dbiases = qgrouped_bwd(g2, x2, projections, bases, list(us), tuple(needs))
+        dx, das, dbs, dbiases = qgrouped_bwd(g2, x2, projections, bases, list(us), tuple(needs), **norm)
     elif backend == "cuda":
         from lowcost.ops import _cuda_grouped_linear
         dx, das, dbs, dbiases = _cuda_grouped_linear.grouped_bwd(g2, x2, projections, list(us), tuple(needs), bases)
     else:
         dx, das, dbs, dbiases = grouped_backward(g2, x2, projections, list(us), tuple(needs), _torch_backend._dropout)
-    return backward_outputs(x, dx, das, dbs, dbiases)
+    return backward_outputs(x, dx, das, dbs, dbiases, dtype=grads[0].dtype if norm_form else None)
 
 
 @_qgrouped_backward_op.register_fake
 def _(grads, x, packed, counts, schemes, block_sizes, lora_as, lora_bs, us, has_bias, scales, dropouts, seeds, needs,
-      backend):
-    return fake_backward(x, lora_as, lora_bs, has_bias, needs)
+      backend, norm_rstd=None, norm_weight=None, norm_form=""):
+    return fake_backward(x, lora_as, lora_bs, has_bias, needs, grads[0].dtype if norm_form else None)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -188,16 +196,19 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_ys, _grad_us):
-    x, rest = unpack_input(ctx.saved_tensors, ctx.input_rebuild)
+    counts, schemes, block_sizes, has_bias, scales, dropouts, backend = ctx.settings
+    # a normed x on the Triton backend stays (norm input, rstd, w), rebuilt in the loads of the passes reading it
+    x, norm, rest = backward_input(ctx.saved_tensors, ctx.input_rebuild, backend == "triton")
     count = ctx.count
     lora_as, lora_bs, us = (list(rest[i * count:(i + 1) * count]) for i in range(3))
     seeds, packed = rest[3 * count], list(rest[3 * count + 1:])
-    counts, schemes, block_sizes, has_bias, scales, dropouts, backend = ctx.settings
-    grads = [g if g is not None else x.new_zeros(*x.shape[:-1], b.shape[0]) for g, b in zip(grad_ys, lora_bs)]
+    dtype = next((g.dtype for g in grad_ys if g is not None), x.dtype)   # the op's input dtype (the y_i's)
+    grads = [g if g is not None else x.new_zeros(*x.shape[:-1], b.shape[0], dtype=dtype)
+             for g, b in zip(grad_ys, lora_bs)]
     need = [any(n) if isinstance(n, (list, tuple)) else bool(n) for n in ctx.needs_input_grad]  # per list input
     needs = [need[0], need[5], need[6], need[7] and any(has_bias)]
     dx, das, dbs, dbiases = _qgrouped_backward_op(grads, x, packed, counts, schemes, block_sizes, lora_as, lora_bs,
-                                                  us, has_bias, scales, dropouts, seeds, needs, backend)
+                                                  us, has_bias, scales, dropouts, seeds, needs, backend, *norm)
     nothing = [None] * count                      # list inputs get a list back (autograd checks the structure)
     present = [d if needs[3] else None for d, flag in zip(dbiases, has_bias) if flag]
     return (dx if needs[0] else None, [None] * len(packed), None, None, None, das if needs[1] else nothing,

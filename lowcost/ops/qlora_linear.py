@@ -6,7 +6,9 @@
 frozen layer without an adapter (y = x Wᵀ + bias). The custom ops take the weight as its stored tensors (a
 ``Tensor[]``), its format name, N and its block size, so the dispatcher, FakeTensor and ``torch.compile`` see
 plain tensors. Saved for backward, as for a dense weight: x, u = (D⊙x)Aᵀ (M, r) and the seed, plus references
-to the stored tensors (no new memory; the weight is never saved dequantized).
+to the stored tensors (no new memory; the weight is never saved dequantized). An x made by a lowcost norm op is
+saved as the norm's input and statistics (``lowcost.ops.normed_input``); an RMSNorm's output is rebuilt on the
+Triton backend inside the x-pass's tile loads (no (M, K) normed tensor in backward), elsewhere in torch.
 
 Backward (g = dL/dy, (M, N)):
     dB = s·gᵀu,  du = s·gB,  dA = duᵀ(D⊙x),  dx = gW + D⊙(duA),  dbias = Σ_m g;   no dW (W is frozen).
@@ -22,7 +24,7 @@ import torch
 from lowcost.ops import _quant_backends as qb
 from lowcost.ops.autocast import autocast_operands
 from lowcost.ops.lora_linear import SUPPORTED_DTYPES, _as_2d, _check_scalars, _check_tensor, _seed_tensor
-from lowcost.ops.normed_input import pack_input, unpack_input
+from lowcost.ops.normed_input import backward_input, kernel_input, pack_input
 from lowcost.reference.quant import QuantizedWeight
 
 Tensor = torch.Tensor
@@ -84,17 +86,25 @@ def _(x, packed, scheme, n_rows, block_size, lora_a, lora_b, bias, scale, dropou
 @torch.library.custom_op("lowcost::qlora_linear_backward", mutates_args=())
 def _qlora_linear_backward_op(grad_y: Tensor, x: Tensor, packed: list[Tensor], scheme: str, block_size: int,
                               lora_a: Tensor, lora_b: Tensor, u: Tensor, scale: float, dropout: float, seed: Tensor,
-                              backend: str, needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = qb.backward(backend, _as_2d(grad_y), _as_2d(x), packed, scheme, block_size, lora_a, lora_b, u, scale,
-                        dropout, int(seed), tuple(needs))
+                              backend: str, needs: Sequence[bool], norm_rstd: Optional[Tensor] = None,
+                              norm_weight: Optional[Tensor] = None,
+                              norm_form: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """With ``norm_form`` ("llama" | "gemma"), x is an RMSNorm's input and the op's input is that norm's output
+    (rstd (..., 1), weight (K,)), in grad_y's dtype: the Triton backend rebuilds it in its x-pass loads, the
+    others rebuild it here in torch (``normed_input.kernel_input``)."""
+    inp, norm = kernel_input(_as_2d(x), norm_rstd, norm_weight, norm_form, grad_y.dtype, backend == "triton")
+    grads = qb.backward(backend, _as_2d(grad_y), inp, packed, scheme, block_size, lora_a, lora_b, u, scale,
+                        dropout, int(seed), tuple(needs), **norm)
     dx, da, db, dbias = (g if g is not None else x.new_empty(0) for g in grads)
     return (dx.reshape(x.shape) if needs[0] else dx), da, db, dbias
 
 
 @_qlora_linear_backward_op.register_fake
-def _(grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, seed, backend, needs):
+def _(grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale, dropout, seed, backend, needs, norm_rstd=None,
+      norm_weight=None, norm_form=""):
     shapes = (x.shape, lora_a.shape, lora_b.shape, (grad_y.shape[-1],))
-    dtypes = (x.dtype, lora_a.dtype, lora_b.dtype, x.dtype)
+    y_dtype = grad_y.dtype if norm_form else x.dtype  # the op's input dtype
+    dtypes = (y_dtype, lora_a.dtype, lora_b.dtype, y_dtype)
     return tuple(x.new_empty(shape if need else (0,), dtype=dtype if need else x.dtype)
                  for need, shape, dtype in zip(needs, shapes, dtypes))
 
@@ -108,12 +118,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
-    x, (lora_a, lora_b, u, seed, *packed) = unpack_input(ctx.saved_tensors, ctx.input_rebuild)
     scheme, block_size, scale, dropout, backend, has_bias = ctx.meta
+    # a normed x on the Triton backend stays (norm input, rstd, w), rebuilt in the x-pass's loads
+    x, norm, (lora_a, lora_b, u, seed, *packed) = backward_input(ctx.saved_tensors, ctx.input_rebuild,
+                                                                 backend == "triton")
     need = ctx.needs_input_grad
     needs = [need[0], need[5], need[6], need[7] and has_bias]
     dx, da, db, dbias = _qlora_linear_backward_op(grad_y, x, packed, scheme, block_size, lora_a, lora_b, u, scale,
-                                                  dropout, seed, backend, needs)
+                                                  dropout, seed, backend, needs, *norm)
     return (dx if needs[0] else None, [None] * len(packed), None, None, None, da if needs[1] else None,
             db if needs[2] else None, dbias if needs[3] else None, None, None, None, None)
 

@@ -417,9 +417,9 @@ std::tuple<at::Tensor, at::Tensor> lora_dx_da_grouped(const at::Tensor& x, const
                                                       const at::Tensor& lora_a, at::IntArrayRef ranks,
                                                       at::IntArrayRef seeds, at::ArrayRef<double> p) {
   const LoraDims dims = check_lora_dx_da_grouped_args(x, du, lora_a, ranks, seeds, p, c10::DeviceType::CPU);
-  at::Tensor t = at::zeros({dims.M, dims.K}, x.options());
-  at::Tensor dA = at::zeros({dims.r, dims.K}, x.options().dtype(at::kFloat));
-  if (dims.M == 0 || dims.K == 0) return {t, dA};
+  at::Tensor t = at::empty({dims.M, dims.K}, x.options());  // every element written below
+  if (dims.M == 0 || dims.K == 0) return {t, at::zeros({dims.r, dims.K}, x.options().dtype(at::kFloat))};
+  at::Tensor dA = at::empty({dims.r, dims.K}, x.options().dtype(at::kFloat));  // every element written below
   std::vector<DropoutParams> ds;
   for (size_t i = 0; i < ranks.size(); ++i) ds.push_back(make_dropout_params(seeds[i], p[i]));
   dispatch_act_adapter(x.scalar_type(), lora_a.scalar_type(), "lora_dx_da_grouped", [&](auto xv, auto av) {

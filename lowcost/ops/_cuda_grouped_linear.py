@@ -9,7 +9,7 @@ backward: du_i, dB_i, db_i = lora_grad_pass(g_i, u_i, B_i)          one read of 
           dx = t_0 + g_0 W_0                                       cuBLAS beta = 1 in place on t_0: t_0 IS dx
           dx += g_i W_i ; dx += t_i                                i ≥ 1: addmm_ (beta = 1), then one add
 
-Transient (M, K) buffers: besides dx, one t_i at a time (i ≥ 1), freed once added. ``lora_dx_da`` allocates the
+Transient (M, K) buffers on this per-projection path: besides dx, one t_i at a time (i ≥ 1), freed once added. ``lora_dx_da`` allocates the
 low-rank term itself (it generates D_i inside, once for t_i and dA_i) and has no operand to add into, so a
 term per projection after the first is what it forces; the dense terms g_i W_i never get a buffer of their own
 (``addmm_`` into dx). No dx per projection is summed afterwards and no (M, K) buffer is zeroed.
@@ -34,10 +34,10 @@ backward: dx, [dA_0; dA_1; …] = lora_dx_da_grouped(x, [du_0 du_1 …], [A_0; A
 Otherwise (mixed adapter dtypes, more projections or larger ranks, or dA without dx) the backward keeps one
 lora_dx_da per projection as described first. Mixed adapter dtypes keep the per-projection forward as well.
 
-dx is in x's dtype throughout (the GEMM's C operand): in 16 bits each of its adds rounds once (2P - 1 of them on
-the per-projection path, P + 1 - 1 = P on the stacked and the grouped dropout paths: the low-rank sum once, then
-each of the P addmm_), as the sum of P unfused ``lora_linear(backend='cuda')`` dx's does on the per-projection
-path; the torch backend keeps an fp32 accumulator instead.
+dx is in x's dtype throughout (the GEMM's C operand): in 16 bits each of its adds rounds once: 2P - 1 of them on
+the per-projection path (each t_i itself rounded once), as the sum of P unfused ``lora_linear(backend='cuda')`` dx's
+does; P (the addmm_) on the stacked and the grouped dropout paths, whose low-rank sum is rounded once before them.
+The torch backend keeps an fp32 accumulator instead.
 
 Each projection draws its mask from its own seed with the Philox ops of ``lora_linear(backend='cuda')``, so the
 dropped elements are those of P separate ``lora_linear`` calls. The autograd op (``lowcost.ops.

@@ -238,18 +238,12 @@ LoraDims check_lora_down_args(const at::Tensor& x, const at::Tensor& lora_a, int
   return d;
 }
 
-LoraDims check_lora_down_grouped_args(const at::Tensor& x, const at::Tensor& lora_a, c10::ArrayRef<int64_t> ranks,
-                                      c10::ArrayRef<int64_t> seeds, c10::ArrayRef<double> p,
-                                      c10::DeviceType device) {
-  const char* op = "lora_down_grouped";
-  check_2d(op, "x", x, "(M, K)");
-  check_2d(op, "lora_a", lora_a, "(sum r_i, K)");
-  check_device(op, "x", x, x, "x", device);
-  check_device(op, "lora_a", lora_a, x, "x", device);
-  check_activation_dtype(op, "x", x);
-  check_adapter_dtype(op, "lora_a", lora_a, x.scalar_type(), "x");
-  TORCH_CHECK(lora_a.size(1) == x.size(1), "lowcost::", op, ": lora_a must be (sum r_i, K) with K = x.size(1) = ",
-              x.size(1), ", got lora_a of shape ", lora_a.sizes());
+namespace {
+
+// The per-projection lists of a grouped op: 1 .. kMaxGroupedProjections ranks >= 0 summing to stacked_rows
+// (lora_a.size(0)), one seed and one p (each as lora_down's) per projection. Returns sum r_i.
+int64_t check_grouped_projections(const char* op, c10::ArrayRef<int64_t> ranks, c10::ArrayRef<int64_t> seeds,
+                                  c10::ArrayRef<double> p, int64_t stacked_rows) {
   const int64_t count = static_cast<int64_t>(ranks.size());
   TORCH_CHECK(count >= 1 && count <= kMaxGroupedProjections, "lowcost::", op, ": ranks must have 1 to ",
               kMaxGroupedProjections, " entries (one per projection), got ", count);
@@ -263,12 +257,29 @@ LoraDims check_lora_down_grouped_args(const at::Tensor& x, const at::Tensor& lor
     check_seed(op, seeds[i]);
     check_p(op, p[i]);
   }
-  TORCH_CHECK(total == lora_a.size(0), "lowcost::", op, ": ranks must sum to lora_a.size(0) = ", lora_a.size(0),
+  TORCH_CHECK(total == stacked_rows, "lowcost::", op, ": ranks must sum to lora_a.size(0) = ", stacked_rows,
               " (the stacked adapters' rows), got ", ranks, " (sum ", total, ")");
+  return total;
+}
+
+}  // namespace
+
+LoraDims check_lora_down_grouped_args(const at::Tensor& x, const at::Tensor& lora_a, c10::ArrayRef<int64_t> ranks,
+                                      c10::ArrayRef<int64_t> seeds, c10::ArrayRef<double> p,
+                                      c10::DeviceType device) {
+  const char* op = "lora_down_grouped";
+  check_2d(op, "x", x, "(M, K)");
+  check_2d(op, "lora_a", lora_a, "(sum r_i, K)");
+  check_device(op, "x", x, x, "x", device);
+  check_device(op, "lora_a", lora_a, x, "x", device);
+  check_activation_dtype(op, "x", x);
+  check_adapter_dtype(op, "lora_a", lora_a, x.scalar_type(), "x");
+  TORCH_CHECK(lora_a.size(1) == x.size(1), "lowcost::", op, ": lora_a must be (sum r_i, K) with K = x.size(1) = ",
+              x.size(1), ", got lora_a of shape ", lora_a.sizes());
   LoraDims d;
   d.M = x.size(0);
   d.K = x.size(1);
-  d.r = total;
+  d.r = check_grouped_projections(op, ranks, seeds, p, lora_a.size(0));
   return d;
 }
 
@@ -356,6 +367,37 @@ LoraDims check_lora_dx_da_args(const at::Tensor& x, const at::Tensor& du, const 
   d.M = x.size(0);
   d.K = x.size(1);
   d.r = du.size(1);
+  return d;
+}
+
+LoraDims check_lora_dx_da_grouped_args(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_a,
+                                       c10::ArrayRef<int64_t> ranks, c10::ArrayRef<int64_t> seeds,
+                                       c10::ArrayRef<double> p, c10::DeviceType device) {
+  const char* op = "lora_dx_da_grouped";
+  check_2d(op, "x", x, "(M, K)");
+  check_2d(op, "du", du, "(M, sum r_i)");
+  check_2d(op, "lora_a", lora_a, "(sum r_i, K)");
+  check_device(op, "x", x, x, "x", device);
+  check_device(op, "du", du, x, "x", device);
+  check_device(op, "lora_a", lora_a, x, "x", device);
+  check_activation_dtype(op, "x", x);
+  check_float32(op, "du", du);
+  check_adapter_dtype(op, "lora_a", lora_a, x.scalar_type(), "x");
+  TORCH_CHECK(du.size(0) == x.size(0), "lowcost::", op, ": du must be (M, sum r_i) with M = x.size(0) = ", x.size(0),
+              ", got du of shape ", du.sizes());
+  TORCH_CHECK(lora_a.size(1) == x.size(1), "lowcost::", op, ": lora_a must be (sum r_i, K) with K = x.size(1) = ",
+              x.size(1), ", got lora_a of shape ", lora_a.sizes());
+  TORCH_CHECK(lora_a.size(0) == du.size(1), "lowcost::", op, ": rank mismatch: du is (M, sum r_i) with sum r_i = ",
+              du.size(1), " but lora_a has shape ", lora_a.sizes());
+  const int64_t total = check_grouped_projections(op, ranks, seeds, p, lora_a.size(0));
+  int64_t padded = 0;
+  for (const int64_t r : ranks) padded += (r + 15) / 16 * 16;
+  TORCH_CHECK(padded <= kMaxGroupedDxDaRows, "lowcost::", op, ": ranks rounded up to 16 must sum to at most ",
+              kMaxGroupedDxDaRows, " (the dA rows one CUDA block accumulates), got ", ranks, " (", padded, ")");
+  LoraDims d;
+  d.M = x.size(0);
+  d.K = x.size(1);
+  d.r = total;
   return d;
 }
 

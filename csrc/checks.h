@@ -57,6 +57,18 @@ LoraDims check_lora_grad_pass_args(const at::Tensor& grad_y, const at::Tensor& u
 LoraDims check_lora_dx_da_args(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_a,
                                int64_t seed, double p, c10::DeviceType device);
 
+// The most dA rows one lora_dx_da_grouped call accumulates for a block of the CUDA kernel: sum over projections of
+// r_i rounded up to 16 (each projection's dA accumulators sit in shared memory across the row tiles; 256 rows are
+// 64 KiB). Checked on every device so a call that runs on one runs on the other.
+constexpr int64_t kMaxGroupedDxDaRows = 256;
+
+// lora_dx_da_grouped(x, du, lora_a, ranks, seeds, p): x (M, K); du the stacked (M, sum r_i) fp32 du_i; lora_a the
+// stacked (sum r_i, K) adapters; ranks, seeds and p as lora_down_grouped's (1 .. kMaxGroupedProjections entries,
+// the r_i rounded up to 16 summing to at most kMaxGroupedDxDaRows). Returns r = sum r_i.
+LoraDims check_lora_dx_da_grouped_args(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_a,
+                                       c10::ArrayRef<int64_t> ranks, c10::ArrayRef<int64_t> seeds,
+                                       c10::ArrayRef<double> p, c10::DeviceType device);
+
 // The quantized formats the CUDA dequantizing GEMMs decode (lowcost/reference/quant).
 enum class QuantScheme { kNf4, kNf4Dq, kInt8, kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K };
 

@@ -33,6 +33,14 @@ TORCH_LIBRARY(lowcost, m) {
   m.def(
       "lora_dx_da(Tensor x, Tensor du, Tensor lora_a, int seed, float p, bool need_dx) "
       "-> (Tensor, Tensor)");
+  // Projections i = 0 .. P-1 (1 <= P <= 8, sum of the r_i rounded up to 16 at most 256) sharing x: du = [du_0 du_1
+  // ...] (M, sum r_i) float32, lora_a = [A_0; A_1; ...] (sum r_i, K), ranks[i] = r_i -> t = sum_i D_i (.) (du_i A_i)
+  // in x.dtype (M, K) (summed in float32 in projection order, rounded once) and dA = [dA_0; dA_1; ...] float32
+  // (sum r_i, K), dA_i = du_i^T (D_i (.) x), D_i the mask lora_dx_da draws for (seeds[i], p[i]): dA_i equals
+  // lora_dx_da's bit for bit (CUDA: every r_i <= 64).
+  m.def(
+      "lora_dx_da_grouped(Tensor x, Tensor du, Tensor lora_a, int[] ranks, int[] seeds, float[] p) "
+      "-> (Tensor, Tensor)");
   // The frozen base GEMMs on a quantized weight W (N, K), dequantized tile by tile in the kernel (CUDA only;
   // lowcost/ops/_cuda_backend.py). packed: the format's stored tensors then its code books (see
   // csrc/checks.h); scheme nf4, nf4-dq, int8, q8_0, q4_0, q4_1, q4_k or q6_k; c: optional, added before the

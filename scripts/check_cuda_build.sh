@@ -69,6 +69,7 @@ print(f"  lowcost._C: {ext.__file__}")
 assert ext.WITH_CUDA == 1, "lowcost._C was built without the CUDA kernels"
 ops = ["philox_dropout", "lora_down", "lora_up", "lora_grad_pass", "lora_dx_da",
        "lora_down_grouped",                          # the grouped linear's forward with dropout (issue #12)
+       "lora_dx_da_grouped",                         # ... and its backward's low-rank terms with dropout
        "gated_act_mul", "gated_act_mul_backward",   # the fused MLP's elementwise steps (issue #12)
        "softmax_xent_rows"]                          # the fused linear cross-entropy's row pass (issue #12)
 cuda_only = ["dequant_gemm", "dequant_gemm_dgrad"]  # the quantized base GEMMs (issue #13): no CPU kernel

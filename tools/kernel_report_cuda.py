@@ -43,11 +43,15 @@ The loss-only finish launch reads no logits (it folds each row's partials) and r
 above, per projection): lora_down_grouped over one x for projections of the given ranks (each x tile staged once,
 masked per projection into a second tile), then sum_partials when K is split. A skinny GEMM like lora_down: the
 targets of the skinny kernels (HMMA for bf16/fp16, 0 spills, no atomics, >= 2 x 132 blocks at M >= 8192).
+``grouped_dx_da_rows(M, K, ranks, dtype)`` lists its backward's low-rank terms with dropout: lora_dx_da_grouped
+over one x (each x tile staged once, masked per projection; t = the fp32 sum of the D_i (du_i A_i), the dA_i
+accumulated in shared memory across row tiles), then sum_partials when rows are cut into segments; the same targets.
 
 ``--check`` asserts the CUDA targets of issue #9 on the rows: HMMA in the skinny kernels' and the dequantizing
 GEMMs' SASS (bf16/fp16), no atomic or reduction instruction in any kernel, 0 spills, and at least 2 x 132
 blocks per launch at M >= 8192; by default on the dense weight and on each quantized format the CUDA tile
-decodes (issue #13), and on the grouped lora_down at M, K = 8192, 4096 for ranks 16,16,16 and 64,64,64.
+decodes (issue #13), and on the grouped lora_down and lora_dx_da at M, K = 8192, 4096 for ranks 16,16,16 and
+64,64,64.
 """
 from __future__ import annotations
 
@@ -69,9 +73,10 @@ SM90_SMS = 132  # H100/H200 SXM
 SM90 = {"regs": 65536, "reg_unit": 256, "quadrants": 4, "threads": 2048, "blocks": 32, "smem": 233472,
         "smem_block": 232448, "smem_reserved": 1024}
 DTYPES = ("bf16", "fp16", "fp32")
-SKINNY = ("lora_down", "lora_up", "lora_grad_pass", "lora_dx_da", "lora_down_grouped")
+SKINNY = ("lora_down", "lora_up", "lora_grad_pass", "lora_dx_da", "lora_down_grouped", "lora_dx_da_grouped")
 GROUPED_DOWN_CHECK_RANKS = ((16, 16, 16), (64, 64, 64))   # q/k/v at the benchmark rank, and at the largest rank tile
 MAX_GROUPED_DOWN = 8                                       # lowcost._C's kMaxGroupedProjections
+MAX_GROUPED_DX_DA_ROWS = 256                               # lowcost._C's kMaxGroupedDxDaRows (r_i rounded up to 16)
 DEQUANT = ("dequant_gemm", "dequant_gemm_dgrad")
 ELEMENTWISE = ("gated_act_mul", "gated_act_mul_backward")     # the fused MLP's steps between its projections
 XENT = ("softmax_xent_rows",)                                  # the fused linear cross-entropy's row pass
@@ -184,6 +189,14 @@ def grouped_down_launches(M: int, K: int, ranks: tuple[int, ...], dtype: str, ad
                           sms: int = SM90_SMS) -> list[dict]:
     """The launches of one lora_down_grouped over x (M, K) for projections of ``ranks`` (csrc/cuda/launch_plan.h)."""
     done = _run([_plan_printer(), "down_grouped", str(M), str(K), dtype, adapter_dtype or dtype, str(sms),
+                 ",".join(str(r) for r in ranks)], "printing the launch plan")
+    return json.loads(done.stdout)
+
+
+def grouped_dx_da_launches(M: int, K: int, ranks: tuple[int, ...], dtype: str, adapter_dtype: str | None = None,
+                           sms: int = SM90_SMS) -> list[dict]:
+    """The launches of one lora_dx_da_grouped over x (M, K) for projections of ``ranks`` (csrc/cuda/launch_plan.h)."""
+    done = _run([_plan_printer(), "dx_da_grouped", str(M), str(K), dtype, adapter_dtype or dtype, str(sms),
                  ",".join(str(r) for r in ranks)], "printing the launch plan")
     return json.loads(done.stdout)
 
@@ -376,6 +389,18 @@ def grouped_down_rows(M: int, K: int, ranks: tuple[int, ...], dtype: str, arch: 
     return [_launch_row(launch, resources) for launch in grouped_down_launches(M, K, tuple(ranks), dtype)]
 
 
+def grouped_dx_da_rows(M: int, K: int, ranks: tuple[int, ...], dtype: str, arch: str = "sm_90a") -> list[dict]:
+    """Rows (as ``launch_rows``) of the grouped linear's backward lora_dx_da_grouped over x (M, K), ranks r_0, …"""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if not 1 <= len(ranks) <= MAX_GROUPED_DOWN or min(ranks) < 0 or sum(ranks) < 1:
+        raise ValueError(f"ranks must be 1 to {MAX_GROUPED_DOWN} integers >= 0, not all 0, got {ranks}")
+    if sum(-(-r // 16) * 16 for r in ranks) > MAX_GROUPED_DX_DA_ROWS:
+        raise ValueError(f"ranks rounded up to 16 must sum to at most {MAX_GROUPED_DX_DA_ROWS}, got {ranks}")
+    resources = kernel_resources(arch)
+    return [_launch_row(launch, resources) for launch in grouped_dx_da_launches(M, K, tuple(ranks), dtype)]
+
+
 def check_xent_rows(rows: list[dict], C: int, V: int) -> list[str]:
     """The row pass's targets: those of check_rows, no MMA, and every launch that streams the logits (all but the
     loss-only fold) at least min(C x pieces, XENT_BLOCKS_PER_SM x 132) blocks."""
@@ -445,14 +470,22 @@ def _shape(text: str) -> tuple[int, int, int, int]:
     return values
 
 
-def _ranks(text: str) -> tuple[int, ...]:
+def _ranks(text: str, option: str = "--grouped-down") -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         values = ()
     if not 1 <= len(values) <= MAX_GROUPED_DOWN or min(values) < 0 or sum(values) < 1:
-        raise argparse.ArgumentTypeError(f"--grouped-down must be 1 to {MAX_GROUPED_DOWN} ranks r_0,r_1,... (integers "
+        raise argparse.ArgumentTypeError(f"{option} must be 1 to {MAX_GROUPED_DOWN} ranks r_0,r_1,... (integers "
                                          f">= 0, not all 0), got {text!r}")
+    return values
+
+
+def _dx_da_ranks(text: str) -> tuple[int, ...]:
+    values = _ranks(text, "--grouped-dx-da")
+    if sum(-(-r // 16) * 16 for r in values) > MAX_GROUPED_DX_DA_ROWS:
+        raise argparse.ArgumentTypeError(f"--grouped-dx-da ranks rounded up to 16 must sum to at most "
+                                         f"{MAX_GROUPED_DX_DA_ROWS}, got {text!r}")
     return values
 
 
@@ -476,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="repeatable: also list the grouped linear's forward lora_down_grouped for projections of "
                         "these ranks, at M,K = the shape's (default with --check: "
                         f"{' and '.join(','.join(map(str, r)) for r in GROUPED_DOWN_CHECK_RANKS)} at M=8192, K=4096)")
+    parser.add_argument("--grouped-dx-da", action="append", type=_dx_da_ranks, metavar="R0,R1,...",
+                        help="repeatable: also list the grouped linear's backward lora_dx_da_grouped (dropout) for "
+                        "projections of these ranks, at M,K = the shape's (default with --check: "
+                        f"{' and '.join(','.join(map(str, r)) for r in GROUPED_DOWN_CHECK_RANKS)} at M=8192, K=4096)")
     parser.add_argument("--arch", default="sm_90a", choices=("sm_90", "sm_90a"))
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per kernel launch")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the issue's CUDA targets hold")
@@ -488,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     xent_shapes = [tuple(shape) for shape in args.xent or ([XENT_CHECK_SHAPE] if args.check else [])]
     down_ranks = args.grouped_down or (list(GROUPED_DOWN_CHECK_RANKS) if args.check else [])
     down_shapes = [(8192, 4096)] if args.check and not args.shape else [(s[0], s[1]) for s in shapes]
-    all_rows, mlp_rows, xent_rows, down_rows, failures = [], [], [], [], []
+    dx_da_ranks = args.grouped_dx_da or (list(GROUPED_DOWN_CHECK_RANKS) if args.check else [])
+    all_rows, mlp_rows, xent_rows, down_rows, dx_da_rows, failures = [], [], [], [], [], []
     try:
         for ranks in down_ranks:
             for M, K in down_shapes:
@@ -496,6 +534,12 @@ def main(argv: list[str] | None = None) -> int:
                 where = f"grouped lora_down M={M} K={K} ranks={','.join(map(str, ranks))}"
                 failures += [f"{where}: {f}" for f in check_rows(rows, M, args.dtype)]
                 down_rows.append(((M, K), ranks, rows))
+        for ranks in dx_da_ranks:
+            for M, K in down_shapes:
+                rows = grouped_dx_da_rows(M, K, ranks, args.dtype, args.arch)
+                where = f"grouped lora_dx_da M={M} K={K} ranks={','.join(map(str, ranks))}"
+                failures += [f"{where}: {f}" for f in check_rows(rows, M, args.dtype)]
+                dx_da_rows.append(((M, K), ranks, rows))
         for C, V in xent_shapes:
             rows = xent_rows_rows(C, V, args.dtype, args.arch)
             failures += [f"linear cross-entropy rows C={C} V={V}: {f}" for f in check_xent_rows(rows, C, V)]
@@ -524,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                          + [{k: row[k] for k in KEYS} | {"shape": list(shape), "op": "softmax_xent_rows"}
                             for shape, rows in xent_rows for row in rows]
                          + [{k: row[k] for k in KEYS} | {"shape": list(shape), "ranks": list(ranks)}
-                            for shape, ranks, rows in down_rows for row in rows], indent=1))
+                            for shape, ranks, rows in down_rows + dx_da_rows for row in rows], indent=1))
     else:
         for shape, p, q, rows in all_rows:
             M, K, N, r = shape
@@ -542,11 +586,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ncuda backend, grouped linear's forward lora_down with dropout, {args.dtype}, M={M} K={K}, "
                   f"ranks {','.join(map(str, ranks))}, {args.arch}:")
             print(format_table(rows))
+        for (M, K), ranks, rows in dx_da_rows:
+            print(f"\ncuda backend, grouped linear's backward lora_dx_da with dropout, {args.dtype}, M={M} K={K}, "
+                  f"ranks {','.join(map(str, ranks))}, {args.arch}:")
+            print(format_table(rows))
     if args.check:
         for failure in failures:
             print(f"TARGET MISSED: {failure}", file=sys.stderr)
         print(f"kernel_report_cuda --check: {'FAILED' if failures else 'all targets hold'} "
-              f"({sum(len(rows) for *_, rows in all_rows + mlp_rows + xent_rows + down_rows)} launches)", file=sys.stderr)
+              f"({sum(len(rows) for *_, rows in all_rows + mlp_rows + xent_rows + down_rows + dx_da_rows)} launches)",
+              file=sys.stderr)
         return 1 if failures else 0
     return 0
 

@@ -220,6 +220,46 @@ void lora_grad_pass_impl(const at::Tensor& g, const at::Tensor& u, const at::Ten
   });
 }
 
+// Columns [k0, k1) of one row m of lora_dx_da (xrow: the row's first element, sx1: its column stride; durow: du's
+// row, a_kr: A as [K][r]; the mask read through `mask` at m*K + k, once per element, used for both outputs):
+//   dx_acc[k - k0] = D (.) (du A)[m, k] in fp32 (with `accumulate`, added to what dx_acc holds) when dx_acc is set,
+//   dA_blk[(k - k0) r + j] += du[m, j] (D (.) x)[m, k].
+// One lora_dx_da and every projection of lora_dx_da_grouped go through it, so their sums are the same, bit for bit.
+template <typename xT>
+void dx_da_row_segment(const xT* xrow, int64_t sx1, int64_t m, int64_t K, int64_t k0, int64_t k1,
+                       const float* a_kr, const float* durow, int64_t r, const DropoutParams& d, MaskCursor& mask,
+                       float* dx_acc, bool accumulate, float* dA_blk) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const bool keep = mask.keep(m * K + k);
+    const float* a = a_kr + k * r;
+    if (dx_acc != nullptr) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < r; ++j) acc += durow[j] * a[j];
+      const float v = dropout_apply(d, keep, acc);
+      dx_acc[k - k0] = accumulate ? dx_acc[k - k0] + v : v;
+    }
+    if (!keep) continue;
+    const float xv = dropout_apply(d, true, static_cast<float>(xrow[k * sx1]));
+    float* p = dA_blk + (k - k0) * r;
+    for (int64_t j = 0; j < r; ++j) p[j] += durow[j] * xv;
+  }
+}
+
+// Copies projection rows [o, o + r) of du's row m (strides sd0, sd1) into durow.
+inline void load_du_row(const float* dp, int64_t sd0, int64_t sd1, int64_t m, int64_t o, int64_t r, float* durow) {
+  for (int64_t j = 0; j < r; ++j) durow[j] = dp[m * sd0 + (o + j) * sd1];
+}
+
+// Writes a column block's dA accumulators ([k1 - k0][r]) to rows [o, o + r) of the (., K) output dAp.
+inline void store_da_block(const float* dA_blk, int64_t k0, int64_t k1, int64_t r, int64_t o, int64_t K,
+                           float* dAp) {
+  for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t j = 0; j < r; ++j) dAp[(o + j) * K + k] = dA_blk[(k - k0) * r + j];
+  }
+}
+
+constexpr int64_t kDxDaBlock = 64;  // columns of K per parallel block of lora_dx_da and lora_dx_da_grouped
+
 // Column blocks of K run in parallel; each walks all rows, generating each element's mask once and
 // using it for both dx_lora (D (.) (du A)) and the block's slice of dA = du^T (D (.) x).
 template <typename xT, typename aT>
@@ -228,38 +268,76 @@ void lora_dx_da_impl(const at::Tensor& x, const at::Tensor& du, const at::Tensor
   const int64_t M = x.size(0), K = x.size(1), r = lora_a.size(0);
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1), sd0 = du.stride(0), sd1 = du.stride(1);
   const std::vector<float> at_kr = stage_fp32<aT>(lora_a, /*transpose=*/true);  // [K][r]
-  constexpr int64_t kBlock = 64;
-  const int64_t n_blocks = (K + kBlock - 1) / kBlock;
+  const int64_t n_blocks = (K + kDxDaBlock - 1) / kDxDaBlock;
   const xT* xp = x.data_ptr<xT>();
   const float* dp = du.data_ptr<float>();
   xT* dxp = need_dx ? dx.data_ptr<xT>() : nullptr;
   float* dAp = dA.data_ptr<float>();
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    std::vector<float> dA_blk(static_cast<size_t>(kBlock * r)), durow(static_cast<size_t>(r));
+    std::vector<float> dA_blk(static_cast<size_t>(kDxDaBlock * r)), durow(static_cast<size_t>(r));
+    std::vector<float> dx_row(static_cast<size_t>(kDxDaBlock));
     MaskCursor mask(d);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
-      const int64_t k0 = blk * kBlock, k1 = std::min(K, k0 + kBlock);
+      const int64_t k0 = blk * kDxDaBlock, k1 = std::min(K, k0 + kDxDaBlock);
       std::fill(dA_blk.begin(), dA_blk.end(), 0.0f);
       for (int64_t m = 0; m < M; ++m) {
-        for (int64_t j = 0; j < r; ++j) durow[j] = dp[m * sd0 + j * sd1];
-        const xT* xrow = xp + m * sx0;
-        for (int64_t k = k0; k < k1; ++k) {
-          const bool keep = mask.keep(m * K + k);
-          const float* a = at_kr.data() + k * r;
-          if (dxp != nullptr) {
-            float acc = 0.0f;
-            for (int64_t j = 0; j < r; ++j) acc += durow[j] * a[j];
-            dxp[m * K + k] = static_cast<xT>(dropout_apply(d, keep, acc));
-          }
-          if (!keep) continue;
-          const float xv = dropout_apply(d, true, static_cast<float>(xrow[k * sx1]));
-          float* p = dA_blk.data() + (k - k0) * r;
-          for (int64_t j = 0; j < r; ++j) p[j] += durow[j] * xv;
+        load_du_row(dp, sd0, sd1, m, 0, r, durow.data());
+        dx_da_row_segment<xT>(xp + m * sx0, sx1, m, K, k0, k1, at_kr.data(), durow.data(), r, d, mask,
+                              dxp != nullptr ? dx_row.data() : nullptr, false, dA_blk.data());
+        if (dxp != nullptr) {
+          for (int64_t k = k0; k < k1; ++k) dxp[m * K + k] = static_cast<xT>(dx_row[k - k0]);
         }
       }
-      for (int64_t k = k0; k < k1; ++k) {
-        for (int64_t j = 0; j < r; ++j) dAp[j * K + k] = dA_blk[(k - k0) * r + j];
+      store_da_block(dA_blk.data(), k0, k1, r, 0, K, dAp);
+    }
+  });
+}
+
+// lora_dx_da_grouped: lora_dx_da's column blocks, each row of x read once for all P projections: per row and block,
+// projection i's dx_da_row_segment (its own mask cursor and dA accumulators) adds D_i (.) (du_i A_i) into the row's
+// fp32 t in projection order (the first one stores), then t is rounded once. Each dA_i sees the terms of its own
+// lora_dx_da in the same order, so it is bitwise that call's dA.
+template <typename xT, typename aT>
+void lora_dx_da_grouped_impl(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_a,
+                             at::IntArrayRef ranks, const std::vector<DropoutParams>& ds, at::Tensor& t,
+                             at::Tensor& dA) {
+  const int64_t M = x.size(0), K = x.size(1), P = static_cast<int64_t>(ranks.size());
+  const int64_t sx0 = x.stride(0), sx1 = x.stride(1), sd0 = du.stride(0), sd1 = du.stride(1);
+  std::vector<std::vector<float>> a_kr;  // projection i's A_i as [K][r_i]
+  std::vector<int64_t> offset(static_cast<size_t>(P) + 1, 0);
+  for (int64_t i = 0; i < P; ++i) {
+    a_kr.push_back(stage_fp32<aT>(lora_a.narrow(0, offset[i], ranks[i]), /*transpose=*/true));
+    offset[i + 1] = offset[i] + ranks[i];
+  }
+  const int64_t n_blocks = (K + kDxDaBlock - 1) / kDxDaBlock;
+  const xT* xp = x.data_ptr<xT>();
+  const float* dp = du.data_ptr<float>();
+  xT* tp = t.data_ptr<xT>();
+  float* dAp = dA.data_ptr<float>();
+  at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    std::vector<std::vector<float>> dA_blk, durow;
+    for (int64_t i = 0; i < P; ++i) {
+      dA_blk.emplace_back(static_cast<size_t>(kDxDaBlock * ranks[i]));
+      durow.emplace_back(static_cast<size_t>(ranks[i]));
+    }
+    std::vector<float> t_row(static_cast<size_t>(kDxDaBlock));
+    std::vector<MaskCursor> masks(ds.begin(), ds.end());
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      const int64_t k0 = blk * kDxDaBlock, k1 = std::min(K, k0 + kDxDaBlock);
+      for (auto& acc : dA_blk) std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t m = 0; m < M; ++m) {
+        std::fill(t_row.begin(), t_row.end(), 0.0f);  // stays 0 when every rank is 0
+        bool first = true;
+        for (int64_t i = 0; i < P; ++i) {
+          if (ranks[i] == 0) continue;
+          load_du_row(dp, sd0, sd1, m, offset[i], ranks[i], durow[i].data());
+          dx_da_row_segment<xT>(xp + m * sx0, sx1, m, K, k0, k1, a_kr[i].data(), durow[i].data(), ranks[i], ds[i],
+                                masks[i], t_row.data(), !first, dA_blk[i].data());
+          first = false;
+        }
+        for (int64_t k = k0; k < k1; ++k) tp[m * K + k] = static_cast<xT>(t_row[k - k0]);
       }
+      for (int64_t i = 0; i < P; ++i) store_da_block(dA_blk[i].data(), k0, k1, ranks[i], offset[i], K, dAp);
     }
   });
 }
@@ -335,6 +413,21 @@ std::tuple<at::Tensor, at::Tensor> lora_dx_da(const at::Tensor& x, const at::Ten
   return {dx, dA};
 }
 
+std::tuple<at::Tensor, at::Tensor> lora_dx_da_grouped(const at::Tensor& x, const at::Tensor& du,
+                                                      const at::Tensor& lora_a, at::IntArrayRef ranks,
+                                                      at::IntArrayRef seeds, at::ArrayRef<double> p) {
+  const LoraDims dims = check_lora_dx_da_grouped_args(x, du, lora_a, ranks, seeds, p, c10::DeviceType::CPU);
+  at::Tensor t = at::empty({dims.M, dims.K}, x.options());  // every element written below
+  if (dims.M == 0 || dims.K == 0) return {t, at::zeros({dims.r, dims.K}, x.options().dtype(at::kFloat))};
+  at::Tensor dA = at::empty({dims.r, dims.K}, x.options().dtype(at::kFloat));  // every element written below
+  std::vector<DropoutParams> ds;
+  for (size_t i = 0; i < ranks.size(); ++i) ds.push_back(make_dropout_params(seeds[i], p[i]));
+  dispatch_act_adapter(x.scalar_type(), lora_a.scalar_type(), "lora_dx_da_grouped", [&](auto xv, auto av) {
+    lora_dx_da_grouped_impl<decltype(xv), decltype(av)>(x, du, lora_a, ranks, ds, t, dA);
+  });
+  return {t, dA};
+}
+
 }  // namespace cpu
 }  // namespace lowcost
 
@@ -344,4 +437,5 @@ TORCH_LIBRARY_IMPL(lowcost, CPU, m) {
   m.impl("lora_up", &lowcost::cpu::lora_up);
   m.impl("lora_grad_pass", &lowcost::cpu::lora_grad_pass);
   m.impl("lora_dx_da", &lowcost::cpu::lora_dx_da);
+  m.impl("lora_dx_da_grouped", &lowcost::cpu::lora_dx_da_grouped);
 }

@@ -31,6 +31,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -253,6 +254,47 @@ std::tuple<at::Tensor, at::Tensor> run_lora_dx_da(const at::Tensor& x, const at:
     sum_partials(exec, {{parts.data_ptr<float>(), dA.data_ptr<float>(), dims.r * dims.K, plan.row_segments}});
   });
   return {dx, dA};
+}
+
+template <typename Exec>
+std::tuple<at::Tensor, at::Tensor> run_lora_dx_da_grouped(const at::Tensor& x, const at::Tensor& du,
+                                                          const at::Tensor& lora_a, at::IntArrayRef ranks,
+                                                          at::IntArrayRef seeds, at::ArrayRef<double> p, Exec& exec) {
+  const LoraDims dims = check_lora_dx_da_grouped_args(x, du, lora_a, ranks, seeds, p, Exec::kDevice);
+  [[maybe_unused]] const auto guard = exec.guard(x.device());
+  at::Tensor t = exec.empty({dims.M, dims.K}, x.options());
+  const auto f32 = x.options().dtype(at::kFloat);
+  if (dims.M == 0 || dims.K == 0) return {t, at::zeros({dims.r, dims.K}, f32)};
+  if (dims.r == 0) return {t.zero_(), at::empty({0, dims.K}, f32)};
+  at::Tensor dA = exec.empty({dims.r, dims.K}, f32);
+  DxDaGroup group;
+  group.count = static_cast<int>(ranks.size());
+  int64_t max_rank = 0;
+  for (int i = 0; i < group.count; ++i) {
+    group.rank[i] = ranks[i];
+    group.row0[i] = i == 0 ? 0 : group.row0[i - 1] + ranks[i - 1];
+    group.acc0[i + 1] = group.acc0[i] + dx_da_fragments(ranks[i]);
+    group.d[i] = make_dropout_params(seeds[i], p[i]);
+    max_rank = std::max<int64_t>(max_rank, ranks[i]);
+  }
+  dispatch_act_adapter(x.scalar_type(), lora_a.scalar_type(), "lora_dx_da_grouped", [&](auto xv, auto av) {
+    using xT = decltype(xv);
+    using aT = decltype(av);
+    const DxDaPlan plan = plan_lora_dx_da_grouped(dims.M, dims.K, max_rank, group.acc0[group.count], exec.sms(),
+                                                  sizeof(xT), sizeof(aT));
+    const at::Tensor parts = partials_or_output(exec, dA, plan.row_segments, false);
+    const xT* xp = x.data_ptr<xT>();
+    xT* tp = t.data_ptr<xT>();
+    dispatch_rank_tile(plan.rt, [&](auto tile) {
+      constexpr int RT = decltype(tile)::value;
+      exec.launch(plan.grid, plan.smem, "lora_dx_da_grouped", lora_dx_da_grouped_kernel<xT, aT, RT>, xp, dims.M,
+                  dims.K, x.stride(0), x.stride(1), rows_vec16(xp, dims.M, x.stride(0), x.stride(1)),
+                  du.data_ptr<float>(), du.stride(0), du.stride(1), lora_a.data_ptr<aT>(), lora_a.stride(0),
+                  lora_a.stride(1), group, dims.r, tp, rows_vec16(tp, dims.M, dims.K, 1), parts.data_ptr<float>());
+    });
+    sum_partials(exec, {{parts.data_ptr<float>(), dA.data_ptr<float>(), dims.r * dims.K, plan.row_segments}});
+  });
+  return {t, dA};
 }
 
 template <typename Exec>

@@ -259,6 +259,33 @@ inline DxDaPlan plan_lora_dx_da(int64_t M, int64_t K, int64_t r, int64_t sms, in
   return p;
 }
 
+// lora_dx_da_grouped: P projections' lora_dx_da over one staged x tile. lora_dx_da's blocks, tiles, pipeline (x
+// tiles only) and row segments, with RT = rank_tile(max r_i); per row tile, each projection in turn stages its du
+// and A chunks synchronously (as lora_dx_da's rank chunks past the first), masks the staged x tile into a second
+// tile when it has dropout, and adds its masked dx tile into the block's fp32 t (registers) and its dA fragments into
+// fp32 accumulators kept in shared memory across the row tiles (16 rows x 64 columns per 16-row fragment: the
+// registers lora_dx_da keeps them in, stored exactly), so each dA_i sees its lora_dx_da's terms in the same order.
+// The row segments are lora_dx_da's: for r_i <= 64 dA_i is bitwise its lora_dx_da's dA.
+inline int64_t dx_da_fragments(int64_t r) { return ceil_div(r, 16); }
+
+constexpr int64_t kDxDaAccFragBytes = int64_t{16} * kDxBK * 4;  // one 16-row fragment of a dA strip, fp32
+
+// The masked x tile and the dA accumulators after lora_dx_da's layout.
+constexpr int64_t dx_da_grouped_masked_tile(const DxDaLayout& l) { return l.total; }
+constexpr int64_t dx_da_grouped_acc(const DxDaLayout& l, int x_elem) {
+  return l.total + tile_bytes(kDxBM, kDxBK, x_elem);
+}
+constexpr int64_t dx_da_grouped_smem(int rt, int x_elem, int a_elem, int64_t acc_fragments) {
+  return dx_da_grouped_acc(dx_da_layout(rt, x_elem, a_elem), x_elem) + acc_fragments * kDxDaAccFragBytes;
+}
+
+inline DxDaPlan plan_lora_dx_da_grouped(int64_t M, int64_t K, int64_t max_rank, int64_t acc_fragments, int64_t sms,
+                                        int x_elem, int a_elem) {
+  DxDaPlan p = plan_lora_dx_da(M, K, max_rank, sms, x_elem, a_elem);
+  p.smem = dx_da_grouped_smem(p.rt, x_elem, a_elem, acc_fragments);
+  return p;
+}
+
 // ---------------------------------------------------------------------------------------------
 // dequant_gemm (out (M, N) = c + x deq(W)^T) and dequant_gemm_dgrad (out (M, K) = c + g deq(W)) on a
 // quantized W (N, K): blocks own 64 x 64 output tiles (grid.x over the output columns, grid.y over the

@@ -11,6 +11,7 @@ TORCH_LIBRARY_IMPL(lowcost, CUDA, m) {
   m.impl("lora_up", &lowcost::cuda::lora_up);
   m.impl("lora_grad_pass", &lowcost::cuda::lora_grad_pass);
   m.impl("lora_dx_da", &lowcost::cuda::lora_dx_da);
+  m.impl("lora_dx_da_grouped", &lowcost::cuda::lora_dx_da_grouped);
   m.impl("dequant_gemm", &lowcost::cuda::dequant_gemm);
   m.impl("dequant_gemm_dgrad", &lowcost::cuda::dequant_gemm_dgrad);
   m.impl("gated_act_mul", &lowcost::cuda::gated_act_mul);

@@ -107,11 +107,12 @@ __device__ __forceinline__ uint32_t mask_tile(T* tile, int64_t r0, int64_t c0, i
   return apply_tile_mask<T, ROWS, COLS, false>(tile, tile, r0, c0, K, d);
 }
 
-// dst = D (.) src for a staged x tile, src unchanged (apply_tile_mask): one staged tile, several masks.
+// dst = D (.) src for a staged x tile, src unchanged (apply_tile_mask): one staged tile, several masks. Returns the
+// thread's keep bits.
 template <typename T, int ROWS, int COLS>
-__device__ __forceinline__ void masked_copy_tile(const T* src, T* dst, int64_t r0, int64_t c0, int64_t K,
-                                                 const DropoutParams& d) {
-  apply_tile_mask<T, ROWS, COLS, true>(src, dst, r0, c0, K, d);
+__device__ __forceinline__ uint32_t masked_copy_tile(const T* src, T* dst, int64_t r0, int64_t c0, int64_t K,
+                                                     const DropoutParams& d) {
+  return apply_tile_mask<T, ROWS, COLS, true>(src, dst, r0, c0, K, d);
 }
 
 template <typename T>

@@ -76,6 +76,13 @@ std::tuple<at::Tensor, at::Tensor> emu_lora_dx_da(const at::Tensor& x, const at:
   return lowcost::cuda::run_lora_dx_da(x, du, lora_a, seed, p, need_dx, exec);
 }
 
+std::tuple<at::Tensor, at::Tensor> emu_lora_dx_da_grouped(const at::Tensor& x, const at::Tensor& du,
+                                                          const at::Tensor& lora_a, at::IntArrayRef ranks,
+                                                          at::IntArrayRef seeds, at::ArrayRef<double> p, int64_t sms) {
+  EmuExec exec{sms};
+  return lowcost::cuda::run_lora_dx_da_grouped(x, du, lora_a, ranks, seeds, p, exec);
+}
+
 at::Tensor emu_gated_act_mul(const at::Tensor& gate, const at::Tensor& up, const char* act, int64_t sms) {
   EmuExec exec{sms};
   return lowcost::cuda::run_gated_act_mul(gate, up, act, exec);
@@ -322,6 +329,59 @@ void test_lora_down_grouped() {
   }
 }
 
+// lora_dx_da_grouped against P emulated lora_dx_da calls (dA_i bitwise for r_i <= 64, close beyond) and the CPU op
+// (t and dA within the dtype's tolerance, t's zeros where every projection dropped the element).
+void test_lora_dx_da_grouped() {
+  struct Group {
+    std::vector<int64_t> ranks;
+    std::vector<double> p;
+  };
+  const Group groups[] = {{{5, 16, 5}, {0.1, 0.0, 0.3}},
+                          {{7, 0, 64}, {0.3, 0.2, 0.1}},  // a rank 0, RT 64
+                          {{20}, {0.0}},
+                          {{70, 16}, {0.2, 0.4}}};  // r > 64: two rank chunks
+  const int64_t shapes[][2] = {{0, 13}, {1, 100}, {7, 100}, {129, 33}, {200, 72}};
+  for (const DtypePair& dp : kPairs) {
+    for (const Group& grp : groups) {
+      int64_t total = 0;
+      for (int64_t r : grp.ranks) total += r;
+      std::vector<int64_t> seeds;
+      for (size_t i = 0; i < grp.ranks.size(); ++i) seeds.push_back((int64_t{5} << 32) + 13 * static_cast<int64_t>(i));
+      for (const auto& s : shapes) {
+        for (bool transposed : {false, true}) {
+          const at::Tensor x = make(s[0], s[1], dp.act, transposed);
+          const at::Tensor du = make(s[0], total, at::kFloat, true);
+          const at::Tensor a = make(total, s[1], dp.adapter, false);
+          at::Tensor t_c, dA_c, t, dA;
+          std::tie(t_c, dA_c) = lowcost::cpu::lora_dx_da_grouped(x, du, a, grp.ranks, seeds, grp.p);
+          const std::string n = name("lora_dx_da_grouped", s[0], s[1], total, dp.act, dp.adapter, transposed,
+                                     grp.p[0]) + " P " + std::to_string(grp.ranks.size());
+          for (int64_t sms : {1, 132}) {  // several row tiles per block (dA carried in shared memory), and one
+            std::tie(t, dA) = emu_lora_dx_da_grouped(x, du, a, grp.ranks, seeds, grp.p, sms);
+            const std::string ns = n + " sms " + std::to_string(sms);
+            int64_t row = 0;
+            for (size_t i = 0; i < grp.ranks.size(); ++i) {
+              const int64_t r = grp.ranks[i];
+              const at::Tensor dA_i = std::get<1>(
+                  emu_lora_dx_da(x, du.narrow(1, row, r), a.narrow(0, row, r), seeds[i], grp.p[i], false, sms));
+              const std::string ni = ns + " dA_" + std::to_string(i);
+              if (r <= 64) {
+                expect_equal(ni + " vs emulated lora_dx_da", dA.narrow(0, row, r), dA_i);
+              } else {
+                expect_close(ni + " vs emulated lora_dx_da", dA.narrow(0, row, r), dA_i, at::kFloat);
+              }
+              row += r;
+            }
+            expect_close(ns + " t vs CPU", t, t_c, dp.act);
+            expect_equal(ns + " t zero pattern", t == 0, t_c == 0);
+            expect_close(ns + " dA vs CPU", dA, dA_c, at::kFloat);
+          }
+        }
+      }
+    }
+  }
+}
+
 void test_lora_up() {
   const int64_t cases[][3] = {{0, 9, 4}, {1, 9, 1}, {7, 33, 7}, {129, 50, 16}, {65, 136, 20}, {3, 64, 70}, {70, 200, 64}};
   for (const DtypePair& dp : kPairs) {
@@ -526,6 +586,7 @@ int main(int argc, char** argv) {
       {"philox_dropout", test_philox_dropout},           {"lora_down", test_lora_down},
       {"lora_down_grouped", test_lora_down_grouped},     {"lora_up", test_lora_up},
       {"lora_grad_pass", test_lora_grad_pass},           {"lora_dx_da", test_lora_dx_da},
+      {"lora_dx_da_grouped", test_lora_dx_da_grouped},
       {"bitwise_reproducible", test_backward_bitwise_reproducible},
       {"gated_act", test_gated_act},                     {"softmax_xent_rows", test_softmax_xent_rows}};
   for (const auto& test : tests) {

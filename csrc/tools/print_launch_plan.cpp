@@ -8,6 +8,7 @@
 //   print_launch_plan gated_act M I DTYPE ACT SMS
 //   print_launch_plan xent_rows C V DTYPE SMS
 //   print_launch_plan down_grouped M K X_DTYPE ADAPTER_DTYPE SMS R0,R1,...
+//   print_launch_plan dx_da_grouped M K X_DTYPE ADAPTER_DTYPE SMS R0,R1,...
 //   (the second form: the fused gated MLP's own elementwise launches, lowcost/ops/_cuda_gated_mlp.py: h in the
 //   forward, h again and the two input gradients in the backward; ACT: silu, gelu_tanh or gelu)
 //   (the third form: the fused linear cross-entropy's row pass on the cuda backend, lowcost/ops/linear_cross_entropy.py,
@@ -15,16 +16,20 @@
 //   each one launch, or two (piece partials, then fold) when the plan splits rows into slices)
 //   (the fourth form: the grouped linear's forward lora_down with dropout, lowcost/ops/_cuda_grouped_linear.py:
 //   lora_down_grouped over one x (M, K) for projections of ranks R0, R1, ..., then sum_partials when K is split)
+//   (the fifth form: its backward's low-rank terms with dropout: lora_dx_da_grouped over one x (M, K) for projections
+//   of ranks R0, R1, ..., then sum_partials when rows are cut into segments)
 //   (dtypes: bf16, fp16, fp32; the adapter dtype is fp32 or X_DTYPE; QUANT: nf4, nf4-dq, int8, q8_0, q4_0,
 //   q4_1, q4_k, q6_k for a quantized weight, whose base GEMMs are lowcost's dequant_gemm / dequant_gemm_dgrad
 //   instead of cuBLAS)
 #include "../cuda/launch_plan.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <initializer_list>
 #include <string>
 #include <utility>
+#include <vector>
 
 using namespace lowcost::cuda;
 
@@ -169,6 +174,18 @@ int print_xent_rows(int argc, char** argv) {
   return 0;
 }
 
+// Parses "R0,R1,..." (integers >= 0) into ranks; false on anything else.
+bool parse_ranks(const char* text, std::vector<int64_t>& ranks) {
+  for (const char* p = text; *p != '\0';) {
+    char* end = nullptr;
+    const long long r = std::strtoll(p, &end, 10);
+    if (end == p || r < 0 || (*end != ',' && *end != '\0')) return false;
+    ranks.push_back(r);
+    p = *end == ',' ? end + 1 : end;
+  }
+  return !ranks.empty();
+}
+
 int print_down_grouped(int argc, char** argv) {
   Dtype x{}, a{};
   if (argc != 8 || !parse_dtype(argv[4], x) || !parse_dtype(argv[5], a)) {
@@ -176,15 +193,13 @@ int print_down_grouped(int argc, char** argv) {
     return 2;
   }
   const int64_t M = std::atoll(argv[2]), K = std::atoll(argv[3]), sms = std::atoll(argv[6]);
-  int64_t fragments = 0, total = 0, count = 0;
-  bool ranks_ok = true;
-  for (const char* p = argv[7]; ranks_ok && *p != '\0'; ++count) {
-    char* end = nullptr;
-    const long long r = std::strtoll(p, &end, 10);
-    ranks_ok = end != p && r >= 0 && (*end == ',' || *end == '\0');
+  std::vector<int64_t> ranks;
+  const bool ranks_ok = parse_ranks(argv[7], ranks);
+  int64_t fragments = 0, total = 0;
+  const int64_t count = static_cast<int64_t>(ranks.size());
+  for (const int64_t r : ranks) {
     fragments += down_fragments(r);
     total += r;
-    p = *end == ',' ? end + 1 : end;
   }
   if (M < 1 || K < 1 || sms < 1 || !ranks_ok || total < 1 || count > 8 ||
       (a.bytes != 4 && std::string(argv[5]) != argv[4])) {
@@ -203,12 +218,46 @@ int print_down_grouped(int argc, char** argv) {
   return 0;
 }
 
+int print_dx_da_grouped(int argc, char** argv) {
+  Dtype x{}, a{};
+  if (argc != 8 || !parse_dtype(argv[4], x) || !parse_dtype(argv[5], a)) {
+    std::fprintf(stderr, "usage: %s dx_da_grouped M K X_DTYPE(bf16|fp16|fp32) ADAPTER_DTYPE SMS R0,R1,...\n", argv[0]);
+    return 2;
+  }
+  const int64_t M = std::atoll(argv[2]), K = std::atoll(argv[3]), sms = std::atoll(argv[6]);
+  std::vector<int64_t> ranks;
+  const bool ranks_ok = parse_ranks(argv[7], ranks);
+  int64_t fragments = 0, total = 0, max_rank = 0;
+  for (const int64_t r : ranks) {
+    fragments += dx_da_fragments(r);
+    total += r;
+    max_rank = std::max(max_rank, r);
+  }
+  if (M < 1 || K < 1 || sms < 1 || !ranks_ok || total < 1 || ranks.size() > 8 ||
+      (a.bytes != 4 && std::string(argv[5]) != argv[4])) {
+    std::fprintf(stderr, "M, K and SMS must be >= 1, the ranks 1 to 8 integers >= 0 (not all 0) and the adapter "
+                 "dtype fp32 or the x dtype\n");
+    return 2;
+  }
+  const DxDaPlan plan = plan_lora_dx_da_grouped(M, K, max_rank, fragments, sms, x.bytes, a.bytes);
+  print_launch("lora_dx_da_grouped",
+               kernel_name("lora_dx_da_grouped_kernel", {x.cpp, a.cpp, std::to_string(plan.rt)}), plan.grid,
+               plan.smem,
+               "64x64 x tiles, " + std::to_string(kDxStages) + " stages + a masked tile, " +
+                   std::to_string(ranks.size()) + " projections, " + std::to_string(fragments) +
+                   " dA fragments in smem, " + std::to_string(plan.row_segments) + " row segments");
+  print_reduce("lora_dx_da_grouped", {{total * K, plan.row_segments}});
+  std::printf("\n]\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc >= 2 && std::string(argv[1]) == "gated_act") return print_gated_act(argc, argv);
   if (argc >= 2 && std::string(argv[1]) == "xent_rows") return print_xent_rows(argc, argv);
   if (argc >= 2 && std::string(argv[1]) == "down_grouped") return print_down_grouped(argc, argv);
+  if (argc >= 2 && std::string(argv[1]) == "dx_da_grouped") return print_dx_da_grouped(argc, argv);
   Dtype x{}, a{};
   const std::string quant = argc == 10 ? argv[9] : "";
   const int fmt = quant.empty() ? -1 : quant_format_id(quant);

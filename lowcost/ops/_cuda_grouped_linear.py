@@ -9,7 +9,7 @@ backward: du_i, dB_i, db_i = lora_grad_pass(g_i, u_i, B_i)          one read of 
           dx = t_0 + g_0 W_0                                       cuBLAS beta = 1 in place on t_0: t_0 IS dx
           dx += g_i W_i ; dx += t_i                                i ≥ 1: addmm_ (beta = 1), then one add
 
-Transient (M, K) buffers: besides dx, one t_i at a time (i ≥ 1), freed once added. ``lora_dx_da`` allocates the
+Transient (M, K) buffers on this per-projection path: besides dx, one t_i at a time (i ≥ 1), freed once added. ``lora_dx_da`` allocates the
 low-rank term itself (it generates D_i inside, once for t_i and dA_i) and has no operand to add into, so a
 term per projection after the first is what it forces; the dense terms g_i W_i never get a buffer of their own
 (``addmm_`` into dx). No dx per projection is summed afterwards and no (M, K) buffer is zeroed.
@@ -24,12 +24,20 @@ reads x once: ``lora_down_grouped`` stages each x tile once and masks it per pro
 into a second tile; a projection without dropout multiplies the staged tile), as the Triton kernels do:
 forward:  [u_0 u_1 …] = lora_down_grouped(x, [A_0; A_1; …], [r_i], [seed_i], [p_i])    u_i = (D_i ⊙ x) A_iᵀ
           bitwise the P separate lora_down calls (every r_i ≤ 64 on CUDA; the C++ CPU kernel always).
-The backward with dropout keeps one lora_dx_da per projection (its mask enters both t_i and dA_i). Mixed adapter
-dtypes (the A_i do not concatenate) keep the per-projection forward as well.
+The backward with dropout reads x once too (dx asked, same conditions, and the r_i rounded up to 16 summing to at
+most ``MAX_GROUPED_DX_DA_ROWS`` = 256): ``lora_dx_da_grouped`` stages each x tile once and, per projection, draws D_i
+for both of its terms:
+backward: dx, [dA_0; dA_1; …] = lora_dx_da_grouped(x, [du_0 du_1 …], [A_0; A_1; …], [r_i], [seed_i], [p_i])
+          dx = Σ_i D_i ⊙ (du_i A_i) summed in fp32 in projection order, rounded once (no t_i transient), every
+          dA_i = du_iᵀ (D_i ⊙ x) bitwise lora_dx_da's (every r_i ≤ 64 on CUDA; the C++ CPU kernel always);
+          then dx += g_i W_i by addmm_ for each i.
+Otherwise (mixed adapter dtypes, more projections or larger ranks, or dA without dx) the backward keeps one
+lora_dx_da per projection as described first. Mixed adapter dtypes keep the per-projection forward as well.
 
-dx is in x's dtype throughout (the GEMM's C operand): in 16 bits each of its adds rounds once (2P - 1 of them
-with dropout, P without), as the sum of P unfused ``lora_linear(backend='cuda')`` dx's does; the torch backend
-keeps an fp32 accumulator instead.
+dx is in x's dtype throughout (the GEMM's C operand): in 16 bits each of its adds rounds once: 2P - 1 of them on
+the per-projection path (each t_i itself rounded once), as the sum of P unfused ``lora_linear(backend='cuda')`` dx's
+does; P (the addmm_) on the stacked and the grouped dropout paths, whose low-rank sum is rounded once before them.
+The torch backend keeps an fp32 accumulator instead.
 
 Each projection draws its mask from its own seed with the Philox ops of ``lora_linear(backend='cuda')``, so the
 dropped elements are those of P separate ``lora_linear`` calls. The autograd op (``lowcost.ops.
@@ -50,6 +58,7 @@ ops = torch.ops.lowcost
 
 
 MAX_GROUPED_DOWN = 8   # lowcost._C's kMaxGroupedProjections: the most projections one lora_down_grouped takes
+MAX_GROUPED_DX_DA_ROWS = 256   # lowcost._C's kMaxGroupedDxDaRows: the most Σ_i ceil(r_i / 16)·16 of lora_dx_da_grouped
 
 
 def _stackable(projections: Sequence[GroupedProjection]) -> bool:
@@ -64,6 +73,22 @@ def _grouped_down(projections: Sequence[GroupedProjection]) -> bool:
     projection (at most MAX_GROUPED_DOWN), dropout on some (else ``_stackable``) and one adapter dtype."""
     return (1 < len(projections) <= MAX_GROUPED_DOWN and any(p.dropout != 0.0 for p in projections)
             and len({p.lora_a.dtype for p in projections}) == 1)
+
+
+def grouped_dx_da(lora_as: Sequence[Tensor], dropouts: Sequence[float]) -> bool:
+    """True when the backward's low-rank terms with dropout are one ``lora_dx_da_grouped`` over x (when dx is
+    asked): ``_grouped_down``'s conditions (given the A_i and the p_i) and the r_i rounded up to 16 summing to at most
+    MAX_GROUPED_DX_DA_ROWS."""
+    return (1 < len(lora_as) <= MAX_GROUPED_DOWN and any(p != 0.0 for p in dropouts)
+            and len({a.dtype for a in lora_as}) == 1
+            and sum(-(-a.shape[0] // 16) * 16 for a in lora_as) <= MAX_GROUPED_DX_DA_ROWS)
+
+
+def transient_low_rank_terms(lora_as: Sequence[Tensor], dropouts: Sequence[float], need_dx: bool) -> int:
+    """How many (M, K) buffers the backward holds besides dx at once: one t_i (the per-projection path with dropout
+    and P > 1, dx asked), else none (the stacked and the grouped dropout paths start dx with the low-rank sum)."""
+    per_projection = any(p != 0.0 for p in dropouts) and not grouped_dx_da(lora_as, dropouts)
+    return int(need_dx and len(lora_as) > 1 and per_projection)
 
 
 def _ranks(projections: Sequence[GroupedProjection]) -> list[int]:
@@ -134,6 +159,26 @@ def _stacked_bwd(grads, x, projections, us, needs, bases):
     return dx, das, dbs, dbiases
 
 
+def _grouped_dropout_bwd(grads, x, projections, us, needs, bases):
+    """``grouped_bwd`` with dropout when ``grouped_dx_da`` holds and dx is asked: one lora_dx_da_grouped gives
+    dx = Σ_i D_i ⊙ (du_i A_i) (fp32 sum, one rounding; no transient (M, K) term) and every dA_i (one read of x),
+    then dx += g_i W_i for each i."""
+    passes = [_grad_pass(g, x, p, u, needs) for g, p, u in zip(grads, projections, us)]
+    dbs, dbiases = [db for _, db, _ in passes], [dbias for _, _, dbias in passes]
+    du_all = torch.cat([du for du, _, _ in passes], dim=1)
+    del passes
+    dx, da_all = ops.lora_dx_da_grouped(x, du_all, _stacked_a(projections), _ranks(projections),
+                                        [p.seed if p.dropout != 0.0 else 0 for p in projections],
+                                        [float(p.dropout) for p in projections])
+    das = [None] * len(projections)
+    if needs[1]:
+        das = [da.to(p.lora_a.dtype, copy=True)    # own storage: outputs must not alias one another
+               for da, p in zip(da_all.split(_ranks(projections), dim=0), projections)]
+    for g, (_, add_dgrad) in zip(grads, bases):
+        dx = add_dgrad(dx, g)
+    return dx, das, dbs, dbiases
+
+
 def grouped_bwd(grads: Sequence[Tensor], x: Tensor, projections: Sequence[GroupedProjection], us: Sequence[Tensor],
                 needs: Sequence[bool], bases: Optional[Sequence] = None) -> tuple[Optional[Tensor], list, list, list]:
     """(dx (M, K), [dA_i], [dB_i], [dbias_i]) as ``lowcost.reference.lora_grouped_linear.grouped_backward``
@@ -142,6 +187,8 @@ def grouped_bwd(grads: Sequence[Tensor], x: Tensor, projections: Sequence[Groupe
     bases = _bases(projections, bases)
     if _stackable(projections):
         return _stacked_bwd(grads, x, projections, us, needs, bases)
+    if needs[0] and grouped_dx_da([p.lora_a for p in projections], [p.dropout for p in projections]):
+        return _grouped_dropout_bwd(grads, x, projections, us, needs, bases)
     need_dx = needs[0]
     dx = None
     das, dbs, dbiases = [], [], []

@@ -21,7 +21,8 @@ Two custom ops: ``lowcost::lora_grouped_linear`` → ([y_i], [u_i]) and ``lowcos
 dA_i from another, dx from one grouped kernel; at most ``TRITON_MAX_PROJECTIONS`` projections) and "cuda"
 (``lowcost.ops._cuda_grouped_linear``: per projection the LoRA linear's CUDA C++ composition around cuBLAS, with
 one dx accumulator that the dense terms g_i W_i join in place, and the u_i of every projection from one read of x,
-with dropout too (``lora_down_grouped``); CUDA tensors on sm_80+, no float64).
+with dropout too (``lora_down_grouped``), as the dA_i and the low-rank part of dx (``lora_dx_da_grouped``); CUDA
+tensors on sm_80+, no float64).
 Quantized frozen weights (all P ``QuantizedWeight``) route to ``lowcost.ops.qlora_grouped_linear`` (torch,
 triton and cuda backends, the same saved set); a group mixing dense and quantized weights is refused.
 """

@@ -59,6 +59,7 @@ import math
 
 import torch
 
+from lowcost.ops._cuda_grouped_linear import transient_low_rank_terms
 from lowcost.plan.decode_workspace import WORKSPACE_MODELS
 
 
@@ -103,7 +104,7 @@ def _grouped_forward(args) -> int:
 
 
 def _grouped_backward(args) -> int:
-    grads, x, dropouts, needs, backend = args[0], args[1], args[8], args[10], args[11]
+    grads, x, lora_as, dropouts, needs, backend = args[0], args[1], args[3], args[8], args[10], args[11]
     M, K, s = math.prod(x.shape[:-1]), x.shape[-1], x.element_size()
     need_dx, need_da, on = int(bool(needs[0])), int(bool(needs[1])), int(any(p > 0 for p in dropouts))
     if x.dtype in (torch.float32, torch.float64):
@@ -111,7 +112,9 @@ def _grouped_backward(args) -> int:
     else:
         widest = max((g.shape[-1] for g in grads), default=0)
         torch_bytes = M * widest * 4 + need_dx * M * K * (4 + s + 4 * on) + need_da * M * K * (4 + s * on)
-    cuda_bytes = need_dx * int(len(grads) > 1) * M * K * s if backend == "cuda" else 0
+    # cuda: the (M, K) terms held besides dx (lowcost.ops._cuda_grouped_linear: one t_i on the per-projection path
+    # with dropout, none on the stacked and the grouped dropout paths)
+    cuda_bytes = transient_low_rank_terms(lora_as, dropouts, bool(needs[0])) * M * K * s if backend == "cuda" else 0
     return max(torch_bytes, cuda_bytes)
 
 

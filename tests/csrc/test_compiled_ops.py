@@ -74,7 +74,7 @@ def _check_registered(device):
 # registration
 def test_schemas_registered():
     for name in ("philox_dropout", "philox_dropout_pair_", "lora_down", "lora_down_grouped", "lora_up", "lora_grad_pass",
-                 "lora_dx_da"):
+                 "lora_dx_da", "lora_dx_da_grouped"):
         assert hasattr(ops, name), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lowcost::{name}", "CPU"), name
 
@@ -91,6 +91,9 @@ def test_schema_text():
     assert schemas["lowcost::lora_dx_da"] == (
         "lowcost::lora_dx_da(Tensor x, Tensor du, Tensor lora_a, int seed, float p, bool need_dx)"
         " -> (Tensor, Tensor)")
+    assert schemas["lowcost::lora_dx_da_grouped"] == (
+        "lowcost::lora_dx_da_grouped(Tensor x, Tensor du, Tensor lora_a, int[] ranks, int[] seeds, float[] p)"
+        " -> (Tensor, Tensor)")
 
 
 def test_opcheck_schema():
@@ -101,6 +104,7 @@ def test_opcheck_schema():
              (ops.lora_up, (u, b, torch.randn(11), 0.5, torch.float32)), (ops.lora_grad_pass, (g, u, b, 0.5, True)),
              (ops.lora_dx_da, (x, u, a, 3, 0.2, True)), (ops.lora_dx_da, (x, u, a, 3, 0.2, False)),
              (ops.lora_down_grouped, (x, torch.cat([a, a[:2]]), [5, 2], [3, 4], [0.2, 0.0])),
+             (ops.lora_dx_da_grouped, (x, torch.randn(7, 7), torch.cat([a, a[:2]]), [5, 2], [3, 4], [0.2, 0.0])),
              (ops.philox_dropout_pair_, (x, torch.randn(7, 13), 3, 0.2))]
     for op, args in cases:
         result = torch.library.opcheck(op.default, args, test_utils=("test_schema",))
@@ -397,6 +401,83 @@ def test_lora_dx_da(device, dtype, adapter_dtype, M, K, r, noncontiguous, seed, 
     dx_none, dA_only = ops.lora_dx_da(t["x"], du, t["lora_a"], seed, p, False)
     assert dx_none.numel() == 0 and dx_none.dtype == dtype
     assert torch.equal(dA_only, dA)
+
+
+# ------------------------------------------------------------------------------------------------
+# lora_dx_da_grouped
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.float16, None), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("M,K", [(0, 13), (1, 100), (7, 100), (129, 33)])
+@pytest.mark.parametrize("ranks,dropouts", GROUPED_CASES)
+@pytest.mark.parametrize("noncontiguous", [False, True])
+def test_lora_dx_da_grouped_is_p_lora_dx_das(device, dtype, adapter_dtype, M, K, ranks, dropouts, noncontiguous):
+    """dA: bit for bit the P lora_dx_da calls' dA_i stacked. t: the fp32 sum in projection order of the unrounded
+    D_i (.) (du_i A_i) (lora_dx_da on float32 copies of x and A_i, exact conversions, so the same fp32 products),
+    rounded once to x.dtype: bitwise; within (P + 1) half-ulps of x.dtype of the sum of the P rounded t_i (each t_i
+    carries one rounding of at most half an ulp of |t_i|, t one of |t|); and within x.dtype's tolerance of float64."""
+    _check_registered(device)
+    x, a, seeds = _grouped_inputs(M, K, ranks, dtype, adapter_dtype, noncontiguous, device)
+    du = torch.randn(sum(ranks), M, dtype=torch.float32, device=device).t()  # non-contiguous (M, sum r_i)
+    t, dA = ops.lora_dx_da_grouped(x, du, a, list(ranks), seeds, list(dropouts))
+    assert t.dtype == dtype and t.shape == (M, K) and dA.dtype == torch.float32 and dA.shape == (sum(ranks), K)
+    a_i, du_i = a.split(list(ranks), dim=0), du.split(list(ranks), dim=1)
+    separate = [ops.lora_dx_da(x, d, ai, s, p, True) for d, ai, s, p in zip(du_i, a_i, seeds, dropouts)]
+    assert torch.equal(dA, torch.cat([dA_i for _, dA_i in separate], dim=0))
+    unrounded = [ops.lora_dx_da(x.float(), d, ai.float(), s, p, True)[0]
+                 for d, ai, s, p in zip(du_i, a_i, seeds, dropouts) if ai.shape[0] > 0]
+    fp32_sum = torch.zeros(M, K, device=device)
+    for i, t_i in enumerate(unrounded):
+        fp32_sum = t_i.clone() if i == 0 else fp32_sum + t_i
+    assert torch.equal(t, fp32_sum.to(dtype))
+    rounded_sum = sum(t_i.float() for t_i, _ in separate)
+    half_ulp = torch.finfo(dtype).eps / 2
+    bound = (len(ranks) + 1) * half_ulp * sum(t_i.float().abs() for t_i, _ in separate) + 1e-30
+    assert ((t.float() - rounded_sum).abs() <= bound).all()
+    expected = sum(torch.where(keep_mask(M, K, s, p, device), d.double() @ ai.double() * ref.keep_scale(p),
+                               torch.zeros((), dtype=torch.float64, device=device))
+                   for d, ai, s, p in zip(du_i, a_i, seeds, dropouts))
+    assert_close_to_reference("t", t, expected, dtype)
+    assert_close_to_reference("dA", dA, torch.cat([d.double().t() @ x_tilde64(x, s, p)
+                                                   for d, s, p in zip(du_i, seeds, dropouts)]), torch.float32)
+
+
+def test_lora_dx_da_grouped_masks_differ_per_projection():
+    """Two projections with one A and one du but different seeds: each dA half is its own seed's lora_dx_da (a shared
+    mask would give equal halves) and t is the sum of the two masked products."""
+    x, a, du = torch.randn(9, 40), torch.randn(4, 40), torch.randn(9, 4)
+    t, dA = ops.lora_dx_da_grouped(x, torch.cat([du, du], dim=1), torch.cat([a, a]), [4, 4], [1, 2], [0.5, 0.5])
+    (t1, dA1), (t2, dA2) = ops.lora_dx_da(x, du, a, 1, 0.5, True), ops.lora_dx_da(x, du, a, 2, 0.5, True)
+    assert not torch.equal(dA[:4], dA[4:])
+    assert torch.equal(dA[:4], dA1) and torch.equal(dA[4:], dA2) and torch.equal(t, t1 + t2)
+
+
+def test_lora_dx_da_grouped_errors_name_the_argument():
+    x, a, du = torch.randn(4, 8), torch.randn(6, 8), torch.randn(4, 6)
+    cases = [
+        (lambda: ops.lora_dx_da_grouped(x, du, a, [2, 3], [0, 1], [0.1, 0.1]), "ranks must sum to lora_a.size(0) = 6"),
+        (lambda: ops.lora_dx_da_grouped(x, du, a, [3, 3], [0], [0.1, 0.1]), "seeds and p must have one entry per"),
+        (lambda: ops.lora_dx_da_grouped(x, du, a, [], [], []), "ranks must have 1 to 8 entries"),
+        (lambda: ops.lora_dx_da_grouped(x, torch.randn(4, 9), torch.randn(9, 8), [1] * 9, [0] * 9, [0.0] * 9),
+         "ranks must have 1 to 8 entries"),
+        (lambda: ops.lora_dx_da_grouped(x, du, a, [7, -1], [0, 1], [0.1, 0.1]), "ranks[1] must be >= 0"),
+        (lambda: ops.lora_dx_da_grouped(x, du, a, [3, 3], [0, -1], [0.1, 0.1]), "seed must lie in [0, 2^63)"),
+        (lambda: ops.lora_dx_da_grouped(x, du, a, [3, 3], [0, 1], [0.1, 1.0]), "p must lie in [0, 1)"),
+        (lambda: ops.lora_dx_da_grouped(x, du, torch.randn(6, 9), [3, 3], [0, 1], [0.1, 0.1]),
+         "lora_a must be (sum r_i, K)"),
+        (lambda: ops.lora_dx_da_grouped(x, torch.randn(5, 6), a, [3, 3], [0, 1], [0.1, 0.1]),
+         "du must be (M, sum r_i)"),
+        (lambda: ops.lora_dx_da_grouped(x, torch.randn(4, 5), a, [3, 3], [0, 1], [0.1, 0.1]), "rank mismatch"),
+        (lambda: ops.lora_dx_da_grouped(x, du.double(), a, [3, 3], [0, 1], [0.1, 0.1]), "du"),
+        (lambda: ops.lora_dx_da_grouped(x.bfloat16(), du, a.half(), [3, 3], [0, 1], [0.1, 0.1]),
+         "lora_a must be float32 or the dtype of x"),
+        (lambda: ops.lora_dx_da_grouped(x, torch.randn(4, 242), torch.randn(242, 8), [1, 241], [0, 1], [0.1, 0.1]),
+         "ranks rounded up to 16 must sum to at most 256"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert message in str(info.value), f"expected {message!r} in {info.value}"
 
 
 def test_dx_da_consistent_with_dropout_op():

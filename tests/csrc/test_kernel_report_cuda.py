@@ -83,6 +83,37 @@ def test_grouped_down_small_unsplit_and_refusals():
 
 
 @needs_cxx
+@pytest.mark.parametrize("ranks,rt", [((16, 16, 16), 16), ((64, 64, 64), 64), ((5, 16, 70), 64)])
+def test_grouped_dx_da_launch_plan(ranks, rt):
+    """lora_dx_da_grouped at M, K = 8192, 4096: lora_dx_da's grid and row segments at the largest rank (so each dA_i
+    adds the row tiles as its own lora_dx_da does), rank tile of the largest rank; shared memory: lora_dx_da's
+    layout, a masked x tile and one 16 x 64 fp32 accumulator per 16 rows of each projection; then sum_partials."""
+    launches = krc.grouped_dx_da_launches(8192, 4096, ranks, "bf16")
+    assert [launch["op"] for launch in launches] == ["lora_dx_da_grouped", "sum_partials"]
+    dx_da = launches[0]
+    assert dx_da["kernel"] == f"lowcost::cuda::lora_dx_da_grouped_kernel<c10::BFloat16, c10::BFloat16, {rt}>"
+    single = [launch for launch in krc.launches(8192, 4096, 4096, max(ranks), "bf16") if launch["op"] == "lora_dx_da"]
+    assert dx_da["grid"] == single[0]["grid"] and dx_da["grid"][0] * dx_da["grid"][1] >= 2 * 132
+    x_tile, du_tile, a_strip, dx_stage = 64 * 72 * 2, 64 * (rt + 4) * 4, rt * 72 * 2, 64 * 68 * 4
+    fragments = sum(-(-r // 16) for r in ranks)
+    assert dx_da["smem"] == 3 * (x_tile + du_tile) + a_strip + dx_stage + x_tile + fragments * 16 * 64 * 4
+
+
+@needs_cxx
+def test_grouped_dx_da_small_unsplit_and_refusals():
+    """One row tile: one row segment, no sum_partials; bad ranks are refused by the printer and the report."""
+    launches = krc.grouped_dx_da_launches(1, 64, (3, 0, 70), "fp16", "fp32")
+    assert [launch["op"] for launch in launches] == ["lora_dx_da_grouped"]
+    assert launches[0]["grid"] == [1, 1, 1]
+    with pytest.raises(RuntimeError):
+        krc.grouped_dx_da_launches(8, 64, (0, 0), "bf16")
+    with pytest.raises(ValueError, match="ranks must be 1 to 8"):
+        krc.grouped_dx_da_rows(8, 64, tuple([1] * 9), "bf16")
+    with pytest.raises(ValueError, match="rounded up to 16 must sum to at most 256"):
+        krc.grouped_dx_da_rows(8, 64, (130, 130), "bf16")
+
+
+@needs_cxx
 @pytest.mark.parametrize("quant, fmt", [("nf4", 0), ("nf4-dq", 1), ("int8", 2), ("q8_0", 3), ("q4_0", 4), ("q4_1", 5),
                                         ("q4_k", 6), ("q6_k", 7)])
 def test_launch_plan_on_a_quantized_weight(quant, fmt):

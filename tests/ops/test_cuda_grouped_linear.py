@@ -53,11 +53,14 @@ def test_fewer_projections(cuda_on_cpu, count, biases):
 def test_low_precision(cuda_on_cpu, dtype, adapter_dtype, dropouts):
     """16-bit: the dtype's tolerance (2e-3 fp16, 1e-2 bf16), as every backend. y_i: the LoRA term rounded once to
     the dtype (lora_up), then once more when the GEMM adds x W_iᵀ. dx is accumulated in x's dtype (cuBLAS beta = 1
-    writes it): each low-rank term is rounded once by lora_dx_da, then each add rounds once (2P - 1 with dropout,
-    P on the stacked path without), as P unfused lora_linear(backend='cuda') calls summed by autograd do (the
-    torch backend's fp32 accumulator rounds once). Measured here and at (M, K) = (129, 200) over six seeds, both
-    paths: dx within 8.8e-3 (bf16) and 1.2e-3 (fp16) of float64, normalised; y and every other gradient within
-    6.0e-3 / 7.9e-4. The bf16 margin on dx is thin: an fp32 accumulator would need a GEMM with an fp32 output
+    writes it): the low-rank sum is rounded once (lora_dx_da_grouped with dropout, the stacked lora_dx_da
+    without), then each of the P addmm_ rounds once: P roundings (the per-projection path, mixed adapter dtypes
+    with dropout, rounds each t_i and each add: 2P - 1, as P unfused lora_linear(backend='cuda') calls summed by
+    autograd do; the torch backend's fp32 accumulator rounds once). Measured here and at (M, K) = (129, 200) over
+    six seeds, both paths: dx within 8.8e-3 (bf16) and 1.2e-3 (fp16) of float64, normalised; y and every other
+    gradient within 6.0e-3 / 7.9e-4 (the per-projection dropout path); remeasured on the grouped dropout path
+    ((17, 32) and (129, 200), seeds 0-5, dropouts (0.1, 0.2, 0.0)): dx 8.5e-3 / 9.0e-4, the rest
+    5.6e-3 / 8.1e-4. The bf16 margin on dx is thin: an fp32 accumulator would need a GEMM with an fp32 output
     from 16-bit operands (torch's out_dtype addmm is CUDA-only, so it could not be tested here)."""
     d = make_inputs(17, 32, GQA[0], GQA[1], dtype=dtype, adapter_dtype=adapter_dtype, seed=2)
     check(d, dropouts, dtype=dtype, backend="cuda")
@@ -139,13 +142,15 @@ def test_u_is_exactly_the_masked_input():
 
 # ------------------------------------------------------------------------------------------- structure
 @pytest.mark.parametrize("dropouts,downs,passes,adds",
-                         [((0.1, 0.0, 0.2), (0, 1), 3, 2), ((0.0, 0.0, 0.0), (1, 0), 1, 0)], ids=["dropout", "stacked"])
+                         [((0.1, 0.0, 0.2), (0, 1), (0, 1), 0), ((0.0, 0.0, 0.0), (1, 0), (1, 0), 0)],
+                         ids=["dropout", "stacked"])
 def test_one_dx_accumulator(cuda_on_cpu, dropouts, downs, passes, adds):
-    """Backward: one lora_grad_pass per projection; lora_dx_da once per projection with dropout (then the P-1
-    later low-rank terms join dx by add_), once for all without (the stacked [du_i] and [A_i]: its result is dx);
-    the dense terms added by addmm_ in place (one per projection); no (M, K) tensor zeroed or summed out of
-    place. Forward: one read of x either way: one lora_down_grouped with dropout (a mask per projection), one
-    lora_down over the stacked adapters without."""
+    """Backward: one lora_grad_pass per projection; one pass over x for every low-rank term either way: one
+    lora_dx_da_grouped with dropout (a mask per projection, the fp32 sum of the D_i ⊙ (du_i A_i) is dx), one
+    lora_dx_da over the stacked [du_i] and [A_i] without (its result is dx); no t_i joins dx by add_; the dense
+    terms added by addmm_ in place (one per projection); no (M, K) tensor zeroed or summed out of place.
+    Forward: one read of x either way: one lora_down_grouped with dropout (a mask per projection), one lora_down
+    over the stacked adapters without."""
     from torch.profiler import profile
     M, K = 9, 20
     d = make_inputs(M, K, GQA[0], GQA[1])
@@ -158,7 +163,8 @@ def test_one_dx_accumulator(cuda_on_cpu, dropouts, downs, passes, adds):
     with profile(record_shapes=True) as prof:
         torch.autograd.backward(ys, c["g"])
     names = [e.name for e in prof.events()]
-    assert names.count("lowcost::lora_grad_pass") == 3 and names.count("lowcost::lora_dx_da") == passes
+    assert names.count("lowcost::lora_grad_pass") == 3
+    assert (names.count("lowcost::lora_dx_da"), names.count("lowcost::lora_dx_da_grouped")) == passes
     with_mk = [e.name for e in prof.events() if e.input_shapes and e.input_shapes[0] == [M, K]]
     assert with_mk.count("aten::addmm_") == 3, with_mk
     assert with_mk.count("aten::add_") == adds, with_mk
@@ -191,6 +197,39 @@ def test_forward_with_dropout_reads_x_once_for_one_adapter_dtype(cuda_on_cpu, mi
     assert downs == ((3, 0) if mixed else (0, 1))
     for u, a, seed, p in zip(us, c["a"], seeds.tolist(), dropouts):
         assert torch.equal(u, torch.ops.lowcost.lora_down(c["x"].detach(), a.detach(), seed, p))
+    check(d, tuple(dropouts), dtype=torch.bfloat16, backend="cuda")
+
+
+@pytest.mark.parametrize("case", ["one-dtype", "mixed-dtypes", "dA-only", "ranks-over-256"])
+def test_backward_with_dropout_reads_x_once_when_it_can(cuda_on_cpu, case):
+    """Dropout on some projections, dx asked, one adapter dtype and the r_i rounded up to 16 summing to at most 256:
+    one lora_dx_da_grouped (no lora_dx_da, no t_i added), its dA_i bitwise those of P lora_dx_da calls with the
+    projections' seeds and the saved u_i; mixed adapter dtypes, dA without dx (x frozen) or larger ranks: one
+    lora_dx_da per projection. Every gradient within bf16's tolerance of float64 either way."""
+    from torch.profiler import profile
+    outs, ranks = (GQA[0], GQA[1]) if case != "ranks-over-256" else ((6, 5, 4), (100, 100, 60))
+    d = make_inputs(13, 24, outs, ranks, dtype=torch.bfloat16, seed=7)
+    if case == "mixed-dtypes":
+        d["a"][0], d["b"][0] = d["a"][0].float(), d["b"][0].float()
+    dropouts, seeds = [0.1, 0.0, 0.3], torch.tensor([7, 8, 9])
+    c = _leaves(d)
+    x = c["x"].detach()
+    a = [t.detach() for t in c["a"]]
+    _, us = _grouped_op(x, [w.detach() for w in c["w"]], a, [b.detach() for b in c["b"]], [], [False] * 3,
+                        [1.0] * 3, dropouts, seeds, "cuda")
+    needs = [case != "dA-only", True, True, False]
+    with profile() as prof:
+        dx, das, _, _ = _grouped_backward_op(c["g"], x, [w.detach() for w in c["w"]], a,
+                                             [b.detach() for b in c["b"]], us, [False] * 3, [1.0] * 3, dropouts,
+                                             seeds, needs, "cuda")
+    names = [e.name for e in prof.events()]
+    grouped = case == "one-dtype"
+    assert (names.count("lowcost::lora_dx_da"), names.count("lowcost::lora_dx_da_grouped")) == \
+        ((0, 1) if grouped else (3, 0))
+    assert (dx.numel() == 0) == (case == "dA-only")   # the op returns an empty dx when it is not asked
+    for da, a_i, u, g, b, seed, p in zip(das, a, us, c["g"], c["b"], seeds.tolist(), dropouts):
+        du = torch.ops.lowcost.lora_grad_pass(g, u, b.detach(), 1.0, False)[0]
+        assert torch.equal(da, torch.ops.lowcost.lora_dx_da(x, du, a_i, seed, p, False)[1].to(a_i.dtype))
     check(d, tuple(dropouts), dtype=torch.bfloat16, backend="cuda")
 
 
@@ -251,11 +290,11 @@ def test_more_than_three_projections_run_on_cuda(cuda_on_cpu):
 
 
 # ------------------------------------------------------------------------------------------- the plan's model
-@pytest.mark.parametrize("dropouts,count,want_mk", [((0.0,) * 3, 3, 1), ((0.1,) * 3, 3, 2), ((0.0,), 1, 0)])
+@pytest.mark.parametrize("dropouts,count,want_mk", [((0.0,) * 3, 3, 0), ((0.1,) * 3, 3, 2), ((0.0,), 1, 0)])
 def test_plan_workspace_covers_the_transient_low_rank_term(dropouts, count, want_mk):
     """lowcost.plan's workspace model of the backward op: on cuda with fp32 x, the larger of the torch estimate
-    (0 without dropout, 2·M·K·4 with it, dx and dA asked) and at most one transient t_i (M·K·4 when P > 1; an
-    upper bound, as the stacked path without dropout has none)."""
+    (0 without dropout, 2·M·K·4 with it, dx and dA asked) and the transient t_i the cuda path holds (none on the
+    stacked path without dropout and on the grouped path with it)."""
     from lowcost.plan.workspace import kernel_workspace
     M, K = 10, 12
     d = make_inputs(M, K, (6, 4, 4)[:count], (2, 3, 4)[:count], seed=0)
@@ -264,3 +303,15 @@ def test_plan_workspace_covers_the_transient_low_rank_term(dropouts, count, want
             torch.arange(count), [True, True, True, False], "cuda")
     assert kernel_workspace(torch.ops.lowcost.lora_grouped_linear_backward.default, args, {}, None) == \
         want_mk * M * K * 4
+
+
+@pytest.mark.parametrize("mixed,want", [(False, 0), (True, 1)], ids=["one-dtype", "mixed-dtypes"])
+def test_transient_low_rank_terms_follow_the_backward_path(mixed, want):
+    """With dropout and dx asked: no t_i when lora_dx_da_grouped runs (one adapter dtype), one when each projection
+    runs its own lora_dx_da (mixed dtypes); none without dx or with one projection."""
+    from lowcost.ops._cuda_grouped_linear import transient_low_rank_terms
+    a = [torch.zeros(4, 8, dtype=torch.float32 if mixed and i == 0 else torch.bfloat16) for i in range(3)]
+    assert transient_low_rank_terms(a, [0.1, 0.0, 0.2], True) == want
+    assert transient_low_rank_terms(a, [0.1, 0.0, 0.2], False) == 0
+    assert transient_low_rank_terms(a[:1], [0.1], True) == 0
+    assert transient_low_rank_terms([torch.zeros(130, 8)] * 2, [0.1, 0.1], True) == 1   # 144 + 144 > 256 rows

@@ -67,9 +67,9 @@ BACKWARD_OPS = ("lora_linear_backward", "lora_gated_mlp_backward", "lora_grouped
                 "qlora_grouped_linear_backward", "rms_norm_backward",
                 "layer_norm_backward")
 # The C++ kernels of lowcost._C, called inside the ops' bodies (where autocast is off) on exact dtypes.
-KERNEL_OPS = ("lora_down", "lora_down_grouped", "lora_up", "lora_dx_da", "lora_grad_pass", "philox_dropout",
-              "philox_dropout_pair_", "dequant_gemm", "dequant_gemm_dgrad", "gated_act_mul", "gated_act_mul_backward",
-              "softmax_xent_rows")
+KERNEL_OPS = ("lora_down", "lora_down_grouped", "lora_up", "lora_dx_da", "lora_dx_da_grouped", "lora_grad_pass",
+              "philox_dropout", "philox_dropout_pair_", "dequant_gemm", "dequant_gemm_dgrad", "gated_act_mul",
+              "gated_act_mul_backward", "softmax_xent_rows")
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:

@@ -218,17 +218,50 @@ LoraDims check_philox_dropout_pair_args(const at::Tensor& x, const at::Tensor& z
   return d;
 }
 
-LoraDims check_lora_down_args(const at::Tensor& x, const at::Tensor& lora_a, int64_t seed,
-                              double p, c10::DeviceType device) {
-  const char* op = "lora_down";
+namespace {
+
+// x (M, K) and lora_a (R, K), R named r_name ("r", or "sum r_i" for the stacked adapters of a grouped op): the
+// operands lora_down and lora_down_grouped share.
+void check_down_operands(const char* op, const at::Tensor& x, const at::Tensor& lora_a, const std::string& r_name,
+                         c10::DeviceType device) {
+  const std::string r_k = "(" + r_name + ", K)";
   check_2d(op, "x", x, "(M, K)");
-  check_2d(op, "lora_a", lora_a, "(r, K)");
+  check_2d(op, "lora_a", lora_a, r_k.c_str());
   check_device(op, "x", x, x, "x", device);
   check_device(op, "lora_a", lora_a, x, "x", device);
   check_activation_dtype(op, "x", x);
   check_adapter_dtype(op, "lora_a", lora_a, x.scalar_type(), "x");
-  TORCH_CHECK(lora_a.size(1) == x.size(1), "lowcost::", op, ": lora_a must be (r, K) with K = x.size(1) = ",
+  TORCH_CHECK(lora_a.size(1) == x.size(1), "lowcost::", op, ": lora_a must be ", r_k, " with K = x.size(1) = ",
               x.size(1), ", got lora_a of shape ", lora_a.sizes());
+}
+
+// x (M, K), du (M, R) fp32 and lora_a (R, K), R named r_name: the operands lora_dx_da and lora_dx_da_grouped share.
+void check_dx_da_operands(const char* op, const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_a,
+                          const std::string& r_name, c10::DeviceType device) {
+  const std::string m_r = "(M, " + r_name + ")", r_k = "(" + r_name + ", K)";
+  check_2d(op, "x", x, "(M, K)");
+  check_2d(op, "du", du, m_r.c_str());
+  check_2d(op, "lora_a", lora_a, r_k.c_str());
+  check_device(op, "x", x, x, "x", device);
+  check_device(op, "du", du, x, "x", device);
+  check_device(op, "lora_a", lora_a, x, "x", device);
+  check_activation_dtype(op, "x", x);
+  check_float32(op, "du", du);
+  check_adapter_dtype(op, "lora_a", lora_a, x.scalar_type(), "x");
+  TORCH_CHECK(du.size(0) == x.size(0), "lowcost::", op, ": du must be ", m_r, " with M = x.size(0) = ", x.size(0),
+              ", got du of shape ", du.sizes());
+  TORCH_CHECK(lora_a.size(1) == x.size(1), "lowcost::", op, ": lora_a must be ", r_k, " with K = x.size(1) = ",
+              x.size(1), ", got lora_a of shape ", lora_a.sizes());
+  TORCH_CHECK(lora_a.size(0) == du.size(1), "lowcost::", op, ": rank mismatch: du is ", m_r, " with ", r_name,
+              " = ", du.size(1), " but lora_a has shape ", lora_a.sizes());
+}
+
+}  // namespace
+
+LoraDims check_lora_down_args(const at::Tensor& x, const at::Tensor& lora_a, int64_t seed,
+                              double p, c10::DeviceType device) {
+  const char* op = "lora_down";
+  check_down_operands(op, x, lora_a, "r", device);
   check_seed(op, seed);
   check_p(op, p);
   LoraDims d;
@@ -268,14 +301,7 @@ LoraDims check_lora_down_grouped_args(const at::Tensor& x, const at::Tensor& lor
                                       c10::ArrayRef<int64_t> seeds, c10::ArrayRef<double> p,
                                       c10::DeviceType device) {
   const char* op = "lora_down_grouped";
-  check_2d(op, "x", x, "(M, K)");
-  check_2d(op, "lora_a", lora_a, "(sum r_i, K)");
-  check_device(op, "x", x, x, "x", device);
-  check_device(op, "lora_a", lora_a, x, "x", device);
-  check_activation_dtype(op, "x", x);
-  check_adapter_dtype(op, "lora_a", lora_a, x.scalar_type(), "x");
-  TORCH_CHECK(lora_a.size(1) == x.size(1), "lowcost::", op, ": lora_a must be (sum r_i, K) with K = x.size(1) = ",
-              x.size(1), ", got lora_a of shape ", lora_a.sizes());
+  check_down_operands(op, x, lora_a, "sum r_i", device);
   LoraDims d;
   d.M = x.size(0);
   d.K = x.size(1);
@@ -344,23 +370,7 @@ LoraDims check_lora_grad_pass_args(const at::Tensor& grad_y, const at::Tensor& u
 LoraDims check_lora_dx_da_args(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_a,
                                int64_t seed, double p, c10::DeviceType device) {
   const char* op = "lora_dx_da";
-  check_2d(op, "x", x, "(M, K)");
-  check_2d(op, "du", du, "(M, r)");
-  check_2d(op, "lora_a", lora_a, "(r, K)");
-  check_device(op, "x", x, x, "x", device);
-  check_device(op, "du", du, x, "x", device);
-  check_device(op, "lora_a", lora_a, x, "x", device);
-  check_activation_dtype(op, "x", x);
-  check_float32(op, "du", du);
-  check_adapter_dtype(op, "lora_a", lora_a, x.scalar_type(), "x");
-  TORCH_CHECK(du.size(0) == x.size(0), "lowcost::", op, ": du must be (M, r) with M = x.size(0) = ",
-              x.size(0), ", got du of shape ", du.sizes());
-  TORCH_CHECK(lora_a.size(1) == x.size(1), "lowcost::", op,
-              ": lora_a must be (r, K) with K = x.size(1) = ", x.size(1), ", got lora_a of shape ",
-              lora_a.sizes());
-  TORCH_CHECK(lora_a.size(0) == du.size(1), "lowcost::", op,
-              ": rank mismatch: du is (M, r) with r = ", du.size(1), " but lora_a has shape ",
-              lora_a.sizes());
+  check_dx_da_operands(op, x, du, lora_a, "r", device);
   check_seed(op, seed);
   check_p(op, p);
   LoraDims d;
@@ -374,21 +384,7 @@ LoraDims check_lora_dx_da_grouped_args(const at::Tensor& x, const at::Tensor& du
                                        c10::ArrayRef<int64_t> ranks, c10::ArrayRef<int64_t> seeds,
                                        c10::ArrayRef<double> p, c10::DeviceType device) {
   const char* op = "lora_dx_da_grouped";
-  check_2d(op, "x", x, "(M, K)");
-  check_2d(op, "du", du, "(M, sum r_i)");
-  check_2d(op, "lora_a", lora_a, "(sum r_i, K)");
-  check_device(op, "x", x, x, "x", device);
-  check_device(op, "du", du, x, "x", device);
-  check_device(op, "lora_a", lora_a, x, "x", device);
-  check_activation_dtype(op, "x", x);
-  check_float32(op, "du", du);
-  check_adapter_dtype(op, "lora_a", lora_a, x.scalar_type(), "x");
-  TORCH_CHECK(du.size(0) == x.size(0), "lowcost::", op, ": du must be (M, sum r_i) with M = x.size(0) = ", x.size(0),
-              ", got du of shape ", du.sizes());
-  TORCH_CHECK(lora_a.size(1) == x.size(1), "lowcost::", op, ": lora_a must be (sum r_i, K) with K = x.size(1) = ",
-              x.size(1), ", got lora_a of shape ", lora_a.sizes());
-  TORCH_CHECK(lora_a.size(0) == du.size(1), "lowcost::", op, ": rank mismatch: du is (M, sum r_i) with sum r_i = ",
-              du.size(1), " but lora_a has shape ", lora_a.sizes());
+  check_dx_da_operands(op, x, du, lora_a, "sum r_i", device);
   const int64_t total = check_grouped_projections(op, ranks, seeds, p, lora_a.size(0));
   int64_t padded = 0;
   for (const int64_t r : ranks) padded += (r + 15) / 16 * 16;

@@ -528,18 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     dx_da_ranks = args.grouped_dx_da or (list(GROUPED_DOWN_CHECK_RANKS) if args.check else [])
     all_rows, mlp_rows, xent_rows, down_rows, dx_da_rows, failures = [], [], [], [], [], []
     try:
-        for ranks in down_ranks:
-            for M, K in down_shapes:
-                rows = grouped_down_rows(M, K, ranks, args.dtype, args.arch)
-                where = f"grouped lora_down M={M} K={K} ranks={','.join(map(str, ranks))}"
-                failures += [f"{where}: {f}" for f in check_rows(rows, M, args.dtype)]
-                down_rows.append(((M, K), ranks, rows))
-        for ranks in dx_da_ranks:
-            for M, K in down_shapes:
-                rows = grouped_dx_da_rows(M, K, ranks, args.dtype, args.arch)
-                where = f"grouped lora_dx_da M={M} K={K} ranks={','.join(map(str, ranks))}"
-                failures += [f"{where}: {f}" for f in check_rows(rows, M, args.dtype)]
-                dx_da_rows.append(((M, K), ranks, rows))
+        for name, make_rows, rank_sets, out in (("lora_down", grouped_down_rows, down_ranks, down_rows),
+                                                ("lora_dx_da", grouped_dx_da_rows, dx_da_ranks, dx_da_rows)):
+            for ranks in rank_sets:
+                for M, K in down_shapes:
+                    rows = make_rows(M, K, ranks, args.dtype, args.arch)
+                    where = f"grouped {name} M={M} K={K} ranks={','.join(map(str, ranks))}"
+                    failures += [f"{where}: {f}" for f in check_rows(rows, M, args.dtype)]
+                    out.append(((M, K), ranks, rows))
         for C, V in xent_shapes:
             rows = xent_rows_rows(C, V, args.dtype, args.arch)
             failures += [f"linear cross-entropy rows C={C} V={V}: {f}" for f in check_xent_rows(rows, C, V)]

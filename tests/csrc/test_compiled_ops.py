@@ -240,18 +240,27 @@ GROUPED_CASES = [  # (ranks, dropouts): r_i 5 and 16 mixed, dropout 0 on some pr
     ((7,), (0.2,)), ((3, 0, 70), (0.1, 0.2, 0.3))]
 
 
+def grouped_cases(test):
+    """The grouped ops' cases: every device, dtype (and fp32 adapters with bf16), odd (M, K) with M = 0 and 1, the
+    GROUPED_CASES ranks and dropouts, contiguous and strided inputs."""
+    marks = [pytest.mark.parametrize("device", DEVICES),
+             pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                             (torch.float16, None), (torch.bfloat16, torch.float32)]),
+             pytest.mark.parametrize("M,K", [(0, 13), (1, 100), (7, 100), (129, 33)]),
+             pytest.mark.parametrize("ranks,dropouts", GROUPED_CASES),
+             pytest.mark.parametrize("noncontiguous", [False, True])]
+    for mark in reversed(marks):
+        test = mark(test)
+    return test
+
+
 def _grouped_inputs(M, K, ranks, dtype, adapter_dtype, noncontiguous, device="cpu"):
     t = _inputs(M, K, 8, sum(ranks), dtype, adapter_dtype, noncontiguous, device=device)
     seeds = [2**33 + 5 + 7 * i for i in range(len(ranks))]
     return t["x"], t["lora_a"], seeds
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
-                                                 (torch.float16, None), (torch.bfloat16, torch.float32)])
-@pytest.mark.parametrize("M,K", [(0, 13), (1, 100), (7, 100), (129, 33)])
-@pytest.mark.parametrize("ranks,dropouts", GROUPED_CASES)
-@pytest.mark.parametrize("noncontiguous", [False, True])
+@grouped_cases
 def test_lora_down_grouped_is_p_lora_downs(device, dtype, adapter_dtype, M, K, ranks, dropouts, noncontiguous):
     """Bit for bit the P lora_down calls (each with its seed and p) concatenated, and within the fp32 tolerance of
     [(D_0 x) A_0^T ...] in float64 with every mask from the reference Philox."""
@@ -405,12 +414,7 @@ def test_lora_dx_da(device, dtype, adapter_dtype, M, K, r, noncontiguous, seed, 
 
 # ------------------------------------------------------------------------------------------------
 # lora_dx_da_grouped
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, None),
-                                                 (torch.float16, None), (torch.bfloat16, torch.float32)])
-@pytest.mark.parametrize("M,K", [(0, 13), (1, 100), (7, 100), (129, 33)])
-@pytest.mark.parametrize("ranks,dropouts", GROUPED_CASES)
-@pytest.mark.parametrize("noncontiguous", [False, True])
+@grouped_cases
 def test_lora_dx_da_grouped_is_p_lora_dx_das(device, dtype, adapter_dtype, M, K, ranks, dropouts, noncontiguous):
     """dA: bit for bit the P lora_dx_da calls' dA_i stacked. t: the fp32 sum in projection order of the unrounded
     D_i (.) (du_i A_i) (lora_dx_da on float32 copies of x and A_i, exact conversions, so the same fp32 products),

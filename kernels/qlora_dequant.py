@@ -95,7 +95,16 @@ def _q6_k_tile(block, j, ok):
     Masking d's two bytes instead of clamping the pointers (``tl.where(ok, block, p0)``, as the other GGUF formats
     do) takes the fused MLP's y GEMM (qmlp_down_y, 64x64x64 w4 s3, bf16) from 251 to 182 registers with Triton
     3.9.0 (168 with 3.6.0 either way): the clamped pointer tile, 64-bit per element, was kept live beside the
-    decode. The values inside ``ok`` are the same bytes, so every result is bitwise unchanged."""
+    decode. The values inside ``ok`` are the same bytes, so every result is bitwise unchanged.
+
+    The same change on Q8_0, Q4_0, Q4_1 and Q4_K (issue #13, measured with ``tools/kernel_report.py --op
+    qlora_linear --op qlora_gated_mlp --op qlora_grouped_linear``, bf16, sm_90a; results bitwise unchanged) was
+    tried and not kept, each format costing a CTA/SM or tens of registers on one of the two Triton versions:
+    Q8_0 qbwd_dx (p=0) 128 -> 153 with 3.9.0 (2 -> 1 CTAs/SM); Q4_0 qmlp_down_y 139 -> 168 with 3.6.0 and
+    168 -> 174 with 3.9.0 (3 -> 2); Q4_1 qbwd_dx 136 -> 200 (p=0) and 128 -> 172 (p=0.05, 2 -> 1) with 3.9.0,
+    qmlp_dh +17/+21 with 3.6.0; Q4_K qmlp_dh 80 -> 101 with 3.6.0 (3 -> 2 CTAs/SM), although with 3.9.0 its
+    qfwd_y (190 -> 128) and qbwd_dx (222 -> 128, 233 -> 121) went from 1 to 2 CTAs/SM. So those formats keep the
+    clamped pointer tile."""
     half = j // 128
     w = j % 128
     low = tl.load(block + 64 * half + w % 64, mask=ok, other=0).to(tl.int32)

@@ -34,7 +34,9 @@ RMSNorm (``lowcost::rms_norm``, x: (M, H), computed in float32; ``lowcost/refere
 copy of a 16-bit x, x² (or x·rstd) and, for 16-bit x, the product before its rounding: 4·M·H bytes for fp32 x,
 12·M·H for 16-bit. Backward: x̂, ĝ and two elementwise temporaries alive before dx (plus g's fp32 copy for 16-bit
 x): 16·M·H for fp32 x, 20·M·H for 16-bit. The consumers' rebuild of the normed tensor in backward runs as
-aten ops outside any custom op, so the meter sees it.
+aten ops outside any custom op, so the meter sees it; on the Triton backend an RMSNorm's output is rebuilt inside
+the dA kernels instead (nothing allocated), and the backward op then receives the norm's input as x: the torch
+formulas above are applied to that x's dtype (fp32 under autocast), still an upper bound for the Triton kernels.
 
 Fused linear cross-entropy (hidden (M, K), vocabulary V, C = the rows of one chunk, ``default_chunk``): the
 chunk's logits buffer in hidden's dtype, its fp32 copy for 16-bit hidden, and ``torch.logsumexp``'s

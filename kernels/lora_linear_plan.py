@@ -292,7 +292,10 @@ def plan_bwd_x(x, du, lora_a, dx, da_part, dropout, seed, rows_per_chunk, norm=N
     in du's dtype (the op's input dtype). ``norm`` = (rstd (M,) fp32, norm weight (K,), "llama" | "gemma"):
     x is then the RMSNorm's input, and the op's input is rebuilt from it in the kernel's loads."""
     (M, K), r = x.shape, lora_a.shape[0]
-    cfg = block_configs("bwd_x", du.dtype)[0]
+    # An fp32 norm input under autocast (16-bit du) loads fp32 tiles: the fp32 column block (64), as the fp32 op
+    # does. With 128 columns Triton 3.9.0 spilled 12 bytes at p = 0 (3.6.0 did not). The column block changes no
+    # result: rows_per_chunk (bwd_x_chunks, from du's dtype) fixes dA's summation order.
+    cfg = block_configs("bwd_x", torch.float32 if norm is not None and x.dtype == torch.float32 else du.dtype)[0]
     dx_lowrank = dx is not None
     dx_t = x if dx is None else dx
     rstd, norm_w, form = norm if norm is not None else (x, x, "")
